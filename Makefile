@@ -1,0 +1,36 @@
+# `make test`: install what is missing, then run every test (Triton ones under the CPU interpreter
+# in their own process when no GPU is present). `make bench`: run the benchmark suite.
+PYTHON ?= python3
+# the torch to install when none is present (a CPU wheel here; on a GPU machine install your CUDA torch first)
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+STAMP := build/.mmfuse-installed
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+
+.PHONY: install test bench wheel clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install --no-build-isolation -e ".[test,bench]"
+	@mkdir -p build && touch $@
+
+test: install
+ifeq ($(HAS_GPU),1)
+	$(PYTHON) -m pytest -q
+else
+	$(PYTHON) -m pytest -q -m "not triton"
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
+endif
+
+bench: install
+	mkdir -p bench-out
+	$(PYTHON) -m mmfuse.bench.cli --json bench-out/results.json --plot bench-out/results.png $(BENCH_ARGS)
+
+wheel: install
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info mmfuse/_C*.so bench-out

@@ -1,0 +1,173 @@
+// CPU kernels for mmfuse::pack_modalities / unpack_modalities: one row copy per valid token,
+// parallel over samples. Bit-identical to the per-sample torch.cat it replaces.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace mmfuse {
+namespace {
+
+struct Layout {
+  int64_t num_modalities, batch, dim;
+  const int32_t* lengths;     // (M, B)
+  const int32_t* cu_seqlens;  // (B + 1)
+  int32_t length(int64_t m, int64_t b) const { return lengths[m * batch + b]; }
+  int32_t seqlen(int64_t b) const { return cu_seqlens[b + 1] - cu_seqlens[b]; }
+};
+
+Layout check_layout(const at::Tensor& lengths, const at::Tensor& cu_seqlens, int64_t num_modalities,
+                    int64_t dim) {
+  TORCH_CHECK(lengths.dim() == 2 && lengths.size(0) == num_modalities,
+              "pack_modalities: lengths must have shape (M=", num_modalities, ", B), got ", lengths.sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous(),
+              "pack_modalities: lengths must be contiguous int32, got ", lengths.scalar_type());
+  const int64_t batch = lengths.size(1);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) == batch + 1 && cu_seqlens.scalar_type() == at::kInt &&
+                  cu_seqlens.is_contiguous(),
+              "pack_modalities: cu_seqlens must be contiguous int32 of shape (B+1=", batch + 1, "), got ",
+              cu_seqlens.sizes(), " ", cu_seqlens.scalar_type());
+  Layout layout{num_modalities, batch, dim, lengths.data_ptr<int32_t>(), cu_seqlens.data_ptr<int32_t>()};
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t sum = 0;
+    for (int64_t m = 0; m < num_modalities; ++m) sum += layout.length(m, b);
+    TORCH_CHECK(sum == layout.seqlen(b), "pack_modalities: cu_seqlens disagrees with lengths at sample ", b);
+  }
+  return layout;
+}
+
+int64_t max_seqlen(const Layout& layout) {
+  int64_t best = 0;
+  for (int64_t b = 0; b < layout.batch; ++b) best = std::max<int64_t>(best, layout.seqlen(b));
+  return best;
+}
+
+// Row index of sample b's first token in the (rows, D) view of the packed or padded tokens.
+int64_t first_row(const Layout& layout, int64_t b, bool padded, int64_t padded_len) {
+  return padded ? b * padded_len : layout.cu_seqlens[b];
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Tensor>& features,
+                                                       const at::Tensor& lengths, const at::Tensor& cu_seqlens,
+                                                       const std::optional<at::Tensor>& type_embedding, bool padded,
+                                                       std::optional<int64_t> out_len) {
+  TORCH_CHECK(!features.empty(), "pack_modalities: features must hold at least one tensor");
+  const int64_t num_modalities = static_cast<int64_t>(features.size());
+  const auto& first = features[0];
+  TORCH_CHECK(first.dim() == 3, "pack_modalities: features[0] must be (B, L, D), got ", first.sizes());
+  const int64_t dim = first.size(2);
+  for (int64_t m = 0; m < num_modalities; ++m) {
+    const auto& f = features[m];
+    TORCH_CHECK(f.dim() == 3 && f.size(0) == first.size(0) && f.size(2) == dim && f.is_contiguous() &&
+                    f.scalar_type() == first.scalar_type() && f.device().is_cpu(),
+                "pack_modalities: features[", m, "] must be a contiguous CPU (B, L, D) tensor like features[0], got ",
+                f.sizes(), " ", f.scalar_type());
+  }
+  const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
+  for (int64_t m = 0; m < num_modalities; ++m)
+    for (int64_t b = 0; b < layout.batch; ++b)
+      TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= features[m].size(1),
+                  "pack_modalities: lengths[", m, "][", b, "] must lie in [0, ", features[m].size(1), "]");
+  if (type_embedding) {
+    TORCH_CHECK(type_embedding->dim() == 2 && type_embedding->size(0) == num_modalities &&
+                    type_embedding->size(1) == dim && type_embedding->is_contiguous() &&
+                    type_embedding->scalar_type() == first.scalar_type(),
+                "pack_modalities: type_embedding must be contiguous (M, D) in the features' dtype, got ",
+                type_embedding->sizes());
+  }
+
+  const int64_t needed = padded ? max_seqlen(layout) : layout.cu_seqlens[layout.batch];
+  const int64_t rows_per = out_len.value_or(needed);
+  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, "pack_modalities: out_len must be ",
+              padded ? "at least the longest packed sequence, " : "the total token count, ", needed, ", got ",
+              rows_per);
+  at::Tensor tokens, ids;
+  if (padded) {
+    tokens = at::zeros({layout.batch, rows_per, dim}, first.options());
+    ids = at::full({layout.batch, rows_per}, -1, first.options().dtype(at::kLong));
+  } else {
+    tokens = at::empty({rows_per, dim}, first.options());
+    ids = at::empty({rows_per}, first.options().dtype(at::kLong));
+  }
+  int64_t* ids_ptr = ids.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "pack_modalities_cpu", [&] {
+    std::vector<const scalar_t*> src(num_modalities);
+    for (int64_t m = 0; m < num_modalities; ++m) src[m] = features[m].data_ptr<scalar_t>();
+    const scalar_t* emb = type_embedding ? type_embedding->data_ptr<scalar_t>() : nullptr;
+    scalar_t* dst = tokens.data_ptr<scalar_t>();
+    at::parallel_for(0, layout.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t row = first_row(layout, b, padded, rows_per);
+        for (int64_t m = 0; m < num_modalities; ++m) {
+          const int64_t n = layout.length(m, b);
+          const scalar_t* in = src[m] + b * features[m].size(1) * dim;
+          scalar_t* out = dst + row * dim;
+          if (emb == nullptr) {
+            std::memcpy(out, in, sizeof(scalar_t) * n * dim);
+          } else {
+            const scalar_t* e = emb + m * dim;
+            for (int64_t t = 0; t < n; ++t)
+              for (int64_t d = 0; d < dim; ++d) out[t * dim + d] = in[t * dim + d] + e[d];
+          }
+          std::fill(ids_ptr + row, ids_ptr + row + n, m);
+          row += n;
+        }
+      }
+    });
+  });
+  return {tokens, ids};
+}
+
+std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at::Tensor& lengths,
+                                              const at::Tensor& cu_seqlens, at::IntArrayRef sizes) {
+  TORCH_CHECK(tokens.dim() == 2 || tokens.dim() == 3,
+              "unpack_modalities: tokens must be (total, D) or (B, L, D), got ", tokens.sizes());
+  TORCH_CHECK(tokens.is_contiguous() && tokens.device().is_cpu(), "unpack_modalities: tokens must be contiguous CPU");
+  const bool padded = tokens.dim() == 3;
+  const int64_t dim = tokens.size(-1);
+  const int64_t num_modalities = static_cast<int64_t>(sizes.size());
+  const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
+  const int64_t padded_len = padded ? tokens.size(1) : 0;
+  if (padded) {
+    TORCH_CHECK(tokens.size(0) == layout.batch && max_seqlen(layout) <= padded_len,
+                "unpack_modalities: padded tokens must be (B, L >= longest sequence, D), got ", tokens.sizes());
+  } else {
+    TORCH_CHECK(tokens.size(0) == layout.cu_seqlens[layout.batch],
+                "unpack_modalities: tokens must have cu_seqlens[-1] rows, got ", tokens.size(0));
+  }
+  for (int64_t m = 0; m < num_modalities; ++m)
+    for (int64_t b = 0; b < layout.batch; ++b)
+      TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= sizes[m],
+                  "unpack_modalities: lengths[", m, "][", b, "] must lie in [0, sizes[", m, "]=", sizes[m], "]");
+
+  std::vector<at::Tensor> outs;
+  for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(at::zeros({layout.batch, sizes[m], dim}, tokens.options()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "unpack_modalities_cpu", [&] {
+    const scalar_t* src = tokens.data_ptr<scalar_t>();
+    at::parallel_for(0, layout.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t row = first_row(layout, b, padded, padded_len);
+        for (int64_t m = 0; m < num_modalities; ++m) {
+          const int64_t n = layout.length(m, b);
+          std::memcpy(outs[m].data_ptr<scalar_t>() + b * sizes[m] * dim, src + row * dim, sizeof(scalar_t) * n * dim);
+          row += n;
+        }
+      }
+    });
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("pack_modalities", &pack_modalities_cpu);
+  m.impl("unpack_modalities", &unpack_modalities_cpu);
+}
+
+}  // namespace mmfuse

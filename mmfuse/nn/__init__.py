@@ -1,0 +1,2 @@
+"""``nn.Module`` layers built on the mmfuse ops; all batch-first."""
+from mmfuse.nn.attention import CrossModalAttention

@@ -1,0 +1,240 @@
+"""Cross-modal attention: queries from one modality attend to keys/values of another.
+
+Public surface: ``cross_attention`` on padded ``(B, L, H, D)`` tensors with per-sample key
+lengths or a key padding mask, and ``cross_attention_varlen`` on packed ``(total, H, D)``
+tensors with int32 ``cu_seqlens``, FlashAttention's two layouts (Dao et al., "FlashAttention-2",
+2023; ``flash_attn.flash_attn_interface``). Both validate every argument, choose a backend
+(``mmfuse.backends``) and dispatch. Only the pure-PyTorch reference implements the op so far;
+the C++, Triton and CUDA kernels will take the same arguments.
+
+Semantics shared by both functions:
+
+- ``scale`` defaults to ``1 / sqrt(D)``.
+- GQA/MQA: ``Hq`` is a multiple of ``Hkv``; query head ``h`` reads kv head ``h // (Hq // Hkv)``
+  (as FlashAttention and ``scaled_dot_product_attention(enable_gqa=True)``).
+- ``causal`` is bottom-right aligned (FlashAttention >= 2.1): query ``i`` sees key ``j`` iff
+  ``j <= i + kv_len - q_len``, where ``kv_len`` is the sample's own number of valid keys
+  (``kv_lens[b]``, or ``Lk`` without ``kv_lens``; in varlen, the sequence's length) and ``q_len``
+  its number of queries. A ``key_padding_mask`` hides keys but does not move the alignment.
+- A query with no visible key (``kv_lens[b] == 0``, all keys masked, or causal with more
+  queries than keys) outputs 0, has ``lse = -inf`` and gets zero gradients. FlashAttention-2
+  stores ``+inf`` there instead (so that its backward's ``exp(s - lse)`` is 0); -inf is the
+  logsumexp of an empty set and what ``torch.logsumexp`` gives.
+- ``lse`` is float32, or float64 for float64 inputs (so that ``gradcheck`` can check it).
+- An empty batch (B = 0, or no tokens in varlen) returns empty outputs, like other torch ops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmfuse._checks import (
+    FLOAT_DTYPES,
+    _is_tracing,
+    check_lengths,
+    check_positive,
+    check_same_device,
+    check_tensor,
+)
+from mmfuse.backends import choose_backend
+from mmfuse.reference import attention as reference_attention
+
+# the backends with a kernel for this op; the others are added as they land
+_IMPLEMENTED = frozenset({"reference"})
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-modal attention on padded batches: ``softmax(q kᵀ · scale) v`` over visible keys.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim), float16, bfloat16, float32 or float64.
+        k: (batch_size, seqlen_k, nheads_k, headdim), q's dtype and device.
+            nheads must be a multiple of nheads_k (GQA/MQA).
+        v: (batch_size, seqlen_k, nheads_k, headdim), like k.
+        kv_lens: (batch_size,) integer tensor, optional. Sample b's valid keys are the first
+            kv_lens[b], 0 <= kv_lens[b] <= seqlen_k. None: all seqlen_k keys are valid.
+        key_padding_mask: (batch_size, seqlen_k) bool tensor, optional, any pattern. True marks
+            a key to ignore (``nn.MultiheadAttention``'s convention). Given together with
+            kv_lens, a key is visible iff it is within kv_lens AND not masked.
+        scale: float > 0, optional. Multiplies q kᵀ before the softmax; default 1/sqrt(headdim).
+        causal: bool. Bottom-right aligned causal mask: query i sees key j iff
+            j <= i + kv_len - seqlen_q, with kv_len = kv_lens[b] (seqlen_k without kv_lens).
+        return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``mmfuse.backends``).
+
+    Returns:
+        out: (batch_size, seqlen_q, nheads, headdim) in q's dtype. Rows with no visible key are 0.
+        lse [if return_lse]: (batch_size, nheads, seqlen_q), float32 (float64 for float64
+            inputs); -inf for rows with no visible key.
+    """
+    op = "cross_attention"
+    scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
+    _check_bool(op, "return_lse", return_lse)
+    # raises for a backend that cannot run this case; every one that passes runs the reference
+    choose_backend(op, backend, q.device, _IMPLEMENTED)
+    out, lse, _ = reference_attention.cross_attention(
+        q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
+    )
+    return (out, lse) if return_lse else out
+
+
+def cross_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-modal attention on packed variable-length sequences (``flash_attn_varlen_func``).
+
+    Arguments:
+        q: (total_q, nheads, headdim), where total_q = total number of query tokens in the
+            batch; float16, bfloat16, float32 or float64.
+        k: (total_k, nheads_k, headdim), where total_k = total number of key tokens in the
+            batch; q's dtype and device. nheads must be a multiple of nheads_k (GQA/MQA).
+        v: (total_k, nheads_k, headdim), like k.
+        cu_seqlens_q: (batch_size + 1,) int32, the cumulative query lengths: 0, then
+            non-decreasing, ending at total_q. Sequence b's queries are rows
+            cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q.
+        cu_seqlens_k: (batch_size + 1,) int32, the same for k and v, ending at total_k.
+        max_seqlen_q: int, at least the longest query sequence (an upper bound is fine).
+        max_seqlen_k: int, at least the longest key sequence.
+        scale: float > 0, optional; default 1/sqrt(headdim).
+        causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
+            key j iff j <= i + len_k[b] - len_q[b].
+        return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    Returns:
+        out: (total_q, nheads, headdim) in q's dtype. Rows with no visible key are 0.
+        lse [if return_lse]: (nheads, total_q), float32 (float64 for float64 inputs), the
+            layout of FlashAttention's varlen softmax_lse; -inf for rows with no visible key.
+
+    The lengths are checked against cu_seqlens and max_seqlen eagerly (one host sync on CUDA);
+    under ``torch.compile`` the values are unknown and the checks are skipped.
+    """
+    op = "cross_attention_varlen"
+    scale = _check_qkv(op, q, k, v, packed=True, scale=scale)
+    _check_bool(op, "causal", causal)
+    _check_bool(op, "return_lse", return_lse)
+    check_same_device(op, {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
+    _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
+            f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
+        )
+    choose_backend(op, backend, q.device, _IMPLEMENTED)  # as in cross_attention
+    out, lse = reference_attention.cross_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
+    )
+    return (out, lse) if return_lse else out
+
+
+def check_cross_attention_inputs(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float | None,
+    causal: bool,
+) -> float:
+    """Validate ``cross_attention``'s arguments; returns the scale to use.
+
+    Shared with ``mmfuse.nn.CrossModalAttention``, whose weights/dropout path calls the
+    reference directly.
+    """
+    scale = _check_qkv(op, q, k, v, packed=False, scale=scale)
+    _check_bool(op, "causal", causal)
+    batch, len_k = k.shape[0], k.shape[1]
+    check_same_device(op, {"q": q, "kv_lens": kv_lens, "key_padding_mask": key_padding_mask})
+    if kv_lens is not None:
+        check_lengths(op, "kv_lens", kv_lens, batch=batch, max_len=len_k, device=q.device)
+    if key_padding_mask is not None:
+        check_tensor(op, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), shape=(batch, len_k))
+    return scale
+
+
+def _check_qkv(op: str, q, k, v, *, packed: bool, scale: float | None) -> float:
+    """q, k, v ranks, dtypes, devices and shapes; returns the scale (default 1/sqrt(D))."""
+    ndim = 3 if packed else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, ndim=ndim, dtypes=FLOAT_DTYPES)
+        if t.shape[-1] == 0 or t.shape[-2] == 0:
+            raise ValueError(f"{op}: {name} must have at least one head and headdim >= 1, got shape {tuple(t.shape)}")
+    check_same_device(op, {"q": q, "k": k, "v": v})
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype ({q.dtype}), got {t.dtype}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{op}: k must have q's headdim {q.shape[-1]} as its last dimension, got shape {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)} (same headdim as q), got {tuple(v.shape)}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k must have q's batch_size {q.shape[0]}, got shape {tuple(k.shape)}")
+    heads_q, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_q % heads_kv != 0:
+        raise ValueError(
+            f"{op}: q's nheads must be a multiple of k's nheads_k (GQA/MQA), got nheads={heads_q}, nheads_k={heads_kv}"
+        )
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    check_positive(op, "scale", scale)
+    return float(scale)
+
+
+def _check_bool(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def _check_cu_seqlens(
+    op: str, packed_name: str, packed: torch.Tensor, name: str, cu_seqlens, max_seqlen_name: str, max_seqlen
+) -> None:
+    """int32 (B + 1,) prefix sums from 0 to ``packed``'s row count, steps within ``max_seqlen``."""
+    check_tensor(op, name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.shape[0] == 0:
+        raise ValueError(f"{op}: {name} must have shape (batch_size + 1,) with at least one entry (0), got shape (0,)")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"{op}: {max_seqlen_name} must be an int, got {type(max_seqlen).__name__}")
+    if _is_tracing():
+        return
+    if max_seqlen < 0:
+        raise ValueError(f"{op}: {max_seqlen_name} must be >= 0, got {max_seqlen}")
+    values = cu_seqlens.cpu()
+    lengths = values.diff()
+    if values[0] != 0 or (lengths < 0).any():
+        raise ValueError(f"{op}: {name} must start at 0 and be non-decreasing, got {values.tolist()}")
+    if values[-1] != packed.shape[0]:
+        raise ValueError(
+            f"{op}: {name} must end at {packed_name}'s number of rows ({packed.shape[0]}), got {int(values[-1])}"
+        )
+    longest = int(lengths.max()) if lengths.numel() > 0 else 0
+    if longest > max_seqlen:
+        raise ValueError(
+            f"{op}: {max_seqlen_name} must be >= the longest sequence in {name} ({longest}), got {max_seqlen}"
+        )

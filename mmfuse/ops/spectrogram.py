@@ -1,0 +1,688 @@
+"""Audio front ends: mel spectrogram, dB conversion, Whisper log-mel, Kaldi fbank.
+
+Each public function validates its arguments, builds the analysis window and the filterbank
+once in Python (float64, then cast to the waveform's dtype), chooses a backend and calls the
+op-level function, which takes only tensors and numbers. The ``nn`` layers in
+``mmfuse.nn.audio`` hold the same window and filterbank as buffers and call the same op-level
+functions, so a layer and its function compute the same thing.
+
+Compatibility targets:
+
+- ``mel_spectrogram``: ``torchaudio.transforms.MelSpectrogram`` (``functional.spectrogram`` +
+  ``functional.melscale_fbanks``), which follows ``librosa.feature.melspectrogram``.
+- ``amplitude_to_db``: ``torchaudio.transforms.AmplitudeToDB`` / ``functional.amplitude_to_DB``.
+- ``whisper_log_mel``: ``whisper.audio.log_mel_spectrogram`` (openai/whisper).
+- ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
+
+Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
+item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
+true end), the number of valid frames per item is returned as int64 ``(B,)``, and frames past
+an item's end hold 0. The output keeps the frame count of the padded size ``T``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from mmfuse._checks import _is_tracing, check_choice, check_lengths, check_positive, check_tensor
+from mmfuse.backends import choose_backend
+from mmfuse.reference import spectrogram as ref
+
+WAVE_DTYPES = (torch.float32, torch.float64)
+PAD_MODES = ("reflect", "constant", "replicate")
+MEL_SCALES = ("htk", "slaney")
+MEL_NORMS = (None, "slaney")
+STYPES = ("power", "magnitude")
+KALDI_WINDOWS = ("hamming", "hanning", "povey", "rectangular", "blackman")
+
+# Whisper's fixed STFT (whisper/audio.py: N_FFT, HOP_LENGTH, SAMPLE_RATE).
+WHISPER_N_FFT = 400
+WHISPER_HOP = 160
+WHISPER_SAMPLE_RATE = 16000
+
+# Kaldi floors spectra and energies at FLT_EPSILON whatever the dtype (torchaudio does too).
+KALDI_EPSILON = float(torch.finfo(torch.float32).eps)
+
+_IMPLEMENTED = {"reference"}
+
+
+def mel_spectrogram(
+    waveform: torch.Tensor,
+    sample_rate: int = 16000,
+    n_fft: int = 400,
+    win_length: int | None = None,
+    hop_length: int | None = None,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+    pad: int = 0,
+    n_mels: int = 128,
+    window_fn: Callable[..., torch.Tensor] = torch.hann_window,
+    power: float = 2.0,
+    normalized: bool | str = False,
+    center: bool = True,
+    pad_mode: str = "reflect",
+    norm: str | None = None,
+    mel_scale: str = "htk",
+    *,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Mel spectrogram, as ``torchaudio.transforms.MelSpectrogram`` with the same arguments.
+
+    The STFT is ``torch.stft`` semantics: ``window_fn(win_length, dtype=...)`` zero-padded on
+    both sides to ``n_fft``, frames ``hop_length`` apart, ``center`` pads ``n_fft // 2``
+    samples on each side with ``pad_mode``; ``pad`` zeros are added on both sides first.
+    ``|STFT| ** power`` is multiplied by the mel filterbank of
+    ``torchaudio.functional.melscale_fbanks`` (``mel_scale`` "htk" or "slaney", ``norm`` None
+    or "slaney", bins ``linspace(0, sample_rate // 2, n_fft // 2 + 1)``).
+
+    Args:
+        waveform: float32 or float64 ``(..., time)``; ``(B, T)`` when ``lengths`` is given.
+        sample_rate: Hz. ``n_fft``, ``win_length`` (default ``n_fft``), ``hop_length``
+            (default ``win_length // 2``), ``pad``: samples.
+        f_min, f_max: Hz; ``f_max`` defaults to ``sample_rate // 2``.
+        normalized: True or "window" divides the STFT by the window's L2 norm; "frame_length"
+            divides it by ``sqrt(n_fft)``.
+        pad_mode: "reflect", "constant" or "replicate".
+        lengths: optional int ``(B,)``, samples per item of a zero-padded ``(B, T)`` batch.
+        backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``mmfuse.backends``).
+
+    Returns:
+        ``(..., n_mels, frames)`` in the waveform's dtype, frames ``1 + (T + 2 pad) // hop``
+        with ``center`` else ``1 + (T + 2 pad - n_fft) // hop``. With ``lengths``:
+        ``(mel (B, n_mels, frames), frame_lengths int64 (B,))``, frames past an item's end 0.
+    """
+    op = "mel_spectrogram"
+    win_length, hop_length, f_max = check_stft_args(
+        op, sample_rate, n_fft, win_length, hop_length, f_min, f_max, pad, n_mels, window_fn,
+        power, normalized, center, pad_mode, norm, mel_scale,
+    )
+    check_tensor(op, "waveform", waveform, dtypes=WAVE_DTYPES)
+    window = build_window(window_fn, win_length).to(device=waveform.device, dtype=waveform.dtype)
+    mel_fb = melscale_fbanks(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate, norm, mel_scale)
+    mel_fb = mel_fb.to(device=waveform.device, dtype=waveform.dtype)
+    return mel_spectrogram_op(
+        waveform, window, mel_fb, n_fft=n_fft, hop_length=hop_length, pad=pad, power=power,
+        normalized=normalized, center=center, pad_mode=pad_mode, lengths=lengths, backend=backend,
+    )
+
+
+def amplitude_to_db(x: torch.Tensor, stype: str = "power", top_db: float | None = None) -> torch.Tensor:
+    """Decibels, as ``torchaudio.transforms.AmplitudeToDB(stype, top_db)``.
+
+    ``multiplier * log10(max(x, 1e-10))`` with multiplier 10 for "power" and 20 for
+    "magnitude" (reference value 1.0). With ``top_db`` values are clamped from below at
+    ``max - top_db``, the max taken as ``torchaudio.functional.amplitude_to_DB`` takes it:
+    over the whole tensor for inputs of up to 3 dimensions (a ``(channel, freq, time)``
+    spectrogram is one item), and per index of the leading dimensions over the last 3
+    dimensions for 4-D and larger inputs.
+
+    Args:
+        x: float ``(...)``, a power or magnitude spectrogram. stype: "power" or "magnitude".
+        top_db: None or a number >= 0, in dB.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype, in dB.
+    """
+    op = "amplitude_to_db"
+    check_tensor(op, "x", x, dtypes=WAVE_DTYPES)
+    check_choice(op, "stype", stype, STYPES)
+    if top_db is not None:
+        check_positive(op, "top_db", top_db, allow_zero=True)
+    multiplier = 10.0 if stype == "power" else 20.0
+    return ref.amplitude_to_db(x, multiplier=multiplier, amin=1e-10, db_multiplier=0.0, top_db=top_db)
+
+
+def whisper_log_mel(
+    audio: torch.Tensor, n_mels: int = 80, *, lengths: torch.Tensor | None = None, backend: str = "auto"
+):
+    """OpenAI Whisper's log-mel front end (``whisper.audio.log_mel_spectrogram``).
+
+    16 kHz audio, n_fft 400, hop 160, periodic Hann window, centre reflect padding, the last
+    STFT frame dropped, power spectrum times ``librosa.filters.mel(sr=16000, n_fft=400,
+    n_mels)`` (Slaney scale, Slaney area normalisation), ``log10(max(x, 1e-10))``, clamped from
+    below at the item's max − 8, then ``(x + 4) / 4``.
+
+    One difference from Whisper: Whisper takes the max over the whole input tensor; here it is
+    taken per item (per index of the leading dimensions), so a batch gives each clip the result
+    it gets alone. Whisper pads clips to 30 s before this step (``pad_or_trim``); do that first
+    to reproduce its features exactly.
+
+    Args:
+        audio: float32 or float64 ``(..., time)`` at 16 kHz, more than 200 samples;
+            ``(B, T)`` when ``lengths`` is given.
+        n_mels: 80 (Whisper v1-v3) or 128 (large-v3).
+        lengths: optional int ``(B,)``, samples per item of a zero-padded batch.
+
+    Returns:
+        ``(..., n_mels, T // 160)`` in the audio's dtype. With ``lengths``:
+        ``(log_mel (B, n_mels, T // 160), frame_lengths int64 (B,) = lengths // 160)``;
+        frames past an item's end hold 0 (not the item's floor value).
+    """
+    op = "whisper_log_mel"
+    check_int(op, "n_mels", n_mels)
+    check_tensor(op, "audio", audio, dtypes=WAVE_DTYPES)
+    window = build_window(torch.hann_window, WHISPER_N_FFT).to(device=audio.device, dtype=audio.dtype)
+    mel_fb = whisper_mel_filters(n_mels).to(device=audio.device, dtype=audio.dtype)
+    return whisper_log_mel_op(audio, window, mel_fb, lengths=lengths, backend=backend)
+
+
+def kaldi_fbank(
+    waveform: torch.Tensor,
+    blackman_coeff: float = 0.42,
+    channel: int = -1,
+    dither: float = 0.0,
+    energy_floor: float = 1.0,
+    frame_length: float = 25.0,
+    frame_shift: float = 10.0,
+    high_freq: float = 0.0,
+    htk_compat: bool = False,
+    low_freq: float = 20.0,
+    min_duration: float = 0.0,
+    num_mel_bins: int = 23,
+    preemphasis_coefficient: float = 0.97,
+    raw_energy: bool = True,
+    remove_dc_offset: bool = True,
+    round_to_power_of_two: bool = True,
+    sample_frequency: float = 16000.0,
+    snip_edges: bool = True,
+    subtract_mean: bool = False,
+    use_energy: bool = False,
+    use_log_fbank: bool = True,
+    use_power: bool = True,
+    vtln_high: float = -500.0,
+    vtln_low: float = 100.0,
+    vtln_warp: float = 1.0,
+    window_type: str = "povey",
+    *,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Kaldi filterbank features, as ``torchaudio.compliance.kaldi.fbank`` (same arguments).
+
+    Kaldi's ``compute-fbank-feats`` (feat/feature-fbank.cc, feature-window.cc,
+    mel-computations.cc): frames of ``frame_length`` ms every ``frame_shift`` ms (with
+    ``snip_edges=False`` centred and reflected at the ends as Kaldi does), DC removal, raw log
+    energy, pre-emphasis, window, zero-padding to a power of two, ``|FFT|^2`` (or ``|FFT|``),
+    triangular mel bins on Kaldi's ``1127 ln(1 + f / 700)`` scale between ``low_freq`` and
+    ``high_freq`` (<= 0: offset from Nyquist), ``log(max(x, FLT_EPSILON))``.
+
+    Differences from torchaudio: a ``(B, T)`` input with B > 1 is a batch, not channels to pick
+    from (``channel`` must then be -1); ``dither`` must be 0 (dither needs randomness) and
+    ``vtln_warp`` 1 (no VTLN); an input shorter than ``min_duration`` seconds gives 0 frames,
+    shape ``(0, bins)``, where torchaudio returns ``torch.empty(0)``.
+
+    Args:
+        waveform: float32 or float64 ``(T,)``, ``(1, T)`` or ``(B, T)``, in Kaldi's int16 scale
+            (not [-1, 1]), at least one frame (``frame_length`` ms) long.
+        lengths: optional int ``(B,)``, samples per item of a zero-padded ``(B, T)`` batch;
+            items too short for one frame get 0 frames, as Kaldi gives.
+
+    Returns:
+        ``(frames, bins)`` for ``(T,)`` or ``(1, T)`` input, ``(B, frames, bins)`` for B > 1,
+        ``bins = num_mel_bins + use_energy``. With ``lengths``: ``(feats (B, frames, bins),
+        frame_lengths int64 (B,))``, frames past an item's end 0.
+    """
+    config, window, mel_fb = kaldi_fbank_config(
+        blackman_coeff=blackman_coeff, channel=channel, dither=dither, energy_floor=energy_floor,
+        frame_length=frame_length, frame_shift=frame_shift, high_freq=high_freq, htk_compat=htk_compat,
+        low_freq=low_freq, min_duration=min_duration, num_mel_bins=num_mel_bins,
+        preemphasis_coefficient=preemphasis_coefficient, raw_energy=raw_energy,
+        remove_dc_offset=remove_dc_offset, round_to_power_of_two=round_to_power_of_two,
+        sample_frequency=sample_frequency, snip_edges=snip_edges, subtract_mean=subtract_mean,
+        use_energy=use_energy, use_log_fbank=use_log_fbank, use_power=use_power, vtln_high=vtln_high,
+        vtln_low=vtln_low, vtln_warp=vtln_warp, window_type=window_type,
+    )
+    check_tensor("kaldi_fbank", "waveform", waveform, dtypes=WAVE_DTYPES)
+    window = window.to(device=waveform.device, dtype=waveform.dtype)
+    mel_fb = mel_fb.to(device=waveform.device, dtype=waveform.dtype)
+    return kaldi_fbank_op(waveform, window, mel_fb, config, lengths=lengths, backend=backend)
+
+
+# kaldi_fbank's options and defaults, for the KaldiFbank layer
+KALDI_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(kaldi_fbank).parameters.items()
+    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name != "waveform"
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KaldiFbankConfig:
+    """The numbers ``kaldi_fbank`` passes to a backend, from validated Kaldi options.
+    Sizes in samples; ``min_samples`` is ``min_duration * sample_frequency``."""
+
+    channel: int
+    window_shift: int
+    window_size: int
+    min_samples: float
+    snip_edges: bool
+    remove_dc_offset: bool
+    preemphasis_coefficient: float
+    raw_energy: bool
+    energy_floor: float
+    use_power: bool
+    use_log_fbank: bool
+    use_energy: bool
+    htk_compat: bool
+    subtract_mean: bool
+
+
+def kaldi_fbank_config(
+    *, blackman_coeff, channel, dither, energy_floor, frame_length, frame_shift, high_freq, htk_compat,
+    low_freq, min_duration, num_mel_bins, preemphasis_coefficient, raw_energy, remove_dc_offset,
+    round_to_power_of_two, sample_frequency, snip_edges, subtract_mean, use_energy, use_log_fbank,
+    use_power, vtln_high, vtln_low, vtln_warp, window_type,
+) -> tuple[KaldiFbankConfig, torch.Tensor, torch.Tensor]:
+    """Validate ``kaldi_fbank``'s options; return the config, the float64 window
+    ``(window_size,)`` and the float64 mel bins ``(padded_size // 2 + 1, num_mel_bins)``.
+    ``vtln_low`` and ``vtln_high`` only matter with VTLN, which is not supported."""
+    op = "kaldi_fbank"
+    if channel not in (-1, 0) or isinstance(channel, bool):
+        raise ValueError(
+            f"{op}: channel must be -1 or 0; mmfuse treats (B, T) as a batch, so select a channel "
+            f"before the call; got {channel!r}"
+        )
+    if dither != 0.0:
+        raise ValueError(f"{op}: dither must be 0.0 (dithering draws random noise, which mmfuse does not add), got {dither!r}")
+    if vtln_warp != 1.0:
+        raise ValueError(f"{op}: vtln_warp must be 1.0 (VTLN warping is not supported), got {vtln_warp!r}")
+    check_choice(op, "window_type", window_type, KALDI_WINDOWS)
+    check_positive(op, "sample_frequency", sample_frequency)
+    check_positive(op, "frame_shift", frame_shift)
+    check_positive(op, "frame_length", frame_length)
+    check_positive(op, "energy_floor", energy_floor, allow_zero=True)
+    check_positive(op, "min_duration", min_duration, allow_zero=True)
+    if not 0.0 <= preemphasis_coefficient <= 1.0:
+        raise ValueError(f"{op}: preemphasis_coefficient must lie in [0, 1], got {preemphasis_coefficient!r}")
+    check_int(op, "num_mel_bins", num_mel_bins)
+    if num_mel_bins <= 3:
+        raise ValueError(f"{op}: num_mel_bins must be > 3 (Kaldi's minimum), got {num_mel_bins}")
+    window_shift, window_size, padded_size = kaldi_frame_sizes(
+        op, sample_frequency, frame_length, frame_shift, round_to_power_of_two
+    )
+    config = KaldiFbankConfig(
+        channel=channel,
+        window_shift=window_shift,
+        window_size=window_size,
+        min_samples=min_duration * sample_frequency,
+        snip_edges=bool(snip_edges),
+        remove_dc_offset=bool(remove_dc_offset),
+        preemphasis_coefficient=float(preemphasis_coefficient),
+        raw_energy=bool(raw_energy),
+        energy_floor=float(energy_floor),
+        use_power=bool(use_power),
+        use_log_fbank=bool(use_log_fbank),
+        use_energy=bool(use_energy),
+        htk_compat=bool(htk_compat),
+        subtract_mean=bool(subtract_mean),
+    )
+    window = kaldi_window(window_type, window_size, blackman_coeff)
+    mel_fb = kaldi_mel_banks(op, num_mel_bins, padded_size, sample_frequency, low_freq, high_freq)
+    return config, window, mel_fb
+
+
+# ---------------------------------------------------------------------------------------------
+# Op level: tensors and numbers only. The nn layers call these with their buffers.
+
+
+def mel_spectrogram_op(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    mel_fb: torch.Tensor,
+    *,
+    n_fft: int,
+    hop_length: int,
+    pad: int,
+    power: float,
+    normalized: bool | str,
+    center: bool,
+    pad_mode: str,
+    lengths: torch.Tensor | None,
+    backend: str,
+):
+    """``mel_spectrogram`` from a ``(win_length,)`` window and an ``(n_fft // 2 + 1, n_mels)``
+    filterbank. Pads the window to ``n_fft`` as ``torch.stft`` does and folds ``normalized``
+    into it (the STFT is linear in the window), then runs the chosen backend."""
+    op = "mel_spectrogram"
+    _check_waveform(op, "waveform", waveform, lengths)
+    check_tensor(op, "window", window, ndim=1, dtypes=(waveform.dtype,), device=waveform.device)
+    check_tensor(op, "mel_fb", mel_fb, ndim=2, dtypes=(waveform.dtype,), device=waveform.device,
+                 shape=(n_fft // 2 + 1, None))
+    _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
+    analysis_window = _analysis_window(window, n_fft, normalized)
+    flat = waveform.reshape(-1, waveform.shape[-1])
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED)
+    out = _MEL_SPECTROGRAM[chosen](
+        flat, analysis_window, mel_fb, hop_length=hop_length, pad=pad, power=power,
+        center=center, pad_mode=pad_mode, lengths=lengths,
+    )
+    if lengths is not None:
+        return out
+    return out.reshape(waveform.shape[:-1] + out.shape[-2:])
+
+
+def whisper_log_mel_op(
+    audio: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor, *, lengths: torch.Tensor | None, backend: str
+):
+    """``whisper_log_mel`` from a ``(400,)`` window and a ``(201, n_mels)`` filterbank."""
+    op = "whisper_log_mel"
+    _check_waveform(op, "audio", audio, lengths)
+    check_tensor(op, "window", window, dtypes=(audio.dtype,), device=audio.device, shape=(WHISPER_N_FFT,))
+    check_tensor(op, "mel_fb", mel_fb, ndim=2, dtypes=(audio.dtype,), device=audio.device,
+                 shape=(WHISPER_N_FFT // 2 + 1, None))
+    _check_stft_length(op, "audio", audio, lengths, n_fft=WHISPER_N_FFT, pad=0, center=True, pad_mode="reflect")
+    flat = audio.reshape(-1, audio.shape[-1])
+    chosen = choose_backend(op, backend, audio.device, _IMPLEMENTED)
+    out = _WHISPER_LOG_MEL[chosen](flat, window, mel_fb, hop_length=WHISPER_HOP, lengths=lengths)
+    if lengths is not None:
+        return out
+    return out.reshape(audio.shape[:-1] + out.shape[-2:])
+
+
+def kaldi_fbank_op(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    mel_fb: torch.Tensor,
+    config: KaldiFbankConfig,
+    *,
+    lengths: torch.Tensor | None,
+    backend: str,
+):
+    """``kaldi_fbank`` from a ``(window_size,)`` window and a ``(padded_size // 2 + 1,
+    num_mel_bins)`` filterbank (Nyquist row 0, as Kaldi's): shapes, then the chosen backend."""
+    op = "kaldi_fbank"
+    check_tensor(op, "waveform", waveform, ndim=(1, 2), dtypes=WAVE_DTYPES)
+    _check_waveform(op, "waveform", waveform, lengths)
+    check_tensor(op, "window", window, dtypes=(waveform.dtype,), device=waveform.device, shape=(config.window_size,))
+    check_tensor(op, "mel_fb", mel_fb, ndim=2, dtypes=(waveform.dtype,), device=waveform.device)
+    batched = waveform if waveform.dim() == 2 else waveform.unsqueeze(0)
+    single = lengths is None and batched.shape[0] == 1
+    if not single and config.channel != -1:
+        raise ValueError(
+            f"{op}: channel must be -1 for a batch; mmfuse treats (B, T) as a batch, so select a channel "
+            f"before the call; got channel={config.channel} for shape {tuple(waveform.shape)}"
+        )
+    num_samples = batched.shape[1]
+    if lengths is None and num_samples < config.window_size:
+        raise ValueError(
+            f"{op}: waveform must have at least {config.window_size} samples (one frame), got {num_samples}"
+        )
+    if lengths is None and num_samples < config.min_samples:
+        out = batched.new_zeros(batched.shape[0], 0, mel_fb.shape[1] + int(config.use_energy))
+        return out[0] if single else out
+    if lengths is not None:
+        # Kaldi skips utterances shorter than min_duration: they get no frames.
+        lengths = torch.where(lengths < config.min_samples, torch.zeros_like(lengths), lengths)
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED)
+    out = _KALDI_FBANK[chosen](
+        batched, window, mel_fb,
+        window_shift=config.window_shift, snip_edges=config.snip_edges,
+        remove_dc_offset=config.remove_dc_offset, preemphasis_coefficient=config.preemphasis_coefficient,
+        raw_energy=config.raw_energy, energy_floor=config.energy_floor, epsilon=KALDI_EPSILON,
+        use_power=config.use_power, use_log_fbank=config.use_log_fbank, use_energy=config.use_energy,
+        htk_compat=config.htk_compat, subtract_mean=config.subtract_mean, lengths=lengths,
+    )
+    return out[0] if single else out
+
+
+_MEL_SPECTROGRAM = {"reference": ref.mel_spectrogram}
+_WHISPER_LOG_MEL = {"reference": ref.whisper_log_mel}
+_KALDI_FBANK = {"reference": ref.kaldi_fbank}
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and filterbanks, built in float64 on the CPU.
+
+
+def build_window(window_fn: Callable[..., torch.Tensor], win_length: int, wkwargs: dict | None = None) -> torch.Tensor:
+    """``window_fn(win_length, dtype=torch.float64, **wkwargs)``: float64 ``(win_length,)``, as
+    torchaudio's ``Spectrogram`` builds its window (torch's window functions are periodic by
+    default)."""
+    window = window_fn(win_length, dtype=torch.float64, **(wkwargs or {}))
+    if not isinstance(window, torch.Tensor) or window.shape != (win_length,):
+        raise ValueError(
+            f"window_fn must return a tensor of shape ({win_length},), got "
+            f"{tuple(window.shape) if isinstance(window, torch.Tensor) else type(window).__name__}"
+        )
+    return window
+
+
+def melscale_fbanks(
+    n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: float, norm: str | None, mel_scale: str
+) -> torch.Tensor:
+    """Triangular mel filterbank, float64 ``(n_freqs, n_mels)``, as
+    ``torchaudio.functional.melscale_fbanks`` (which follows ``librosa.filters.mel``): bins at
+    ``linspace(0, sample_rate // 2, n_freqs)`` Hz, ``n_mels + 2`` points equally spaced on the
+    HTK (``2595 log10(1 + f / 700)``) or Slaney (linear below 1 kHz, log above) mel scale,
+    ``norm="slaney"`` dividing each triangle by half its width in Hz. Warns, like torchaudio,
+    when a filter is all zero. The returned tensor is cached: do not modify it."""
+    fb = _melscale_fbanks(n_freqs, float(f_min), float(f_max), n_mels, sample_rate, norm, mel_scale)
+    if (fb.amax(dim=0) == 0.0).any():
+        warnings.warn(
+            f"mmfuse: at least one mel filter is all zero; n_mels ({n_mels}) may be too high "
+            f"or n_freqs ({n_freqs}) too low.",
+            stacklevel=3,
+        )
+    return fb
+
+
+@functools.lru_cache(maxsize=64)
+def _melscale_fbanks(n_freqs, f_min, f_max, n_mels, sample_rate, norm, mel_scale) -> torch.Tensor:
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
+    m_pts = torch.linspace(_hz_to_mel(f_min, mel_scale), _hz_to_mel(f_max, mel_scale), n_mels + 2, dtype=torch.float64)
+    f_pts = _mel_to_hz(m_pts, mel_scale)
+    fb = _triangles(all_freqs, f_pts)
+    if norm == "slaney":
+        fb = fb * (2.0 / (f_pts[2:] - f_pts[:-2]))
+    return fb
+
+
+def _hz_to_mel(freq: float, mel_scale: str) -> float:
+    if mel_scale == "htk":
+        return 2595.0 * math.log10(1.0 + freq / 700.0)
+    # Slaney (Auditory Toolbox): linear, 200/3 Hz per mel, below 1 kHz; log above.
+    if freq < 1000.0:
+        return freq * 3.0 / 200.0
+    return 15.0 + math.log(freq / 1000.0) / (math.log(6.4) / 27.0)
+
+
+def _mel_to_hz(mels: torch.Tensor, mel_scale: str) -> torch.Tensor:
+    if mel_scale == "htk":
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    return torch.where(mels >= 15.0, 1000.0 * torch.exp(math.log(6.4) / 27.0 * (mels - 15.0)), mels * 200.0 / 3.0)
+
+
+def _triangles(freqs: torch.Tensor, f_pts: torch.Tensor) -> torch.Tensor:
+    """Filter ``m`` rises from ``f_pts[m]`` to 1 at ``f_pts[m + 1]`` and falls to ``f_pts[m + 2]``:
+    ``(n_freqs, len(f_pts) - 2)``."""
+    widths = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts.unsqueeze(0) - freqs.unsqueeze(1)
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    return torch.clamp(torch.minimum(rising, falling), min=0.0)
+
+
+def whisper_mel_filters(n_mels: int) -> torch.Tensor:
+    """float64 ``(201, n_mels)``: ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels).T``,
+    the filters Whisper ships in ``mel_filters.npz`` (Slaney scale and normalisation)."""
+    return melscale_fbanks(
+        WHISPER_N_FFT // 2 + 1, 0.0, WHISPER_SAMPLE_RATE / 2, n_mels, WHISPER_SAMPLE_RATE, "slaney", "slaney"
+    )
+
+
+def kaldi_frame_sizes(
+    op: str, sample_frequency: float, frame_length: float, frame_shift: float, round_to_power_of_two: bool
+) -> tuple[int, int, int]:
+    """(window_shift, window_size, padded_size) in samples, truncated as Kaldi truncates them."""
+    window_shift = int(sample_frequency * frame_shift * 0.001)
+    window_size = int(sample_frequency * frame_length * 0.001)
+    padded_size = 1 << (window_size - 1).bit_length() if round_to_power_of_two else window_size
+    if window_size < 2:
+        raise ValueError(f"{op}: frame_length must span at least 2 samples, got {window_size} ({frame_length} ms)")
+    if window_shift < 1:
+        raise ValueError(f"{op}: frame_shift must span at least 1 sample, got {frame_shift} ms")
+    if padded_size % 2:
+        raise ValueError(
+            f"{op}: frame_length must give an even FFT size; got {padded_size} samples "
+            "(set round_to_power_of_two=True or change frame_length)"
+        )
+    return window_shift, window_size, padded_size
+
+
+def kaldi_window(window_type: str, window_size: int, blackman_coeff: float) -> torch.Tensor:
+    """Kaldi's frame window (feature-window.cc), float64 ``(window_size,)``; "povey" is a
+    symmetric Hann window raised to 0.85."""
+    if window_type == "hanning":
+        return torch.hann_window(window_size, periodic=False, dtype=torch.float64)
+    if window_type == "hamming":
+        return torch.hamming_window(window_size, periodic=False, alpha=0.54, beta=0.46, dtype=torch.float64)
+    if window_type == "povey":
+        return torch.hann_window(window_size, periodic=False, dtype=torch.float64).pow(0.85)
+    if window_type == "rectangular":
+        return torch.ones(window_size, dtype=torch.float64)
+    a = 2 * math.pi / (window_size - 1) * torch.arange(window_size, dtype=torch.float64)
+    return blackman_coeff - 0.5 * torch.cos(a) + (0.5 - blackman_coeff) * torch.cos(2 * a)
+
+
+def kaldi_mel_banks(
+    op: str, num_bins: int, padded_size: int, sample_frequency: float, low_freq: float, high_freq: float
+) -> torch.Tensor:
+    """Kaldi's mel bins (mel-computations.cc, torchaudio ``kaldi.get_mel_banks`` without VTLN),
+    float64 ``(padded_size // 2 + 1, num_bins)``; the Nyquist bin gets weight 0 as in Kaldi."""
+    nyquist = 0.5 * sample_frequency
+    high = high_freq + nyquist if high_freq <= 0.0 else high_freq
+    if not 0.0 <= low_freq < nyquist:
+        raise ValueError(f"{op}: low_freq must lie in [0, {nyquist}) (the Nyquist frequency), got {low_freq!r}")
+    if not (0.0 < high <= nyquist and low_freq < high):
+        raise ValueError(
+            f"{op}: high_freq must give a cutoff in ({low_freq}, {nyquist}] (<= 0 is an offset from Nyquist), "
+            f"got high_freq={high_freq!r} (cutoff {high})"
+        )
+    return _kaldi_mel_banks(num_bins, padded_size, float(sample_frequency), float(low_freq), float(high))
+
+
+@functools.lru_cache(maxsize=64)
+def _kaldi_mel_banks(num_bins, padded_size, sample_frequency, low_freq, high_freq) -> torch.Tensor:
+    def mel(f):
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+    mel_low, mel_high = mel(low_freq), mel(high_freq)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    edges = mel_low + delta * torch.arange(num_bins + 2, dtype=torch.float64)
+    fft_mels = mel(sample_frequency / padded_size * torch.arange(padded_size // 2, dtype=torch.float64))
+    rising = (fft_mels.unsqueeze(1) - edges[:-2]) / delta
+    falling = (edges[2:] - fft_mels.unsqueeze(1)) / delta
+    bins = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    return torch.nn.functional.pad(bins, (0, 0, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def check_stft_args(
+    op, sample_rate, n_fft, win_length, hop_length, f_min, f_max, pad, n_mels, window_fn, power,
+    normalized, center, pad_mode, norm, mel_scale,
+) -> tuple[int, int, float]:
+    """Validate ``MelSpectrogram``'s arguments; return (win_length, hop_length, f_max) with
+    torchaudio's defaults filled in."""
+    check_positive(op, "sample_rate", sample_rate)
+    check_int(op, "n_fft", n_fft)
+    if win_length is None:
+        win_length = n_fft
+    check_int(op, "win_length", win_length)
+    if win_length > n_fft:
+        raise ValueError(f"{op}: win_length must be <= n_fft ({n_fft}), got {win_length}")
+    if hop_length is None:
+        hop_length = win_length // 2
+    check_int(op, "hop_length", hop_length)
+    check_int(op, "pad", pad, allow_zero=True)
+    check_int(op, "n_mels", n_mels)
+    check_positive(op, "f_min", f_min, allow_zero=True)
+    if f_max is None:
+        f_max = float(sample_rate // 2)
+    check_positive(op, "f_max", f_max)
+    if f_min >= f_max:
+        raise ValueError(f"{op}: f_min must be < f_max ({f_max}), got {f_min}")
+    if not callable(window_fn):
+        raise TypeError(f"{op}: window_fn must be callable like torch.hann_window, got {type(window_fn).__name__}")
+    check_positive(op, "power", power)
+    if not (isinstance(normalized, bool) or normalized in ("window", "frame_length")):
+        raise ValueError(f"{op}: normalized must be one of [False, True, 'window', 'frame_length'], got {normalized!r}")
+    if not isinstance(center, bool):
+        raise TypeError(f"{op}: center must be a bool, got {type(center).__name__}")
+    check_choice(op, "pad_mode", pad_mode, PAD_MODES)
+    check_choice(op, "norm", norm, MEL_NORMS)
+    check_choice(op, "mel_scale", mel_scale, MEL_SCALES)
+    return win_length, hop_length, float(f_max)
+
+
+
+def check_int(op: str, name: str, value, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    check_positive(op, name, value, allow_zero=allow_zero)
+
+
+def _check_waveform(op: str, name: str, waveform, lengths) -> None:
+    """Float32/64 ``(..., time)``; with ``lengths``, ``(B, T)`` and ``lengths`` int ``(B,)`` in
+    ``[0, T]``."""
+    check_tensor(op, name, waveform, dtypes=WAVE_DTYPES)
+    if waveform.dim() == 0:
+        raise ValueError(f"{op}: {name} must have a time dimension (..., time), got a 0-d tensor")
+    if lengths is not None:
+        check_tensor(op, name, waveform, ndim=2)
+        check_lengths(op, "lengths", lengths, batch=waveform.shape[0], max_len=waveform.shape[1],
+                      device=waveform.device)
+    if waveform.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(waveform.shape)}")
+
+
+def _check_stft_length(op, name, waveform, lengths, *, n_fft, pad, center, pad_mode) -> None:
+    """What ``torch.stft`` needs of a signal of ``length + 2 pad`` samples. Without ``lengths``
+    the padded size must give a frame; with ``lengths`` short items get 0 frames (center=False)
+    but the edge padding must still be possible for every item."""
+    num_samples = waveform.shape[-1]
+    if lengths is None and not center and num_samples + 2 * pad < n_fft:
+        raise ValueError(
+            f"{op}: {name} must have at least n_fft - 2 * pad = {n_fft - 2 * pad} samples when center=False, "
+            f"got {num_samples}"
+        )
+    if not center or pad_mode == "constant":
+        return
+    if lengths is None:
+        shortest, what = num_samples, f"{name} has {num_samples} samples"
+    elif _is_tracing() or lengths.numel() == 0:
+        return
+    else:
+        shortest = int(lengths.min())
+        what = f"lengths has an item of {shortest} samples"
+    need = n_fft // 2 + 1 - 2 * pad if pad_mode == "reflect" else 1 - 2 * pad
+    if shortest < need:
+        arg = name if lengths is None else "lengths"
+        raise ValueError(
+            f"{op}: {arg}: pad_mode={pad_mode!r} with center=True needs at least {need} samples per item "
+            f"(n_fft // 2 + 1 - 2 * pad for reflect), but {what}"
+        )
+
+
+def _analysis_window(window: torch.Tensor, n_fft: int, normalized: bool | str) -> torch.Tensor:
+    """``(n_fft,)``: ``window`` centred in ``n_fft`` zeros as ``torch.stft`` places it, scaled by
+    torchaudio's ``normalized`` factor."""
+    win_length = window.shape[0]
+    if win_length > n_fft:
+        raise ValueError(f"window must have at most n_fft ({n_fft}) samples, got {win_length}")
+    left = (n_fft - win_length) // 2
+    window = torch.nn.functional.pad(window, (left, n_fft - win_length - left))
+    if normalized is True or normalized == "window":
+        return window / window.pow(2).sum().sqrt()
+    if normalized == "frame_length":
+        return window / math.sqrt(n_fft)
+    return window

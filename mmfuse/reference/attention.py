@@ -1,0 +1,197 @@
+"""Pure-PyTorch cross-modal attention: the oracle the kernels are tested against and the last
+fallback of ``mmfuse.cross_attention``.
+
+It materialises the ``(Lq, Lk)`` score matrix, so it is exact but not memory-efficient; the
+fused kernels compute the same function with FlashAttention's online softmax (Dao et al.,
+"FlashAttention", 2022; "FlashAttention-2", 2023). Inputs are validated by
+``mmfuse.ops.attention``; this module only does the float math and is differentiable by
+plain autograd.
+
+Conventions shared with the kernels:
+
+- half inputs (float16, bfloat16) are computed in float32 and the output cast back; float32
+  and float64 are computed in their own dtype. ``lse`` stays in the compute dtype.
+- GQA/MQA: query head ``h`` reads kv head ``h // (Hq // Hkv)`` (FlashAttention's and
+  ``scaled_dot_product_attention(enable_gqa=True)``'s grouping). Queries are viewed as
+  ``(B, Hkv, group, Lq, D)`` so k and v are broadcast, never copied.
+- causal is bottom-right aligned per sample: query ``i`` sees key ``j`` iff
+  ``j <= i + kv_len - q_len``, with ``kv_len``/``q_len`` the sample's own lengths.
+- a query row with no visible key outputs 0 and has ``lse = -inf``; its gradients are 0.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked softmax(q kᵀ · scale) v on padded ``(B, L, H, D)`` tensors.
+
+    Arguments:
+        q: (B, Lq, Hq, D), float16/bfloat16/float32/float64.
+        k, v: (B, Lk, Hkv, D), q's dtype; ``Hq % Hkv == 0``.
+        scale: multiplies the scores before the softmax.
+        causal: bottom-right aligned causal mask, per sample (see the module docstring).
+        kv_lens: (B,) integer or None. Sample ``b`` has valid keys ``[0, kv_lens[b])``;
+            None means all ``Lk``.
+        key_padding_mask: (B, Lk) bool or None; True marks a key to ignore. Combined with
+            ``kv_lens``: a key is visible iff it is within ``kv_lens`` and not masked.
+        q_lens: (B,) integer or None. Sample ``b``'s real query count, used only for the causal
+            alignment (the varlen path pads queries); None means all ``Lq``.
+        dropout_p: dropout probability applied to the attention probabilities (training only;
+            0 disables it).
+
+    Returns:
+        out: (B, Lq, Hq, D) in q's dtype.
+        lse: (B, Hq, Lq) in the compute dtype (float32, or float64 for float64 inputs):
+            logsumexp of each row's visible scaled scores, -inf for a row with none.
+        probs: (B, Hq, Lq, Lk) in the compute dtype: the attention probabilities after dropout.
+    """
+    batch, len_q, heads_q, head_dim = q.shape
+    len_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    # (B, Hkv, group, Lq, D) against (B, Hkv, 1, Lk, D): one kv head serves `group` query heads
+    qh = q.to(compute).reshape(batch, len_q, heads_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+    kh = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
+    vh = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
+
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    visible = visible_keys(
+        batch, len_q, len_k, q.device, causal=causal, kv_lens=kv_lens,
+        key_padding_mask=key_padding_mask, q_lens=q_lens,
+    )
+    probs, lse = masked_softmax(scores, visible[:, None, None])
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, vh)
+
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, len_q, heads_q, head_dim).to(q.dtype)
+    lse = lse.reshape(batch, heads_q, len_q)
+    probs = probs.reshape(batch, heads_q, len_q, len_k)
+    return out, lse, probs
+
+
+def visible_keys(
+    batch: int,
+    len_q: int,
+    len_k: int,
+    device: torch.device,
+    *,
+    causal: bool,
+    kv_lens: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    q_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    """Bool (B, Lq or 1, Lk): True where query i of sample b may attend to key j.
+
+    The padding part does not depend on the query, so without ``causal`` the query axis has
+    size 1 and broadcasts.
+    """
+    key_pos = torch.arange(len_k, device=device)
+    if kv_lens is None:
+        visible = torch.ones(batch, len_k, dtype=torch.bool, device=device)
+    else:
+        visible = key_pos < kv_lens[:, None]
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask
+    visible = visible[:, None, :]
+    if causal:
+        k_count = torch.full((batch,), len_k, device=device) if kv_lens is None else kv_lens.long()
+        q_count = torch.full((batch,), len_q, device=device) if q_lens is None else q_lens.long()
+        # bottom-right alignment: the last real query sees every valid key
+        last_key = torch.arange(len_q, device=device)[None, :] + (k_count - q_count)[:, None]
+        visible = visible & (key_pos[None, None, :] <= last_key[:, :, None])
+    return visible
+
+
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis of ``scores`` restricted to ``visible``, NaN-free.
+
+    Returns ``(probs, lse)``: ``probs`` like ``scores``, zero outside ``visible`` and on rows
+    with no visible entry; ``lse`` (``scores.shape[:-1]``), -inf on such rows. Forward and
+    backward stay finite on empty rows: their exponent is shifted by 0 (not by a max of -inf,
+    which gives -inf - -inf = NaN) and their sum is replaced by 1 before dividing, so each
+    division and log only ever sees a sum >= 1.
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))
+    has_key = visible.any(dim=-1, keepdim=True)
+    # softmax does not depend on the shift, so it carries no gradient
+    row_max = torch.where(has_key, _row_max(scores.detach()), 0.0)
+    exp = torch.exp(scores - row_max)
+    row_sum = torch.where(has_key, exp.sum(dim=-1, keepdim=True), 1.0)
+    probs = exp / row_sum
+    lse = torch.where(has_key, row_max + torch.log(row_sum), float("-inf"))
+    return probs, lse.squeeze(-1)
+
+
+def _row_max(scores: torch.Tensor) -> torch.Tensor:
+    # amax refuses an empty axis; with no keys every row is empty and its shift is unused
+    if scores.shape[-1] == 0:
+        return scores.new_zeros(scores.shape[:-1] + (1,))
+    return scores.amax(dim=-1, keepdim=True)
+
+
+def cross_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention on packed sequences, by scattering them into a padded layout.
+
+    Arguments:
+        q: (total_q, Hq, D); k, v: (total_k, Hkv, D); sample ``b`` owns rows
+            ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 prefix sums of the sequence lengths.
+        max_seqlen_q, max_seqlen_k: upper bounds of the lengths; the padded size.
+        scale, causal: as in ``cross_attention``; causal aligns each sample's own lengths.
+
+    Returns:
+        out: (total_q, Hq, D) in q's dtype.
+        lse: (Hq, total_q) in the compute dtype (FlashAttention's varlen layout).
+
+    Index tensors rather than a Python loop over samples keep the batch size and lengths
+    off the host, so the function traces under ``torch.compile(fullgraph=True)``.
+    """
+    batch = cu_seqlens_q.shape[0] - 1
+    q_lens = cu_seqlens_q.diff()
+    kv_lens = cu_seqlens_k.diff()
+    q_index = _padded_index(cu_seqlens_q, q.shape[0])
+    k_index = _padded_index(cu_seqlens_k, k.shape[0])
+
+    q_pad = q.new_zeros((batch, max_seqlen_q) + q.shape[1:]).index_put(q_index, q)
+    k_pad = k.new_zeros((batch, max_seqlen_k) + k.shape[1:]).index_put(k_index, k)
+    v_pad = v.new_zeros((batch, max_seqlen_k) + v.shape[1:]).index_put(k_index, v)
+    out, lse, _ = cross_attention(
+        q_pad, k_pad, v_pad, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens
+    )
+    sample, position = q_index
+    # lse (B, Hq, Lq) indexed on its first and last axes gives (total_q, Hq)
+    return out[sample, position], lse[sample, :, position].transpose(0, 1).contiguous()
+
+
+def _padded_index(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, position) of each packed row in the padded ``(B, max_seqlen)`` layout."""
+    starts = cu_seqlens.long()
+    token = torch.arange(total, device=cu_seqlens.device)
+    # right=True skips zero-length samples, whose end equals the next sample's start
+    sample = torch.searchsorted(starts[1:], token, right=True)
+    return sample, token - starts[sample]

@@ -1,0 +1,42 @@
+"""Builds mmfuse._C: the C++ CPU kernels always, the CUDA kernels when a CUDA torch and nvcc exist.
+
+Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; TORCH_CUDA_ARCH_LIST picks
+the GPU architectures (default "8.0;9.0" when no GPU is visible); MAX_JOBS caps parallel
+compilation. Install with `pip install --no-build-isolation .` so the installed torch is used.
+"""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("MMFUSE_SKIP_CUDA_BUILD") == "1":
+        return False
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    return torch.version.cuda is not None and bool(nvcc)
+
+
+def _extension():
+    sources = ["csrc/mmfuse.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"]
+    if _want_cuda():
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        return CUDAExtension(
+            "mmfuse._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            define_macros=[("MMFUSE_WITH_CUDA", None), ("MMFUSE_CUDA_ARCHS", f'"{archs}"')],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    return CppExtension("mmfuse._C", sources, extra_compile_args=cxx)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
