@@ -1,2 +1,4 @@
 """``nn.Module`` layers built on the mmfuse ops; all batch-first."""
 from mmfuse.nn.attention import CrossModalAttention
+from mmfuse.nn.audio import AmplitudeToDB, KaldiFbank, LogMelSpectrogram, MelSpectrogram, WhisperLogMel
+from mmfuse.nn.packing import ModalityPacker

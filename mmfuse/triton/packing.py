@@ -47,12 +47,25 @@ def _move_rows_kernel(
         x = tl.load(feat, mask=mask)
         if HAS_EMB:
             e = tl.load(emb_ptr + d, mask=d < D)
-            x = (x.to(ADD_DTYPE) + e.to(ADD_DTYPE)[None, :]).to(x.dtype)
+            total = x.to(ADD_DTYPE) + e.to(ADD_DTYPE)[None, :]
+            if x.dtype == tl.bfloat16:
+                x = _to_bfloat16_rtne(total)
+            else:
+                x = total.to(x.dtype)
         tl.store(tok, x, mask=mask)
         if tl.program_id(2) == 0:
             tl.store(ids_ptr + first + t, tl.full([BLOCK_T], modality, tl.int64), mask=row_ok)
     else:
         tl.store(feat, tl.load(tok, mask=mask), mask=mask)
+
+
+@triton.jit
+def _to_bfloat16_rtne(x):
+    # fp32 -> bf16 rounding to nearest even, spelled out: the CPU interpreter truncates instead,
+    # and packing must be bit-identical to PyTorch's add on every backend
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 def _first_rows(lengths: torch.Tensor, cu_seqlens: torch.Tensor, padded_len: int | None) -> torch.Tensor:
