@@ -8,8 +8,15 @@ CUDA, a Triton, a C++ CPU kernel and a pure-PyTorch reference behind one custom-
 from mmfuse._extension import build_info
 from mmfuse.backends import available_backends
 from mmfuse.ops.attention import cross_attention, cross_attention_varlen
+from mmfuse.ops.fusion import combine_modalities, fused_concat_linear
+from mmfuse.ops.packing import PackedModalities, pack_modalities, unpack_modalities
 from mmfuse.ops.spectrogram import amplitude_to_db, kaldi_fbank, mel_spectrogram, whisper_log_mel
+from mmfuse import nn  # layers last: they build on the ops above
 
 __version__ = "0.1.0"
-from mmfuse.ops.packing import PackedModalities, pack_modalities, unpack_modalities
-from mmfuse import nn  # noqa: E402  (layers; imported last, they use the ops above)
+
+__all__ = [
+    "available_backends", "build_info", "combine_modalities", "cross_attention", "cross_attention_varlen",
+    "fused_concat_linear", "pack_modalities", "unpack_modalities", "PackedModalities", "amplitude_to_db",
+    "kaldi_fbank", "mel_spectrogram", "whisper_log_mel", "nn",
+]

@@ -2,3 +2,4 @@
 from mmfuse.nn.attention import CrossModalAttention
 from mmfuse.nn.audio import AmplitudeToDB, KaldiFbank, LogMelSpectrogram, MelSpectrogram, WhisperLogMel
 from mmfuse.nn.packing import ModalityPacker
+from mmfuse.nn.fusion import FeatureFusion

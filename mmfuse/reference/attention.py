@@ -130,7 +130,7 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
     # softmax does not depend on the shift, so it carries no gradient
     row_max = torch.where(has_key, _row_max(scores.detach()), 0.0)
     exp = torch.exp(scores - row_max)
-    row_sum = exp.sum(dim=-1, keepdim=True)
+    row_sum = torch.where(has_key, exp.sum(dim=-1, keepdim=True), 1.0)
     probs = exp / row_sum
     lse = torch.where(has_key, row_max + torch.log(row_sum), float("-inf"))
     return probs, lse.squeeze(-1)

@@ -1,0 +1,122 @@
+"""Multimodal feature fusion: ``fused_concat_linear`` and the elementwise combination modes.
+
+Early fusion is usually written ``act(Linear(cat([x_img, x_txt, x_audio], -1)))``, which
+materialises the concatenation; the fused kernels read each modality through its own pointer.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmfuse._checks import FLOAT_DTYPES, check_choice, check_tensor
+from mmfuse.backends import choose_backend
+from mmfuse.reference import fusion as reference
+
+ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")
+MODES = ("sum", "product", "gated")
+IMPLEMENTED = ("reference",)
+
+
+def fused_concat_linear(
+    xs: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``activation(cat(xs, -1) @ weight.T + bias)`` without materialising the concatenation.
+
+    Args:
+        xs: M tensors ``(..., D_i)`` with the same leading shape, dtype and device.
+        weight: ``(out, sum D_i)``, as ``nn.Linear.weight`` of the concatenated input.
+        bias: ``(out,)`` or None.
+        activation: None, "relu", "gelu" (exact erf form), "silu", "tanh" or "sigmoid".
+        backend: "auto" or "reference" (the CPU and Triton kernels arrive with their issue).
+
+    Returns:
+        ``(..., out)`` in the inputs' dtype. Differentiable w.r.t. every input.
+    """
+    op = "fused_concat_linear"
+    xs = _check_modalities(op, "xs", xs)
+    lead = xs[0].shape[:-1]
+    total = sum(x.shape[-1] for x in xs)
+    check_tensor(op, "weight", weight, ndim=2, device=xs[0].device)
+    if weight.shape[1] != total:
+        raise ValueError(
+            f"{op}: weight must have shape (out, {total}) (sum of the inputs' widths "
+            f"{[x.shape[-1] for x in xs]}), got {tuple(weight.shape)}"
+        )
+    _check_dtype(op, "weight", weight, xs[0].dtype)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), device=xs[0].device)
+        _check_dtype(op, "bias", bias, xs[0].dtype)
+    check_choice(op, "activation", activation, ACTIVATIONS)
+    choose_backend(op, backend, xs[0].device, IMPLEMENTED)
+    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    return reference.fused_concat_linear(flat, weight, bias, activation).reshape(*lead, weight.shape[0])
+
+
+def combine_modalities(
+    projected: list[torch.Tensor],
+    mode: str,
+    *,
+    logits: torch.Tensor | None = None,
+    gate_logits: list[torch.Tensor] | None = None,
+    activation: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Combine per-modality projections elementwise (the non-concat ``FeatureFusion`` modes).
+
+    Args:
+        projected: M tensors ``(..., E)``, each modality already projected to width E.
+        mode: "sum" (``Σ softmax(logits)[m] · p_m``), "product" (``Π p_m``) or "gated"
+            (``Σ sigmoid(gate_logits[m]) ⊙ p_m``).
+        logits: ``(M,)`` modality weights before the softmax ("sum" only).
+        gate_logits: M tensors shaped like ``projected`` ("gated" only).
+        activation: applied to the combination; as in :func:`fused_concat_linear`.
+
+    Returns:
+        ``(..., E)``. Differentiable w.r.t. every tensor argument.
+    """
+    op = "combine_modalities"
+    check_choice(op, "mode", mode, MODES)
+    projected = _check_modalities(op, "projected", projected)
+    shape = tuple(projected[0].shape)
+    for m, p in enumerate(projected):
+        check_tensor(op, f"projected[{m}]", p, shape=shape)
+    if mode == "sum":
+        check_tensor(op, "logits", logits, shape=(len(projected),), dtypes=FLOAT_DTYPES, device=projected[0].device)
+    elif logits is not None:
+        raise ValueError(f"{op}: logits is only used by mode='sum', got it with mode={mode!r}")
+    if mode == "gated":
+        if not isinstance(gate_logits, (list, tuple)) or len(gate_logits) != len(projected):
+            raise ValueError(f"{op}: gate_logits must be a list of {len(projected)} tensors for mode='gated', got {gate_logits!r}")
+        for m, g in enumerate(gate_logits):
+            check_tensor(op, f"gate_logits[{m}]", g, shape=shape, device=projected[0].device)
+            _check_dtype(op, f"gate_logits[{m}]", g, projected[0].dtype)
+    elif gate_logits is not None:
+        raise ValueError(f"{op}: gate_logits is only used by mode='gated', got it with mode={mode!r}")
+    check_choice(op, "activation", activation, ACTIVATIONS)
+    choose_backend(op, backend, projected[0].device, IMPLEMENTED)
+    return reference.combine_modalities(list(projected), mode, logits, gate_logits, activation)
+
+
+def _check_modalities(op: str, name: str, xs) -> list[torch.Tensor]:
+    if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+        raise ValueError(f"{op}: {name} must be a non-empty list of tensors, got {type(xs).__name__}")
+    first = check_tensor(op, f"{name}[0]", xs[0], dtypes=FLOAT_DTYPES)
+    if first.dim() < 1:
+        raise ValueError(f"{op}: {name}[0] must have at least 1 dimension, got a scalar")
+    for i, x in enumerate(xs[1:], start=1):
+        check_tensor(op, f"{name}[{i}]", x, device=first.device)
+        if x.shape[:-1] != first.shape[:-1]:
+            raise ValueError(
+                f"{op}: {name}[{i}] must have leading shape {tuple(first.shape[:-1])} like {name}[0], "
+                f"got {tuple(x.shape)}"
+            )
+        _check_dtype(op, f"{name}[{i}]", x, first.dtype)
+    return list(xs)
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype} like the inputs, got {t.dtype}")

@@ -1,0 +1,109 @@
+"""The build: kernel bodies compile for the GPU archs, the package degrades without _C, wheels install."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmfuse
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_BODIES = sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*_kernel.cuh")))
+
+
+def test_there_are_kernel_bodies_to_check():
+    assert KERNEL_BODIES, "csrc/cuda/*_kernel.cuh not found"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("body", KERNEL_BODIES, ids=lambda p: Path(p).name)
+def test_nvcc_compiles_kernel_body(body, arch, tmp_path):
+    unit = tmp_path / "check.cu"
+    unit.write_text(f'#include "{body}"\n')
+    compute = arch.replace("sm_", "compute_")
+    cmd = ["nvcc", "-std=c++17", "-DMMFUSE_KERNEL_COMPILE_CHECK", f"-gencode=arch={compute},code={arch}",
+           "-Xptxas", "-warn-spills", "-c", str(unit), "-o", str(tmp_path / "check.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "spill" not in result.stderr, result.stderr
+    assert (tmp_path / "check.o").stat().st_size > 0
+
+
+def test_build_info_describes_this_build():
+    info = mmfuse.build_info()
+    assert info["extension_loaded"], info["load_error"]
+    assert info["torch_built_against"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cuda"] == (torch.version.cuda is not None and "MMFUSE_SKIP_CUDA_BUILD" not in os.environ
+                            and info["cuda"])  # a CPU torch can never report CUDA kernels
+    if torch.version.cuda is None:
+        assert info["cuda"] is False
+    assert "cpu" in mmfuse.available_backends("cpu") and "reference" in mmfuse.available_backends("cpu")
+
+
+def test_package_imports_and_falls_back_without_the_extension():
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "mmfuse._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmfuse
+        messages = [str(w.message) for w in caught if "mmfuse._C" in str(w.message)]
+        assert len(messages) == 1 and "blocked for the test" in messages[0], messages
+        import torch
+        assert "cpu" not in mmfuse.available_backends("cpu")
+        out = mmfuse.pack_modalities([torch.ones(2, 3, 4)], [torch.tensor([3, 1])])
+        assert out.tokens.shape == (4, 4)
+        try:
+            mmfuse.pack_modalities([torch.ones(2, 3, 4)], backend="cpu")
+        except ValueError as e:
+            assert "mmfuse._C is not loaded" in str(e)
+        else:
+            raise AssertionError("backend='cpu' ran without _C")
+        print("fallback-ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert "fallback-ok" in result.stdout, result.stderr
+
+
+@pytest.mark.slow
+def test_wheel_builds_installs_and_runs(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+        check=True, cwd=ROOT,
+    )
+    wheels = list(dist.glob("mmfuse-*.whl"))
+    assert len(wheels) == 1, wheels
+    venv = tmp_path / "venv"
+    # reuse the installed torch: a fresh one would be a multi-GB download
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
+    smoke = textwrap.dedent(
+        """
+        import torch, mmfuse
+        assert mmfuse.__file__.startswith(sys.prefix), mmfuse.__file__
+        info = mmfuse.build_info()
+        assert info["extension_loaded"], info
+        x = [torch.randn(2, 5, 8), torch.randn(2, 3, 8)]
+        lengths = [torch.tensor([5, 2]), torch.tensor([0, 3])]
+        out = mmfuse.pack_modalities(x, lengths, backend="cpu")
+        ref = torch.cat([x[0][0], x[0][1, :2], x[1][1]])
+        assert torch.equal(out.tokens, ref)
+        print("wheel-ok", mmfuse.__file__)
+        """
+    )
+    result = subprocess.run([python, "-c", "import sys\n" + smoke], capture_output=True, text=True, cwd=tmp_path)
+    assert "wheel-ok" in result.stdout, result.stderr
