@@ -37,8 +37,9 @@ class CrossModalAttention(nn.Module):
         backend: the ``mmfuse.cross_attention`` backend for the fused path.
         device, dtype: of the parameters.
 
-    Differences from ``nn.MultiheadAttention``: a query row whose keys are all masked gives 0
-    (MHA gives NaN); ``key_padding_mask`` must be bool (additive float masks are rejected);
+    Differences from ``nn.MultiheadAttention``: a query row whose keys are all masked attends
+    to nothing, so its attention output before ``out_proj`` is 0 (MHA's is NaN outside its
+    inference fast path); ``key_padding_mask`` must be bool (additive float masks are rejected);
     ``need_weights`` defaults to False; there is no ``attn_mask`` (use ``kv_lens``,
     ``key_padding_mask``, or ``mmfuse.cross_attention(causal=True)``).
     """

@@ -679,7 +679,7 @@ def _analysis_window(window: torch.Tensor, n_fft: int, normalized: bool | str) -
     win_length = window.shape[0]
     if win_length > n_fft:
         raise ValueError(f"window must have at most n_fft ({n_fft}) samples, got {win_length}")
-    left = 0
+    left = (n_fft - win_length) // 2
     window = torch.nn.functional.pad(window, (left, n_fft - win_length - left))
     if normalized is True or normalized == "window":
         return window / window.pow(2).sum().sqrt()

@@ -1,0 +1,83 @@
+"""Benchmark cases: cross_attention against ``F.scaled_dot_product_attention`` (each SDPA backend).
+
+Inputs are in mmfuse's ``(B, L, H, D)`` layout; SDPA gets the ``transpose(1, 2)`` views a
+user would pass, and the boolean mask equivalent to ``kv_lens`` / ``key_padding_mask``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import mmfuse
+from mmfuse.bench.case import Case
+
+
+def _sdpa_backends(device: torch.device):
+    """(name, context) per SDPA backend to try; on CPU, PyTorch's own choice."""
+    if device.type != "cuda":
+        return [("sdpa", contextlib.nullcontext)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    named = [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+             ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
+    return [(name, lambda b=b: sdpa_kernel([b])) for name, b in named]
+
+
+def _accepts(fn) -> bool:
+    try:
+        fn()
+        return True
+    except RuntimeError:  # this SDPA backend rejects the case (e.g. flash with a mask)
+        return False
+
+
+def cases(device: torch.device, quick: bool, backends: list[str]):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    batch, heads, dim = 8, 8, 64
+    grid = [(256, 577)] if quick else [(lq, lk) for lq in (77, 256, 1024) for lk in (32, 257, 577)]
+    for lq, lk in grid:
+        q = torch.randn(batch, lq, heads, dim, device=device, dtype=dtype)
+        k = torch.randn(batch, lk, heads, dim, device=device, dtype=dtype)
+        v = torch.randn(batch, lk, heads, dim, device=device, dtype=dtype)
+        kv_lens = torch.randint(lk // 4, lk + 1, (batch,), device=device)
+        random_mask = torch.rand(batch, lk, device=device) < 0.3  # True = ignore
+        random_mask[:, 0] = False
+        variants = {
+            "unmasked": ({}, None),
+            "kv_lens": ({"kv_lens": kv_lens}, torch.arange(lk, device=device)[None, :] < kv_lens[:, None]),
+            "key_padding_mask": ({"key_padding_mask": random_mask}, ~random_mask),
+        }
+        for variant, (kwargs, keep) in variants.items():
+            sdpa_mask = None if keep is None else keep[:, None, None, :]
+            for direction in ("fwd", "fwd+bwd"):
+                ours = {b: _runner(direction, q, k, v, lambda q, k, v, b=b, kw=kwargs: mmfuse.cross_attention(
+                    q, k, v, backend=b, **kw)) for b in backends}
+                peers = {}
+                for name, ctx in _sdpa_backends(device):
+                    def sdpa(q, k, v, ctx=ctx, m=sdpa_mask):
+                        with ctx():
+                            return F.scaled_dot_product_attention(
+                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m
+                            ).transpose(1, 2)
+                    run = _runner(direction, q, k, v, sdpa)
+                    if _accepts(run):
+                        peers[name] = run
+                flops = 4.0 * batch * heads * lq * lk * dim * (1 if direction == "fwd" else 3.5)
+                yield Case("cross_attention", f"{direction} {variant} Lq={lq} Lk={lk} B={batch} H={heads} D={dim}",
+                           str(dtype).replace("torch.", ""), ours, peers, flops, "TFLOP/s")
+
+
+def _runner(direction, q, k, v, attend):
+    if direction == "fwd":
+        return lambda: attend(q, k, v)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        attend(*leaves).backward(grad)
+
+    return step

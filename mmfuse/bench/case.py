@@ -1,0 +1,23 @@
+"""What a benchmark case is: mmfuse callables per backend, peer callables, and the work done."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Case:
+    """One benchmarked shape of one op.
+
+    ``ours`` maps an mmfuse backend name to a zero-argument callable; ``peers`` maps a peer's
+    name (e.g. "sdpa-math", "torch.stft path") to one. ``work`` is the FLOPs (``unit`` =
+    "TFLOP/s") or bytes moved (``unit`` = "GB/s") of one call, for the rate column.
+    """
+
+    op: str
+    case: str
+    dtype: str
+    ours: dict[str, Callable[[], object]]
+    peers: dict[str, Callable[[], object]] = field(default_factory=dict)
+    work: float = 0.0
+    unit: str = "GB/s"
