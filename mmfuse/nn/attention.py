@@ -33,7 +33,8 @@ class CrossModalAttention(nn.Module):
             (B, L, H, D) attention, reached without a transpose.
         num_kv_heads: number of key/value heads (GQA/MQA); must divide num_heads; default
             num_heads. With fewer kv heads the k/v projections output num_kv_heads * head_dim
-            features, and an ``nn.MultiheadAttention`` state_dict no longer fits.
+            features, are always separate (``q/k/v_proj_weight``), and an
+            ``nn.MultiheadAttention`` state_dict no longer fits.
         backend: the ``mmfuse.cross_attention`` backend for the fused path.
         device, dtype: of the parameters.
 

@@ -356,7 +356,7 @@ def mel_spectrogram_op(
     check_tensor(op, "mel_fb", mel_fb, ndim=2, dtypes=(waveform.dtype,), device=waveform.device,
                  shape=(n_fft // 2 + 1, None))
     _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
-    analysis_window = _analysis_window(window, n_fft, normalized)
+    analysis_window = _analysis_window(op, window, n_fft, normalized)
     flat = waveform.reshape(-1, waveform.shape[-1])
     chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED)
     out = _MEL_SPECTROGRAM[chosen](
@@ -673,12 +673,12 @@ def _check_stft_length(op, name, waveform, lengths, *, n_fft, pad, center, pad_m
         )
 
 
-def _analysis_window(window: torch.Tensor, n_fft: int, normalized: bool | str) -> torch.Tensor:
+def _analysis_window(op: str, window: torch.Tensor, n_fft: int, normalized: bool | str) -> torch.Tensor:
     """``(n_fft,)``: ``window`` centred in ``n_fft`` zeros as ``torch.stft`` places it, scaled by
     torchaudio's ``normalized`` factor."""
     win_length = window.shape[0]
     if win_length > n_fft:
-        raise ValueError(f"window must have at most n_fft ({n_fft}) samples, got {win_length}")
+        raise ValueError(f"{op}: window must have at most n_fft ({n_fft}) samples, got {win_length}")
     left = (n_fft - win_length) // 2
     window = torch.nn.functional.pad(window, (left, n_fft - win_length - left))
     if normalized is True or normalized == "window":
