@@ -59,7 +59,7 @@ def check_lengths(op: str, name: str, lengths, *, batch: int, max_len: int, devi
     (``torch.compile``), where the values are not known.
     """
     check_tensor(op, name, lengths, ndim=1, dtypes=INT_DTYPES, device=device, shape=(batch,))
-    if not _is_tracing() and lengths.numel() > 0:
+    if not is_tracing() and lengths.numel() > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > max_len:
             raise ValueError(
@@ -94,5 +94,5 @@ def check_same_device(op: str, named: dict[str, torch.Tensor | None]) -> torch.d
     return device
 
 
-def _is_tracing() -> bool:
+def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None

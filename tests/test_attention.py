@@ -411,6 +411,14 @@ def test_layer_compiles_fullgraph():
     torch.testing.assert_close(
         torch.compile(varlen, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k), varlen(q, k, v, cu_q, cu_k)
     )
+
+    def varlen_unknown_max(q, k, v, cu_q, cu_k):  # max_seqlen from cu_seqlens: a traced SymInt, no graph break
+        return mmfuse.cross_attention_varlen(q, k, v, cu_q, cu_k, None, None, causal=True, backend="reference")
+
+    torch.testing.assert_close(
+        torch.compile(varlen_unknown_max, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k),
+        varlen(q, k, v, cu_q, cu_k),
+    )
     torch._dynamo.reset()
 
 

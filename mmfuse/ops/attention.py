@@ -31,13 +31,14 @@ import torch
 
 from mmfuse._checks import (
     FLOAT_DTYPES,
-    _is_tracing,
+    is_tracing,
     check_lengths,
     check_positive,
     check_same_device,
     check_tensor,
 )
 from mmfuse.backends import choose_backend
+from mmfuse.ops.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
 # the backends with a kernel for this op; the others are added as they land
@@ -96,8 +97,8 @@ def cross_attention_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
     *,
     scale: float | None = None,
     causal: bool = False,
@@ -116,8 +117,10 @@ def cross_attention_varlen(
             non-decreasing, ending at total_q. Sequence b's queries are rows
             cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q.
         cu_seqlens_k: (batch_size + 1,) int32, the same for k and v, ending at total_k.
-        max_seqlen_q: int, at least the longest query sequence (an upper bound is fine).
-        max_seqlen_k: int, at least the longest key sequence.
+        max_seqlen_q: int, at least the longest query sequence (an upper bound is fine), or
+            None to compute it from cu_seqlens_q (a host sync in eager mode; an unbacked SymInt
+            under ``torch.compile``, so no graph break: see ``mmfuse.ops.seqlens``).
+        max_seqlen_k: int, at least the longest key sequence, or None likewise.
         scale: float > 0, optional; default 1/sqrt(headdim).
         causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
             key j iff j <= i + len_k[b] - len_q[b].
@@ -145,6 +148,10 @@ def cross_attention_varlen(
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
     choose_backend(op, backend, q.device, _IMPLEMENTED)  # as in cross_attention
+    if max_seqlen_q is None:
+        max_seqlen_q = max_seqlen(cu_seqlens_q)
+    if max_seqlen_k is None:
+        max_seqlen_k = max_seqlen(cu_seqlens_k)
     out, lse = reference_attention.cross_attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
     )
@@ -219,11 +226,11 @@ def _check_cu_seqlens(
     check_tensor(op, name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.shape[0] == 0:
         raise ValueError(f"{op}: {name} must have shape (batch_size + 1,) with at least one entry (0), got shape (0,)")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
-        raise TypeError(f"{op}: {max_seqlen_name} must be an int, got {type(max_seqlen).__name__}")
-    if _is_tracing():
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))):
+        raise TypeError(f"{op}: {max_seqlen_name} must be an int or None, got {type(max_seqlen).__name__}")
+    if is_tracing():
         return
-    if max_seqlen < 0:
+    if max_seqlen is not None and max_seqlen < 0:
         raise ValueError(f"{op}: {max_seqlen_name} must be >= 0, got {max_seqlen}")
     values = cu_seqlens.cpu()
     lengths = values.diff()
@@ -234,7 +241,7 @@ def _check_cu_seqlens(
             f"{op}: {name} must end at {packed_name}'s number of rows ({packed.shape[0]}), got {int(values[-1])}"
         )
     longest = int(lengths.max()) if lengths.numel() > 0 else 0
-    if longest > max_seqlen:
+    if max_seqlen is not None and longest > max_seqlen:
         raise ValueError(
             f"{op}: {max_seqlen_name} must be >= the longest sequence in {name} ({longest}), got {max_seqlen}"
         )

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from mmfuse._checks import _is_tracing, check_choice, check_lengths, check_positive, check_tensor
+from mmfuse._checks import is_tracing, check_choice, check_lengths, check_positive, check_tensor
 from mmfuse.backends import choose_backend
 from mmfuse.reference import spectrogram as ref
 
@@ -659,7 +659,7 @@ def _check_stft_length(op, name, waveform, lengths, *, n_fft, pad, center, pad_m
         return
     if lengths is None:
         shortest, what = num_samples, f"{name} has {num_samples} samples"
-    elif _is_tracing() or lengths.numel() == 0:
+    elif is_tracing() or lengths.numel() == 0:
         return
     else:
         shortest = int(lengths.min())

@@ -21,6 +21,7 @@ Conventions shared with the kernels:
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 
 def cross_attention(
@@ -137,9 +138,11 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
 
 
 def _row_max(scores: torch.Tensor) -> torch.Tensor:
-    # amax refuses an empty axis; with no keys every row is empty and its shift is unused
-    if scores.shape[-1] == 0:
-        return scores.new_zeros(scores.shape[:-1] + (1,))
+    # amax refuses an empty axis. With no keys every row is empty and its shift unused; while
+    # tracing with an unbacked key count the size is unknown, so take the path valid for both.
+    if guard_or_true(scores.shape[-1] == 0):
+        sentinel = scores.new_full(scores.shape[:-1] + (1,), float("-inf"))
+        return torch.cat([scores, sentinel], dim=-1).amax(dim=-1, keepdim=True)
     return scores.amax(dim=-1, keepdim=True)
 
 
