@@ -34,4 +34,13 @@ TORCH_LIBRARY(mmfuse, m) {
   m.def("pack_modalities(Tensor[] features, Tensor lengths, Tensor cu_seqlens, Tensor? type_embedding, bool padded, SymInt? out_len) -> (Tensor, Tensor)");
   // Inverse of pack_modalities (and its backward): tokens back to (B, sizes[m], D), zero past lengths.
   m.def("unpack_modalities(Tensor tokens, Tensor lengths, Tensor cu_seqlens, SymInt[] sizes) -> Tensor[]");
+  // act(sum_i xs[i] @ weight[:, block i]^T + bias), no concatenated copy; returns (out, preact),
+  // preact empty for activation "none" (the backward needs it for every other activation).
+  m.def("fused_concat_linear(Tensor[] xs, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
+  // (grad_xs, grad_weight, grad_bias) of fused_concat_linear; grad_bias empty unless has_bias.
+  m.def("fused_concat_linear_bwd(Tensor grad_out, Tensor[] xs, Tensor weight, Tensor preact, str activation, bool has_bias) -> (Tensor[], Tensor, Tensor)");
+  // act(sum_m weights[m] p_m | prod_m p_m | sum_m sigmoid(gate_logits[m]) p_m); returns (out, preact).
+  m.def("combine_modalities(Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, str activation) -> (Tensor, Tensor)");
+  // (grad_projected, grad_weights (sum mode, else empty), grad_gate_logits (gated mode, else [])).
+  m.def("combine_modalities_bwd(Tensor grad_out, Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, Tensor preact, str activation) -> (Tensor[], Tensor, Tensor[])");
 }

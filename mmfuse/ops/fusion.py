@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from mmfuse import _extension
 from mmfuse._checks import FLOAT_DTYPES, check_choice, check_tensor
 from mmfuse.backends import choose_backend
 from mmfuse.reference import fusion as reference
 
 ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")
 MODES = ("sum", "product", "gated")
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("cpu", "triton", "reference")
+TRITON_MAX_SOURCES = 4  # inputs/modalities one Triton launch reads through their own pointers
 
 
 def fused_concat_linear(
@@ -22,6 +24,8 @@ def fused_concat_linear(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     backend: str = "auto",
+    *,
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """``activation(cat(xs, -1) @ weight.T + bias)`` without materialising the concatenation.
 
@@ -30,7 +34,10 @@ def fused_concat_linear(
         weight: ``(out, sum D_i)``, as ``nn.Linear.weight`` of the concatenated input.
         bias: ``(out,)`` or None.
         activation: None, "relu", "gelu" (exact erf form), "silu", "tanh" or "sigmoid".
-        backend: "auto" or "reference" (the CPU and Triton kernels arrive with their issue).
+        backend: "auto", "cpu" (blocked GEMMs + fused epilogue), "triton" (one multi-source
+            GEMM, at most four inputs, no float64) or "reference" (``torch.cat`` + ``F.linear``).
+        allow_tf32: let the Triton kernel use tf32 products for float32 inputs (faster, ~1e-3
+            relative error); the default is exact fp32.
 
     Returns:
         ``(..., out)`` in the inputs' dtype. Differentiable w.r.t. every input.
@@ -50,9 +57,20 @@ def fused_concat_linear(
         check_tensor(op, "bias", bias, shape=(weight.shape[0],), device=xs[0].device)
         _check_dtype(op, "bias", bias, xs[0].dtype)
     check_choice(op, "activation", activation, ACTIVATIONS)
-    choose_backend(op, backend, xs[0].device, IMPLEMENTED)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    backend = choose_backend(op, backend, xs[0].device, IMPLEMENTED, lambda b: _triton_limits(b, xs))
     flat = [x.reshape(-1, x.shape[-1]) for x in xs]
-    return reference.fused_concat_linear(flat, weight, bias, activation).reshape(*lead, weight.shape[0])
+    if backend == "reference":
+        out = reference.fused_concat_linear(flat, weight, bias, activation)
+    else:
+        flat, weight = [x.contiguous() for x in flat], weight.contiguous()
+        act = activation or "none"
+        if backend == "triton":
+            out, _ = _triton().fused_concat_linear_triton(flat, weight, bias, act, allow_tf32)
+        else:
+            out, _ = torch.ops.mmfuse.fused_concat_linear(flat, weight, bias, act)
+    return out.reshape(*lead, weight.shape[0])
 
 
 def combine_modalities(
@@ -96,8 +114,33 @@ def combine_modalities(
     elif gate_logits is not None:
         raise ValueError(f"{op}: gate_logits is only used by mode='gated', got it with mode={mode!r}")
     check_choice(op, "activation", activation, ACTIVATIONS)
-    choose_backend(op, backend, projected[0].device, IMPLEMENTED)
-    return reference.combine_modalities(list(projected), mode, logits, gate_logits, activation)
+    backend = choose_backend(op, backend, projected[0].device, IMPLEMENTED, lambda b: _triton_limits(b, projected))
+    if backend == "reference":
+        return reference.combine_modalities(list(projected), mode, logits, gate_logits, activation)
+    # softmax of M logits: tiny, left to autograd; the kernels take the normalised weights
+    weights = reference.modality_weights(logits, projected[0].dtype) if mode == "sum" else None
+    projected = [p.contiguous() for p in projected]
+    gates = [g.contiguous() for g in gate_logits] if mode == "gated" else []
+    fn = _triton().combine_modalities_triton if backend == "triton" else torch.ops.mmfuse.combine_modalities
+    out, _ = fn(projected, mode, weights, gates, activation or "none")
+    return out
+
+
+def _triton_limits(backend: str, xs: list[torch.Tensor]) -> str | None:
+    """Why the Triton kernels cannot take this case, or None."""
+    if backend != "triton":
+        return None
+    if len(xs) > TRITON_MAX_SOURCES:
+        return f"the Triton kernels read at most {TRITON_MAX_SOURCES} inputs, got {len(xs)}"
+    if xs[0].dtype == torch.float64:
+        return "the Triton kernels take float16, bfloat16 and float32, got float64"
+    return None
+
+
+def _triton():
+    from mmfuse.triton import fusion
+
+    return fusion
 
 
 def _check_modalities(op: str, name: str, xs) -> list[torch.Tensor]:
@@ -120,3 +163,73 @@ def _check_modalities(op: str, name: str, xs) -> list[torch.Tensor]:
 def _check_dtype(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     if t.dtype != dtype:
         raise TypeError(f"{op}: {name} must have dtype {dtype} like the inputs, got {t.dtype}")
+
+
+# --- fake kernels and autograd for the compiled and Triton ops ------------------------------
+
+
+def _fake_fused_concat_linear(xs, weight, bias, activation):
+    out = xs[0].new_empty(xs[0].shape[0], weight.shape[0])
+    return out, (xs[0].new_empty(0) if activation == "none" else torch.empty_like(out))
+
+
+def _fake_fused_concat_linear_bwd(grad_out, xs, weight, preact, activation, has_bias):
+    grad_bias = weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0)
+    return [torch.empty_like(x) for x in xs], torch.empty_like(weight), grad_bias
+
+
+def _fake_combine(projected, mode, weights, gate_logits, activation):
+    out = torch.empty_like(projected[0])
+    return out, (projected[0].new_empty(0) if activation == "none" else torch.empty_like(out))
+
+
+def _fake_combine_bwd(grad_out, projected, mode, weights, gate_logits, preact, activation):
+    grad_weights = weights.new_empty(weights.shape) if mode == "sum" else projected[0].new_empty(0)
+    grad_gates = [torch.empty_like(p) for p in projected] if mode == "gated" else []
+    return [torch.empty_like(p) for p in projected], grad_weights, grad_gates
+
+
+def register_fusion_autograd(linear_op, linear_bwd_op, combine_op, combine_bwd_op, *, triton: bool) -> None:
+    """Backward of each forward op is its ``_bwd`` op; the Triton ops take ``allow_tf32`` last."""
+
+    def linear_setup(ctx, inputs, output):
+        xs, weight, bias, activation = inputs[:4]
+        ctx.extra = tuple(inputs[4:])
+        ctx.num, ctx.activation, ctx.has_bias = len(xs), activation, bias is not None
+        ctx.save_for_backward(*xs, weight, output[1])
+
+    def linear_backward(ctx, grad_out, _grad_preact):
+        *xs, weight, preact = ctx.saved_tensors
+        grad_xs, grad_weight, grad_bias = linear_bwd_op(
+            grad_out.contiguous(), xs, weight, preact, ctx.activation, ctx.has_bias, *ctx.extra
+        )
+        return (list(grad_xs), grad_weight, grad_bias if ctx.has_bias else None, None) + (None,) * len(ctx.extra)
+
+    def combine_setup(ctx, inputs, output):
+        projected, mode, weights, gate_logits, activation = inputs
+        ctx.num, ctx.mode, ctx.activation, ctx.num_gates = len(projected), mode, activation, len(gate_logits)
+        ctx.save_for_backward(*projected, *gate_logits, weights, output[1])
+
+    def combine_backward(ctx, grad_out, _grad_preact):
+        saved = ctx.saved_tensors
+        projected, gates = list(saved[: ctx.num]), list(saved[ctx.num : ctx.num + ctx.num_gates])
+        weights, preact = saved[-2], saved[-1]
+        grads, grad_weights, grad_gates = combine_bwd_op(
+            grad_out.contiguous(), projected, ctx.mode, weights, gates, preact, ctx.activation
+        )
+        return (list(grads), None, grad_weights if ctx.mode == "sum" else None,
+                list(grad_gates) if ctx.mode == "gated" else [], None)
+
+    torch.library.register_autograd(linear_op, linear_backward, setup_context=linear_setup)
+    torch.library.register_autograd(combine_op, combine_backward, setup_context=combine_setup)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("mmfuse::fused_concat_linear", _fake_fused_concat_linear)
+    torch.library.register_fake("mmfuse::fused_concat_linear_bwd", _fake_fused_concat_linear_bwd)
+    torch.library.register_fake("mmfuse::combine_modalities", _fake_combine)
+    torch.library.register_fake("mmfuse::combine_modalities_bwd", _fake_combine_bwd)
+    register_fusion_autograd(
+        torch.ops.mmfuse.fused_concat_linear.default, torch.ops.mmfuse.fused_concat_linear_bwd,
+        torch.ops.mmfuse.combine_modalities.default, torch.ops.mmfuse.combine_modalities_bwd, triton=False,
+    )

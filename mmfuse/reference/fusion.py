@@ -25,6 +25,11 @@ def fused_concat_linear(
     return activate(F.linear(torch.cat(xs, dim=-1), weight, bias), activation)
 
 
+def modality_weights(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax of the ``(M,)`` modality logits, in at least fp32, cast to the features' dtype."""
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0).to(dtype)
+
+
 def combine_modalities(
     projected: list[torch.Tensor],
     mode: str,
@@ -38,7 +43,7 @@ def combine_modalities(
     ``Σ sigmoid(gate_logits[m]) ⊙ p_m``; then ``activation``.
     """
     if mode == "sum":
-        weights = torch.softmax(logits.float(), dim=0).to(projected[0].dtype)
+        weights = modality_weights(logits, projected[0].dtype)
         out = sum(w * p for w, p in zip(weights, projected))
     elif mode == "product":
         out = projected[0]
