@@ -1,8 +1,6 @@
 // CPU kernels for the multimodal fusion ops:
 //   fused_concat_linear: act(sum_i x_i @ W_i^T + b), W_i the column block of W for input i, so
-//     the concatenation cat(x_1..x_M) is never built. Rows are processed in blocks in parallel;
-//     per block the GEMMs accumulate into one buffer and the bias/activation epilogue runs
-//     while it is in cache. Accumulation in fp32 (fp64 for double).
+//     the concatenation cat(x_1..x_M) is never built. Accumulation in fp32 (fp64 for double).
 //   combine_modalities: the elementwise modes sum / product / gated in one pass over the
 //     projected tensors, forward and backward.
 #include <ATen/ATen.h>
@@ -19,7 +17,6 @@
 namespace mmfuse {
 namespace {
 
-constexpr int64_t kRowBlock = 128;    // rows of x per task of the forward GEMM
 constexpr int64_t kChunk = 4096;      // elements per task of the elementwise kernels
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -35,6 +32,37 @@ void check_inputs(const std::vector<at::Tensor>& xs, const char* what) {
 
 // ---- fused_concat_linear -------------------------------------------------------------------
 
+// The activation through ATen's vectorised CPU kernels (Sleef transcendental functions).
+at::Tensor apply_activation(const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::kNone: return z;
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kGelu: return at::gelu(z);
+    case Activation::kSilu: return at::silu(z);
+    case Activation::kTanh: return at::tanh(z);
+    case Activation::kSigmoid: return at::sigmoid(z);
+  }
+  return z;
+}
+
+// grad_out * act'(z) for the pre-activation z, through ATen's vectorised backward kernels.
+at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& z, Activation act) {
+  switch (act) {
+    case Activation::kNone: return grad_out;
+    case Activation::kRelu: return at::threshold_backward(grad_out, z, 0);
+    case Activation::kGelu: return at::gelu_backward(grad_out, z);
+    case Activation::kSilu: return at::silu_backward(grad_out, z);
+    case Activation::kTanh: return at::tanh_backward(grad_out, at::tanh(z));
+    case Activation::kSigmoid: return at::sigmoid_backward(grad_out, at::sigmoid(z));
+  }
+  return grad_out;
+}
+
+// Forward: one GEMM per input into the same accumulator (ATen's blocked, multithreaded GEMM
+// reads W_i as a strided column block, so no copy of x or W is made), then the activation.
+// Measured here (2 threads, N=4096, D=(768,512,256), out=1024, fp32): as fast as cat + linear,
+// which pays the same GEMM plus the concatenated copy. Half inputs accumulate in fp32 and
+// round once, as a single GEMM on the concatenation would.
 std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at::Tensor>& xs,
                                                            const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias,
@@ -49,63 +77,19 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at:
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
   const at::Tensor w = weight.to(acc);  // no copy for fp32/fp64
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt;
-  at::Tensor out = at::empty({n, out_features}, xs[0].options());
-  at::Tensor preact = act == Activation::kNone ? at::empty({0}, xs[0].options())
-                                               : at::empty({n, out_features}, xs[0].options());
-  const bool direct = dtype == acc;  // accumulate straight into the output buffers
-
-  at::parallel_for(0, (n + kRowBlock - 1) / kRowBlock, 1, [&](int64_t blk0, int64_t blk1) {
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
-      at::Tensor sum = direct ? (act == Activation::kNone ? out : preact).narrow(0, r0, rows)
-                              : at::empty({rows, out_features}, xs[0].options().dtype(acc));
-      int64_t col = 0;
-      for (size_t i = 0; i < xs.size(); ++i) {
-        const at::Tensor x = xs[i].narrow(0, r0, rows).to(acc);
-        const at::Tensor wi = w.narrow(1, col, xs[i].size(1)).t();
-        if (i == 0 && b) {
-          at::addmm_out(sum, b->expand({rows, out_features}), x, wi);
-        } else if (i == 0) {
-          at::mm_out(sum, x, wi);
-        } else {
-          sum.addmm_(x, wi);
-        }
-        col += xs[i].size(1);
-      }
-      if (act == Activation::kNone && direct) continue;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_concat_linear_epilogue", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* s = sum.data_ptr<acc_t>();
-        scalar_t* o = out.data_ptr<scalar_t>() + r0 * out_features;
-        scalar_t* p = act == Activation::kNone ? nullptr : preact.data_ptr<scalar_t>() + r0 * out_features;
-        for (int64_t e = 0; e < rows * out_features; ++e) {
-          // the activation sees the pre-activation as stored, as the unfused composition does
-          const acc_t z = static_cast<acc_t>(static_cast<scalar_t>(s[e]));
-          if (p) p[e] = static_cast<scalar_t>(z);
-          o[e] = static_cast<scalar_t>(activate(act, z));
-        }
-      });
-    }
-  });
-  return {out, preact};
-}
-
-// g = grad_out * act'(preact), in the accumulation type.
-at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& preact, Activation act) {
-  const auto acc = acc_type(grad_out.scalar_type());
-  at::Tensor grad = grad_out.contiguous().to(acc).clone();
-  if (act == Activation::kNone) return grad;
-  const at::Tensor z = preact.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "activation_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t* g = grad.data_ptr<acc_t>();
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, grad.numel(), kChunk, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) g[e] *= activate_grad(act, static_cast<acc_t>(zp[e]));
-    });
-  });
-  return grad;
+  at::Tensor sum = at::empty({n, out_features}, xs[0].options().dtype(acc));
+  if (bias) {
+    sum.copy_(bias->to(acc).expand({n, out_features}));
+  } else {
+    sum.zero_();
+  }
+  int64_t col = 0;
+  for (const auto& x : xs) {
+    sum.addmm_(x.to(acc), w.narrow(1, col, x.size(1)).t());
+    col += x.size(1);
+  }
+  const at::Tensor preact = sum.to(dtype);
+  return {apply_activation(preact, act), act == Activation::kNone ? at::empty({0}, xs[0].options()) : preact};
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_bwd_cpu(
@@ -115,7 +99,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   const Activation act = parse_activation(activation);
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const at::Tensor g = activation_backward(grad_out, preact, act);  // (N, out)
+  const at::Tensor g = activation_backward(grad_out, preact, act).to(acc);  // (N, out)
   const at::Tensor w = weight.to(acc);
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options().dtype(acc));
   std::vector<at::Tensor> grad_xs;
@@ -169,6 +153,8 @@ std::vector<const T*> pointers(const std::vector<at::Tensor>& ts) {
 template <typename A>
 inline A sigmoid(A x) { return A(1) / (A(1) + std::exp(-x)); }
 
+// Forward: the combination in one pass over the M inputs, tile by tile so that the per-tile
+// loops vectorise, then the activation through ATen.
 std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::Tensor>& projected,
                                                           c10::string_view mode_name,
                                                           const std::optional<at::Tensor>& weights,
@@ -178,11 +164,11 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::
   check_combine(projected, mode, weights, gate_logits);
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
-  at::Tensor out = at::empty_like(first);
-  at::Tensor preact = act == Activation::kNone ? at::empty({0}, first.options()) : at::empty_like(first);
+  at::Tensor preact = at::empty_like(first);
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t kTile = 256;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
     std::vector<acc_t> w(num, acc_t(0));
@@ -190,24 +176,29 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::
       const at::Tensor wc = weights->to(acc_type(first.scalar_type())).contiguous();
       for (int64_t m = 0; m < num; ++m) w[m] = wc.data_ptr<acc_t>()[m];
     }
-    scalar_t* o = out.data_ptr<scalar_t>();
-    scalar_t* pre = act == Activation::kNone ? nullptr : preact.data_ptr<scalar_t>();
+    scalar_t* out = preact.data_ptr<scalar_t>();
     at::parallel_for(0, numel, kChunk, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        acc_t y = mode == Mode::kProduct ? acc_t(1) : acc_t(0);
+      acc_t y[kTile];
+      for (int64_t t0 = e0; t0 < e1; t0 += kTile) {
+        const int64_t len = std::min(kTile, e1 - t0);
+        const acc_t init = mode == Mode::kProduct ? acc_t(1) : acc_t(0);
+        for (int64_t i = 0; i < len; ++i) y[i] = init;
         for (int64_t m = 0; m < num; ++m) {
-          const acc_t pm = static_cast<acc_t>(p[m][e]);
-          if (mode == Mode::kSum) y += w[m] * pm;
-          else if (mode == Mode::kProduct) y *= pm;
-          else y += sigmoid(static_cast<acc_t>(z[m][e])) * pm;
+          const scalar_t* pm = p[m] + t0;
+          if (mode == Mode::kSum) {
+            for (int64_t i = 0; i < len; ++i) y[i] += w[m] * static_cast<acc_t>(pm[i]);
+          } else if (mode == Mode::kProduct) {
+            for (int64_t i = 0; i < len; ++i) y[i] *= static_cast<acc_t>(pm[i]);
+          } else {
+            const scalar_t* zm = z[m] + t0;
+            for (int64_t i = 0; i < len; ++i) y[i] += sigmoid(static_cast<acc_t>(zm[i])) * static_cast<acc_t>(pm[i]);
+          }
         }
-        const acc_t zq = static_cast<acc_t>(static_cast<scalar_t>(y));
-        if (pre) pre[e] = static_cast<scalar_t>(zq);
-        o[e] = static_cast<scalar_t>(activate(act, zq));
+        for (int64_t i = 0; i < len; ++i) out[t0 + i] = static_cast<scalar_t>(y[i]);
       }
     });
   });
-  return {out, preact};
+  return {apply_activation(preact, act), act == Activation::kNone ? at::empty({0}, first.options()) : preact};
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine_modalities_bwd_cpu(
@@ -219,7 +210,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
   const auto acc = acc_type(first.scalar_type());
-  const at::Tensor g = activation_backward(grad_out, preact, act);
+  const at::Tensor g = activation_backward(grad_out, preact, act).to(acc).contiguous();
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
   std::vector<at::Tensor> grad_p, grad_z;
   for (int64_t m = 0; m < num; ++m) grad_p.push_back(at::empty_like(first));
