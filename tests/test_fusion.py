@@ -108,7 +108,7 @@ def test_combine_kernels_forward_and_backward(backend, mode):
     for dtype in kernel_dtypes(backend):
         shape = (13, 3, 17)
         ps = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
-        logits = torch.randn(3, device=device, requires_grad=True)
+        logits = torch.randn(3, device=device, dtype=torch.promote_types(dtype, torch.float32), requires_grad=True)
         gates = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         kwargs = {"sum": {"logits": logits}, "gated": {"gate_logits": gates}, "product": {}}[mode]
         leaves = ps + {"sum": [logits], "gated": gates, "product": []}[mode]
