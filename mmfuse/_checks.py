@@ -68,6 +68,24 @@ def check_lengths(op: str, name: str, lengths, *, batch: int, max_len: int, devi
     return lengths
 
 
+def check_stacked_lengths(op: str, name: str, lengths, max_lens: Sequence[int]) -> None:
+    """Bounds of M length vectors stacked as ``(M, B)``: row m in ``[0, max_lens[m]]``.
+
+    One reduction and one host sync for all rows; the message names the first bad row as
+    ``{name}[m]``. Skipped while tracing.
+    """
+    if is_tracing() or lengths.numel() == 0:
+        return
+    bounds = torch.tensor(list(max_lens), dtype=lengths.dtype, device=lengths.device)[:, None]
+    bad = ((lengths < 0) | (lengths > bounds)).any(dim=1)
+    if bool(bad.any()):
+        m = int(bad.nonzero()[0, 0])
+        lo, hi = int(lengths[m].min()), int(lengths[m].max())
+        raise ValueError(
+            f"{op}: {name}[{m}] must lie in [0, {max_lens[m]}] (the padded size), got values in [{lo}, {hi}]"
+        )
+
+
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")

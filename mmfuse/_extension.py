@@ -37,7 +37,10 @@ def has_cpu_kernels() -> bool:
 
 
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.build_info()["cuda"])
+    return _HAS_CUDA_KERNELS
+
+
+_HAS_CUDA_KERNELS = _C is not None and bool(_C.build_info()["cuda"])
 
 
 def build_info() -> dict:

@@ -8,6 +8,7 @@ a backend that computes the same function.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Collection
@@ -24,6 +25,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

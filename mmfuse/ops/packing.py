@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from mmfuse import _extension
-from mmfuse._checks import FLOAT_DTYPES, check_lengths, check_tensor
+from mmfuse._checks import FLOAT_DTYPES, INT_DTYPES, check_lengths, check_stacked_lengths, check_tensor
 from mmfuse.backends import choose_backend
 from mmfuse.ops.seqlens import cu_seqlens_from_lengths, max_seqlen as _max_seqlen_op
 from mmfuse.reference import packing as reference
@@ -165,9 +165,10 @@ def _check_pack(op, features, lengths, type_embedding):
                 f"{op}: lengths must be None or a list of {len(features)} (B,) integer tensors, one per modality, "
                 f"got {type(lengths).__name__} of length {len(lengths) if isinstance(lengths, (list, tuple)) else '-'}"
             )
-        for m, (n, x) in enumerate(zip(lengths, features)):
-            check_lengths(op, f"lengths[{m}]", n, batch=batch, max_len=x.shape[1], device=first.device)
+        for m, n in enumerate(lengths):
+            check_tensor(op, f"lengths[{m}]", n, ndim=1, dtypes=INT_DTYPES, device=first.device, shape=(batch,))
         lengths_mb = torch.stack([n.to(torch.int32) for n in lengths]).contiguous()
+        check_stacked_lengths(op, "lengths", lengths_mb, [x.shape[1] for x in features])
     if type_embedding is not None:
         check_tensor(op, "type_embedding", type_embedding, ndim=2, shape=(len(features), dim), device=first.device)
         if type_embedding.dtype != first.dtype:
