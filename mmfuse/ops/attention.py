@@ -4,8 +4,11 @@ Public surface: ``cross_attention`` on padded ``(B, L, H, D)`` tensors with per-
 lengths or a key padding mask, and ``cross_attention_varlen`` on packed ``(total, H, D)``
 tensors with int32 ``cu_seqlens``, FlashAttention's two layouts (Dao et al., "FlashAttention-2",
 2023; ``flash_attn.flash_attn_interface``). Both validate every argument, choose a backend
-(``mmfuse.backends``) and dispatch. Only the pure-PyTorch reference implements the op so far;
-the C++, Triton and CUDA kernels will take the same arguments.
+(``mmfuse.backends``) and dispatch to the custom ops ``mmfuse::cross_attention_fwd`` /
+``cross_attention_varlen_fwd`` (C++ CPU kernel, csrc/cpu/cross_attention.cpp) or to the
+pure-PyTorch reference. The ops' backward is the separate ``*_bwd`` op, registered here with
+``torch.library.register_autograd``: the forward saves ``out`` and ``lse``, the backward
+recomputes the probabilities from them (FlashAttention-2's backward).
 
 Semantics shared by both functions:
 
@@ -29,6 +32,7 @@ import math
 
 import torch
 
+from mmfuse import _extension
 from mmfuse._checks import (
     FLOAT_DTYPES,
     is_tracing,
@@ -41,8 +45,8 @@ from mmfuse.backends import choose_backend
 from mmfuse.ops.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
-# the backends with a kernel for this op; the others are added as they land
-_IMPLEMENTED = frozenset({"reference"})
+# the backends with a kernel for this op; "cuda" is added when its kernel lands
+_IMPLEMENTED = frozenset({"cpu", "reference"})
 
 
 def cross_attention(
@@ -83,11 +87,15 @@ def cross_attention(
     op = "cross_attention"
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     _check_bool(op, "return_lse", return_lse)
-    # raises for a backend that cannot run this case; every one that passes runs the reference
-    choose_backend(op, backend, q.device, _IMPLEMENTED)
-    out, lse, _ = reference_attention.cross_attention(
-        q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
-    )
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED)
+    if backend == "reference":
+        out, lse, _ = reference_attention.cross_attention(
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
+        )
+    else:
+        out, lse = torch.ops.mmfuse.cross_attention_fwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal
+        )
     return (out, lse) if return_lse else out
 
 
@@ -147,14 +155,20 @@ def cross_attention_varlen(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
-    choose_backend(op, backend, q.device, _IMPLEMENTED)  # as in cross_attention
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED)
     if max_seqlen_q is None:
         max_seqlen_q = max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:
         max_seqlen_k = max_seqlen(cu_seqlens_k)
-    out, lse = reference_attention.cross_attention_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
-    )
+    if backend == "reference":
+        out, lse = reference_attention.cross_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
+        )
+    else:
+        out, lse = torch.ops.mmfuse.cross_attention_varlen_fwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, scale, causal,
+        )
     return (out, lse) if return_lse else out
 
 
@@ -245,3 +259,58 @@ def _check_cu_seqlens(
         raise ValueError(
             f"{op}: {max_seqlen_name} must be >= the longest sequence in {name} ({longest}), got {max_seqlen}"
         )
+
+
+# --- fake kernels and autograd for the compiled ops -----------------------------------------
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal):
+    batch, len_q, heads_q, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def register_attention_autograd(fwd_op, bwd_op, num_mask_args: int) -> None:
+    """Autograd for a forward op ``(q, k, v, *masks, scale, causal) -> (out, lse)`` whose
+    backward op takes ``(grad_out, grad_lse, q, k, v, out, lse, *masks, scale, causal)``.
+
+    ``num_mask_args``: how many arguments sit between v and scale (kv_lens and
+    key_padding_mask, or cu_seqlens and max_seqlen for the varlen form); they get no gradient.
+    """
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rest = inputs[3:]
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out.contiguous(), grad_lse, q, k, v, out, lse, *ctx.rest)
+        return (dq, dk, dv) + (None,) * (num_mask_args + 2)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("mmfuse::cross_attention_fwd", _fake_fwd)
+    torch.library.register_fake("mmfuse::cross_attention_varlen_fwd", _fake_varlen_fwd)
+    torch.library.register_fake("mmfuse::cross_attention_bwd", _fake_bwd)
+    torch.library.register_fake("mmfuse::cross_attention_varlen_bwd", _fake_bwd)
+    register_attention_autograd(
+        torch.ops.mmfuse.cross_attention_fwd.default, torch.ops.mmfuse.cross_attention_bwd.default, 2
+    )
+    register_attention_autograd(
+        torch.ops.mmfuse.cross_attention_varlen_fwd.default, torch.ops.mmfuse.cross_attention_varlen_bwd.default, 4
+    )
