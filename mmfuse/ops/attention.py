@@ -46,7 +46,16 @@ from mmfuse.ops.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
 # the backends with a kernel for this op; "cuda" is added when its kernel lands
-_IMPLEMENTED = frozenset({"cpu", "reference"})
+_IMPLEMENTED = frozenset({"cpu", "triton", "reference"})
+
+
+def _unsupported(q: torch.Tensor):
+    def reason(backend: str) -> str | None:
+        if backend == "triton" and q.dtype == torch.float64:
+            return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
+        return None
+
+    return reason
 
 
 def cross_attention(
@@ -59,6 +68,7 @@ def cross_attention(
     scale: float | None = None,
     causal: bool = False,
     return_lse: bool = False,
+    allow_tf32: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-modal attention on padded batches: ``softmax(q kᵀ · scale) v`` over visible keys.
@@ -77,6 +87,8 @@ def cross_attention(
         causal: bool. Bottom-right aligned causal mask: query i sees key j iff
             j <= i + kv_len - seqlen_q, with kv_len = kv_lens[b] (seqlen_k without kv_lens).
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
+            (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``mmfuse.backends``).
 
     Returns:
@@ -87,10 +99,15 @@ def cross_attention(
     op = "cross_attention"
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     _check_bool(op, "return_lse", return_lse)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED)
+    _check_bool(op, "allow_tf32", allow_tf32)
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
+        )
+    elif backend == "triton":
+        out, lse = _triton().cross_attention_fwd_triton(
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal, allow_tf32
         )
     else:
         out, lse = torch.ops.mmfuse.cross_attention_fwd(
@@ -111,6 +128,7 @@ def cross_attention_varlen(
     scale: float | None = None,
     causal: bool = False,
     return_lse: bool = False,
+    allow_tf32: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-modal attention on packed variable-length sequences (``flash_attn_varlen_func``).
@@ -133,6 +151,8 @@ def cross_attention_varlen(
         causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
             key j iff j <= i + len_k[b] - len_q[b].
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
+            (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference".
 
     Returns:
@@ -147,6 +167,7 @@ def cross_attention_varlen(
     scale = _check_qkv(op, q, k, v, packed=True, scale=scale)
     _check_bool(op, "causal", causal)
     _check_bool(op, "return_lse", return_lse)
+    _check_bool(op, "allow_tf32", allow_tf32)
     check_same_device(op, {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
     _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
     _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
@@ -155,7 +176,7 @@ def cross_attention_varlen(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED)
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
     if max_seqlen_q is None:
         max_seqlen_q = max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:
@@ -163,6 +184,11 @@ def cross_attention_varlen(
     if backend == "reference":
         out, lse = reference_attention.cross_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
+        )
+    elif backend == "triton":
+        out, lse = _triton().cross_attention_varlen_fwd_triton(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, scale, causal, allow_tf32,
         )
     else:
         out, lse = torch.ops.mmfuse.cross_attention_varlen_fwd(
@@ -281,13 +307,16 @@ def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def register_attention_autograd(fwd_op, bwd_op, num_mask_args: int) -> None:
-    """Autograd for a forward op ``(q, k, v, *masks, scale, causal) -> (out, lse)`` whose
-    backward op takes ``(grad_out, grad_lse, q, k, v, out, lse, *masks, scale, causal)``.
+def _triton():
+    from mmfuse.triton import cross_attention
 
-    ``num_mask_args``: how many arguments sit between v and scale (kv_lens and
-    key_padding_mask, or cu_seqlens and max_seqlen for the varlen form); they get no gradient.
-    """
+    return cross_attention
+
+
+def register_attention_autograd(fwd_op, bwd_op) -> None:
+    """Autograd for a forward op ``(q, k, v, *rest) -> (out, lse)`` whose backward op takes
+    ``(grad_out, grad_lse, q, k, v, out, lse, *rest)``; ``rest`` (masks or cu_seqlens,
+    scale, causal, ...) gets no gradient."""
 
     def setup_context(ctx, inputs, output):
         q, k, v = inputs[:3]
@@ -298,7 +327,7 @@ def register_attention_autograd(fwd_op, bwd_op, num_mask_args: int) -> None:
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = bwd_op(grad_out.contiguous(), grad_lse, q, k, v, out, lse, *ctx.rest)
-        return (dq, dk, dv) + (None,) * (num_mask_args + 2)
+        return (dq, dk, dv) + (None,) * len(ctx.rest)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
@@ -308,9 +337,7 @@ if _extension.has_cpu_kernels():
     torch.library.register_fake("mmfuse::cross_attention_varlen_fwd", _fake_varlen_fwd)
     torch.library.register_fake("mmfuse::cross_attention_bwd", _fake_bwd)
     torch.library.register_fake("mmfuse::cross_attention_varlen_bwd", _fake_bwd)
+    register_attention_autograd(torch.ops.mmfuse.cross_attention_fwd.default, torch.ops.mmfuse.cross_attention_bwd.default)
     register_attention_autograd(
-        torch.ops.mmfuse.cross_attention_fwd.default, torch.ops.mmfuse.cross_attention_bwd.default, 2
-    )
-    register_attention_autograd(
-        torch.ops.mmfuse.cross_attention_varlen_fwd.default, torch.ops.mmfuse.cross_attention_varlen_bwd.default, 4
+        torch.ops.mmfuse.cross_attention_varlen_fwd.default, torch.ops.mmfuse.cross_attention_varlen_bwd.default
     )
