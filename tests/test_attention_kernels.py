@@ -21,6 +21,8 @@ from test_attention import attention64, pack, plain_attention, qkv, visible_mask
 
 NEG_INF = float("-inf")
 CPU = backend_params("cpu")
+# the Triton interpreter is slow: its cases are a few tiny ones (the "cuda" backend has no kernel yet)
+KERNELS = backend_params("cpu", "triton")
 
 
 def masks_for(batch, len_k, gen=None):
@@ -96,6 +98,28 @@ def test_other_dtypes(backend, dtype):
     run_case(backend, 3, 77, 257, 8, 2, 64, kv_lens=kv_lens, mask=mask, causal=False, dtype=dtype, grads=True)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("len_q, len_k, head_dim", [(1, 32, 40), (13, 1, 64), (19, 41, 40), (7, 257, 64)])
+def test_small_cases_every_backend(backend, len_q, len_k, head_dim):
+    kv_lens, mask = masks_for(3, len_k)
+    for lens, m, causal in [(None, None, False), (kv_lens, mask, False), (kv_lens, None, True), (None, mask, True)]:
+        run_case(backend, 3, len_q, len_k, 4, 2, head_dim, kv_lens=lens, mask=m, causal=causal)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_gradients_every_backend(backend, causal):
+    kv_lens, mask = masks_for(3, 37)
+    run_case(backend, 3, 21, 37, 4, 2, 40, kv_lens=kv_lens, mask=mask, causal=causal, grads=True)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_half_precision_every_backend(backend, dtype):
+    kv_lens, mask = masks_for(3, 33)
+    run_case(backend, 3, 17, 33, 2, 1, 24, kv_lens=kv_lens, mask=mask, causal=True, dtype=dtype, grads=True)
+
+
 # --------------------------------------------------------------------------- gradients
 
 
@@ -156,15 +180,16 @@ def test_gradcheck_float64_cpu():
 # --------------------------------------------------------------------------- varlen
 
 
-@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_equals_padded(backend, causal):
-    q_lens, k_lens = [5, 0, 70, 1, 9], [7, 3, 0, 300, 4]
+    q_lens, k_lens = [5, 0, 20, 1, 9], [7, 3, 0, 33, 4]
     batch = len(q_lens)
-    q_pad, k_pad, v_pad = qkv(batch, max(q_lens), max(k_lens), 4, 2, 40)
+    q_pad, k_pad, v_pad = (t.to(device_for(backend)) for t in qkv(batch, max(q_lens), max(k_lens), 4, 2, 40))
     q, cu_q = pack(q_pad, q_lens)
     k, cu_k = pack(k_pad, k_lens)
     v, _ = pack(v_pad, k_lens)
+    cu_q, cu_k = cu_q.to(q.device), cu_k.to(q.device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = mmfuse.cross_attention_varlen(q, k, v, cu_q, cu_k, None, None, causal=causal, return_lse=True,
                                              backend=backend)
@@ -183,6 +208,24 @@ def test_varlen_equals_padded(backend, causal):
 
 
 # --------------------------------------------------------------------------- op contract
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k, v: mmfuse.cross_attention(q, k, v, allow_tf32=1),
+    lambda q, k, v: mmfuse.cross_attention_varlen(q[0], k[0], v[0], *[torch.tensor([0, 3], dtype=torch.int32)] * 2,
+                                                  3, 3, allow_tf32=None),
+])
+def test_allow_tf32_must_be_bool(call):
+    with pytest.raises(TypeError, match="allow_tf32 must be a bool"):
+        call(*qkv(1, 3, 3, 2, 1, 8))
+
+
+@pytest.mark.triton
+def test_triton_refuses_float64():
+    q, k, v = qkv(1, 3, 3, 2, 1, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Triton kernels take float16, bfloat16 and float32"):
+        mmfuse.cross_attention(q.to(device_for("triton")), k.to(device_for("triton")), v.to(device_for("triton")),
+                               backend="triton")
 
 
 def test_auto_picks_the_cpu_kernel(monkeypatch):

@@ -45,6 +45,15 @@ def _tile_meta():
 
 
 @triton.jit
+def _load_tile(ptr, mask, UPCAST: tl.constexpr):
+    """A q/k/v/dO tile; UPCAST (bfloat16 under the interpreter, whose tl.dot mishandles it) reads it as fp32."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scaled scores, -inf where the key is hidden."""
@@ -69,7 +78,7 @@ def _forward_kernel(
     QStart, QLen, KStart, KLen, LseStart,  # (B,) int32
     scale, heads_q, group, lse_head, mask_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // heads_q
@@ -86,8 +95,8 @@ def _forward_kernel(
     d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = (heads_q // group) * HEAD_DIM
-    q = tl.load(Q + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
-                mask=(offs_m < q_len)[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
+                   (offs_m < q_len)[:, None] & d_ok[None, :], UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -100,8 +109,8 @@ def _forward_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
         kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k_tile = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-        v_tile = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+        k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+        v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
@@ -136,7 +145,7 @@ def _dkdv_kernel(
     Mask, QStart, QLen, KStart, KLen, LseStart,
     scale, heads_q, group, lse_head, mask_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     heads_kv = heads_q // group
@@ -156,8 +165,8 @@ def _dkdv_kernel(
     k_stride = heads_kv * HEAD_DIM
     kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
     kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-    k_tile = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-    v_tile = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+    k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+    v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -169,8 +178,8 @@ def _dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
             q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
-            q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-            do = tl.load(dOut + q_off, mask=q_ok, other=0.0)
+            q = _load_tile(Q + q_off, q_ok, UPCAST)
+            do = _load_tile(dOut + q_off, q_ok, UPCAST)
             row = lse_start + h * lse_head + offs_m
             lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
             delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
@@ -191,7 +200,7 @@ def _dq_kernel(
     Mask, QStart, QLen, KStart, KLen, LseStart,
     scale, heads_q, group, lse_head, mask_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // heads_q
@@ -210,8 +219,8 @@ def _dq_kernel(
     k_stride = (heads_q // group) * HEAD_DIM
     q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
     q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-    do = tl.load(dOut + q_off, mask=q_ok, other=0.0)
+    q = _load_tile(Q + q_off, q_ok, UPCAST)
+    do = _load_tile(dOut + q_off, q_ok, UPCAST)
     row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
     lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
     delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
@@ -224,8 +233,8 @@ def _dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
         kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k_tile = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-        v_tile = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+        k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+        v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
         dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -269,7 +278,7 @@ def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32):
             mask.shape[-1] if has_mask else 0)
     precision = "tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee"
     meta = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_MASK=has_mask, CAUSAL=causal,
-                PRECISION=precision, **_tile_meta())
+                PRECISION=precision, UPCAST=triton_interpreted() and q.dtype == torch.bfloat16, **_tile_meta())
     return args, meta
 
 
