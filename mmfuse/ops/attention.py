@@ -4,8 +4,11 @@ Public surface: ``cross_attention`` on padded ``(B, L, H, D)`` tensors with per-
 lengths or a key padding mask, and ``cross_attention_varlen`` on packed ``(total, H, D)``
 tensors with int32 ``cu_seqlens``, FlashAttention's two layouts (Dao et al., "FlashAttention-2",
 2023; ``flash_attn.flash_attn_interface``). Both validate every argument, choose a backend
-(``mmfuse.backends``) and dispatch. Only the pure-PyTorch reference implements the op so far;
-the C++, Triton and CUDA kernels will take the same arguments.
+(``mmfuse.backends``) and dispatch to the custom ops ``mmfuse::cross_attention_fwd`` /
+``cross_attention_varlen_fwd`` (C++ CPU kernel, csrc/cpu/cross_attention.cpp) or to the
+pure-PyTorch reference. The ops' backward is the separate ``*_bwd`` op, registered here with
+``torch.library.register_autograd``: the forward saves ``out`` and ``lse``, the backward
+recomputes the probabilities from them (FlashAttention-2's backward).
 
 Semantics shared by both functions:
 
@@ -29,6 +32,7 @@ import math
 
 import torch
 
+from mmfuse import _extension
 from mmfuse._checks import (
     FLOAT_DTYPES,
     is_tracing,
@@ -41,8 +45,17 @@ from mmfuse.backends import choose_backend
 from mmfuse.ops.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
-# the backends with a kernel for this op; the others are added as they land
-_IMPLEMENTED = frozenset({"reference"})
+# the backends with a kernel for this op; "cuda" is added when its kernel lands
+_IMPLEMENTED = frozenset({"cpu", "triton", "reference"})
+
+
+def _unsupported(q: torch.Tensor):
+    def reason(backend: str) -> str | None:
+        if backend == "triton" and q.dtype == torch.float64:
+            return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
+        return None
+
+    return reason
 
 
 def cross_attention(
@@ -55,6 +68,7 @@ def cross_attention(
     scale: float | None = None,
     causal: bool = False,
     return_lse: bool = False,
+    allow_tf32: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-modal attention on padded batches: ``softmax(q kᵀ · scale) v`` over visible keys.
@@ -73,6 +87,8 @@ def cross_attention(
         causal: bool. Bottom-right aligned causal mask: query i sees key j iff
             j <= i + kv_len - seqlen_q, with kv_len = kv_lens[b] (seqlen_k without kv_lens).
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
+            (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``mmfuse.backends``).
 
     Returns:
@@ -83,11 +99,20 @@ def cross_attention(
     op = "cross_attention"
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     _check_bool(op, "return_lse", return_lse)
-    # raises for a backend that cannot run this case; every one that passes runs the reference
-    choose_backend(op, backend, q.device, _IMPLEMENTED)
-    out, lse, _ = reference_attention.cross_attention(
-        q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
-    )
+    _check_bool(op, "allow_tf32", allow_tf32)
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
+    if backend == "reference":
+        out, lse, _ = reference_attention.cross_attention(
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
+        )
+    elif backend == "triton":
+        out, lse = _triton().cross_attention_fwd_triton(
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal, allow_tf32
+        )
+    else:
+        out, lse = torch.ops.mmfuse.cross_attention_fwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal
+        )
     return (out, lse) if return_lse else out
 
 
@@ -103,6 +128,7 @@ def cross_attention_varlen(
     scale: float | None = None,
     causal: bool = False,
     return_lse: bool = False,
+    allow_tf32: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-modal attention on packed variable-length sequences (``flash_attn_varlen_func``).
@@ -125,6 +151,8 @@ def cross_attention_varlen(
         causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
             key j iff j <= i + len_k[b] - len_q[b].
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+        allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
+            (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference".
 
     Returns:
@@ -139,6 +167,7 @@ def cross_attention_varlen(
     scale = _check_qkv(op, q, k, v, packed=True, scale=scale)
     _check_bool(op, "causal", causal)
     _check_bool(op, "return_lse", return_lse)
+    _check_bool(op, "allow_tf32", allow_tf32)
     check_same_device(op, {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
     _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
     _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
@@ -147,14 +176,25 @@ def cross_attention_varlen(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
-    choose_backend(op, backend, q.device, _IMPLEMENTED)  # as in cross_attention
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
     if max_seqlen_q is None:
         max_seqlen_q = max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:
         max_seqlen_k = max_seqlen(cu_seqlens_k)
-    out, lse = reference_attention.cross_attention_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
-    )
+    if backend == "reference":
+        out, lse = reference_attention.cross_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
+        )
+    elif backend == "triton":
+        out, lse = _triton().cross_attention_varlen_fwd_triton(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, scale, causal, allow_tf32,
+        )
+    else:
+        out, lse = torch.ops.mmfuse.cross_attention_varlen_fwd(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, scale, causal,
+        )
     return (out, lse) if return_lse else out
 
 
@@ -245,3 +285,59 @@ def _check_cu_seqlens(
         raise ValueError(
             f"{op}: {max_seqlen_name} must be >= the longest sequence in {name} ({longest}), got {max_seqlen}"
         )
+
+
+# --- fake kernels and autograd for the compiled ops -----------------------------------------
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal):
+    batch, len_q, heads_q, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+
+
+def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _triton():
+    from mmfuse.triton import cross_attention
+
+    return cross_attention
+
+
+def register_attention_autograd(fwd_op, bwd_op) -> None:
+    """Autograd for a forward op ``(q, k, v, *rest) -> (out, lse)`` whose backward op takes
+    ``(grad_out, grad_lse, q, k, v, out, lse, *rest)``; ``rest`` (masks or cu_seqlens,
+    scale, causal, ...) gets no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.rest = inputs[3:]
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out.contiguous(), grad_lse, q, k, v, out, lse, *ctx.rest)
+        return (dq, dk, dv) + (None,) * len(ctx.rest)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("mmfuse::cross_attention_fwd", _fake_fwd)
+    torch.library.register_fake("mmfuse::cross_attention_varlen_fwd", _fake_varlen_fwd)
+    torch.library.register_fake("mmfuse::cross_attention_bwd", _fake_bwd)
+    torch.library.register_fake("mmfuse::cross_attention_varlen_bwd", _fake_bwd)
+    register_attention_autograd(torch.ops.mmfuse.cross_attention_fwd.default, torch.ops.mmfuse.cross_attention_bwd.default)
+    register_attention_autograd(
+        torch.ops.mmfuse.cross_attention_varlen_fwd.default, torch.ops.mmfuse.cross_attention_varlen_bwd.default
+    )

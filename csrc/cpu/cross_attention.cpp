@@ -1,0 +1,472 @@
+// CPU kernels for mmfuse::cross_attention_{fwd,bwd} and their varlen forms: blocked attention
+// with an online softmax (FlashAttention-2, Dao 2023), so no (Lq, Lk) buffer exists; only a
+// (BLOCK_Q, BLOCK_K) score tile per task. Tiles are multiplied by the BLAS that torch links
+// (MKL's sgemm_/dgemm_), the softmax runs on at::vec vectors; accumulation is fp32 (fp64 for
+// fp64 inputs), and bfloat16/float16 inputs are computed in fp32.
+//
+// Padded and packed layouts share one kernel: both are token rows of Hq*D (q) or Hkv*D (k, v)
+// elements, and a Sample gives each batch entry's first row, length and lse addressing.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// Fortran BLAS exported by libtorch_cpu (what ATen's own CPU gemm calls). Weak, so a torch
+// built without them still loads this library and uses the portable loop instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace mmfuse {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+// C (m, n) = alpha * op(A) op(B) + beta * C, all row-major. op(A) is (m, k): A is stored (m, k)
+// with leading dimension lda, or (k, m) when trans_a; likewise op(B) (k, n).
+template <typename T>
+void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* c_row = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) c_row[j] = beta == T(0) ? T(0) : beta * c_row[j];
+    for (int64_t p = 0; p < k; ++p) {
+      const T a_ip = alpha * (trans_a ? a[p * lda + i] : a[i * lda + p]);
+      if (trans_b) {
+        for (int64_t j = 0; j < n; ++j) c_row[j] += a_ip * b[j * ldb + p];
+      } else {
+        const T* b_row = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) c_row[j] += a_ip * b_row[j];
+      }
+    }
+  }
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  auto* blas = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemm_;
+    else return dgemm_;
+  }();
+  if (blas == nullptr || k == 0) {
+    portable_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // row-major C is column-major C^T = op(B)^T op(A)^T: swap the operands
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  blas(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// x[i] = exp(x[i] - shift), returns the sum; exp(-inf) = 0.
+template <typename T>
+T exp_shifted_sum(T* x, int64_t n, T shift) {
+  using Vec = at::vec::Vectorized<T>;
+  T sum = 0;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    // fp32: a 20-ulp polynomial exp, well inside the 1e-4 relative budget
+    Vec acc(0.f);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec e = (Vec::loadu(x + i) - Vec(shift)).exp_u20();
+      e.store(x + i);
+      acc = acc + e;
+    }
+    sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+  }
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  T best = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < n; ++i) best = std::max(best, x[i]);
+  return best;
+}
+
+// One batch entry in the token-row layout.
+struct Sample {
+  int64_t q_row, q_len;  // first query row, number of queries
+  int64_t k_row, k_len;  // first key row, number of valid keys (kv_lens[b] or the sequence length)
+  const bool* mask;      // (Lk,) True = ignore the key, or null
+  int64_t lse_base;      // lse index of (h = 0, query 0); query i of head h at lse_base + h*lse_head + i
+};
+
+struct Problem {
+  int64_t batch, heads_q, heads_kv, dim;
+  int64_t max_q;  // upper bound of q_len over samples
+  int64_t lse_head;
+  double scale;
+  bool causal;
+  std::vector<Sample> samples;
+
+  int64_t group() const { return heads_q / heads_kv; }
+  int64_t q_stride() const { return heads_q * dim; }
+  int64_t k_stride() const { return heads_kv * dim; }
+};
+
+// Keys [0, n) of the score tile row for query i with keys from kb on: hide the masked and the
+// causally future ones (query i sees key j iff j <= i + k_len - q_len).
+template <typename T>
+void mask_row(const Problem& p, const Sample& s, int64_t i, int64_t kb, T* row, int64_t n) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  if (p.causal) {
+    const int64_t visible = std::clamp<int64_t>(i + s.k_len - s.q_len + 1 - kb, 0, n);
+    std::fill(row + visible, row + n, neg_inf);
+    n = visible;
+  }
+  if (s.mask != nullptr)
+    for (int64_t c = 0; c < n; ++c)
+      if (s.mask[kb + c]) row[c] = neg_inf;
+}
+
+// Keys a query block [i0, i1) can see: [0, key_end).
+int64_t key_end(const Problem& p, const Sample& s, int64_t i1) {
+  if (!p.causal) return s.k_len;
+  return std::clamp<int64_t>(i1 - 1 + s.k_len - s.q_len + 1, 0, s.k_len);
+}
+
+// Forward: out (rows, Hq, D), lse. Tasks are (sample, head, query block).
+template <typename T>
+void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
+  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  at::parallel_for(0, p.batch * p.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * D), row_m(kBlockQ), row_l(kBlockQ);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
+      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
+      if (i0 >= s.q_len) continue;
+      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
+      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+      const T* k_head = k + s.k_row * ks + hk * D;
+      const T* v_head = v + s.k_row * ks + hk * D;
+      std::fill(acc.begin(), acc.begin() + rows * D, T(0));
+      std::fill(row_m.begin(), row_m.end(), neg_inf);
+      std::fill(row_l.begin(), row_l.end(), T(0));
+      const int64_t end = key_end(p, s, i0 + rows);
+      for (int64_t kb = 0; kb < end; kb += kBlockK) {
+        const int64_t cols = std::min(kBlockK, end - kb);
+        T* S = scores.data();  // (rows, cols), leading dimension cols
+        gemm<T>(false, true, rows, cols, D, T(p.scale), q_blk, qs, k_head + kb * ks, ks, T(0), S, cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* row = S + r * cols;
+          mask_row(p, s, i0 + r, kb, row, cols);
+          const T m_new = std::max(row_m[r], row_max(row, cols));
+          if (m_new == neg_inf) {  // nothing visible yet: the row of P is 0
+            std::fill(row, row + cols, T(0));
+            continue;
+          }
+          const T correction = std::exp(row_m[r] - m_new);
+          row_l[r] = row_l[r] * correction + exp_shifted_sum(row, cols, m_new);
+          row_m[r] = m_new;
+          if (correction != T(1))
+            for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= correction;
+        }
+        gemm<T>(false, false, rows, D, cols, T(1), S, cols, v_head + kb * ks, ks, T(1), acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = out + (s.q_row + i0 + r) * qs + h * D;
+        const bool any = row_l[r] > T(0);
+        const T inv = any ? T(1) / row_l[r] : T(0);
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
+        lse[s.lse_base + h * p.lse_head + i0 + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
+      }
+    }
+  });
+}
+
+// P = exp(scale * q kᵀ - lse) on a (rows, cols) tile, masked; rows with lse = -inf give 0.
+template <typename T>
+void recompute_probs(const Problem& p, const Sample& s, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
+                     const T* q_blk, const T* k_blk, const T* lse_blk, T* P) {
+  gemm<T>(false, true, rows, cols, p.dim, T(p.scale), q_blk, p.q_stride(), k_blk, p.k_stride(), T(0), P, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = P + r * cols;
+    if (lse_blk[r] == -std::numeric_limits<T>::infinity()) {
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    mask_row(p, s, i0 + r, kb, row, cols);
+    exp_shifted_sum(row, cols, lse_blk[r]);
+  }
+}
+
+// dS = P ∘ (dP - delta) in place of dP, per row.
+template <typename T>
+void softmax_backward(int64_t rows, int64_t cols, const T* P, T* dP, const T* delta) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dP[r * cols + c] = P[r * cols + c] * (dP[r * cols + c] - delta[r]);
+}
+
+// Backward (FlashAttention-2's): delta = rowsum(dO ∘ O) - dlse, then dK/dV per (sample, kv head,
+// key block) over every query of the head group, and dQ per (sample, head, query block). Each
+// output element has one owner task and a fixed summation order, so results are deterministic.
+template <typename T>
+void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const T* k, const T* v, const T* out,
+              const T* lse, int64_t lse_numel, T* dq, T* dk, T* dv) {
+  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  std::vector<T> delta(lse_numel, T(0));  // indexed like lse
+  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Sample& s = p.samples[t / p.heads_q];
+      const int64_t h = t % p.heads_q;
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        const T* o = out + (s.q_row + i) * qs + h * D;
+        const T* g = dout + (s.q_row + i) * qs + h * D;
+        T sum = 0;
+        for (int64_t d = 0; d < D; ++d) sum += o[d] * g[d];
+        const int64_t idx = s.lse_base + h * p.lse_head + i;
+        delta[idx] = sum - (dlse != nullptr ? dlse[idx] : T(0));
+      }
+    }
+  });
+
+  int64_t max_k = 0;
+  for (const Sample& s : p.samples) max_k = std::max(max_k, s.k_len);
+  const int64_t k_blocks = (max_k + kBlockK - 1) / kBlockK;
+  at::parallel_for(0, p.batch * p.heads_kv * k_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Sample& s = p.samples[t / (p.heads_kv * k_blocks)];
+      const int64_t hk = (t / k_blocks) % p.heads_kv, kb = (t % k_blocks) * kBlockK;
+      if (kb >= s.k_len) continue;
+      const int64_t cols = std::min(kBlockK, s.k_len - kb);
+      const T* k_blk = k + (s.k_row + kb) * ks + hk * D;
+      const T* v_blk = v + (s.k_row + kb) * ks + hk * D;
+      std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+      // causal: queries before this one see no key of the block
+      const int64_t first_q = p.causal ? std::max<int64_t>(0, kb - (s.k_len - s.q_len)) : 0;
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        for (int64_t i0 = (first_q / kBlockQ) * kBlockQ; i0 < s.q_len; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, s.q_len - i0);
+          const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+          const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
+          const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
+          recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
+          // dV (cols, D) += Pᵀ dO
+          gemm<T>(true, false, cols, D, rows, T(1), P.data(), cols, g_blk, qs, T(1), dv_acc.data(), D);
+          // dP (rows, cols) = dO Vᵀ
+          gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+          softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
+          // dK (cols, D) += scale dSᵀ Q
+          gemm<T>(true, false, cols, D, rows, T(p.scale), dP.data(), cols, q_blk, qs, T(1), dk_acc.data(), D);
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t d = 0; d < D; ++d) {
+          dk[(s.k_row + kb + c) * ks + hk * D + d] = dk_acc[c * D + d];
+          dv[(s.k_row + kb + c) * ks + hk * D + d] = dv_acc[c * D + d];
+        }
+    }
+  });
+
+  at::parallel_for(0, p.batch * p.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
+      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
+      if (i0 >= s.q_len) continue;
+      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
+      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+      const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
+      const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
+      std::fill(dq_acc.begin(), dq_acc.end(), T(0));
+      const int64_t end = key_end(p, s, i0 + rows);
+      for (int64_t kb = 0; kb < end; kb += kBlockK) {
+        const int64_t cols = std::min(kBlockK, end - kb);
+        const T* k_blk = k + (s.k_row + kb) * ks + hk * D;
+        const T* v_blk = v + (s.k_row + kb) * ks + hk * D;
+        recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
+        gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+        softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
+        // dQ (rows, D) += scale dS K
+        gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d) dq[(s.q_row + i0 + r) * qs + h * D + d] = dq_acc[r * D + d];
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- bindings
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == ndim && t->device().is_cpu() && t->scalar_type() == q.scalar_type(), op,
+                ": q, k, v must be CPU tensors of rank ", ndim, " and one dtype, got ", t->sizes(), " ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
+              op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
+              " k ", k.sizes(), " v ", v.sizes());
+}
+
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
+                       const std::optional<at::Tensor>& kv_lens, const at::Tensor& mask_storage, double scale,
+                       bool causal) {
+  const int64_t batch = q.size(0), len_q = q.size(1), len_k = k.size(1);
+  TORCH_CHECK(k.size(0) == batch, op, ": k must have q's batch size ", batch, ", got ", k.sizes());
+  Problem p{batch, q.size(2), k.size(2), q.size(3), len_q, len_q, scale, causal, {}};
+  at::Tensor lens;
+  if (kv_lens) {
+    TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->device().is_cpu(), op,
+                ": kv_lens must be a CPU (B=", batch, ",) tensor, got ", kv_lens->sizes());
+    lens = kv_lens->to(at::kLong).contiguous();
+  }
+  const bool* mask = mask_storage.defined() ? mask_storage.data_ptr<bool>() : nullptr;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = kv_lens ? lens.data_ptr<int64_t>()[b] : len_k;
+    TORCH_CHECK(n >= 0 && n <= len_k, op, ": kv_lens[", b, "] must lie in [0, ", len_k, "], got ", n);
+    p.samples.push_back({b * len_q, len_q, b * len_k, n, mask ? mask + b * len_k : nullptr, b * p.heads_q * len_q});
+  }
+  return p;
+}
+
+at::Tensor mask_tensor(const char* op, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& k) {
+  if (!key_padding_mask) return at::Tensor();
+  TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+                  key_padding_mask->size(0) == k.size(0) && key_padding_mask->size(1) == k.size(1) &&
+                  key_padding_mask->device().is_cpu(),
+              op, ": key_padding_mask must be a CPU bool (B, Lk) tensor, got ", key_padding_mask->sizes());
+  return key_padding_mask->contiguous();
+}
+
+Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
+                       const at::Tensor& cu_k, int64_t max_q, double scale, bool causal) {
+  for (const at::Tensor* cu : {&cu_q, &cu_k})
+    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt && cu->device().is_cpu(), op,
+                ": cu_seqlens must be CPU int32 (B+1,) tensors, got ", cu->sizes(), " ", cu->scalar_type());
+  TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
+  const int64_t batch = cu_q.size(0) - 1, total_q = q.size(0);
+  Problem p{batch, q.size(1), k.size(1), q.size(2), max_q, total_q, scale, causal, {}};
+  const at::Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
+  const int32_t* a = cq.data_ptr<int32_t>();
+  const int32_t* c = ck.data_ptr<int32_t>();
+  TORCH_CHECK(a[0] == 0 && c[0] == 0 && a[batch] == total_q && c[batch] == k.size(0), op,
+              ": cu_seqlens must run from 0 to the packed row counts");
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b] && a[b + 1] - a[b] <= max_q, op,
+                ": cu_seqlens must be non-decreasing with query steps <= max_seqlen_q at sample ", b);
+    p.samples.push_back({a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b], nullptr, a[b]});
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, at::IntArrayRef lse_shape) {
+  const auto ct = compute_type(q);
+  const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  at::Tensor out = at::empty(qc.sizes(), qc.options());
+  at::Tensor lse = at::empty(lse_shape, qc.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_fwd_cpu", [&] {
+    forward<scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                      out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& grad_out,
+                                                            const std::optional<at::Tensor>& grad_lse,
+                                                            const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& out,
+                                                            const at::Tensor& lse) {
+  const auto ct = compute_type(q);
+  auto prep = [ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  const at::Tensor g = prep(grad_out), qc = prep(q), kc = prep(k), vc = prep(v), oc = prep(out), lc = prep(lse);
+  TORCH_CHECK(g.sizes() == qc.sizes() && oc.sizes() == qc.sizes(), "cross_attention_bwd: grad_out and out must have q's shape");
+  at::Tensor dl = grad_lse ? prep(*grad_lse) : at::Tensor();
+  TORCH_CHECK(!dl.defined() || dl.sizes() == lc.sizes(), "cross_attention_bwd: grad_lse must have lse's shape");
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  // keys past a sample's length get no gradient and are not visited by the kernel
+  dk.zero_();
+  dv.zero_();
+  AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_bwd_cpu", [&] {
+    backward<scalar_t>(p, g.data_ptr<scalar_t>(), dl.defined() ? dl.data_ptr<scalar_t>() : nullptr,
+                       qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                       oc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), lc.numel(), dq.data_ptr<scalar_t>(),
+                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  const auto st = q.scalar_type();
+  return {dq.to(st), dk.to(st), dv.to(st)};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
+                                                           const std::optional<at::Tensor>& key_padding_mask,
+                                                           double scale, bool causal) {
+  const char* op = "cross_attention_fwd";
+  check_qkv(op, q, k, v, 4);
+  const at::Tensor mask = mask_tensor(op, key_padding_mask, k);
+  const Problem p = padded_problem(op, q, k, kv_lens, mask, scale, causal);
+  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal) {
+  const char* op = "cross_attention_bwd";
+  check_qkv(op, q, k, v, 4);
+  const at::Tensor mask = mask_tensor(op, key_padding_mask, k);
+  const Problem p = padded_problem(op, q, k, kv_lens, mask, scale, causal);
+  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                                  const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                                  int64_t max_seqlen_k, double scale, bool causal) {
+  const char* op = "cross_attention_varlen_fwd";
+  check_qkv(op, q, k, v, 3);
+  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal);
+  return run_forward(p, q, k, v, {q.size(1), q.size(0)});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal) {
+  const char* op = "cross_attention_varlen_bwd";
+  check_qkv(op, q, k, v, 3);
+  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal);
+  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("cross_attention_fwd", &cross_attention_fwd_cpu);
+  m.impl("cross_attention_bwd", &cross_attention_bwd_cpu);
+  m.impl("cross_attention_varlen_fwd", &cross_attention_varlen_fwd_cpu);
+  m.impl("cross_attention_varlen_bwd", &cross_attention_varlen_bwd_cpu);
+}
+
+}  // namespace mmfuse

@@ -1,0 +1,377 @@
+"""Triton kernels for cross-modal attention, forward and backward (FlashAttention-2, Dao 2023).
+
+Forward: one program per (query block, sample, head) streams K/V tiles through an online
+softmax; the sample's key count bounds the loop, so padded keys are never read, and the key
+padding mask and the bottom-right causal mask are applied per tile. Backward: ``delta =
+rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv head accumulates dK/dV
+over every query of its head group, and one owning a query block accumulates dQ; no atomics,
+so results are deterministic.
+
+Padded ``(B, L, H, D)`` and packed ``(total, H, D)`` tensors are both token rows; per-sample
+int32 vectors give each sample's first query/key row, its lengths, and where its lse starts.
+fp32 inputs use ``tl.dot(input_precision="ieee")`` unless ``allow_tf32``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfuse.backends import triton_interpreted
+from mmfuse.triton._launch import launch, triton_custom_op
+
+
+def _configs(block_names):
+    if triton_interpreted():  # the interpreter is slow: one small tile
+        return [triton.Config({name: 16 for name in block_names}, num_warps=1)]
+    return [
+        triton.Config({block_names[0]: m, block_names[1]: n}, num_warps=w, num_stages=s)
+        for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2))
+    ]
+
+
+def _autotune(block_names):
+    def wrap(kernel):
+        if triton_interpreted():
+            return kernel
+        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])(kernel)
+
+    return wrap
+
+
+def _tile_meta():
+    """Block sizes passed explicitly where autotuning is off (the interpreter)."""
+    return _configs(["BLOCK_M", "BLOCK_N"])[0].kwargs if triton_interpreted() else {}
+
+
+@triton.jit
+def _load_tile(ptr, mask, UPCAST: tl.constexpr):
+    """A q/k/v/dO tile; UPCAST (bfloat16 under the interpreter, whose tl.dot mishandles it) reads it as fp32."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale,
+            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scaled scores, -inf where the key is hidden."""
+    s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale
+    visible = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
+    if HAS_MASK:
+        ignored = tl.load(mask_row + offs_n, mask=offs_n < k_len, other=1)
+        visible = visible & (ignored == 0)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    return tl.where(visible, s, float("-inf"))
+
+
+@_autotune(["BLOCK_M", "BLOCK_N"])
+@triton.jit
+def _forward_kernel(
+    Q,  # (rows_q, Hq, D), contiguous
+    K, V,  # (rows_k, Hkv, D), contiguous
+    Out,  # (rows_q, Hq, D)
+    Lse,  # fp32: query i of head h of sample b at lse_start[b] + h * lse_head + i
+    Mask,  # (B, Lk) uint8, 1 = ignore; read when HAS_MASK
+    QStart, QLen, KStart, KLen, LseStart,  # (B,) int32
+    scale, heads_q, group, lse_head, mask_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // heads_q
+    h = tl.program_id(1) % heads_q
+    q_len = tl.load(QLen + b)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_len = tl.load(KLen + b)
+    q_row = tl.load(QStart + b).to(tl.int64)
+    k_row = tl.load(KStart + b).to(tl.int64)
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_stride = heads_q * HEAD_DIM
+    k_stride = (heads_q // group) * HEAD_DIM
+    q = _load_tile(Q + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
+                   (offs_m < q_len)[:, None] & d_ok[None, :], UPCAST)
+    mask_row = Mask + b.to(tl.int64) * mask_stride
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = k_len
+    if CAUSAL:  # the block's last query sees keys j <= i + k_len - q_len
+        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
+        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+        v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
+        s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - shift[:, None])
+        alpha = tl.exp(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+        m_i = m_new
+    has_key = l_i > 0.0
+    out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
+    tl.store(Out + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])
+    lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    tl.store(Lse + tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale,
+           HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """P = exp(s - lse); rows with lse = -inf (no visible key) give 0."""
+    s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+    return tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
+
+
+@_autotune(["BLOCK_M", "BLOCK_N"])
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, dOut,  # like the forward's Q, K, V, Out
+    Lse, Delta,  # fp32, the forward's lse layout
+    dK, dV,  # (rows_k, Hkv, D)
+    Mask, QStart, QLen, KStart, KLen, LseStart,
+    scale, heads_q, group, lse_head, mask_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    heads_kv = heads_q // group
+    b = tl.program_id(1) // heads_kv
+    hk = tl.program_id(1) % heads_kv
+    k_len = tl.load(KLen + b)
+    if pid_n * BLOCK_N >= k_len:
+        return
+    q_len = tl.load(QLen + b)
+    q_row = tl.load(QStart + b).to(tl.int64)
+    k_row = tl.load(KStart + b).to(tl.int64)
+    lse_start = tl.load(LseStart + b).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_stride = heads_q * HEAD_DIM
+    k_stride = heads_kv * HEAD_DIM
+    kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
+    kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+    k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+    v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
+    mask_row = Mask + b.to(tl.int64) * mask_stride
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    first_m = 0
+    if CAUSAL:  # queries before kb - (k_len - q_len) see no key of this block
+        first_m = (tl.maximum(pid_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M) * BLOCK_M
+    for h in range(hk * group, hk * group + group):
+        for start_m in range(first_m, q_len, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
+            q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+            q = _load_tile(Q + q_off, q_ok, UPCAST)
+            do = _load_tile(dOut + q_off, q_ok, UPCAST)
+            row = lse_start + h * lse_head + offs_m
+            lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
+            delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
+            p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(dK + kv_off, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dV + kv_off, dv.to(dV.dtype.element_ty), mask=kv_ok)
+
+
+@_autotune(["BLOCK_M", "BLOCK_N"])
+@triton.jit
+def _dq_kernel(
+    Q, K, V, dOut, Lse, Delta,
+    dQ,  # (rows_q, Hq, D)
+    Mask, QStart, QLen, KStart, KLen, LseStart,
+    scale, heads_q, group, lse_head, mask_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // heads_q
+    h = tl.program_id(1) % heads_q
+    q_len = tl.load(QLen + b)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    k_len = tl.load(KLen + b)
+    q_row = tl.load(QStart + b).to(tl.int64)
+    k_row = tl.load(KStart + b).to(tl.int64)
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_stride = heads_q * HEAD_DIM
+    k_stride = (heads_q // group) * HEAD_DIM
+    q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
+    q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+    q = _load_tile(Q + q_off, q_ok, UPCAST)
+    do = _load_tile(dOut + q_off, q_ok, UPCAST)
+    row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
+    lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
+    delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
+    mask_row = Mask + b.to(tl.int64) * mask_stride
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
+        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
+        v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
+        p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+        dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+    tl.store(dQ + q_off, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+class _Samples:
+    """Per-sample int32 vectors (first query row, query count, first key row, key count, lse
+    start), the lse row stride per head, and the bound on query and key counts for the grid."""
+
+    def __init__(self, q_start, q_len, k_start, k_len, lse_start, lse_head, max_q, max_k):
+        self.vectors = tuple(t.to(torch.int32).contiguous() for t in (q_start, q_len, k_start, k_len, lse_start))
+        self.lse_head, self.max_q, self.max_k = lse_head, max_q, max_k
+        self.batch = q_len.shape[0]
+
+
+def _padded_samples(q, k, kv_lens):
+    batch, len_q, heads_q, _ = q.shape
+    len_k = k.shape[1]
+    index = torch.arange(batch, device=q.device, dtype=torch.int32)
+    q_len = torch.full_like(index, len_q)
+    k_len = torch.full_like(index, len_k) if kv_lens is None else kv_lens
+    return _Samples(index * len_q, q_len, index * len_k, k_len, index * (heads_q * len_q), len_q, len_q, len_k)
+
+
+def _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return _Samples(cu_seqlens_q[:-1], cu_seqlens_q.diff(), cu_seqlens_k[:-1], cu_seqlens_k.diff(),
+                    cu_seqlens_q[:-1], q.shape[0], max_seqlen_q, max_seqlen_k)
+
+
+def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32):
+    heads_q, heads_kv, dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    has_mask = key_padding_mask is not None
+    # a dummy pointer when there is no mask: HAS_MASK=False never reads it
+    mask = key_padding_mask.contiguous().view(torch.uint8) if has_mask else samples.vectors[0]
+    args = (mask, *samples.vectors, scale, heads_q, heads_q // heads_kv, samples.lse_head,
+            mask.shape[-1] if has_mask else 0)
+    precision = "tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee"
+    meta = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_MASK=has_mask, CAUSAL=causal,
+                PRECISION=precision, UPCAST=triton_interpreted() and q.dtype == torch.bfloat16, **_tile_meta())
+    return args, meta
+
+
+def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_shape):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
+    if samples.batch > 0 and samples.max_q > 0 and q.numel() > 0:
+        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
+        grid = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * q.shape[-2])  # noqa: E731
+        launch(_forward_kernel)[grid](q, k, v, out, lse, *args, **meta)
+    return out, lse
+
+
+def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32):
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    # delta = rowsum(dO ∘ O) - dlse in lse's layout: (B, Hq, Lq) padded, (Hq, total_q) packed
+    rowsum = (grad_out.float() * out.float()).sum(-1)
+    delta = rowsum.transpose(-1, -2) if q.dim() == 4 else rowsum.t()
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
+    if samples.batch > 0 and samples.max_q > 0 and samples.max_k > 0 and q.numel() > 0:
+        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
+        heads_q, heads_kv = q.shape[-2], k.shape[-2]
+        grid_kv = lambda m: (triton.cdiv(samples.max_k, m["BLOCK_N"]), samples.batch * heads_kv)  # noqa: E731
+        launch(_dkdv_kernel)[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, *args, **meta)
+        grid_q = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * heads_q)  # noqa: E731
+        launch(_dq_kernel)[grid_q](q, k, v, grad_out, lse, delta, dq, *args, **meta)
+    return dq, dk, dv
+
+
+def _fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal, allow_tf32):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, allow_tf32):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=_fake_fwd)
+def cross_attention_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, scale: float, causal: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
+    samples = _padded_samples(q, k, kv_lens)
+    return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, (q.shape[0], q.shape[2], q.shape[1]))
+
+
+@triton_custom_op("mmfuse::cross_attention_bwd_triton", fake=_fake_bwd)
+def cross_attention_bwd_triton(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+    scale: float, causal: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``)."""
+    samples = _padded_samples(q, k, kv_lens)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32)
+
+
+@triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=_fake_varlen_fwd)
+def cross_attention_varlen_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_fwd`` (+ ``allow_tf32``)."""
+    samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _forward(q, k, v, samples, None, scale, causal, allow_tf32, (q.shape[1], q.shape[0]))
+
+
+@triton_custom_op("mmfuse::cross_attention_varlen_bwd_triton", fake=_fake_bwd)
+def cross_attention_varlen_bwd_triton(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_bwd`` (+ ``allow_tf32``)."""
+    samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, None, scale, causal, allow_tf32)
+
+
+def _register() -> None:
+    from mmfuse.ops.attention import register_attention_autograd
+
+    register_attention_autograd(cross_attention_fwd_triton, cross_attention_bwd_triton)
+    register_attention_autograd(cross_attention_varlen_fwd_triton, cross_attention_varlen_bwd_triton)
+
+
+_register()
