@@ -2,7 +2,7 @@
 
 Every sample carries one binary cue per modality, drawn independently:
 
-- image (1 × 32 × 32, noisy): a bright square in the left or the right half;
+- image (1 × 32 × 32, noisy): a dark or a bright square at a random place;
 - text (3 to 16 tokens): a positive or a negative keyword among random filler tokens;
 - audio (0.25 to 0.5 s at 16 kHz, noisy): a low (200–400 Hz) or a high (1.2–2 kHz) tone.
 
@@ -92,14 +92,15 @@ def make_dataset(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def make_images(cue: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(n, 1, 32, 32)``: noise plus a bright square, in the left half for cue 0, right for 1."""
+    """``(n, 1, 32, 32)``: noise plus an 8 × 8 square at a random place, dark for cue 0 and
+    bright for cue 1 (its polarity, not its place, so that no position has to be learned)."""
     n = cue.shape[0]
     images = 0.3 * torch.randn(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    half = IMAGE_SIZE // 2
     rows = torch.randint(0, IMAGE_SIZE - SQUARE + 1, (n,), generator=generator)
-    cols = torch.randint(0, half - SQUARE + 1, (n,), generator=generator) + cue * half
+    cols = torch.randint(0, IMAGE_SIZE - SQUARE + 1, (n,), generator=generator)
+    contrast = torch.where(cue == 1, 2.0, -2.0)
     for i in range(n):
-        images[i, 0, rows[i] : rows[i] + SQUARE, cols[i] : cols[i] + SQUARE] += 2.0
+        images[i, 0, rows[i] : rows[i] + SQUARE, cols[i] : cols[i] + SQUARE] += contrast[i]
     return images
 
 
@@ -139,7 +140,7 @@ def train_model(model, data, keep, epochs: int, device: torch.device, label: str
     """AdamW with a cosine schedule; a one-line progress report per step, a summary per epoch."""
     n = data["label"].shape[0]
     steps_per_epoch = math.ceil(n / BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     shuffle = torch.Generator().manual_seed(1234)
     model.train()
