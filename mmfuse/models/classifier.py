@@ -213,8 +213,8 @@ class AudioEncoder(nn.Module):
 
     Natural-log mel spectrogram, a per-frame LayerNorm over the mel bins (level-invariant
     features), then Conv1d + GELU layers with the configured strides. Constant (zero) STFT
-    padding, because reflect padding is undefined for clips shorter than n_fft // 2 + 1
-    samples, and an absent clip has 0.
+    padding: reflect padding is undefined for clips shorter than n_fft // 2 + 1 samples (an
+    absent clip has 0), and zero padding makes a clip's frames independent of its batch.
     """
 
     def __init__(self, cfg: ClassifierConfig) -> None:
@@ -230,7 +230,11 @@ class AudioEncoder(nn.Module):
         )
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mel, frame_lengths = self.log_mel(audio, lengths)
+        # With zero STFT padding the padded batch's frames within a clip equal the clip's own,
+        # so one batched transform replaces the per-clip ``lengths`` path, which loops in Python
+        # and would break a fullgraph compile; the centred STFT has 1 + length // hop frames.
+        mel = self.log_mel(audio)
+        frame_lengths = torch.div(lengths, self.log_mel.hop_length, rounding_mode="floor") + 1
         x = self.norm(mel.transpose(1, 2)).transpose(1, 2)
         for conv in self.convs:
             # zero past each clip's end first, so a clip's tokens do not depend on its batch's padding
