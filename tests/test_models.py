@@ -115,3 +115,15 @@ def test_training_example_quick_mode_needs_every_modality():
     assert accuracy["full"] >= 0.95
     for modality in ("image", "text", "audio"):
         assert accuracy[modality] <= 0.85, modality
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu():
+    model = make_model()
+    inputs = make_inputs(token_lengths=(13, 0, 5), audio_lengths=(1601, 0, 808))
+    want = model(**inputs)
+    # cuDNN convolutions default to TF32 on Ampere and later; compare at full fp32
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        got = model.cuda()(**{k: v.cuda() for k, v in inputs.items()})
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
