@@ -112,31 +112,15 @@ class MultimodalClassifier(nn.Module):
             audio: float ``(B, T)`` waveforms at ``sample_rate``, zero-padded, or None.
             audio_lengths: int ``(B,)`` valid samples per waveform, each in [0, T]; None: all T.
         """
-        batch, device = self._batch_and_device(images, tokens, audio)
-        cfg = self.config
-        no_sample = torch.zeros(batch, dtype=torch.long, device=device)
-        if images is None:
-            images = torch.zeros(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device=device)
-            image_present = no_sample
-        else:
-            image_present = torch.ones_like(no_sample)
-        if tokens is None:
-            tokens = torch.zeros(batch, cfg.max_text_len, dtype=torch.long, device=device)
-            token_lengths = no_sample
-        elif token_lengths is None:
-            token_lengths = torch.full_like(no_sample, tokens.shape[1])
-        if audio is None:
-            audio = torch.zeros(batch, cfg.max_audio_samples, device=device)
-            audio_lengths = no_sample
-        elif audio_lengths is None:
-            audio_lengths = torch.full_like(no_sample, audio.shape[1])
-
+        images, image_lengths, tokens, token_lengths, audio, audio_lengths = self._fill_missing(
+            images, tokens, token_lengths, audio, audio_lengths
+        )
         patches = self.image_encoder(images)
         text, query_mask = self.text_encoder(tokens, token_lengths)
         frames, frame_lengths = self.audio_encoder(audio, audio_lengths)
         # max_seqlen is the static bound P + La, so the padded key length is a shape, not data
         packed = self.packer(
-            [patches, frames], [image_present * patches.shape[1], frame_lengths], padded=True,
+            [patches, frames], [image_lengths * patches.shape[1], frame_lengths], padded=True,
             max_seqlen=patches.shape[1] + frames.shape[1],
         )
         attended, _ = self.cross_attention(text, packed.tokens, packed.tokens, key_padding_mask=packed.key_padding_mask)
@@ -144,12 +128,29 @@ class MultimodalClassifier(nn.Module):
         fused = self.fusion([text[:, 0], pooled_attended])
         return self.head(fused)
 
-    @staticmethod
-    def _batch_and_device(*inputs: torch.Tensor | None) -> tuple[int, torch.device]:
-        given = [x for x in inputs if x is not None]
+    def _fill_missing(self, images, tokens, token_lengths, audio, audio_lengths):
+        """Zero placeholders with zero lengths for the absent modalities, full lengths where
+        lengths are not given. ``image_lengths`` is 1 per sample with an image, else 0."""
+        given = [x for x in (images, tokens, audio) if x is not None]
         if not given:
             raise ValueError("MultimodalClassifier: give at least one of images, tokens, audio; got none")
-        return given[0].shape[0], given[0].device
+        cfg = self.config
+        batch, device, dtype = given[0].shape[0], given[0].device, self.head[1].weight.dtype
+        none = torch.zeros(batch, dtype=torch.long, device=device)
+        if images is None:
+            images = torch.zeros(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+            image_lengths = none
+        else:
+            image_lengths = torch.ones_like(none)
+        if tokens is None:
+            tokens, token_lengths = torch.zeros(batch, cfg.max_text_len, dtype=torch.long, device=device), none
+        elif token_lengths is None:
+            token_lengths = torch.full_like(none, tokens.shape[1])
+        if audio is None:
+            audio, audio_lengths = torch.zeros(batch, cfg.max_audio_samples, device=device, dtype=dtype), none
+        elif audio_lengths is None:
+            audio_lengths = torch.full_like(none, audio.shape[1])
+        return images, image_lengths, tokens, token_lengths, audio, audio_lengths
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
