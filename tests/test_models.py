@@ -68,8 +68,12 @@ def test_zero_length_text_and_audio_equal_absent_modalities():
     # sample 0 has empty text and audio: with images absent it attends to nothing
     model = make_model().eval()
     inputs = make_inputs(("text", "audio"), token_lengths=(0, 6, 13), audio_lengths=(0, 1, 1601))
+    attended = []
+    model.cross_attention.register_forward_hook(lambda module, args, out: attended.append(out[0]))
     logits = model(**inputs)
     assert logits.isfinite().all()
+    # no key: the attention is 0 before out_proj, so its output is out_proj's bias
+    torch.testing.assert_close(attended[0][0], model.cross_attention.out_proj.bias.expand(CONFIG.max_text_len + 1, -1))
     alone = model(tokens=inputs["tokens"][:1, :0], token_lengths=torch.tensor([0]))
     torch.testing.assert_close(logits[0], alone[0], atol=1e-5, rtol=1e-5)
     logits.sum().backward()
