@@ -13,7 +13,9 @@ The data path, with B samples and width D:
 - ``FeatureFusion`` fuses the pooled text and attended features; a linear head gives logits.
 
 A missing modality is fed as zeros with zero lengths rather than skipped, so every call runs
-the same graph (one ``torch.compile`` graph serves every combination of modalities). A sample
+the same layers and the model compiles with ``fullgraph=True`` whatever is absent (Dynamo
+traces once per pattern of None arguments; zero ``token_lengths``/``audio_lengths`` with
+tensors given reuse one graph). A sample
 with neither image nor audio attends to nothing and gets 0 from the attention (mmfuse's
 guarantee for fully masked rows), so its logits come from the query token alone.
 """
