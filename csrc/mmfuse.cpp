@@ -34,4 +34,8 @@ TORCH_LIBRARY(mmfuse, m) {
   m.def("pack_modalities(Tensor[] features, Tensor lengths, Tensor cu_seqlens, Tensor? type_embedding, bool padded, SymInt? out_len) -> (Tensor, Tensor)");
   // Inverse of pack_modalities (and its backward): tokens back to (B, sizes[m], D), zero past lengths.
   m.def("unpack_modalities(Tensor tokens, Tensor lengths, Tensor cu_seqlens, SymInt[] sizes) -> Tensor[]");
+  // Log-mel front ends (torchaudio/librosa, Whisper, Kaldi) in one pass from (B, T); codes in mmfuse/ops/spectrogram.py.
+  m.def("mel_spectrogram(Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major) -> Tensor");
+  // Gradient of mel_spectrogram w.r.t. the waveform: (B, T).
+  m.def("mel_spectrogram_backward(Tensor grad, Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major) -> Tensor");
 }

@@ -23,7 +23,7 @@ import mmfuse
 import mmfuse.nn
 from backend_params import backend_params
 
-BACKENDS = backend_params("reference")
+BACKENDS = backend_params("reference", "cpu")
 
 # The defaults (n_fft=400, n_mels=128, HTK) leave empty mel filters, and mmfuse warns as
 # torchaudio does (test_mel_spectrogram_warns_on_empty_filters); elsewhere that is noise.
