@@ -23,7 +23,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <complex>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -85,6 +86,9 @@ int64_t source_index(int64_t j, int64_t length, int64_t pad, int64_t mode) {
   return j >= 0 && j < length ? j : -1;
 }
 
+// First sample of frame f in the padded-signal coordinates of source_index.
+int64_t frame_start(int64_t f, int64_t hop, int64_t frame_offset) { return f * hop + frame_offset; }
+
 // ------------------------------------------------------------------------------------------
 // Complex FFT on blocks of FB signals stored as re[n][FB], im[n][FB].
 
@@ -125,6 +129,10 @@ class BlockFft {
         radix4(stage, x_re, x_im, y_re, y_im);
       else if (stage.radix == 2)
         radix2(stage, x_re, x_im, y_re, y_im);
+      else if (stage.radix == 5)
+        radix5(stage, x_re, x_im, y_re, y_im);
+      else if (stage.radix == 3)
+        radix3(stage, x_re, x_im, y_re, y_im);
       else
         radix_p(stage, x_re, x_im, y_re, y_im);
       std::swap(x_re, y_re);
@@ -144,7 +152,8 @@ class BlockFft {
   }
 
   // Stockham step: y[q + s (r p + k)] = w^(p k) * sum_j x[q + s (p + j m)] e^(-2 pi i j k / r)
-  static void radix2(const Stage<T>& st, const T* xr, const T* xi, T* yr, T* yi) {
+  static void radix2(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
+                     T* __restrict__ yi) {
     const int64_t m = st.size / 2, s = st.stride;
     for (int64_t p = 0; p < m; ++p) {
       const T wr = st.tw_re[p * 2 + 1], wi = st.tw_im[p * 2 + 1];
@@ -168,7 +177,8 @@ class BlockFft {
     }
   }
 
-  static void radix4(const Stage<T>& st, const T* xr, const T* xi, T* yr, T* yi) {
+  static void radix4(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
+                     T* __restrict__ yi) {
     const int64_t m = st.size / 4, s = st.stride;
     for (int64_t p = 0; p < m; ++p) {
       const T* twr = st.tw_re.data() + p * 4;
@@ -212,8 +222,74 @@ class BlockFft {
     }
   }
 
+  static void twiddle(T* __restrict__ yr, T* __restrict__ yi, T ur, T ui, T wr, T wi, int64_t f) {
+    yr[f] = ur * wr - ui * wi;
+    yi[f] = ur * wi + ui * wr;
+  }
+
+  // 3-point DFT: y1, y2 = a0 - (a1 + a2) / 2 -+ i sin(2 pi / 3) (a1 - a2)
+  static void radix3(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
+                     T* __restrict__ yi) {
+    const int64_t m = st.size / 3, s = st.stride;
+    const T sn = static_cast<T>(std::sin(2.0 * M_PI / 3.0));
+    for (int64_t p = 0; p < m; ++p) {
+      const T* twr = st.tw_re.data() + p * 3;
+      const T* twi = st.tw_im.data() + p * 3;
+      for (int64_t q = 0; q < s; ++q) {
+        const int64_t in = (q + s * p) * FB, step = s * m * FB, out = (q + s * 3 * p) * FB, ostep = s * FB;
+        for (int64_t f = 0; f < FB; ++f) {
+          const T a0r = xr[in + f], a0i = xi[in + f];
+          const T br = xr[in + step + f] + xr[in + 2 * step + f], bi = xi[in + step + f] + xi[in + 2 * step + f];
+          const T dr = sn * (xr[in + step + f] - xr[in + 2 * step + f]);
+          const T di = sn * (xi[in + step + f] - xi[in + 2 * step + f]);
+          const T tr = a0r - T(0.5) * br, ti = a0i - T(0.5) * bi;
+          yr[out + f] = a0r + br;
+          yi[out + f] = a0i + bi;
+          twiddle(yr + out + ostep, yi + out + ostep, tr + di, ti - dr, twr[1], twi[1], f);
+          twiddle(yr + out + 2 * ostep, yi + out + 2 * ostep, tr - di, ti + dr, twr[2], twi[2], f);
+        }
+      }
+    }
+  }
+
+  // 5-point DFT with c_k = cos(2 pi k / 5), s_k = sin(2 pi k / 5), b = a1 + a4, a2 + a3 and
+  // d = a1 - a4, a2 - a3: y1, y4 = a0 + c1 b1 + c2 b2 -+ i (s1 d1 + s2 d2); y2, y3 likewise
+  static void radix5(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
+                     T* __restrict__ yi) {
+    const int64_t m = st.size / 5, s = st.stride;
+    const T c1 = static_cast<T>(std::cos(2.0 * M_PI / 5.0)), c2 = static_cast<T>(std::cos(4.0 * M_PI / 5.0));
+    const T s1 = static_cast<T>(std::sin(2.0 * M_PI / 5.0)), s2 = static_cast<T>(std::sin(4.0 * M_PI / 5.0));
+    for (int64_t p = 0; p < m; ++p) {
+      const T* twr = st.tw_re.data() + p * 5;
+      const T* twi = st.tw_im.data() + p * 5;
+      for (int64_t q = 0; q < s; ++q) {
+        const int64_t in = (q + s * p) * FB, step = s * m * FB, out = (q + s * 5 * p) * FB, ostep = s * FB;
+        for (int64_t f = 0; f < FB; ++f) {
+          const T a0r = xr[in + f], a0i = xi[in + f];
+          const T a1r = xr[in + step + f], a1i = xi[in + step + f];
+          const T a2r = xr[in + 2 * step + f], a2i = xi[in + 2 * step + f];
+          const T a3r = xr[in + 3 * step + f], a3i = xi[in + 3 * step + f];
+          const T a4r = xr[in + 4 * step + f], a4i = xi[in + 4 * step + f];
+          const T b1r = a1r + a4r, b1i = a1i + a4i, b2r = a2r + a3r, b2i = a2i + a3i;
+          const T d1r = a1r - a4r, d1i = a1i - a4i, d2r = a2r - a3r, d2i = a2i - a3i;
+          const T t1r = a0r + c1 * b1r + c2 * b2r, t1i = a0i + c1 * b1i + c2 * b2i;
+          const T t2r = a0r + c2 * b1r + c1 * b2r, t2i = a0i + c2 * b1i + c1 * b2i;
+          const T u1r = s1 * d1r + s2 * d2r, u1i = s1 * d1i + s2 * d2i;
+          const T u2r = s2 * d1r - s1 * d2r, u2i = s2 * d1i - s1 * d2i;
+          yr[out + f] = a0r + b1r + b2r;
+          yi[out + f] = a0i + b1i + b2i;
+          twiddle(yr + out + ostep, yi + out + ostep, t1r + u1i, t1i - u1r, twr[1], twi[1], f);
+          twiddle(yr + out + 2 * ostep, yi + out + 2 * ostep, t2r + u2i, t2i - u2r, twr[2], twi[2], f);
+          twiddle(yr + out + 3 * ostep, yi + out + 3 * ostep, t2r - u2i, t2i + u2r, twr[3], twi[3], f);
+          twiddle(yr + out + 4 * ostep, yi + out + 4 * ostep, t1r - u1i, t1i + u1r, twr[4], twi[4], f);
+        }
+      }
+    }
+  }
+
   // Any radix r: an r-point DFT per butterfly (r^2 complex multiply-adds).
-  static void radix_p(const Stage<T>& st, const T* xr, const T* xi, T* yr, T* yi) {
+  static void radix_p(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
+                      T* __restrict__ yi) {
     const int64_t r = st.radix, m = st.size / r, s = st.stride;
     std::vector<T> cr(r), ci(r);
     for (int64_t k = 0; k < r; ++k) {
@@ -298,12 +374,11 @@ struct Block {
   std::vector<T> mag;                       // (n_bins, FB): |X|^power
   std::vector<T> mel;                       // (n_mels, FB)
   std::vector<T> energy;                    // (FB,): energy before the log
-  std::vector<int64_t> source;              // (FB, win): sample index read, -1 for zero
 
   explicit Block(const Options& o, int64_t fft_size)
       : raw(FB * o.win), windowed(FB * o.n_fft), re(fft_size * FB), im(fft_size * FB),
         work_re(fft_size * FB), work_im(fft_size * FB), spec_re(o.n_bins * FB), spec_im(o.n_bins * FB),
-        mag(o.n_bins * FB), mel(o.n_mels * FB), energy(FB), source(FB * o.win) {}
+        mag(o.n_bins * FB), mel(o.n_mels * FB), energy(FB) {}
 };
 
 // Frames [f0, f0 + count) of item b (count <= FB; missing frames are zero signals).
@@ -312,26 +387,21 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
   const Options& o = plan.opt;
   const int64_t length = o.item_samples(b);
   const T* x = plan.waveform + b * o.num_samples;
-  std::fill(blk.windowed.begin(), blk.windowed.end(), T(0));
   for (int64_t f = 0; f < FB; ++f) {
     T* raw = blk.raw.data() + f * o.win;
-    int64_t* src = blk.source.data() + f * o.win;
     if (f >= count) {
       std::fill(raw, raw + o.win, T(0));
-      std::fill(src, src + o.win, int64_t(-1));
+      std::fill(blk.windowed.begin() + f * o.n_fft, blk.windowed.begin() + (f + 1) * o.n_fft, T(0));
       blk.energy[f] = T(0);
       continue;
     }
-    const int64_t start = (f0 + f) * o.hop + o.frame_offset;
+    const int64_t start = frame_start(f0 + f, o.hop, o.frame_offset);
     if (start >= o.pad && start + o.win <= o.pad + length) {  // inside the signal: no padding
-      for (int64_t k = 0; k < o.win; ++k) {
-        src[k] = start - o.pad + k;
-        raw[k] = x[start - o.pad + k];
-      }
+      std::copy(x + start - o.pad, x + start - o.pad + o.win, raw);
     } else {
       for (int64_t k = 0; k < o.win; ++k) {
-        src[k] = source_index(start + k, length, o.pad, o.pad_mode);
-        raw[k] = src[k] >= 0 ? x[src[k]] : T(0);
+        const int64_t src = source_index(start + k, length, o.pad, o.pad_mode);
+        raw[k] = src >= 0 ? x[src] : T(0);
       }
     }
     if (o.remove_dc) {
@@ -349,6 +419,7 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
       std::copy(raw, raw + o.win, y);
     }
     for (int64_t k = 0; k < o.win; ++k) y[k] *= plan.window[k];
+    std::fill(y + o.win, y + o.n_fft, T(0));
     if (o.energy_mode != kNoEnergy) {
       const T* e = o.energy_mode == kRawEnergy ? raw : y;
       T sum = 0;
@@ -397,10 +468,16 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
     std::copy(blk.im.begin(), blk.im.begin() + o.n_bins * FB, blk.spec_im.begin());
   }
 
-  const T half_power = static_cast<T>(o.power / 2.0);
-  for (int64_t i = 0; i < o.n_bins * FB; ++i) {
-    const T p = blk.spec_re[i] * blk.spec_re[i] + blk.spec_im[i] * blk.spec_im[i];
-    blk.mag[i] = o.power == 2.0 ? p : o.power == 1.0 ? std::sqrt(p) : std::pow(p, half_power);
+  const int64_t n_values = o.n_bins * FB;
+  const T* xr = blk.spec_re.data();
+  const T* xi = blk.spec_im.data();
+  T* mag = blk.mag.data();
+  for (int64_t i = 0; i < n_values; ++i) mag[i] = xr[i] * xr[i] + xi[i] * xi[i];
+  if (o.power == 1.0) {
+    for (int64_t i = 0; i < n_values; ++i) mag[i] = std::sqrt(mag[i]);
+  } else if (o.power != 2.0) {
+    const T half_power = static_cast<T>(o.power / 2.0);
+    for (int64_t i = 0; i < n_values; ++i) mag[i] = std::pow(mag[i], half_power);
   }
   for (int64_t m = 0; m < o.n_mels; ++m) {
     T acc[FB] = {};
@@ -414,12 +491,42 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
   }
 }
 
+// ln x for positive normal floats, branch-free so that a loop of it vectorises: x = m 2^e with
+// m in [sqrt(1/2), sqrt(2)), then Cephes' logf polynomial (error ~5e-8 relative to max(1, |ln x|)).
+inline float vector_log(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const int32_t exponent = static_cast<int32_t>((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  // below sqrt(1/2) take 2m and e - 1, so that m - 1 lies in [sqrt(1/2) - 1, sqrt(2) - 1)
+  const float low = static_cast<float>(bits < 0x3f3504f3u);
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const float e = static_cast<float>(exponent) - low;
+  m = m * (1.0f + low) - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+inline double vector_log(double x) { return std::log(x); }
+
+// values[i] = log(max(values[i], log_floor)) (natural or base 10) for the log modes.
 template <typename T>
-T log_feature(const Options& o, T mel) {
-  const T clamped = std::max(mel, static_cast<T>(o.log_floor));
-  if (o.log_mode == kNaturalLog) return std::log(clamped);
-  if (o.log_mode == kWhisperLog) return std::log10(clamped);
-  return mel;
+void log_features(const Options& o, T* values, int64_t n) {
+  if (o.log_mode == kNoLog) return;
+  const T floor = static_cast<T>(std::max(o.log_floor, static_cast<double>(std::numeric_limits<T>::min())));
+  const T scale = o.log_mode == kWhisperLog ? static_cast<T>(1.0 / M_LN10) : T(1);
+  for (int64_t i = 0; i < n; ++i) values[i] = vector_log(values[i] > floor ? values[i] : floor) * scale;
 }
 
 template <typename T>
@@ -445,44 +552,59 @@ void for_each_block(const Plan<T>& plan, const Fn& fn) {
   });
 }
 
-// The largest log-mel value of each item's valid frames: Whisper's clamp reference.
-template <typename T>
-std::vector<T> item_max(const Options& o, const T* out) {
-  std::vector<T> best(o.batch, -std::numeric_limits<T>::infinity());
-  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m = 0; m < o.n_mels; ++m)
-        for (int64_t f = 0; f < o.item_frames(b); ++f) best[b] = std::max(best[b], out[o.out_index(b, m, f)]);
-  });
-  return best;
+// Calls fn(index) for every valid output element of item b's mel columns, contiguous runs innermost.
+template <typename Fn>
+void for_each_valid_mel(const Options& o, int64_t b, const Fn& fn) {
+  const int64_t frames = o.item_frames(b);
+  if (o.frames_major) {
+    for (int64_t f = 0; f < frames; ++f)
+      for (int64_t m = 0; m < o.n_mels; ++m) fn(o.out_index(b, o.mel_column(m), f));
+  } else {
+    for (int64_t m = 0; m < o.n_mels; ++m) {
+      const int64_t row = o.out_index(b, o.mel_column(m), 0);
+      for (int64_t f = 0; f < frames; ++f) fn(row + f);
+    }
+  }
 }
 
-// First pass: every valid frame's features, logs not yet clamped for Whisper.
+// First pass: every valid frame's features, logs not yet clamped for Whisper. Returns each
+// item's largest mel feature (Whisper's clamp reference), from per-block lane-wise maxima.
 template <typename T>
-void write_features(const Plan<T>& plan, T* out) {
+std::vector<T> write_features(const Plan<T>& plan, T* out) {
   const Options& o = plan.opt;
+  const int64_t blocks_per_item = (o.num_frames + FB - 1) / FB;
+  constexpr T lowest = -std::numeric_limits<T>::infinity();
+  std::vector<T> block_max(o.batch * blocks_per_item, lowest);
   for_each_block(plan, [&](Block<T>& blk, int64_t b, int64_t f0, int64_t count) {
     analyse_block(plan, blk, b, f0, count);
+    T* mel = blk.mel.data();
+    log_features(o, mel, o.n_mels * FB);
     for (int64_t m = 0; m < o.n_mels; ++m)
-      for (int64_t f = 0; f < count; ++f) out[o.out_index(b, o.mel_column(m), f0 + f)] = log_feature(o, blk.mel[m * FB + f]);
+      for (int64_t f = 0; f < count; ++f) out[o.out_index(b, o.mel_column(m), f0 + f)] = mel[m * FB + f];
     if (o.energy_mode != kNoEnergy)
       for (int64_t f = 0; f < count; ++f) out[o.out_index(b, o.energy_column(), f0 + f)] = log_energy(o, blk.energy[f]);
+    T lanes[FB];
+    std::fill(lanes, lanes + FB, lowest);
+    for (int64_t m = 0; m < o.n_mels; ++m)
+      for (int64_t f = 0; f < FB; ++f) lanes[f] = mel[m * FB + f] > lanes[f] ? mel[m * FB + f] : lanes[f];
+    block_max[b * blocks_per_item + f0 / FB] = *std::max_element(lanes, lanes + count);
   });
+  std::vector<T> best(o.batch, lowest);
+  for (int64_t b = 0; b < o.batch; ++b)
+    for (int64_t i = 0; i < blocks_per_item; ++i) best[b] = std::max(best[b], block_max[b * blocks_per_item + i]);
+  return best;
 }
 
 template <typename T>
 void forward(const Plan<T>& plan, T* out) {
   const Options& o = plan.opt;
-  write_features(plan, out);
+  const std::vector<T> best = write_features(plan, out);
   if (o.log_mode == kWhisperLog) {
-    const std::vector<T> best = item_max(o, out);
     at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t m = 0; m < o.n_mels; ++m)
-          for (int64_t f = 0; f < o.item_frames(b); ++f) {
-            T& v = out[o.out_index(b, m, f)];
-            v = (std::max(v, best[b] - T(8)) + T(4)) / T(4);
-          }
+      for (int64_t b = b0; b < b1; ++b) {
+        const T floor = best[b] - T(8);
+        for_each_valid_mel(o, b, [&](int64_t i) { out[i] = ((out[i] > floor ? out[i] : floor) + T(4)) * T(0.25); });
+      }
     });
   }
 }
@@ -499,8 +621,7 @@ std::vector<T> whisper_log_grad(const Plan<T>& plan, const T* grad) {
   const Options& o = plan.opt;
   const int64_t total = o.batch * o.n_feats * o.num_frames;
   std::vector<T> logs(total, T(0));
-  write_features(plan, logs.data());
-  const std::vector<T> best = item_max(o, logs.data());
+  const std::vector<T> best = write_features(plan, logs.data());
   std::vector<T> dlog(total, T(0));
   at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -602,7 +723,8 @@ void backward(const Plan<T>& plan, const T* grad_out, T* grad_wave) {
       }
       const int64_t row = (b * o.num_frames + f0 + f) * o.win;
       std::copy(draw.begin(), draw.end(), frame_grad.begin() + row);
-      std::copy(blk.source.begin() + f * o.win, blk.source.begin() + (f + 1) * o.win, frame_src.begin() + row);
+      const int64_t start = frame_start(f0 + f, o.hop, o.frame_offset);
+      for (int64_t k = 0; k < o.win; ++k) frame_src[row + k] = source_index(start + k, o.item_samples(b), o.pad, o.pad_mode);
     }
   });
   at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
