@@ -595,9 +595,24 @@ std::vector<T> write_features(const Plan<T>& plan, T* out) {
   return best;
 }
 
+// Frames past each item's end hold 0 (the output is allocated uninitialised).
+template <typename T>
+void zero_invalid_frames(const Options& o, T* out) {
+  for (int64_t b = 0; b < o.batch; ++b) {
+    const int64_t frames = o.item_frames(b);
+    if (o.frames_major) {
+      std::fill(out + o.out_index(b, 0, frames), out + o.out_index(b, 0, o.num_frames), T(0));
+    } else {
+      for (int64_t c = 0; c < o.n_feats; ++c)
+        std::fill(out + o.out_index(b, c, frames), out + o.out_index(b, c, o.num_frames), T(0));
+    }
+  }
+}
+
 template <typename T>
 void forward(const Plan<T>& plan, T* out) {
   const Options& o = plan.opt;
+  zero_invalid_frames(o, out);
   const std::vector<T> best = write_features(plan, out);
   if (o.log_mode == kWhisperLog) {
     at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
@@ -819,8 +834,8 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
 
 at::Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
-  at::Tensor out = o.frames_major ? at::zeros({o.batch, o.num_frames, o.n_feats}, waveform.options())
-                                  : at::zeros({o.batch, o.n_feats, o.num_frames}, waveform.options());
+  at::Tensor out = o.frames_major ? at::empty({o.batch, o.num_frames, o.n_feats}, waveform.options())
+                                  : at::empty({o.batch, o.n_feats, o.num_frames}, waveform.options());
   AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_cpu", [&] {
     const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
                               mel_fb.data_ptr<scalar_t>());
