@@ -50,7 +50,7 @@ WHISPER_SAMPLE_RATE = 16000
 # Kaldi floors spectra and energies at FLT_EPSILON whatever the dtype (torchaudio does too).
 KALDI_EPSILON = float(torch.finfo(torch.float32).eps)
 
-_IMPLEMENTED = {"cpu", "reference"}
+_IMPLEMENTED = {"cpu", "triton", "reference"}
 
 
 def mel_spectrogram(
@@ -359,7 +359,7 @@ def mel_spectrogram_op(
     _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
     analysis_window = _analysis_window(op, window, n_fft, normalized)
     flat = waveform.reshape(-1, waveform.shape[-1])
-    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(window, mel_fb))
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(waveform, window, mel_fb))
     out = _MEL_SPECTROGRAM[chosen](
         flat, analysis_window, mel_fb, hop_length=hop_length, pad=pad, power=power,
         center=center, pad_mode=pad_mode, lengths=lengths,
@@ -380,7 +380,7 @@ def whisper_log_mel_op(
                  shape=(WHISPER_N_FFT // 2 + 1, None))
     _check_stft_length(op, "audio", audio, lengths, n_fft=WHISPER_N_FFT, pad=0, center=True, pad_mode="reflect")
     flat = audio.reshape(-1, audio.shape[-1])
-    chosen = choose_backend(op, backend, audio.device, _IMPLEMENTED, _kernel_limits(window, mel_fb))
+    chosen = choose_backend(op, backend, audio.device, _IMPLEMENTED, _kernel_limits(audio, window, mel_fb))
     out = _WHISPER_LOG_MEL[chosen](flat, window, mel_fb, hop_length=WHISPER_HOP, lengths=lengths)
     if lengths is not None:
         return out
@@ -421,7 +421,7 @@ def kaldi_fbank_op(
     if lengths is not None:
         # Kaldi skips utterances shorter than min_duration: they get no frames.
         lengths = torch.where(lengths < config.min_samples, torch.zeros_like(lengths), lengths)
-    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(window, mel_fb))
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(waveform, window, mel_fb))
     out = _KALDI_FBANK[chosen](
         batched, window, mel_fb,
         window_shift=config.window_shift, snip_edges=config.snip_edges,
@@ -433,13 +433,21 @@ def kaldi_fbank_op(
     return out[0] if single else out
 
 
-def _kernel_limits(window: torch.Tensor, mel_fb: torch.Tensor):
-    """Why a kernel backend cannot take this case: the kernels differentiate w.r.t. the
-    waveform only, so a window or filterbank that needs a gradient goes to the reference."""
+def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor):
+    """Why a kernel backend cannot take this case. The kernels differentiate w.r.t. the waveform
+    only (a window or filterbank that needs a gradient goes to the reference); the Triton kernel
+    computes in float32 and has no backward yet."""
 
     def unsupported(backend: str) -> str | None:
-        if backend != "reference" and (window.requires_grad or mel_fb.requires_grad):
+        if backend == "reference":
+            return None
+        if window.requires_grad or mel_fb.requires_grad:
             return "gradients w.r.t. the window or the filterbank are computed by the 'reference' backend only"
+        if backend == "triton":
+            if waveform.dtype != torch.float32:
+                return f"the Triton kernel computes in float32, got {waveform.dtype}"
+            if waveform.requires_grad and torch.is_grad_enabled():
+                return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
         return None
 
     return unsupported
@@ -471,6 +479,12 @@ ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
 
 def _cpu_op():
     return torch.ops.mmfuse.mel_spectrogram.default
+
+
+def _triton_op():
+    from mmfuse.triton import mel_spectrogram
+
+    return mel_spectrogram.mel_spectrogram_triton
 
 
 def _frame_lengths(lengths: torch.Tensor | None, count: Callable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -545,14 +559,17 @@ def _kaldi_fbank_kernel(
 _MEL_SPECTROGRAM = {
     "reference": ref.mel_spectrogram,
     "cpu": functools.partial(_mel_spectrogram_kernel, _cpu_op),
+    "triton": functools.partial(_mel_spectrogram_kernel, _triton_op),
 }
 _WHISPER_LOG_MEL = {
     "reference": ref.whisper_log_mel,
     "cpu": functools.partial(_whisper_log_mel_kernel, _cpu_op),
+    "triton": functools.partial(_whisper_log_mel_kernel, _triton_op),
 }
 _KALDI_FBANK = {
     "reference": ref.kaldi_fbank,
     "cpu": functools.partial(_kaldi_fbank_kernel, _cpu_op),
+    "triton": functools.partial(_kaldi_fbank_kernel, _triton_op),
 }
 
 
