@@ -381,12 +381,28 @@ struct Block {
         mag(o.n_bins * FB), mel(o.n_mels * FB), energy(FB) {}
 };
 
+// Bin k of the real FFT from the half-size complex FFT Z of the even/odd samples:
+// X[k] = E + e^(-2 pi i k / n) O, E = (Z[k] + conj Z[h-k]) / 2, O = (Z[k] - conj Z[h-k]) / 2i.
+template <typename T>
+void split_bin(const T* __restrict__ zr, const T* __restrict__ zi, const T* __restrict__ cr,
+               const T* __restrict__ ci, T wr, T wi, T* __restrict__ xr, T* __restrict__ xi) {
+  for (int64_t f = 0; f < FB; ++f) {
+    const T er = T(0.5) * (zr[f] + cr[f]), ei = T(0.5) * (zi[f] - ci[f]);
+    const T or_ = T(0.5) * (zi[f] + ci[f]), oi = T(-0.5) * (zr[f] - cr[f]);
+    xr[f] = er + wr * or_ - wi * oi;
+    xi[f] = ei + wr * oi + wi * or_;
+  }
+}
+
 // Frames [f0, f0 + count) of item b (count <= FB; missing frames are zero signals).
 template <typename T>
 void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, int64_t count) {
   const Options& o = plan.opt;
   const int64_t length = o.item_samples(b);
   const T* x = plan.waveform + b * o.num_samples;
+  const T c = static_cast<T>(o.preemphasis);
+  // no Kaldi extras: the windowed frame is the samples times the window (raw stays unused)
+  const bool plain = !o.remove_dc && c == T(0) && o.energy_mode == kNoEnergy;
   for (int64_t f = 0; f < FB; ++f) {
     T* raw = blk.raw.data() + f * o.win;
     if (f >= count) {
@@ -395,8 +411,16 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
       blk.energy[f] = T(0);
       continue;
     }
+    T* y = blk.windowed.data() + f * o.n_fft;
+    std::fill(y + o.win, y + o.n_fft, T(0));
     const int64_t start = frame_start(f0 + f, o.hop, o.frame_offset);
-    if (start >= o.pad && start + o.win <= o.pad + length) {  // inside the signal: no padding
+    const bool inside = start >= o.pad && start + o.win <= o.pad + length;  // no padding to apply
+    if (inside && plain) {
+      const T* __restrict__ in = x + start - o.pad;
+      for (int64_t k = 0; k < o.win; ++k) y[k] = in[k] * plan.window[k];
+      continue;
+    }
+    if (inside) {
       std::copy(x + start - o.pad, x + start - o.pad + o.win, raw);
     } else {
       for (int64_t k = 0; k < o.win; ++k) {
@@ -410,8 +434,6 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
       mean /= static_cast<T>(o.win);
       for (int64_t k = 0; k < o.win; ++k) raw[k] -= mean;
     }
-    T* y = blk.windowed.data() + f * o.n_fft;
-    const T c = static_cast<T>(o.preemphasis);
     if (c != T(0)) {
       y[0] = raw[0] - c * raw[0];  // Kaldi's Preemphasize: x[0] -= c * x[0]
       for (int64_t k = 1; k < o.win; ++k) y[k] = raw[k] - c * raw[k - 1];
@@ -419,7 +441,6 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
       std::copy(raw, raw + o.win, y);
     }
     for (int64_t k = 0; k < o.win; ++k) y[k] *= plan.window[k];
-    std::fill(y + o.win, y + o.n_fft, T(0));
     if (o.energy_mode != kNoEnergy) {
       const T* e = o.energy_mode == kRawEnergy ? raw : y;
       T sum = 0;
@@ -431,30 +452,17 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
   const int64_t n = o.n_fft;
   if (n % 2 == 0) {
     const int64_t h = n / 2;
-    for (int64_t f = 0; f < FB; ++f) {
-      const T* y = blk.windowed.data() + f * n;
-      for (int64_t k = 0; k < h; ++k) {
-        blk.re[k * FB + f] = y[2 * k];
-        blk.im[k * FB + f] = y[2 * k + 1];
-      }
-    }
-    plan.fft.run(blk.re.data(), blk.im.data(), blk.work_re.data(), blk.work_im.data());
-    // X[k] = E[k] + e^(-2 pi i k / n) O[k], E = (Z[k] + conj Z[h-k]) / 2, O = (Z[k] - conj Z[h-k]) / 2i
-    for (int64_t k = 0; k <= h; ++k) {
-      const T* zr = blk.re.data() + (k % h) * FB;
-      const T* zi = blk.im.data() + (k % h) * FB;
-      const T* cr = blk.re.data() + ((h - k) % h) * FB;
-      const T* ci = blk.im.data() + ((h - k) % h) * FB;
-      const T wr = plan.split_re[k], wi = plan.split_im[k];
-      T* xr = blk.spec_re.data() + k * FB;
-      T* xi = blk.spec_im.data() + k * FB;
+    const T* y = blk.windowed.data();
+    for (int64_t k = 0; k < h; ++k)
       for (int64_t f = 0; f < FB; ++f) {
-        const T er = T(0.5) * (zr[f] + cr[f]), ei = T(0.5) * (zi[f] - ci[f]);
-        const T or_ = T(0.5) * (zi[f] + ci[f]), oi = T(-0.5) * (zr[f] - cr[f]);
-        xr[f] = er + wr * or_ - wi * oi;
-        xi[f] = ei + wr * oi + wi * or_;
+        blk.re[k * FB + f] = y[f * n + 2 * k];
+        blk.im[k * FB + f] = y[f * n + 2 * k + 1];
       }
-    }
+    plan.fft.run(blk.re.data(), blk.im.data(), blk.work_re.data(), blk.work_im.data());
+    for (int64_t k = 0; k <= h; ++k)
+      split_bin(blk.re.data() + (k % h) * FB, blk.im.data() + (k % h) * FB, blk.re.data() + ((h - k) % h) * FB,
+                blk.im.data() + ((h - k) % h) * FB, plan.split_re[k], plan.split_im[k], blk.spec_re.data() + k * FB,
+                blk.spec_im.data() + k * FB);
   } else {
     for (int64_t f = 0; f < FB; ++f) {
       const T* y = blk.windowed.data() + f * n;
