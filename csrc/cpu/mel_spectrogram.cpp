@@ -222,11 +222,6 @@ class BlockFft {
     }
   }
 
-  static void twiddle(T* __restrict__ yr, T* __restrict__ yi, T ur, T ui, T wr, T wi, int64_t f) {
-    yr[f] = ur * wr - ui * wi;
-    yi[f] = ur * wi + ui * wr;
-  }
-
   // 3-point DFT: y1, y2 = a0 - (a1 + a2) / 2 -+ i sin(2 pi / 3) (a1 - a2)
   static void radix3(const Stage<T>& st, const T* __restrict__ xr, const T* __restrict__ xi, T* __restrict__ yr,
                      T* __restrict__ yi) {
@@ -236,17 +231,29 @@ class BlockFft {
       const T* twr = st.tw_re.data() + p * 3;
       const T* twi = st.tw_im.data() + p * 3;
       for (int64_t q = 0; q < s; ++q) {
-        const int64_t in = (q + s * p) * FB, step = s * m * FB, out = (q + s * 3 * p) * FB, ostep = s * FB;
+        const T* a0r = xr + (q + s * p) * FB;
+        const T* a0i = xi + (q + s * p) * FB;
+        const T* a1r = a0r + s * m * FB;
+        const T* a1i = a0i + s * m * FB;
+        const T* a2r = a1r + s * m * FB;
+        const T* a2i = a1i + s * m * FB;
+        T* y0r = yr + (q + s * 3 * p) * FB;
+        T* y0i = yi + (q + s * 3 * p) * FB;
+        T* y1r = y0r + s * FB;
+        T* y1i = y0i + s * FB;
+        T* y2r = y1r + s * FB;
+        T* y2i = y1i + s * FB;
         for (int64_t f = 0; f < FB; ++f) {
-          const T a0r = xr[in + f], a0i = xi[in + f];
-          const T br = xr[in + step + f] + xr[in + 2 * step + f], bi = xi[in + step + f] + xi[in + 2 * step + f];
-          const T dr = sn * (xr[in + step + f] - xr[in + 2 * step + f]);
-          const T di = sn * (xi[in + step + f] - xi[in + 2 * step + f]);
-          const T tr = a0r - T(0.5) * br, ti = a0i - T(0.5) * bi;
-          yr[out + f] = a0r + br;
-          yi[out + f] = a0i + bi;
-          twiddle(yr + out + ostep, yi + out + ostep, tr + di, ti - dr, twr[1], twi[1], f);
-          twiddle(yr + out + 2 * ostep, yi + out + 2 * ostep, tr - di, ti + dr, twr[2], twi[2], f);
+          const T br = a1r[f] + a2r[f], bi = a1i[f] + a2i[f];
+          const T dr = sn * (a1r[f] - a2r[f]), di = sn * (a1i[f] - a2i[f]);
+          const T tr = a0r[f] - T(0.5) * br, ti = a0i[f] - T(0.5) * bi;
+          const T u1r = tr + di, u1i = ti - dr, u2r = tr - di, u2i = ti + dr;
+          y0r[f] = a0r[f] + br;
+          y0i[f] = a0i[f] + bi;
+          y1r[f] = u1r * twr[1] - u1i * twi[1];
+          y1i[f] = u1r * twi[1] + u1i * twr[1];
+          y2r[f] = u2r * twr[2] - u2i * twi[2];
+          y2i[f] = u2r * twi[2] + u2i * twr[2];
         }
       }
     }
@@ -262,26 +269,48 @@ class BlockFft {
     for (int64_t p = 0; p < m; ++p) {
       const T* twr = st.tw_re.data() + p * 5;
       const T* twi = st.tw_im.data() + p * 5;
+      const T w1r = twr[1], w1i = twi[1], w2r = twr[2], w2i = twi[2];
+      const T w3r = twr[3], w3i = twi[3], w4r = twr[4], w4i = twi[4];
       for (int64_t q = 0; q < s; ++q) {
-        const int64_t in = (q + s * p) * FB, step = s * m * FB, out = (q + s * 5 * p) * FB, ostep = s * FB;
+        const T* a0r = xr + (q + s * p) * FB;
+        const T* a0i = xi + (q + s * p) * FB;
+        const T* a1r = a0r + s * m * FB;
+        const T* a1i = a0i + s * m * FB;
+        const T* a2r = a1r + s * m * FB;
+        const T* a2i = a1i + s * m * FB;
+        const T* a3r = a2r + s * m * FB;
+        const T* a3i = a2i + s * m * FB;
+        const T* a4r = a3r + s * m * FB;
+        const T* a4i = a3i + s * m * FB;
+        T* y0r = yr + (q + s * 5 * p) * FB;
+        T* y0i = yi + (q + s * 5 * p) * FB;
+        T* y1r = y0r + s * FB;
+        T* y1i = y0i + s * FB;
+        T* y2r = y1r + s * FB;
+        T* y2i = y1i + s * FB;
+        T* y3r = y2r + s * FB;
+        T* y3i = y2i + s * FB;
+        T* y4r = y3r + s * FB;
+        T* y4i = y3i + s * FB;
         for (int64_t f = 0; f < FB; ++f) {
-          const T a0r = xr[in + f], a0i = xi[in + f];
-          const T a1r = xr[in + step + f], a1i = xi[in + step + f];
-          const T a2r = xr[in + 2 * step + f], a2i = xi[in + 2 * step + f];
-          const T a3r = xr[in + 3 * step + f], a3i = xi[in + 3 * step + f];
-          const T a4r = xr[in + 4 * step + f], a4i = xi[in + 4 * step + f];
-          const T b1r = a1r + a4r, b1i = a1i + a4i, b2r = a2r + a3r, b2i = a2i + a3i;
-          const T d1r = a1r - a4r, d1i = a1i - a4i, d2r = a2r - a3r, d2i = a2i - a3i;
-          const T t1r = a0r + c1 * b1r + c2 * b2r, t1i = a0i + c1 * b1i + c2 * b2i;
-          const T t2r = a0r + c2 * b1r + c1 * b2r, t2i = a0i + c2 * b1i + c1 * b2i;
+          const T b1r = a1r[f] + a4r[f], b1i = a1i[f] + a4i[f], b2r = a2r[f] + a3r[f], b2i = a2i[f] + a3i[f];
+          const T d1r = a1r[f] - a4r[f], d1i = a1i[f] - a4i[f], d2r = a2r[f] - a3r[f], d2i = a2i[f] - a3i[f];
+          const T t1r = a0r[f] + c1 * b1r + c2 * b2r, t1i = a0i[f] + c1 * b1i + c2 * b2i;
+          const T t2r = a0r[f] + c2 * b1r + c1 * b2r, t2i = a0i[f] + c2 * b1i + c1 * b2i;
           const T u1r = s1 * d1r + s2 * d2r, u1i = s1 * d1i + s2 * d2i;
           const T u2r = s2 * d1r - s1 * d2r, u2i = s2 * d1i - s1 * d2i;
-          yr[out + f] = a0r + b1r + b2r;
-          yi[out + f] = a0i + b1i + b2i;
-          twiddle(yr + out + ostep, yi + out + ostep, t1r + u1i, t1i - u1r, twr[1], twi[1], f);
-          twiddle(yr + out + 2 * ostep, yi + out + 2 * ostep, t2r + u2i, t2i - u2r, twr[2], twi[2], f);
-          twiddle(yr + out + 3 * ostep, yi + out + 3 * ostep, t2r - u2i, t2i + u2r, twr[3], twi[3], f);
-          twiddle(yr + out + 4 * ostep, yi + out + 4 * ostep, t1r - u1i, t1i + u1r, twr[4], twi[4], f);
+          const T v1r = t1r + u1i, v1i = t1i - u1r, v4r = t1r - u1i, v4i = t1i + u1r;
+          const T v2r = t2r + u2i, v2i = t2i - u2r, v3r = t2r - u2i, v3i = t2i + u2r;
+          y0r[f] = a0r[f] + b1r + b2r;
+          y0i[f] = a0i[f] + b1i + b2i;
+          y1r[f] = v1r * w1r - v1i * w1i;
+          y1i[f] = v1r * w1i + v1i * w1r;
+          y2r[f] = v2r * w2r - v2i * w2i;
+          y2i[f] = v2r * w2i + v2i * w2r;
+          y3r[f] = v3r * w3r - v3i * w3i;
+          y3i[f] = v3r * w3i + v3i * w3r;
+          y4r[f] = v4r * w4r - v4i * w4i;
+          y4i[f] = v4r * w4i + v4i * w4r;
         }
       }
     }
