@@ -271,6 +271,16 @@ def test_compile_fullgraph_cpu(layer):
     assert audio.grad is not None and torch.isfinite(audio.grad).all()
 
 
+@pytest.mark.parametrize("layer", [lambda: mmfuse.nn.WhisperLogMel(80, backend="cpu"),
+                                   lambda: mmfuse.nn.KaldiFbank(use_energy=True, backend="cpu")],
+                         ids=["WhisperLogMel", "KaldiFbank"])
+def test_export_cpu(layer):
+    module = layer()
+    audio = torch.randn(2, 3203) * 1000
+    exported = torch.export.export(module, (audio,))
+    torch.testing.assert_close(exported.module()(audio), module(audio), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input to the kernels
 

@@ -14,6 +14,11 @@ Compatibility targets:
 - ``whisper_log_mel``: ``whisper.audio.log_mel_spectrogram`` (openai/whisper).
 - ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
 
+Backends: "cpu" is the fused C++ kernel ``mmfuse::mel_spectrogram`` (float32/float64, with a
+backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
+products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
+kernels take one op for all three front ends (see "The fused kernels" below).
+
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
 item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
 true end), the number of valid frames per item is returned as int64 ``(B,)``, and frames past
