@@ -67,6 +67,20 @@ def test_mel_spectrogram_kernel_matches_float64_stft(case, dtype, backend, poiso
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("n_fft", [2, 49, 254, 257, 2048])
+def test_mel_spectrogram_kernel_fft_sizes(n_fft, backend, poisoned):
+    """Radix 2 and 4 stages, a 127-point and a 257-point prime butterfly, odd sizes."""
+    if backend == "triton" and n_fft > 300:
+        pytest.skip("kept small for the interpreter")
+    x = torch.randn(2, 3001, dtype=torch.float64)
+    kw = dict(n_fft=n_fft, hop_length=max(1, n_fft // 3), n_mels=8, pad_mode="constant")
+    for dtype in ([torch.float32] if backend == "triton" else [torch.float32, torch.float64]):
+        out = mmfuse.mel_spectrogram(x.to(device_for(backend), dtype), backend=backend, **kw).cpu()
+        for b in range(2):
+            check_mel_tolerance(out[b], mel64(x[b].numpy(), **kw), dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("n_samples", [1, 2, 401, 1009])
 def test_mel_spectrogram_kernel_odd_lengths(n_samples, backend, poisoned):
     x = torch.randn(2, n_samples, dtype=torch.float64)
