@@ -436,61 +436,78 @@ void analyse_block(const Plan<T>& plan, Block<T>& blk, int64_t b, int64_t f0, in
   const T c = static_cast<T>(o.preemphasis);
   // no Kaldi extras: the windowed frame is the samples times the window (raw stays unused)
   const bool plain = !o.remove_dc && c == T(0) && o.energy_mode == kNoEnergy;
-  for (int64_t f = 0; f < FB; ++f) {
-    T* raw = blk.raw.data() + f * o.win;
-    if (f >= count) {
-      std::fill(raw, raw + o.win, T(0));
-      std::fill(blk.windowed.begin() + f * o.n_fft, blk.windowed.begin() + (f + 1) * o.n_fft, T(0));
-      blk.energy[f] = T(0);
-      continue;
-    }
-    T* y = blk.windowed.data() + f * o.n_fft;
-    std::fill(y + o.win, y + o.n_fft, T(0));
-    const int64_t start = frame_start(f0 + f, o.hop, o.frame_offset);
-    const bool inside = start >= o.pad && start + o.win <= o.pad + length;  // no padding to apply
-    if (inside && plain) {
-      const T* __restrict__ in = x + start - o.pad;
-      for (int64_t k = 0; k < o.win; ++k) y[k] = in[k] * plan.window[k];
-      continue;
-    }
-    if (inside) {
-      std::copy(x + start - o.pad, x + start - o.pad + o.win, raw);
-    } else {
-      for (int64_t k = 0; k < o.win; ++k) {
-        const int64_t src = source_index(start + k, length, o.pad, o.pad_mode);
-        raw[k] = src >= 0 ? x[src] : T(0);
+  const int64_t n = o.n_fft;
+  const int64_t first = frame_start(f0, o.hop, o.frame_offset), last = frame_start(f0 + FB - 1, o.hop, o.frame_offset);
+  // A full block inside the signal with no Kaldi extras and an n_fft-long window goes straight
+  // from the waveform into the FFT's (even, odd) sample layout.
+  const bool direct =
+      plain && count == FB && o.win == n && n % 2 == 0 && first >= o.pad && last + n <= o.pad + length;
+  if (!direct) {
+    for (int64_t f = 0; f < FB; ++f) {
+      T* raw = blk.raw.data() + f * o.win;
+      if (f >= count) {
+        std::fill(raw, raw + o.win, T(0));
+        std::fill(blk.windowed.begin() + f * o.n_fft, blk.windowed.begin() + (f + 1) * o.n_fft, T(0));
+        blk.energy[f] = T(0);
+        continue;
       }
-    }
-    if (o.remove_dc) {
-      T mean = 0;
-      for (int64_t k = 0; k < o.win; ++k) mean += raw[k];
-      mean /= static_cast<T>(o.win);
-      for (int64_t k = 0; k < o.win; ++k) raw[k] -= mean;
-    }
-    if (c != T(0)) {
-      y[0] = raw[0] - c * raw[0];  // Kaldi's Preemphasize: x[0] -= c * x[0]
-      for (int64_t k = 1; k < o.win; ++k) y[k] = raw[k] - c * raw[k - 1];
-    } else {
-      std::copy(raw, raw + o.win, y);
-    }
-    for (int64_t k = 0; k < o.win; ++k) y[k] *= plan.window[k];
-    if (o.energy_mode != kNoEnergy) {
-      const T* e = o.energy_mode == kRawEnergy ? raw : y;
-      T sum = 0;
-      for (int64_t k = 0; k < o.win; ++k) sum += e[k] * e[k];
-      blk.energy[f] = sum;
+      T* y = blk.windowed.data() + f * o.n_fft;
+      std::fill(y + o.win, y + o.n_fft, T(0));
+      const int64_t start = frame_start(f0 + f, o.hop, o.frame_offset);
+      const bool inside = start >= o.pad && start + o.win <= o.pad + length;  // no padding to apply
+      if (inside && plain) {
+        const T* __restrict__ in = x + start - o.pad;
+        for (int64_t k = 0; k < o.win; ++k) y[k] = in[k] * plan.window[k];
+        continue;
+      }
+      if (inside) {
+        std::copy(x + start - o.pad, x + start - o.pad + o.win, raw);
+      } else {
+        for (int64_t k = 0; k < o.win; ++k) {
+          const int64_t src = source_index(start + k, length, o.pad, o.pad_mode);
+          raw[k] = src >= 0 ? x[src] : T(0);
+        }
+      }
+      if (o.remove_dc) {
+        T mean = 0;
+        for (int64_t k = 0; k < o.win; ++k) mean += raw[k];
+        mean /= static_cast<T>(o.win);
+        for (int64_t k = 0; k < o.win; ++k) raw[k] -= mean;
+      }
+      if (c != T(0)) {
+        y[0] = raw[0] - c * raw[0];  // Kaldi's Preemphasize: x[0] -= c * x[0]
+        for (int64_t k = 1; k < o.win; ++k) y[k] = raw[k] - c * raw[k - 1];
+      } else {
+        std::copy(raw, raw + o.win, y);
+      }
+      for (int64_t k = 0; k < o.win; ++k) y[k] *= plan.window[k];
+      if (o.energy_mode != kNoEnergy) {
+        const T* e = o.energy_mode == kRawEnergy ? raw : y;
+        T sum = 0;
+        for (int64_t k = 0; k < o.win; ++k) sum += e[k] * e[k];
+        blk.energy[f] = sum;
+      }
     }
   }
 
-  const int64_t n = o.n_fft;
   if (n % 2 == 0) {
     const int64_t h = n / 2;
-    const T* y = blk.windowed.data();
-    for (int64_t k = 0; k < h; ++k)
-      for (int64_t f = 0; f < FB; ++f) {
-        blk.re[k * FB + f] = y[f * n + 2 * k];
-        blk.im[k * FB + f] = y[f * n + 2 * k + 1];
-      }
+    if (direct) {
+      const T* in = x + first - o.pad;
+      const T* w = plan.window;
+      for (int64_t k = 0; k < h; ++k)
+        for (int64_t f = 0; f < FB; ++f) {
+          blk.re[k * FB + f] = in[f * o.hop + 2 * k] * w[2 * k];
+          blk.im[k * FB + f] = in[f * o.hop + 2 * k + 1] * w[2 * k + 1];
+        }
+    } else {
+      const T* y = blk.windowed.data();
+      for (int64_t k = 0; k < h; ++k)
+        for (int64_t f = 0; f < FB; ++f) {
+          blk.re[k * FB + f] = y[f * n + 2 * k];
+          blk.im[k * FB + f] = y[f * n + 2 * k + 1];
+        }
+    }
     plan.fft.run(blk.re.data(), blk.im.data(), blk.work_re.data(), blk.work_im.data());
     for (int64_t k = 0; k <= h; ++k)
       split_bin(blk.re.data() + (k % h) * FB, blk.im.data() + (k % h) * FB, blk.re.data() + ((h - k) % h) * FB,
