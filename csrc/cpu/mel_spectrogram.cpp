@@ -7,12 +7,15 @@
 // butterfly is a short loop over frames that the compiler vectorises. A second, light pass per
 // item does Whisper's clamp at the item's max - 8.
 //
-// FFT: Stockham autosort Cooley-Tukey for any size (radix 4 and 2 butterflies, a plain
-// radix-p DFT butterfly for the other prime factors: 3, 5, ...; O(N * sum of factors)), with
-// twiddles precomputed in double. A real FFT of even size N is a complex FFT of N/2 (even
+// FFT: Stockham autosort mixed-radix Cooley-Tukey for any size (radix 4, 2, 3 and 5
+// butterflies, a plain p-point DFT butterfly for other prime factors, O(N * sum of factors);
+// e.g. 400 = 2^4 5^2, 512, 2048), twiddles precomputed in double. A real FFT of even size N is a complex FFT of N/2 (even
 // samples as real parts, odd samples as imaginary parts) and one split step; odd N runs a
 // complex FFT of size N on the real input. The backward runs the adjoint of the one-sided
 // real DFT as one complex FFT of size N.
+//
+// Float logs use a branch-free Cephes logf so the loop vectorises; float64 (gradcheck) uses
+// std::log and the same code otherwise, accumulating in the input's precision.
 //
 // Semantics match mmfuse/reference/spectrogram.py: torch.stft + torchaudio MelSpectrogram,
 // openai/whisper log_mel_spectrogram (per item), Kaldi compute-fbank-feats.
@@ -31,7 +34,7 @@
 namespace mmfuse {
 namespace {
 
-constexpr int64_t FB = 8;  // frames per block: one AVX register of floats per FFT element
+constexpr int64_t FB = 8;  // frames per block: two SSE (one AVX) registers of floats per FFT element
 
 enum PadMode : int64_t { kConstant = 0, kReflect = 1, kReplicate = 2, kKaldiReflect = 3 };
 enum LogMode : int64_t { kNoLog = 0, kNaturalLog = 1, kWhisperLog = 2 };
