@@ -3,7 +3,9 @@
 Oracles, all independent of mmfuse: ``mel64``, a float64 NumPy STFT (explicit padding,
 framing, rfft) with ``librosa.filters.mel`` filters; ``librosa.feature.melspectrogram`` and
 ``librosa.power_to_db``; ``whisper64``, Whisper's ``log_mel_spectrogram`` formula in NumPy;
-``kaldi_native_fbank`` for Kaldi fbank.
+``kaldi_native_fbank`` for Kaldi fbank. These tests run the reference and the C++ ("cpu")
+backend; test_spectrogram_kernels.py adds the Triton and CUDA backends, gradients of the
+kernels, opcheck and compile.
 
 Tolerances. float64 results match the float64 oracles to 1e-9 of the spectrum's peak. The
 float32 default path meets DESIGN.md's mel power bound, atol 5e-4 and rtol 1e-5, with atol
@@ -23,7 +25,7 @@ import mmfuse
 import mmfuse.nn
 from backend_params import backend_params
 
-BACKENDS = backend_params("reference")
+BACKENDS = backend_params("reference", "cpu")
 
 # The defaults (n_fft=400, n_mels=128, HTK) leave empty mel filters, and mmfuse warns as
 # torchaudio does (test_mel_spectrogram_warns_on_empty_filters); elsewhere that is noise.

@@ -14,6 +14,11 @@ Compatibility targets:
 - ``whisper_log_mel``: ``whisper.audio.log_mel_spectrogram`` (openai/whisper).
 - ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
 
+Backends: "cpu" is the fused C++ kernel ``mmfuse::mel_spectrogram`` (float32/float64, with a
+backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
+products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
+kernels take one op for all three front ends (see "The fused kernels" below).
+
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
 item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
 true end), the number of valid frames per item is returned as int64 ``(B,)``, and frames past
@@ -30,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from mmfuse import _extension
 from mmfuse._checks import is_tracing, check_choice, check_lengths, check_positive, check_tensor
 from mmfuse.backends import choose_backend
 from mmfuse.reference import spectrogram as ref
@@ -49,7 +55,7 @@ WHISPER_SAMPLE_RATE = 16000
 # Kaldi floors spectra and energies at FLT_EPSILON whatever the dtype (torchaudio does too).
 KALDI_EPSILON = float(torch.finfo(torch.float32).eps)
 
-_IMPLEMENTED = {"reference"}
+_IMPLEMENTED = {"cpu", "triton", "reference"}
 
 
 def mel_spectrogram(
@@ -358,7 +364,7 @@ def mel_spectrogram_op(
     _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
     analysis_window = _analysis_window(op, window, n_fft, normalized)
     flat = waveform.reshape(-1, waveform.shape[-1])
-    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED)
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(waveform, window, mel_fb))
     out = _MEL_SPECTROGRAM[chosen](
         flat, analysis_window, mel_fb, hop_length=hop_length, pad=pad, power=power,
         center=center, pad_mode=pad_mode, lengths=lengths,
@@ -379,7 +385,7 @@ def whisper_log_mel_op(
                  shape=(WHISPER_N_FFT // 2 + 1, None))
     _check_stft_length(op, "audio", audio, lengths, n_fft=WHISPER_N_FFT, pad=0, center=True, pad_mode="reflect")
     flat = audio.reshape(-1, audio.shape[-1])
-    chosen = choose_backend(op, backend, audio.device, _IMPLEMENTED)
+    chosen = choose_backend(op, backend, audio.device, _IMPLEMENTED, _kernel_limits(audio, window, mel_fb))
     out = _WHISPER_LOG_MEL[chosen](flat, window, mel_fb, hop_length=WHISPER_HOP, lengths=lengths)
     if lengths is not None:
         return out
@@ -420,7 +426,7 @@ def kaldi_fbank_op(
     if lengths is not None:
         # Kaldi skips utterances shorter than min_duration: they get no frames.
         lengths = torch.where(lengths < config.min_samples, torch.zeros_like(lengths), lengths)
-    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED)
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, _kernel_limits(waveform, window, mel_fb))
     out = _KALDI_FBANK[chosen](
         batched, window, mel_fb,
         window_shift=config.window_shift, snip_edges=config.snip_edges,
@@ -432,9 +438,179 @@ def kaldi_fbank_op(
     return out[0] if single else out
 
 
-_MEL_SPECTROGRAM = {"reference": ref.mel_spectrogram}
-_WHISPER_LOG_MEL = {"reference": ref.whisper_log_mel}
-_KALDI_FBANK = {"reference": ref.kaldi_fbank}
+def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor):
+    """Why a kernel backend cannot take this case. The kernels differentiate w.r.t. the waveform
+    only (a window or filterbank that needs a gradient goes to the reference); the Triton kernel
+    computes in float32 and has no backward yet."""
+
+    def unsupported(backend: str) -> str | None:
+        if backend == "reference":
+            return None
+        if window.requires_grad or mel_fb.requires_grad:
+            return "gradients w.r.t. the window or the filterbank are computed by the 'reference' backend only"
+        if backend == "triton":
+            if waveform.dtype != torch.float32:
+                return f"the Triton kernel computes in float32, got {waveform.dtype}"
+            if waveform.requires_grad and torch.is_grad_enabled():
+                return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
+        return None
+
+    return unsupported
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused kernels. One op, ``mmfuse::mel_spectrogram``, serves the three front ends: they
+# differ only in how frames are cut (offset, padding rule), Kaldi's per-frame extras, the
+# spectrum's power, the log and the output layout, all passed as numbers. Its arguments:
+#
+#   waveform (B, T); window (win,), win <= n_fft, applied to the frame's first win samples,
+#       which are then zero-padded to n_fft; mel_fb (n_fft // 2 + 1, n_mels);
+#   lengths, frame_lengths: int64 (B,) or None: samples and valid frames per item (frames
+#       past frame_lengths[b] are 0); num_frames: frames of the output;
+#   frame f of item b reads samples f * hop + frame_offset + [0, win) of the item's signal
+#       zero-padded by `pad` on both sides, outside which pad_mode applies (PAD_MODE_CODES);
+#   remove_dc, preemphasis: Kaldi's DC removal and pre-emphasis before the window;
+#   power: |X| ** power; log_mode: LOG_NONE, LOG_NATURAL ln(max(x, log_floor)) or LOG_WHISPER
+#       log10(max(x, log_floor)) clamped at the item's max - 8, then (x + 4) / 4;
+#   energy_mode: ENERGY_NONE, ENERGY_RAW (after DC removal) or ENERGY_WINDOWED, as
+#       max(ln(max(E, log_floor)), ln(energy_floor)) (energy_floor > 0) in the first column,
+#       or the last with energy_last;
+#   frames_major: output (B, frames, feats) (Kaldi) instead of (B, feats, frames).
+
+PAD_MODE_CODES = {"constant": 0, "reflect": 1, "replicate": 2, "kaldi": 3}
+LOG_NONE, LOG_NATURAL, LOG_WHISPER = 0, 1, 2
+ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
+
+
+def _cpu_op():
+    return torch.ops.mmfuse.mel_spectrogram.default
+
+
+def _triton_op():
+    from mmfuse.triton import mel_spectrogram
+
+    return mel_spectrogram.mel_spectrogram_triton
+
+
+def _frame_lengths(lengths: torch.Tensor | None, count: Callable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if lengths is None:
+        return None, None
+    lengths = lengths.to(torch.int64).contiguous()
+    return lengths, count(lengths).to(torch.int64).contiguous()
+
+
+def _mel_spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths):
+    """``ref.mel_spectrogram``'s contract on the fused op."""
+    n_fft = window.shape[0]
+
+    def count(n):
+        return ref.stft_num_frames(n, n_fft, hop_length, pad=pad, center=center)
+
+    lengths, frame_lengths = _frame_lengths(lengths, count)
+    out = op()(
+        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
+        count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
+        PAD_MODE_CODES[pad_mode], False, 0.0, float(power), LOG_NONE, 0.0, ENERGY_NONE, 0.0, False, False,
+    )
+    return out if lengths is None else (out, frame_lengths)
+
+
+def _whisper_log_mel_kernel(op, audio, window, mel_fb, *, hop_length, lengths):
+    """``ref.whisper_log_mel``'s contract on the fused op: Whisper drops the last STFT frame,
+    leaving ``T // hop`` frames."""
+    n_fft = window.shape[0]
+    lengths, frame_lengths = _frame_lengths(lengths, lambda n: torch.div(n, hop_length, rounding_mode="floor"))
+    out = op()(
+        audio.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
+        audio.shape[-1] // hop_length, n_fft, hop_length, -(n_fft // 2), 0, PAD_MODE_CODES["reflect"],
+        False, 0.0, 2.0, LOG_WHISPER, 1e-10, ENERGY_NONE, 0.0, False, False,
+    )
+    return out if lengths is None else (out, frame_lengths)
+
+
+def _kaldi_fbank_kernel(
+    op, waveform, window, mel_fb, *, window_shift, snip_edges, remove_dc_offset, preemphasis_coefficient,
+    raw_energy, energy_floor, epsilon, use_power, use_log_fbank, use_energy, htk_compat, subtract_mean, lengths,
+):
+    """``ref.kaldi_fbank``'s contract on the fused op; ``subtract_mean`` (a per-item mean over
+    the valid frames) runs after it in PyTorch."""
+    window_size = window.shape[0]
+    padded_size = 2 * (mel_fb.shape[0] - 1)
+
+    def count(n):
+        return ref.kaldi_num_frames(n, window_size, window_shift, snip_edges)
+
+    lengths, frame_lengths = _frame_lengths(lengths, count)
+    energy_mode = ENERGY_NONE if not use_energy else ENERGY_RAW if raw_energy else ENERGY_WINDOWED
+    feats = op()(
+        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
+        count(waveform.shape[-1]), padded_size, window_shift,
+        0 if snip_edges else window_shift // 2 - window_size // 2, 0,
+        PAD_MODE_CODES["constant" if snip_edges else "kaldi"], remove_dc_offset, preemphasis_coefficient,
+        2.0 if use_power else 1.0, LOG_NATURAL if use_log_fbank else LOG_NONE, epsilon, energy_mode,
+        energy_floor, htk_compat, True,
+    )
+    if subtract_mean:
+        if frame_lengths is None:
+            feats = feats - feats.mean(dim=-2, keepdim=True)
+        else:
+            # invalid frames hold 0: sum over all frames, divide by the valid count
+            valid = torch.arange(feats.shape[-2], device=feats.device) < frame_lengths.unsqueeze(-1)
+            mean = feats.sum(dim=-2, keepdim=True) / frame_lengths.clamp(min=1).to(feats.dtype)[:, None, None]
+            feats = torch.where(valid.unsqueeze(-1), feats - mean, torch.zeros_like(feats))
+    return feats if lengths is None else (feats, frame_lengths)
+
+
+_MEL_SPECTROGRAM = {
+    "reference": ref.mel_spectrogram,
+    "cpu": functools.partial(_mel_spectrogram_kernel, _cpu_op),
+    "triton": functools.partial(_mel_spectrogram_kernel, _triton_op),
+}
+_WHISPER_LOG_MEL = {
+    "reference": ref.whisper_log_mel,
+    "cpu": functools.partial(_whisper_log_mel_kernel, _cpu_op),
+    "triton": functools.partial(_whisper_log_mel_kernel, _triton_op),
+}
+_KALDI_FBANK = {
+    "reference": ref.kaldi_fbank,
+    "cpu": functools.partial(_kaldi_fbank_kernel, _cpu_op),
+    "triton": functools.partial(_kaldi_fbank_kernel, _triton_op),
+}
+
+
+def _fake_mel_spectrogram(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset,
+                          pad, pad_mode, remove_dc, preemphasis, power, log_mode, log_floor, energy_mode,
+                          energy_floor, energy_last, frames_major):
+    n_feats = mel_fb.shape[1] + int(energy_mode != ENERGY_NONE)
+    shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
+    return waveform.new_empty(shape)
+
+
+def _fake_mel_spectrogram_backward(grad, waveform, *args):
+    return waveform.new_empty(waveform.shape)
+
+
+def register_mel_autograd(forward_op, backward_op) -> None:
+    """The gradient w.r.t. the waveform is ``backward_op``; window and filterbank get none
+    (``_kernel_limits`` sends cases that need them to the reference)."""
+
+    def setup_context(ctx, inputs, output):
+        waveform, window, mel_fb, lengths, frame_lengths = inputs[:5]
+        ctx.save_for_backward(waveform, window, mel_fb, lengths, frame_lengths)
+        ctx.numbers = inputs[5:]
+
+    def backward(ctx, grad):
+        waveform, window, mel_fb, lengths, frame_lengths = ctx.saved_tensors
+        grad_waveform = backward_op(grad.contiguous(), waveform, window, mel_fb, lengths, frame_lengths, *ctx.numbers)
+        return (grad_waveform,) + (None,) * (4 + len(ctx.numbers))
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("mmfuse::mel_spectrogram", _fake_mel_spectrogram)
+    torch.library.register_fake("mmfuse::mel_spectrogram_backward", _fake_mel_spectrogram_backward)
+    register_mel_autograd(torch.ops.mmfuse.mel_spectrogram.default, torch.ops.mmfuse.mel_spectrogram_backward.default)
 
 
 # ---------------------------------------------------------------------------------------------
