@@ -10,8 +10,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import mmfuse
@@ -293,37 +291,3 @@ def test_layer_matches_multihead_attention_on_the_cpu_kernel():
         torch.testing.assert_close(layer(query, key, key, key_padding_mask=mask)[0],
                                    mha(query, key, key, key_padding_mask=mask, need_weights=False)[0],
                                    atol=2e-6, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------- fuzz
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    batch=st.integers(1, 3),
-    len_q=st.integers(1, 80),
-    len_k=st.integers(0, 300),
-    heads_kv=st.integers(1, 2),
-    group=st.integers(1, 3),
-    head_dim=st.integers(1, 72),
-    use_lens=st.booleans(),
-    use_mask=st.booleans(),
-    causal=st.booleans(),
-    scale=st.one_of(st.none(), st.floats(0.05, 3.0)),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_fuzz_cpu_against_float64_formula(batch, len_q, len_k, heads_kv, group, head_dim, use_lens, use_mask,
-                                          causal, scale, seed):
-    gen = torch.Generator().manual_seed(seed)
-    heads_q = heads_kv * group
-    q = torch.randn(batch, len_q, heads_q, head_dim, generator=gen, dtype=torch.float64)
-    k = torch.randn(batch, len_k, heads_kv, head_dim, generator=gen, dtype=torch.float64)
-    v = torch.randn(batch, len_k, heads_kv, head_dim, generator=gen, dtype=torch.float64)
-    kv_lens = torch.randint(0, len_k + 1, (batch,), generator=gen) if use_lens else None
-    mask = torch.rand(batch, len_k, generator=gen) < 0.4 if use_mask else None
-    out, lse = mmfuse.cross_attention(q, k, v, kv_lens=kv_lens, key_padding_mask=mask, scale=scale, causal=causal,
-                                      return_lse=True, backend="cpu")
-    visible = visible_mask(batch, len_q, len_k, kv_lens=kv_lens, key_padding_mask=mask, causal=causal)
-    out64, lse64 = attention64(q, k, v, visible, 1 / math.sqrt(head_dim) if scale is None else scale)
-    torch.testing.assert_close(out, out64, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(lse, lse64, atol=1e-12, rtol=1e-10)

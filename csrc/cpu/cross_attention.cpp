@@ -167,20 +167,40 @@ int64_t key_end(const Problem& p, const Sample& s, int64_t i1) {
   return std::clamp<int64_t>(i1 - 1 + s.k_len - s.q_len + 1, 0, s.k_len);
 }
 
+// Task t of the (sample, head, query block) grid: rows [i0, i0 + rows) of head h.
+struct QueryBlock {
+  const Sample* s;
+  int64_t h, hk, i0, rows;
+  int64_t q_offset(const Problem& p) const { return (s->q_row + i0) * p.q_stride() + h * p.dim; }
+  int64_t lse_offset(const Problem& p) const { return s->lse_base + h * p.lse_head + i0; }
+};
+
+int64_t query_blocks(const Problem& p) { return (p.max_q + kBlockQ - 1) / kBlockQ; }
+
+// False for a block past its sample's queries (the grid is sized by the longest sample).
+bool query_block(const Problem& p, int64_t t, QueryBlock& blk) {
+  const int64_t q_blocks = query_blocks(p);
+  blk.s = &p.samples[t / (p.heads_q * q_blocks)];
+  blk.h = (t / q_blocks) % p.heads_q;
+  blk.hk = blk.h / p.group();
+  blk.i0 = (t % q_blocks) * kBlockQ;
+  blk.rows = std::min(kBlockQ, blk.s->q_len - blk.i0);
+  return blk.rows > 0;
+}
+
 // Forward: out (rows, Hq, D), lse. Tasks are (sample, head, query block).
 template <typename T>
 void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
-  parallel_tasks(p.batch * p.heads_q * q_blocks, [&](const auto& claim) {
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
     std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * D), row_m(kBlockQ), row_l(kBlockQ);
+    QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
-      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
-      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
-      if (i0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
-      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+      if (!query_block(p, t, blk)) continue;
+      const Sample& s = *blk.s;
+      const int64_t h = blk.h, hk = blk.hk, i0 = blk.i0, rows = blk.rows;
+      const T* q_blk = q + blk.q_offset(p);
       const T* k_head = k + s.k_row * ks + hk * D;
       const T* v_head = v + s.k_row * ks + hk * D;
       std::fill(acc.begin(), acc.begin() + rows * D, T(0));
@@ -212,7 +232,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
         const bool any = row_l[r] > T(0);
         const T inv = any ? T(1) / row_l[r] : T(0);
         for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-        lse[s.lse_base + h * p.lse_head + i0 + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
+        lse[blk.lse_offset(p) + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
       }
     }
   });
@@ -249,7 +269,6 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
               const T* lse, int64_t lse_numel, T* dq, T* dk, T* dv) {
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
   std::vector<T> delta(lse_numel, T(0));  // indexed like lse
-  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Sample& s = p.samples[t / p.heads_q];
@@ -305,22 +324,22 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
     }
   });
 
-  parallel_tasks(p.batch * p.heads_q * q_blocks, [&](const auto& claim) {
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
+    QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
-      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
-      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
-      if (i0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
-      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
-      const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
-      const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
+      if (!query_block(p, t, blk)) continue;
+      const Sample& s = *blk.s;
+      const int64_t i0 = blk.i0, rows = blk.rows;
+      const T* q_blk = q + blk.q_offset(p);
+      const T* g_blk = dout + blk.q_offset(p);
+      const int64_t lse_at = blk.lse_offset(p);
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const int64_t end = key_end(p, s, i0 + rows);
       for (int64_t kb = 0; kb < end; kb += kBlockK) {
         const int64_t cols = std::min(kBlockK, end - kb);
-        const T* k_blk = k + (s.k_row + kb) * ks + hk * D;
-        const T* v_blk = v + (s.k_row + kb) * ks + hk * D;
+        const T* k_blk = k + (s.k_row + kb) * ks + blk.hk * D;
+        const T* v_blk = v + (s.k_row + kb) * ks + blk.hk * D;
         recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
         gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
         softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
@@ -328,7 +347,7 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
         gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d) dq[(s.q_row + i0 + r) * qs + h * D + d] = dq_acc[r * D + d];
+        for (int64_t d = 0; d < D; ++d) dq[blk.q_offset(p) + r * qs + d] = dq_acc[r * D + d];
     }
   });
 }
