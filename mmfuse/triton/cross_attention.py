@@ -54,6 +54,33 @@ def _load_tile(ptr, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _query_program(QStart, QLen, KStart, KLen, heads_q):
+    """Sample b and head h of a program on the (query block, sample * head) grid; their
+    query and key counts and first rows."""
+    b = tl.program_id(1) // heads_q
+    h = tl.program_id(1) % heads_q
+    q_row = tl.load(QStart + b).to(tl.int64)
+    k_row = tl.load(KStart + b).to(tl.int64)
+    return b, h, tl.load(QLen + b), tl.load(KLen + b), q_row, k_row
+
+
+@triton.jit
+def _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM: tl.constexpr):
+    """(offsets, in-bounds mask) of a (BLOCK_N, BLOCK_D) tile of kv head hk's keys offs_n."""
+    offsets = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
+    return offsets, (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _key_end(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys [0, end) that query block pid_m can see: causally, its last query sees j <= i + k_len - q_len."""
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
+    return end
+
+
+@triton.jit
 def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scaled scores, -inf where the key is hidden."""
@@ -81,34 +108,26 @@ def _forward_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
-    q_len = tl.load(QLen + b)
+    b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(KLen + b)
-    q_row = tl.load(QStart + b).to(tl.int64)
-    k_row = tl.load(KStart + b).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = (heads_q // group) * HEAD_DIM
-    q = _load_tile(Q + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
-                   (offs_m < q_len)[:, None] & d_ok[None, :], UPCAST)
+    q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
+    q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+    q = _load_tile(Q + q_off, q_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = k_len
-    if CAUSAL:  # the block's last query sees keys j <= i + k_len - q_len
-        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
@@ -122,8 +141,7 @@ def _forward_kernel(
         m_i = m_new
     has_key = l_i > 0.0
     out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
-    tl.store(Out + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])
+    tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=q_ok)
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
     tl.store(Lse + tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m, lse, mask=offs_m < q_len)
 
@@ -163,8 +181,7 @@ def _dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = heads_kv * HEAD_DIM
-    kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-    kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+    kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
     k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
     v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
@@ -203,14 +220,9 @@ def _dq_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
-    q_len = tl.load(QLen + b)
+    b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(KLen + b)
-    q_row = tl.load(QStart + b).to(tl.int64)
-    k_row = tl.load(KStart + b).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -226,13 +238,9 @@ def _dq_kernel(
     delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
     mask_row = Mask + b.to(tl.int64) * mask_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
