@@ -2,8 +2,8 @@
 
 Forward: one program per (query block, sample, head) streams K/V tiles through an online
 softmax; the sample's key count bounds the loop, so padded keys are never read, and the key
-padding mask and the bottom-right causal mask are applied per tile. Backward: ``delta =
-rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv head accumulates dK/dV
+padding mask and the bottom-right causal mask are applied per tile. Backward: a preprocessing
+kernel computes ``delta = rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv head accumulates dK/dV
 over every query of its head group, and one owning a query block accumulates dQ; no atomics,
 so results are deterministic.
 
@@ -152,6 +152,35 @@ def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale,
     """P = exp(s - lse); rows with lse = -inf (no visible key) give 0."""
     s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
     return tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
+
+
+_DELTA_BLOCK_M, _DELTA_BLOCK_M_INTERPRETED = 64, 16
+
+
+@triton.jit
+def _delta_kernel(
+    Out, dOut,  # (rows_q, Hq, D)
+    dLse, Delta,  # fp32 in lse's layout; dLse read when HAS_DLSE
+    QStart, QLen, LseStart,  # (B,) int32
+    heads_q, lse_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Backward preprocessing: delta = rowsum(dO ∘ O) - dlse, in fp32."""
+    pid_m = tl.program_id(0)
+    b, h, q_len, _, q_row, _ = _query_program(QStart, QLen, QStart, QLen, heads_q)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    off = (q_row + offs_m)[:, None] * (heads_q * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + off, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dOut + off, mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dLse + row, mask=offs_m < q_len, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < q_len)
 
 
 @_autotune(["BLOCK_M", "BLOCK_N"])
@@ -303,17 +332,18 @@ def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_
 
 def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    # delta = rowsum(dO ∘ O) - dlse in lse's layout: (B, Hq, Lq) padded, (Hq, total_q) packed
-    rowsum = (grad_out.float() * out.float()).sum(-1)
-    delta = rowsum.transpose(-1, -2) if q.dim() == 4 else rowsum.t()
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
     dq = torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
     if samples.batch > 0 and samples.max_q > 0 and samples.max_k > 0 and q.numel() > 0:
         args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
         heads_q, heads_kv = q.shape[-2], k.shape[-2]
+        delta = torch.empty_like(lse)
+        block_m = _DELTA_BLOCK_M_INTERPRETED if triton_interpreted() else _DELTA_BLOCK_M
+        launch(_delta_kernel)[(triton.cdiv(samples.max_q, block_m), samples.batch * heads_q)](
+            out.contiguous(), grad_out, grad_lse if grad_lse is not None else lse, delta,
+            samples.vectors[0], samples.vectors[1], samples.vectors[4], heads_q, samples.lse_head,
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m,
+        )
         grid_kv = lambda m: (triton.cdiv(samples.max_k, m["BLOCK_N"]), samples.batch * heads_kv)  # noqa: E731
         launch(_dkdv_kernel)[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, *args, **meta)
         grid_q = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * heads_q)  # noqa: E731
