@@ -118,6 +118,21 @@ def test_small_half_precision_every_backend(backend, dtype):
     run_case(backend, 3, 17, 33, 2, 1, 24, kv_lens=kv_lens, mask=mask, causal=True, dtype=dtype, grads=True)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_empty_inputs_every_backend(backend):
+    device = device_for(backend)
+    q, k, v = (t.to(device).requires_grad_() for t in qkv(2, 3, 0, 2, 1, 8))  # no keys at all
+    out, lse = mmfuse.cross_attention(q, k, v, return_lse=True, backend=backend)
+    out.sum().backward()
+    assert (out == 0).all() and (lse == NEG_INF).all() and (q.grad == 0).all()
+    q, k, v = (t.to(device) for t in qkv(0, 3, 4, 2, 1, 8))  # empty batch
+    assert mmfuse.cross_attention(q, k, v, return_lse=True, backend=backend)[1].shape == (0, 2, 3)
+    empty_cu = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = mmfuse.cross_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), empty_cu, empty_cu,
+                                             0, 0, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
+
+
 # --------------------------------------------------------------------------- gradients
 
 

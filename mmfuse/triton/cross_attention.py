@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
 from mmfuse.triton._launch import launch, triton_custom_op
@@ -292,6 +293,12 @@ class _Samples:
         self.batch = q_len.shape[0]
 
 
+def _has_work(t: torch.Tensor, max_len) -> bool:
+    # max_len may be an unbacked SymInt under torch.compile (varlen max_seqlen=None): assume
+    # work then; the kernels skip the blocks past each sample's length
+    return guard_or_true(t.numel() > 0) and guard_or_true(max_len > 0)
+
+
 def _padded_samples(q, k, kv_lens):
     batch, len_q, heads_q, _ = q.shape
     len_k = k.shape[1]
@@ -323,7 +330,7 @@ def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    if samples.batch > 0 and samples.max_q > 0 and q.numel() > 0:
+    if _has_work(q, samples.max_q):
         args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
         grid = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * q.shape[-2])  # noqa: E731
         launch(_forward_kernel)[grid](q, k, v, out, lse, *args, **meta)
@@ -334,7 +341,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     dq = torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
-    if samples.batch > 0 and samples.max_q > 0 and samples.max_k > 0 and q.numel() > 0:
+    if _has_work(q, samples.max_q) and _has_work(k, samples.max_k):
         args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
         heads_q, heads_kv = q.shape[-2], k.shape[-2]
         delta = torch.empty_like(lse)
