@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -27,6 +28,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count; its gemm would otherwise start its own team inside ours.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace mmfuse {
@@ -99,16 +102,32 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
 
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  T best = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < n; ++i) best = std::max(best, x[i]);
-  return best;
+  using Vec = at::vec::Vectorized<T>;
+  return at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// Runs worker(claim) on torch's threads; claim() hands out tasks 0..n-1 one at a time, then -1.
+// Tasks differ in cost (kv_lens, causal), which a static split would leave unbalanced. Each task
+// writes only its own outputs, so results do not depend on the schedule.
+template <typename F>
+void parallel_tasks(int64_t n, const F& worker) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&next, n]() {
+    const int64_t t = next.fetch_add(1);
+    return t < n ? t : int64_t(-1);
+  };
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    worker(claim);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  });
 }
 
 // One batch entry in the token-row layout.
 struct Sample {
   int64_t q_row, q_len;  // first query row, number of queries
   int64_t k_row, k_len;  // first key row, number of valid keys (kv_lens[b] or the sequence length)
-  const bool* mask;      // (Lk,) True = ignore the key, or null
+  const void* bias;      // (Lk,) in the compute type: 0, or -inf for a masked key; or null
   int64_t lse_base;      // lse index of (h = 0, query 0); query i of head h at lse_base + h*lse_head + i
 };
 
@@ -135,9 +154,11 @@ void mask_row(const Problem& p, const Sample& s, int64_t i, int64_t kb, T* row, 
     std::fill(row + visible, row + n, neg_inf);
     n = visible;
   }
-  if (s.mask != nullptr)
-    for (int64_t c = 0; c < n; ++c)
-      if (s.mask[kb + c]) row[c] = neg_inf;
+  if (s.bias != nullptr) {
+    using Vec = at::vec::Vectorized<T>;
+    const T* bias = static_cast<const T*>(s.bias) + kb;
+    at::vec::map2<T>([](Vec x, Vec b) { return x + b; }, row, row, bias, n);
+  }
 }
 
 // Keys a query block [i0, i1) can see: [0, key_end).
@@ -146,20 +167,40 @@ int64_t key_end(const Problem& p, const Sample& s, int64_t i1) {
   return std::clamp<int64_t>(i1 - 1 + s.k_len - s.q_len + 1, 0, s.k_len);
 }
 
+// Task t of the (sample, head, query block) grid: rows [i0, i0 + rows) of head h.
+struct QueryBlock {
+  const Sample* s;
+  int64_t h, hk, i0, rows;
+  int64_t q_offset(const Problem& p) const { return (s->q_row + i0) * p.q_stride() + h * p.dim; }
+  int64_t lse_offset(const Problem& p) const { return s->lse_base + h * p.lse_head + i0; }
+};
+
+int64_t query_blocks(const Problem& p) { return (p.max_q + kBlockQ - 1) / kBlockQ; }
+
+// False for a block past its sample's queries (the grid is sized by the longest sample).
+bool query_block(const Problem& p, int64_t t, QueryBlock& blk) {
+  const int64_t q_blocks = query_blocks(p);
+  blk.s = &p.samples[t / (p.heads_q * q_blocks)];
+  blk.h = (t / q_blocks) % p.heads_q;
+  blk.hk = blk.h / p.group();
+  blk.i0 = (t % q_blocks) * kBlockQ;
+  blk.rows = std::min(kBlockQ, blk.s->q_len - blk.i0);
+  return blk.rows > 0;
+}
+
 // Forward: out (rows, Hq, D), lse. Tasks are (sample, head, query block).
 template <typename T>
 void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
-  at::parallel_for(0, p.batch * p.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
     std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * D), row_m(kBlockQ), row_l(kBlockQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
-      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
-      if (i0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
-      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+    QueryBlock blk;
+    for (int64_t t; (t = claim()) >= 0;) {
+      if (!query_block(p, t, blk)) continue;
+      const Sample& s = *blk.s;
+      const int64_t h = blk.h, hk = blk.hk, i0 = blk.i0, rows = blk.rows;
+      const T* q_blk = q + blk.q_offset(p);
       const T* k_head = k + s.k_row * ks + hk * D;
       const T* v_head = v + s.k_row * ks + hk * D;
       std::fill(acc.begin(), acc.begin() + rows * D, T(0));
@@ -191,7 +232,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
         const bool any = row_l[r] > T(0);
         const T inv = any ? T(1) / row_l[r] : T(0);
         for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-        lse[s.lse_base + h * p.lse_head + i0 + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
+        lse[blk.lse_offset(p) + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
       }
     }
   });
@@ -228,7 +269,6 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
               const T* lse, int64_t lse_numel, T* dq, T* dk, T* dv) {
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
   std::vector<T> delta(lse_numel, T(0));  // indexed like lse
-  const int64_t q_blocks = (p.max_q + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Sample& s = p.samples[t / p.heads_q];
@@ -247,9 +287,9 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
   int64_t max_k = 0;
   for (const Sample& s : p.samples) max_k = std::max(max_k, s.k_len);
   const int64_t k_blocks = (max_k + kBlockK - 1) / kBlockK;
-  at::parallel_for(0, p.batch * p.heads_kv * k_blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(p.batch * p.heads_kv * k_blocks, [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = claim()) >= 0;) {
       const Sample& s = p.samples[t / (p.heads_kv * k_blocks)];
       const int64_t hk = (t / k_blocks) % p.heads_kv, kb = (t % k_blocks) * kBlockK;
       if (kb >= s.k_len) continue;
@@ -284,22 +324,22 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
     }
   });
 
-  at::parallel_for(0, p.batch * p.heads_q * q_blocks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Sample& s = p.samples[t / (p.heads_q * q_blocks)];
-      const int64_t h = (t / q_blocks) % p.heads_q, i0 = (t % q_blocks) * kBlockQ;
-      if (i0 >= s.q_len) continue;
-      const int64_t rows = std::min(kBlockQ, s.q_len - i0), hk = h / p.group();
-      const T* q_blk = q + (s.q_row + i0) * qs + h * D;
-      const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
-      const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
+    QueryBlock blk;
+    for (int64_t t; (t = claim()) >= 0;) {
+      if (!query_block(p, t, blk)) continue;
+      const Sample& s = *blk.s;
+      const int64_t i0 = blk.i0, rows = blk.rows;
+      const T* q_blk = q + blk.q_offset(p);
+      const T* g_blk = dout + blk.q_offset(p);
+      const int64_t lse_at = blk.lse_offset(p);
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const int64_t end = key_end(p, s, i0 + rows);
       for (int64_t kb = 0; kb < end; kb += kBlockK) {
         const int64_t cols = std::min(kBlockK, end - kb);
-        const T* k_blk = k + (s.k_row + kb) * ks + hk * D;
-        const T* v_blk = v + (s.k_row + kb) * ks + hk * D;
+        const T* k_blk = k + (s.k_row + kb) * ks + blk.hk * D;
+        const T* v_blk = v + (s.k_row + kb) * ks + blk.hk * D;
         recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
         gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
         softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
@@ -307,7 +347,7 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
         gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d) dq[(s.q_row + i0 + r) * qs + h * D + d] = dq_acc[r * D + d];
+        for (int64_t d = 0; d < D; ++d) dq[blk.q_offset(p) + r * qs + d] = dq_acc[r * D + d];
     }
   });
 }
@@ -330,7 +370,7 @@ at::ScalarType compute_type(const at::Tensor& q) {
 }
 
 Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
-                       const std::optional<at::Tensor>& kv_lens, const at::Tensor& mask_storage, double scale,
+                       const std::optional<at::Tensor>& kv_lens, const at::Tensor& bias, double scale,
                        bool causal) {
   const int64_t batch = q.size(0), len_q = q.size(1), len_k = k.size(1);
   TORCH_CHECK(k.size(0) == batch, op, ": k must have q's batch size ", batch, ", got ", k.sizes());
@@ -341,22 +381,25 @@ Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
                 ": kv_lens must be a CPU (B=", batch, ",) tensor, got ", kv_lens->sizes());
     lens = kv_lens->to(at::kLong).contiguous();
   }
-  const bool* mask = mask_storage.defined() ? mask_storage.data_ptr<bool>() : nullptr;
+  const char* bias_rows = bias.defined() ? static_cast<const char*>(bias.data_ptr()) : nullptr;
+  const int64_t bias_row_bytes = len_k * static_cast<int64_t>(bias.defined() ? bias.element_size() : 0);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = kv_lens ? lens.data_ptr<int64_t>()[b] : len_k;
     TORCH_CHECK(n >= 0 && n <= len_k, op, ": kv_lens[", b, "] must lie in [0, ", len_k, "], got ", n);
-    p.samples.push_back({b * len_q, len_q, b * len_k, n, mask ? mask + b * len_k : nullptr, b * p.heads_q * len_q});
+    p.samples.push_back({b * len_q, len_q, b * len_k, n, bias_rows ? bias_rows + b * bias_row_bytes : nullptr, b * p.heads_q * len_q});
   }
   return p;
 }
 
-at::Tensor mask_tensor(const char* op, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& k) {
+// (B, Lk) additive mask in the compute type, -inf on ignored keys: one vector add per score row.
+at::Tensor mask_bias(const char* op, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& k) {
   if (!key_padding_mask) return at::Tensor();
   TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
                   key_padding_mask->size(0) == k.size(0) && key_padding_mask->size(1) == k.size(1) &&
                   key_padding_mask->device().is_cpu(),
               op, ": key_padding_mask must be a CPU bool (B, Lk) tensor, got ", key_padding_mask->sizes());
-  return key_padding_mask->contiguous();
+  return at::zeros(key_padding_mask->sizes(), k.options().dtype(compute_type(k)))
+      .masked_fill_(*key_padding_mask, -std::numeric_limits<double>::infinity());
 }
 
 Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
@@ -424,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, 
                                                            double scale, bool causal) {
   const char* op = "cross_attention_fwd";
   check_qkv(op, q, k, v, 4);
-  const at::Tensor mask = mask_tensor(op, key_padding_mask, k);
-  const Problem p = padded_problem(op, q, k, kv_lens, mask, scale, causal);
+  const at::Tensor bias = mask_bias(op, key_padding_mask, k);
+  const Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)});
 }
 
@@ -435,8 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal) {
   const char* op = "cross_attention_bwd";
   check_qkv(op, q, k, v, 4);
-  const at::Tensor mask = mask_tensor(op, key_padding_mask, k);
-  const Problem p = padded_problem(op, q, k, kv_lens, mask, scale, causal);
+  const at::Tensor bias = mask_bias(op, key_padding_mask, k);
+  const Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
 }
 

@@ -2,8 +2,8 @@
 
 Forward: one program per (query block, sample, head) streams K/V tiles through an online
 softmax; the sample's key count bounds the loop, so padded keys are never read, and the key
-padding mask and the bottom-right causal mask are applied per tile. Backward: ``delta =
-rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv head accumulates dK/dV
+padding mask and the bottom-right causal mask are applied per tile. Backward: a preprocessing
+kernel computes ``delta = rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv head accumulates dK/dV
 over every query of its head group, and one owning a query block accumulates dQ; no atomics,
 so results are deterministic.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
 from mmfuse.triton._launch import launch, triton_custom_op
@@ -54,6 +55,33 @@ def _load_tile(ptr, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _query_program(QStart, QLen, KStart, KLen, heads_q):
+    """Sample b and head h of a program on the (query block, sample * head) grid; their
+    query and key counts and first rows."""
+    b = tl.program_id(1) // heads_q
+    h = tl.program_id(1) % heads_q
+    q_row = tl.load(QStart + b).to(tl.int64)
+    k_row = tl.load(KStart + b).to(tl.int64)
+    return b, h, tl.load(QLen + b), tl.load(KLen + b), q_row, k_row
+
+
+@triton.jit
+def _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM: tl.constexpr):
+    """(offsets, in-bounds mask) of a (BLOCK_N, BLOCK_D) tile of kv head hk's keys offs_n."""
+    offsets = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
+    return offsets, (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _key_end(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys [0, end) that query block pid_m can see: causally, its last query sees j <= i + k_len - q_len."""
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
+    return end
+
+
+@triton.jit
 def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scaled scores, -inf where the key is hidden."""
@@ -81,34 +109,26 @@ def _forward_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
-    q_len = tl.load(QLen + b)
+    b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(KLen + b)
-    q_row = tl.load(QStart + b).to(tl.int64)
-    k_row = tl.load(KStart + b).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = (heads_q // group) * HEAD_DIM
-    q = _load_tile(Q + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
-                   (offs_m < q_len)[:, None] & d_ok[None, :], UPCAST)
+    q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
+    q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+    q = _load_tile(Q + q_off, q_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = k_len
-    if CAUSAL:  # the block's last query sees keys j <= i + k_len - q_len
-        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
@@ -122,8 +142,7 @@ def _forward_kernel(
         m_i = m_new
     has_key = l_i > 0.0
     out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
-    tl.store(Out + (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])
+    tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=q_ok)
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
     tl.store(Lse + tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m, lse, mask=offs_m < q_len)
 
@@ -134,6 +153,35 @@ def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale,
     """P = exp(s - lse); rows with lse = -inf (no visible key) give 0."""
     s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
     return tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
+
+
+_DELTA_BLOCK_M, _DELTA_BLOCK_M_INTERPRETED = 64, 16
+
+
+@triton.jit
+def _delta_kernel(
+    Out, dOut,  # (rows_q, Hq, D)
+    dLse, Delta,  # fp32 in lse's layout; dLse read when HAS_DLSE
+    QStart, QLen, LseStart,  # (B,) int32
+    heads_q, lse_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Backward preprocessing: delta = rowsum(dO ∘ O) - dlse, in fp32."""
+    pid_m = tl.program_id(0)
+    b, h, q_len, _, q_row, _ = _query_program(QStart, QLen, QStart, QLen, heads_q)
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    off = (q_row + offs_m)[:, None] * (heads_q * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + off, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dOut + off, mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(dLse + row, mask=offs_m < q_len, other=0.0)
+    tl.store(Delta + row, delta, mask=offs_m < q_len)
 
 
 @_autotune(["BLOCK_M", "BLOCK_N"])
@@ -163,8 +211,7 @@ def _dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = heads_kv * HEAD_DIM
-    kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-    kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+    kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
     k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
     v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
@@ -203,14 +250,9 @@ def _dq_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
-    q_len = tl.load(QLen + b)
+    b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
     if pid_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(KLen + b)
-    q_row = tl.load(QStart + b).to(tl.int64)
-    k_row = tl.load(KStart + b).to(tl.int64)
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -226,13 +268,9 @@ def _dq_kernel(
     delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
     mask_row = Mask + b.to(tl.int64) * mask_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M + k_len - q_len, 0))
-    for start_n in range(0, end, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-        kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
@@ -253,6 +291,12 @@ class _Samples:
         self.vectors = tuple(t.to(torch.int32).contiguous() for t in (q_start, q_len, k_start, k_len, lse_start))
         self.lse_head, self.max_q, self.max_k = lse_head, max_q, max_k
         self.batch = q_len.shape[0]
+
+
+def _has_work(t: torch.Tensor, max_len) -> bool:
+    # max_len may be an unbacked SymInt under torch.compile (varlen max_seqlen=None): assume
+    # work then; the kernels skip the blocks past each sample's length
+    return guard_or_true(t.numel() > 0) and guard_or_true(max_len > 0)
 
 
 def _padded_samples(q, k, kv_lens):
@@ -286,7 +330,7 @@ def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    if samples.batch > 0 and samples.max_q > 0 and q.numel() > 0:
+    if _has_work(q, samples.max_q):
         args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
         grid = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * q.shape[-2])  # noqa: E731
         launch(_forward_kernel)[grid](q, k, v, out, lse, *args, **meta)
@@ -295,17 +339,18 @@ def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_
 
 def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    # delta = rowsum(dO ∘ O) - dlse in lse's layout: (B, Hq, Lq) padded, (Hq, total_q) packed
-    rowsum = (grad_out.float() * out.float()).sum(-1)
-    delta = rowsum.transpose(-1, -2) if q.dim() == 4 else rowsum.t()
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
     dq = torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
-    if samples.batch > 0 and samples.max_q > 0 and samples.max_k > 0 and q.numel() > 0:
+    if _has_work(q, samples.max_q) and _has_work(k, samples.max_k):
         args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
         heads_q, heads_kv = q.shape[-2], k.shape[-2]
+        delta = torch.empty_like(lse)
+        block_m = _DELTA_BLOCK_M_INTERPRETED if triton_interpreted() else _DELTA_BLOCK_M
+        launch(_delta_kernel)[(triton.cdiv(samples.max_q, block_m), samples.batch * heads_q)](
+            out.contiguous(), grad_out, grad_lse if grad_lse is not None else lse, delta,
+            samples.vectors[0], samples.vectors[1], samples.vectors[4], heads_q, samples.lse_head,
+            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m,
+        )
         grid_kv = lambda m: (triton.cdiv(samples.max_k, m["BLOCK_N"]), samples.batch * heads_kv)  # noqa: E731
         launch(_dkdv_kernel)[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, *args, **meta)
         grid_q = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * heads_q)  # noqa: E731
