@@ -21,9 +21,19 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and bool(nvcc)
 
 
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is a header template: under torch's OpenMP backend its `#pragma omp
+    # parallel` is compiled into our kernels, and without -fopenmp they silently run on one
+    # thread. libgomp.so.1 is then the one torch already loaded.
+    if platform.system() == "Linux" and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extension():
     sources = ["csrc/mmfuse.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    cxx = ["-O3"] + _openmp_flags()
+    link = _openmp_flags()
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec's AVX2 vectors for the attention softmax (every x86 CPU since 2013)
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -36,8 +46,9 @@ def _extension():
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("MMFUSE_WITH_CUDA", None), ("MMFUSE_CUDA_ARCHS", f'"{archs}"')],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
         )
-    return CppExtension("mmfuse._C", sources, extra_compile_args=cxx)
+    return CppExtension("mmfuse._C", sources, extra_compile_args=cxx, extra_link_args=link)
 
 
 setup(
