@@ -76,14 +76,12 @@ def check_stacked_lengths(op: str, name: str, lengths, max_lens: Sequence[int]) 
     """
     if is_tracing() or lengths.numel() == 0:
         return
-    bounds = torch.tensor(list(max_lens), dtype=lengths.dtype, device=lengths.device)[:, None]
-    bad = ((lengths < 0) | (lengths > bounds)).any(dim=1)
-    if bool(bad.any()):
-        m = int(bad.nonzero()[0, 0])
-        lo, hi = int(lengths[m].min()), int(lengths[m].max())
-        raise ValueError(
-            f"{op}: {name}[{m}] must lie in [0, {max_lens[m]}] (the padded size), got values in [{lo}, {hi}]"
-        )
+    lows, highs = torch.stack(torch.aminmax(lengths, dim=1)).tolist()  # one host sync
+    for m, (lo, hi, bound) in enumerate(zip(lows, highs, max_lens)):
+        if lo < 0 or hi > bound:
+            raise ValueError(
+                f"{op}: {name}[{m}] must lie in [0, {bound}] (the padded size), got values in [{lo}, {hi}]"
+            )
 
 
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
