@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <string>
@@ -150,8 +151,25 @@ std::vector<const T*> pointers(const std::vector<at::Tensor>& ts) {
   return ptrs;
 }
 
+constexpr int64_t kTile = 256;  // elements per inner step: the per-tile loops vectorise
+
+// out[i] = sigmoid(in[i]) on at::vec vectors (Sleef exp); in and out may alias.
 template <typename A>
-inline A sigmoid(A x) { return A(1) / (A(1) + std::exp(-x)); }
+void sigmoid_tile(const A* in, A* out, int64_t n) {
+  using Vec = at::vec::Vectorized<A>;
+  const Vec one(A(1));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec x = Vec::loadu(in + i);
+    (one / (one + x.neg().exp())).store(out + i);
+  }
+  for (; i < n; ++i) out[i] = A(1) / (A(1) + std::exp(-in[i]));
+}
+
+template <typename A, typename S>
+void load_tile(const S* in, A* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(in[i]);
+}
 
 // Forward: the combination in one pass over the M inputs, tile by tile so that the per-tile
 // loops vectorise, then the activation through ATen.
@@ -168,7 +186,6 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t kTile = 256;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
     std::vector<acc_t> w(num, acc_t(0));
@@ -178,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::
     }
     scalar_t* out = preact.data_ptr<scalar_t>();
     at::parallel_for(0, numel, kChunk, [&](int64_t e0, int64_t e1) {
-      acc_t y[kTile];
+      acc_t y[kTile], s[kTile];
       for (int64_t t0 = e0; t0 < e1; t0 += kTile) {
         const int64_t len = std::min(kTile, e1 - t0);
         const acc_t init = mode == Mode::kProduct ? acc_t(1) : acc_t(0);
@@ -190,8 +207,9 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::
           } else if (mode == Mode::kProduct) {
             for (int64_t i = 0; i < len; ++i) y[i] *= static_cast<acc_t>(pm[i]);
           } else {
-            const scalar_t* zm = z[m] + t0;
-            for (int64_t i = 0; i < len; ++i) y[i] += sigmoid(static_cast<acc_t>(zm[i])) * static_cast<acc_t>(pm[i]);
+            load_tile(z[m] + t0, s, len);
+            sigmoid_tile(s, s, len);
+            for (int64_t i = 0; i < len; ++i) y[i] += s[i] * static_cast<acc_t>(pm[i]);
           }
         }
         for (int64_t i = 0; i < len; ++i) out[t0 + i] = static_cast<scalar_t>(y[i]);
@@ -235,23 +253,38 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
     const acc_t* gptr = g.data_ptr<acc_t>();
     double* part = mode == Mode::kSum ? partial.data_ptr<double>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      acc_t a[kTile], b[kTile];
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t e = c * kChunk; e < std::min(numel, (c + 1) * kChunk); ++e) {
-          const acc_t ge = gptr[e];
+        const int64_t end = std::min(numel, (c + 1) * kChunk);
+        for (int64_t t0 = c * kChunk; t0 < end; t0 += kTile) {
+          const int64_t len = std::min(kTile, end - t0);
+          const acc_t* ge = gptr + t0;
           for (int64_t m = 0; m < num; ++m) {
-            const acc_t pm = static_cast<acc_t>(p[m][e]);
+            scalar_t* gpm = gp[m] + t0;
             if (mode == Mode::kSum) {
-              gp[m][e] = static_cast<scalar_t>(ge * w[m]);
-              part[c * num + m] += static_cast<double>(ge * pm);
+              acc_t dot = acc_t(0);
+              for (int64_t i = 0; i < len; ++i) {
+                gpm[i] = static_cast<scalar_t>(ge[i] * w[m]);
+                dot += ge[i] * static_cast<acc_t>(p[m][t0 + i]);
+              }
+              part[c * num + m] += static_cast<double>(dot);
             } else if (mode == Mode::kProduct) {
-              acc_t others = acc_t(1);  // product of the other modalities: exact when some p_j == 0
-              for (int64_t j = 0; j < num; ++j)
-                if (j != m) others *= static_cast<acc_t>(p[j][e]);
-              gp[m][e] = static_cast<scalar_t>(ge * others);
+              // product of the other modalities, not out / p_m: exact when some p_j == 0
+              for (int64_t i = 0; i < len; ++i) a[i] = ge[i];
+              for (int64_t j = 0; j < num; ++j) {
+                if (j == m) continue;
+                for (int64_t i = 0; i < len; ++i) a[i] *= static_cast<acc_t>(p[j][t0 + i]);
+              }
+              for (int64_t i = 0; i < len; ++i) gpm[i] = static_cast<scalar_t>(a[i]);
             } else {
-              const acc_t s = sigmoid(static_cast<acc_t>(z[m][e]));
-              gp[m][e] = static_cast<scalar_t>(ge * s);
-              gz[m][e] = static_cast<scalar_t>(ge * pm * s * (acc_t(1) - s));
+              load_tile(z[m] + t0, a, len);
+              sigmoid_tile(a, a, len);
+              load_tile(p[m] + t0, b, len);
+              scalar_t* gzm = gz[m] + t0;
+              for (int64_t i = 0; i < len; ++i) {
+                gpm[i] = static_cast<scalar_t>(ge[i] * a[i]);
+                gzm[i] = static_cast<scalar_t>(ge[i] * b[i] * a[i] * (acc_t(1) - a[i]));
+              }
             }
           }
         }
