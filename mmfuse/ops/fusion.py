@@ -189,7 +189,7 @@ def _fake_combine_bwd(grad_out, projected, mode, weights, gate_logits, preact, a
     return [torch.empty_like(p) for p in projected], grad_weights, grad_gates
 
 
-def register_fusion_autograd(linear_op, linear_bwd_op, combine_op, combine_bwd_op, *, triton: bool) -> None:
+def register_fusion_autograd(linear_op, linear_bwd_op, combine_op, combine_bwd_op) -> None:
     """Backward of each forward op is its ``_bwd`` op; the Triton ops take ``allow_tf32`` last."""
 
     def linear_setup(ctx, inputs, output):
@@ -231,5 +231,5 @@ if _extension.has_cpu_kernels():
     torch.library.register_fake("mmfuse::combine_modalities_bwd", _fake_combine_bwd)
     register_fusion_autograd(
         torch.ops.mmfuse.fused_concat_linear.default, torch.ops.mmfuse.fused_concat_linear_bwd,
-        torch.ops.mmfuse.combine_modalities.default, torch.ops.mmfuse.combine_modalities_bwd, triton=False,
+        torch.ops.mmfuse.combine_modalities.default, torch.ops.mmfuse.combine_modalities_bwd,
     )

@@ -377,7 +377,7 @@ def _register() -> None:
     from mmfuse.ops.fusion import register_fusion_autograd
 
     register_fusion_autograd(fused_concat_linear_triton, fused_concat_linear_bwd_triton,
-                             combine_modalities_triton, combine_modalities_bwd_triton, triton=True)
+                             combine_modalities_triton, combine_modalities_bwd_triton)
 
 
 _register()
