@@ -21,12 +21,19 @@ def launch(kernel):
     return kernel if triton_interpreted() else wrap_triton(kernel)
 
 
-def triton_custom_op(name: str, fake: Callable | None = None):
+def triton_custom_op(name: str, fake: Callable | None = None, triton_only_args: int = 0):
     """Decorator: register a Triton launcher as the custom op ``name``.
 
     ``fake`` is needed only by the interpreted (plain custom op) form; ``triton_op`` derives
-    its fake kernel by tracing the launcher.
+    its fake kernel by tracing the launcher. It is the fake of the compiled twin op, which
+    lacks the launcher's last ``triton_only_args`` arguments (e.g. ``allow_tf32``).
     """
+    if fake is not None and triton_only_args:
+        twin_fake = fake
+
+        def fake(*args):
+            return twin_fake(*args[: len(args) - triton_only_args])
+
 
     def register(fn):
         if not triton_interpreted():

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
+from mmfuse.ops.attention import _fake_bwd, _fake_fwd, _fake_varlen_fwd
 from mmfuse.triton._launch import launch, triton_custom_op
 
 
@@ -358,19 +359,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
     return dq, dk, dv
 
 
-def _fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal, allow_tf32):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-
-
-def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, allow_tf32):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=_fake_fwd)
+@triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=_fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, scale: float, causal: bool, allow_tf32: bool,
@@ -391,7 +380,7 @@ def cross_attention_bwd_triton(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32)
 
 
-@triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=_fake_varlen_fwd)
+@triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=_fake_varlen_fwd, triton_only_args=1)
 def cross_attention_varlen_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, allow_tf32: bool,

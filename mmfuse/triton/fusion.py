@@ -15,6 +15,12 @@ import triton
 import triton.language as tl
 
 from mmfuse.backends import triton_interpreted
+from mmfuse.ops.fusion import (
+    _fake_combine,
+    _fake_combine_bwd,
+    _fake_fused_concat_linear,
+    _fake_fused_concat_linear_bwd,
+)
 from mmfuse.triton._launch import launch, triton_custom_op
 
 MAX_SOURCES = 4
@@ -163,12 +169,7 @@ def multi_source_gemm(pairs, out, *, bias=None, activation="none", preact=None, 
     return out
 
 
-def _fake_fcl(xs, weight, bias, activation, allow_tf32):
-    out = xs[0].new_empty(xs[0].shape[0], weight.shape[0])
-    return out, (xs[0].new_empty(0) if activation == "none" else torch.empty_like(out))
-
-
-@triton_custom_op("mmfuse::fused_concat_linear_triton", fake=_fake_fcl)
+@triton_custom_op("mmfuse::fused_concat_linear_triton", fake=_fake_fused_concat_linear, triton_only_args=1)
 def fused_concat_linear_triton(
     xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, activation: str, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,12 +211,7 @@ def _activation_backward(grad_out: torch.Tensor, preact: torch.Tensor, activatio
     return g
 
 
-def _fake_fcl_bwd(grad_out, xs, weight, preact, activation, has_bias, allow_tf32):
-    grad_bias = weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0)
-    return [torch.empty_like(x) for x in xs], torch.empty_like(weight), grad_bias
-
-
-@triton_custom_op("mmfuse::fused_concat_linear_bwd_triton", fake=_fake_fcl_bwd)
+@triton_custom_op("mmfuse::fused_concat_linear_bwd_triton", fake=_fake_fused_concat_linear_bwd, triton_only_args=1)
 def fused_concat_linear_bwd_triton(
     grad_out: torch.Tensor, xs: list[torch.Tensor], weight: torch.Tensor, preact: torch.Tensor, activation: str,
     has_bias: bool, allow_tf32: bool,
@@ -272,11 +268,6 @@ def _combine_step(y, term, MODE: tl.constexpr):
     if MODE == 1:
         return y * term
     return y + term
-
-
-def _fake_combine(projected, mode, weights, gate_logits, activation):
-    out = torch.empty_like(projected[0])
-    return out, (projected[0].new_empty(0) if activation == "none" else torch.empty_like(out))
 
 
 def _sources(ts, fill):
@@ -342,13 +333,6 @@ def _combine_bwd_one(g, p_ptr, o1, o2, o3, z_ptr, w_ptr, gp_ptr, gz_ptr, partial
         s = tl.sigmoid(tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         tl.store(gp_ptr + offs, (g * s).to(out_ty), mask=mask)
         tl.store(gz_ptr + offs, (g * p * s * (1.0 - s)).to(out_ty), mask=mask)
-
-
-def _fake_combine_bwd(grad_out, projected, mode, weights, gate_logits, preact, activation):
-    grads = [torch.empty_like(p) for p in projected]
-    grad_w = weights.new_empty(weights.shape) if mode == "sum" else projected[0].new_empty(0)
-    grad_z = [torch.empty_like(p) for p in projected] if mode == "gated" else []
-    return grads, grad_w, grad_z
 
 
 @triton_custom_op("mmfuse::combine_modalities_bwd_triton", fake=_fake_combine_bwd)

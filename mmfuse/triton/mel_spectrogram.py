@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfuse.ops.spectrogram import _fake_mel_spectrogram
 from mmfuse.triton._launch import launch, triton_custom_op
 
 BLOCK_F = 16  # frames per program: tl.dot needs >= 16 rows
@@ -181,14 +182,7 @@ def dft_basis(n_fft: int, win: int, device: torch.device) -> tuple[torch.Tensor,
     return angle.cos().float().to(device), angle.sin().float().to(device)
 
 
-def _fake(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode,
-          remove_dc, preemphasis, power, log_mode, log_floor, energy_mode, energy_floor, energy_last, frames_major):
-    n_feats = mel_fb.shape[1] + int(energy_mode != 0)
-    shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
-    return waveform.new_empty(shape)
-
-
-@triton_custom_op("mmfuse::mel_spectrogram_triton", fake=_fake)
+@triton_custom_op("mmfuse::mel_spectrogram_triton", fake=_fake_mel_spectrogram)
 def mel_spectrogram_triton(
     waveform: torch.Tensor,
     window: torch.Tensor,

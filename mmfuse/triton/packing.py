@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfuse.ops.packing import _fake_pack, _fake_unpack
 from mmfuse.triton._launch import launch, triton_custom_op
 
 BLOCK_T = 16
@@ -87,13 +88,6 @@ def _block_d(dim: int) -> int:
     return min(triton.next_power_of_2(max(dim, 1)), 256)
 
 
-def _fake_pack(features, lengths, cu_seqlens, type_embedding, padded, out_len):
-    batch, dim = features[0].shape[0], features[0].shape[2]
-    if padded:
-        return features[0].new_empty(batch, out_len, dim), features[0].new_empty(batch, out_len, dtype=torch.long)
-    return features[0].new_empty(out_len, dim), features[0].new_empty(out_len, dtype=torch.long)
-
-
 @triton_custom_op("mmfuse::pack_modalities_triton", fake=_fake_pack)
 def pack_modalities_triton(
     features: list[torch.Tensor],
@@ -123,10 +117,6 @@ def pack_modalities_triton(
             PACK=True, HAS_EMB=type_embedding is not None, ADD_DTYPE=_add_dtype(x.dtype), BLOCK_T=BLOCK_T, BLOCK_D=block_d,
         )
     return tokens, ids
-
-
-def _fake_unpack(tokens, lengths, cu_seqlens, sizes):
-    return [tokens.new_empty(lengths.shape[1], size, tokens.shape[-1]) for size in sizes]
 
 
 @triton_custom_op("mmfuse::unpack_modalities_triton", fake=_fake_unpack)
