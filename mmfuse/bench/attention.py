@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfuse
-from mmfuse.bench.case import Case
+from mmfuse.bench.case import Case, forward_and_backward
 
 
 def _sdpa_backends(device: torch.device):
@@ -23,14 +23,6 @@ def _sdpa_backends(device: torch.device):
     named = [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
              ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)]
     return [(name, lambda b=b: sdpa_kernel([b])) for name, b in named]
-
-
-def _accepts(fn) -> bool:
-    try:
-        fn()
-        return True
-    except RuntimeError:  # this SDPA backend rejects the case (e.g. flash with a mask)
-        return False
 
 
 def cases(device: torch.device, quick: bool, backends: list[str]):
@@ -51,33 +43,21 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         }
         for variant, (kwargs, keep) in variants.items():
             sdpa_mask = None if keep is None else keep[:, None, None, :]
+            ours = {b: forward_and_backward(lambda t, b=b, kw=kwargs: mmfuse.cross_attention(*t, backend=b, **kw),
+                                            [q, k, v]) for b in backends}
+            peers = {}
+            for name, ctx in _sdpa_backends(device):
+                def sdpa(t, ctx=ctx, m=sdpa_mask):
+                    with ctx():
+                        return F.scaled_dot_product_attention(
+                            t[0].transpose(1, 2), t[1].transpose(1, 2), t[2].transpose(1, 2), attn_mask=m
+                        ).transpose(1, 2)
+                try:
+                    peers[name] = forward_and_backward(sdpa, [q, k, v])
+                except RuntimeError:  # this SDPA backend rejects the case (e.g. flash with a mask)
+                    continue
             for direction in ("fwd", "fwd+bwd"):
-                ours = {b: _runner(direction, q, k, v, lambda q, k, v, b=b, kw=kwargs: mmfuse.cross_attention(
-                    q, k, v, backend=b, **kw)) for b in backends}
-                peers = {}
-                for name, ctx in _sdpa_backends(device):
-                    def sdpa(q, k, v, ctx=ctx, m=sdpa_mask):
-                        with ctx():
-                            return F.scaled_dot_product_attention(
-                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m
-                            ).transpose(1, 2)
-                    run = _runner(direction, q, k, v, sdpa)
-                    if _accepts(run):
-                        peers[name] = run
                 flops = 4.0 * batch * heads * lq * lk * dim * (1 if direction == "fwd" else 3.5)
                 yield Case("cross_attention", f"{direction} {variant} Lq={lq} Lk={lk} B={batch} H={heads} D={dim}",
-                           str(dtype).replace("torch.", ""), ours, peers, flops, "TFLOP/s")
-
-
-def _runner(direction, q, k, v, attend):
-    if direction == "fwd":
-        return lambda: attend(q, k, v)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        attend(*leaves).backward(grad)
-
-    return step
+                           str(dtype).replace("torch.", ""), {b: run[direction] for b, run in ours.items()},
+                           {name: run[direction] for name, run in peers.items()}, flops, "TFLOP/s")

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class Case:
@@ -21,3 +23,17 @@ class Case:
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
     work: float = 0.0
     unit: str = "GB/s"
+
+
+def forward_and_backward(fn: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[torch.Tensor]) -> dict:
+    """``{"fwd": ..., "fwd+bwd": ...}``: zero-argument callables running ``fn(leaves)``, and
+    ``fn`` then its backward with a fixed upstream gradient on fresh leaf copies."""
+    grad_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    grad = torch.randn_like(fn(grad_leaves).detach())
+
+    def step():
+        for t in grad_leaves:
+            t.grad = None
+        fn(grad_leaves).backward(grad)
+
+    return {"fwd": lambda: fn(leaves), "fwd+bwd": step}

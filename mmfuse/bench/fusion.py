@@ -6,24 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import mmfuse
-from mmfuse.bench.case import Case
+from mmfuse.bench.case import Case, forward_and_backward
 
-
-def _fwd_bwd(fn, leaves):
-    """A callable running fn(leaves) then its backward with a fixed upstream gradient."""
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    grad = torch.randn_like(fn(leaves).detach())
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(leaves).backward(grad)
-
-    return step
-
-
-def _directions(fn, leaves):
-    return {"fwd": lambda: fn(leaves), "fwd+bwd": _fwd_bwd(fn, leaves)}
 
 
 def cases(device: torch.device, quick: bool, backends: list[str]):
@@ -37,8 +21,8 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         weight = torch.randn(out, sum(dims), device=device, dtype=dtype) / sum(dims) ** 0.5
         bias = torch.randn(out, device=device, dtype=dtype)
         leaves = [*xs, weight, bias]
-        peer = _directions(lambda t: F.gelu(F.linear(torch.cat(t[:3], -1), t[3], t[4])), leaves)
-        ours = {b: _directions(lambda t, b=b: mmfuse.fused_concat_linear(t[:3], t[3], t[4], "gelu", backend=b), leaves)
+        peer = forward_and_backward(lambda t: F.gelu(F.linear(torch.cat(t[:3], -1), t[3], t[4])), leaves)
+        ours = {b: forward_and_backward(lambda t, b=b: mmfuse.fused_concat_linear(t[:3], t[3], t[4], "gelu", backend=b), leaves)
                 for b in backends}
         for direction, flop_factor in (("fwd", 1), ("fwd+bwd", 3)):
             yield Case("fused_concat_linear", f"{direction} N={n} D={dims} out={out} gelu", dname,
@@ -58,8 +42,8 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         def fused(t, b, mode=mode):
             kw = {"sum": {"logits": t[3] if len(t) > 3 else None}, "gated": {"gate_logits": t[3:]}, "product": {}}[mode]
             return mmfuse.combine_modalities(t[:3], mode, activation="silu", backend=b, **kw)
-        peer = _directions(composed, leaves)
-        ours = {b: _directions(lambda t, b=b, fused=fused: fused(t, b), leaves) for b in backends}
+        peer = forward_and_backward(composed, leaves)
+        ours = {b: forward_and_backward(lambda t, b=b, fused=fused: fused(t, b), leaves) for b in backends}
         tensor_bytes = rows * width * ps[0].element_size()
         for direction, factor in (("fwd", 1), ("fwd+bwd", 3)):
             moved = tensor_bytes * (len(leaves) + 1) * factor  # inputs read + output written (x3 with backward)

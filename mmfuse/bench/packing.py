@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 import mmfuse
-from mmfuse.bench.case import Case
-from mmfuse.bench.fusion import _directions
+from mmfuse.bench.case import Case, forward_and_backward
 
 
 def _cat_loop(features, lengths):
@@ -23,8 +22,8 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         lengths = [torch.randint(0, n + 1, (batch,), device=device) for n in sizes]
         total = int(sum(int(n.sum()) for n in lengths))
         # default arguments bind this shape's tensors: the cases are all built before any runs
-        peer = _directions(lambda f, n=lengths: _cat_loop(f, n), features)
-        ours = {b: _directions(lambda f, b=b, n=lengths, total=total, longest=sum(sizes): mmfuse.pack_modalities(
+        peer = forward_and_backward(lambda f, n=lengths: _cat_loop(f, n), features)
+        ours = {b: forward_and_backward(lambda f, b=b, n=lengths, total=total, longest=sum(sizes): mmfuse.pack_modalities(
             f, n, total=total, max_seqlen=longest, backend=b).tokens, features) for b in backends}
         moved = 2 * total * dim * features[0].element_size()
         for direction, factor in (("fwd", 1), ("fwd+bwd", 2)):
