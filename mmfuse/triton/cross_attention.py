@@ -67,10 +67,11 @@ def _query_program(QStart, QLen, KStart, KLen, heads_q):
 
 
 @triton.jit
-def _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM: tl.constexpr):
-    """(offsets, in-bounds mask) of a (BLOCK_N, BLOCK_D) tile of kv head hk's keys offs_n."""
-    offsets = (k_row + offs_n)[:, None] * k_stride + hk * HEAD_DIM + offs_d[None, :]
-    return offsets, (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+def _tile_offsets(first_row, offs, length, head, stride, offs_d, HEAD_DIM: tl.constexpr):
+    """(offsets, in-bounds mask) of a (len(offs), BLOCK_D) tile: rows first_row + offs of head
+    ``head`` in a (rows, heads, HEAD_DIM) tensor with row stride ``stride``, for queries or keys."""
+    offsets = (first_row + offs)[:, None] * stride + head * HEAD_DIM + offs_d[None, :]
+    return offsets, (offs < length)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
 
 @triton.jit
@@ -116,11 +117,9 @@ def _forward_kernel(
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = (heads_q // group) * HEAD_DIM
-    q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
-    q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+    q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, q_stride, offs_d, HEAD_DIM)
     q = _load_tile(Q + q_off, q_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
 
@@ -129,7 +128,7 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
+        kv_off, kv_ok = _tile_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
@@ -209,10 +208,9 @@ def _dkdv_kernel(
     lse_start = tl.load(LseStart + b).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = heads_kv * HEAD_DIM
-    kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
+    kv_off, kv_ok = _tile_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
     k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
     v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
@@ -224,8 +222,7 @@ def _dkdv_kernel(
     for h in range(hk * group, hk * group + group):
         for start_m in range(first_m, q_len, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
-            q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+            q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, q_stride, offs_d, HEAD_DIM)
             q = _load_tile(Q + q_off, q_ok, UPCAST)
             do = _load_tile(dOut + q_off, q_ok, UPCAST)
             row = lse_start + h * lse_head + offs_m
@@ -257,11 +254,9 @@ def _dq_kernel(
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_stride = heads_q * HEAD_DIM
     k_stride = (heads_q // group) * HEAD_DIM
-    q_off = (q_row + offs_m)[:, None] * q_stride + h * HEAD_DIM + offs_d[None, :]
-    q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
+    q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, q_stride, offs_d, HEAD_DIM)
     q = _load_tile(Q + q_off, q_ok, UPCAST)
     do = _load_tile(dOut + q_off, q_ok, UPCAST)
     row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
@@ -271,7 +266,7 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off, kv_ok = _kv_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
+        kv_off, kv_ok = _tile_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
         p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
