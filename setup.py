@@ -8,9 +8,27 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
-import torch
 from setuptools import setup
+
+NO_TORCH = """
+mmfuse builds its C++/CUDA extension against the torch that is already installed, so torch is
+deliberately not a build requirement: pip's isolated build environment would download a second,
+multi-GB torch (a CUDA build, whatever you have) just to compile against it, and the result
+could mismatch the torch you run. By default pip builds in such an isolated environment, which
+does not see the torch you installed.
+
+Install torch first (if it is not installed), then build without isolation:
+
+    pip install torch                       # or the build you want (CPU, a CUDA version)
+    pip install --no-build-isolation .      # likewise: pip wheel --no-build-isolation .
+"""
+
+try:
+    import torch
+except ModuleNotFoundError:
+    sys.exit("error: mmfuse: torch is not importable in this build environment." + NO_TORCH)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
 

@@ -112,3 +112,9 @@ def check_same_device(op: str, named: dict[str, torch.Tensor | None]) -> torch.d
 
 def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def check_int(op: str, name: str, value, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    check_positive(op, name, value, allow_zero=allow_zero)

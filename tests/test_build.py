@@ -86,10 +86,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     wheels = list(dist.glob("mmfuse-*.whl"))
     assert len(wheels) == 1, wheels
-    venv = tmp_path / "venv"
-    # reuse the installed torch: a fresh one would be a multi-GB download
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    python = _venv_seeing_this_torch(tmp_path / "venv")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
     smoke = textwrap.dedent(
         """
@@ -107,3 +104,35 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     result = subprocess.run([python, "-c", "import sys\n" + smoke], capture_output=True, text=True, cwd=tmp_path)
     assert "wheel-ok" in result.stdout, result.stderr
+
+
+def _venv_seeing_this_torch(venv: Path) -> Path:
+    """A fresh venv whose ``sys.path`` ends with the site-packages that hold the running
+    interpreter's torch, so it reuses that torch (a new one is a multi-GB download) whether the
+    tests run in a venv or not. ``--system-site-packages`` would reach the *base* interpreter,
+    which has no torch when the tests run in a venv. A ``.pth`` adds the directory only: its own
+    ``.pth`` files (this checkout's editable install) are not processed, so the wheel installed
+    into the venv is the mmfuse it imports."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    torch_site = str(Path(torch.__file__).resolve().parents[1])
+    Path(site_dir, "_mmfuse_test_torch.pth").write_text(torch_site + "\n")
+    return python
+
+
+def test_pip_install_with_build_isolation_explains_what_to_run(tmp_path):
+    """``pip install .`` (isolated build, where torch is absent) stops with our message, not a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "torch is not importable in this build environment" in output, output[-3000:]
+    assert "pip install --no-build-isolation ." in output
+    assert "Traceback" not in output, output[-3000:]
+    assert not list(tmp_path.glob("*.whl"))

@@ -15,7 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mmfuse._checks import check_choice, check_positive, check_tensor
+from mmfuse._checks import check_choice, check_int, check_positive, check_tensor
+from mmfuse.audio import configs
+from mmfuse.audio.filterbanks import build_window, melscale_fbanks
 from mmfuse.ops import spectrogram as ops
 
 
@@ -49,7 +51,7 @@ class MelSpectrogram(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.win_length, self.hop_length, self.f_max = ops.check_stft_args(
+        self.win_length, self.hop_length, self.f_max = configs.check_stft_args(
             "MelSpectrogram", sample_rate, n_fft, win_length, hop_length, f_min, f_max, pad, n_mels,
             window_fn, power, normalized, center, pad_mode, norm, mel_scale,
         )
@@ -57,12 +59,12 @@ class MelSpectrogram(nn.Module):
         self.power, self.normalized, self.center, self.pad_mode = power, normalized, center, pad_mode
         self.norm, self.mel_scale, self.backend = norm, mel_scale, backend
         dtype = torch.get_default_dtype()
-        self.register_buffer("window", ops.build_window(window_fn, self.win_length, wkwargs).to(dtype))
-        fb = ops.melscale_fbanks(n_fft // 2 + 1, f_min, self.f_max, n_mels, sample_rate, norm, mel_scale)
+        self.register_buffer("window", build_window(window_fn, self.win_length, wkwargs).to(dtype))
+        fb = melscale_fbanks(n_fft // 2 + 1, f_min, self.f_max, n_mels, sample_rate, norm, mel_scale)
         self.register_buffer("mel_fb", fb.to(dtype))
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
-        check_tensor("MelSpectrogram", "waveform", waveform, dtypes=ops.WAVE_DTYPES)
+        check_tensor("MelSpectrogram", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
         return ops.mel_spectrogram_op(
             waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype),
             n_fft=self.n_fft, hop_length=self.hop_length, pad=self.pad, power=self.power,
@@ -83,7 +85,7 @@ class AmplitudeToDB(nn.Module):
 
     def __init__(self, stype: str = "power", top_db: float | None = None) -> None:
         super().__init__()
-        check_choice("AmplitudeToDB", "stype", stype, ops.STYPES)
+        check_choice("AmplitudeToDB", "stype", stype, configs.STYPES)
         if top_db is not None:
             check_positive("AmplitudeToDB", "top_db", top_db, allow_zero=True)
         self.stype, self.top_db = stype, top_db
@@ -147,14 +149,14 @@ class WhisperLogMel(nn.Module):
 
     def __init__(self, n_mels: int = 80, *, backend: str = "auto") -> None:
         super().__init__()
-        ops.check_int("WhisperLogMel", "n_mels", n_mels)
+        check_int("WhisperLogMel", "n_mels", n_mels)
         self.n_mels, self.backend = n_mels, backend
         dtype = torch.get_default_dtype()
-        self.register_buffer("window", ops.build_window(torch.hann_window, ops.WHISPER_N_FFT).to(dtype))
-        self.register_buffer("mel_fb", ops.whisper_mel_filters(n_mels).to(dtype))
+        self.register_buffer("window", build_window(torch.hann_window, configs.WHISPER_N_FFT).to(dtype))
+        self.register_buffer("mel_fb", configs.whisper_mel_filters(n_mels).to(dtype))
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
-        check_tensor("WhisperLogMel", "audio", audio, dtypes=ops.WAVE_DTYPES)
+        check_tensor("WhisperLogMel", "audio", audio, dtypes=configs.WAVE_DTYPES)
         return ops.whisper_log_mel_op(
             audio, self.window.to(audio.dtype), self.mel_fb.to(audio.dtype), lengths=lengths, backend=self.backend
         )
@@ -180,13 +182,13 @@ class KaldiFbank(nn.Module):
             raise TypeError(f"KaldiFbank: unknown arguments {unknown}; known: {sorted(options)}")
         options.update(kwargs)
         self.options, self.backend = options, backend
-        self.config, window, mel_fb = ops.kaldi_fbank_config(**options)
+        self.config, window, mel_fb = configs.kaldi_fbank_config(**options)
         dtype = torch.get_default_dtype()
         self.register_buffer("window", window.to(dtype))
         self.register_buffer("mel_fb", mel_fb.to(dtype))
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
-        check_tensor("KaldiFbank", "waveform", waveform, dtypes=ops.WAVE_DTYPES)
+        check_tensor("KaldiFbank", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
         return ops.kaldi_fbank_op(
             waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype), self.config,
             lengths=lengths, backend=self.backend,

@@ -32,7 +32,6 @@ import math
 
 import torch
 
-from mmfuse import _extension
 from mmfuse._checks import (
     FLOAT_DTYPES,
     is_tracing,
@@ -42,7 +41,8 @@ from mmfuse._checks import (
     check_tensor,
 )
 from mmfuse.backends import choose_backend
-from mmfuse.ops.seqlens import max_seqlen
+from mmfuse.contract import attention as _contract  # noqa: F401  (registers the compiled ops' fake kernels and autograd)
+from mmfuse.contract.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
 # the backends with a kernel for this op; "cuda" is added when its kernel lands
@@ -145,7 +145,7 @@ def cross_attention_varlen(
         cu_seqlens_k: (batch_size + 1,) int32, the same for k and v, ending at total_k.
         max_seqlen_q: int, at least the longest query sequence (an upper bound is fine), or
             None to compute it from cu_seqlens_q (a host sync in eager mode; an unbacked SymInt
-            under ``torch.compile``, so no graph break: see ``mmfuse.ops.seqlens``).
+            under ``torch.compile``, so no graph break: see ``mmfuse.contract.seqlens``).
         max_seqlen_k: int, at least the longest key sequence, or None likewise.
         scale: float > 0, optional; default 1/sqrt(headdim).
         causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
@@ -287,57 +287,7 @@ def _check_cu_seqlens(
         )
 
 
-# --- fake kernels and autograd for the compiled ops -----------------------------------------
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal):
-    batch, len_q, heads_q, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
-
-
-def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
-
-
-def _fake_bwd(grad_out, grad_lse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
 def _triton():
     from mmfuse.triton import cross_attention
 
     return cross_attention
-
-
-def register_attention_autograd(fwd_op, bwd_op) -> None:
-    """Autograd for a forward op ``(q, k, v, *rest) -> (out, lse)`` whose backward op takes
-    ``(grad_out, grad_lse, q, k, v, out, lse, *rest)``; ``rest`` (masks or cu_seqlens,
-    scale, causal, ...) gets no gradient."""
-
-    def setup_context(ctx, inputs, output):
-        q, k, v = inputs[:3]
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.rest = inputs[3:]
-
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out.contiguous(), grad_lse, q, k, v, out, lse, *ctx.rest)
-        return (dq, dk, dv) + (None,) * len(ctx.rest)
-
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
-
-
-if _extension.has_cpu_kernels():
-    torch.library.register_fake("mmfuse::cross_attention_fwd", _fake_fwd)
-    torch.library.register_fake("mmfuse::cross_attention_varlen_fwd", _fake_varlen_fwd)
-    torch.library.register_fake("mmfuse::cross_attention_bwd", _fake_bwd)
-    torch.library.register_fake("mmfuse::cross_attention_varlen_bwd", _fake_bwd)
-    register_attention_autograd(torch.ops.mmfuse.cross_attention_fwd.default, torch.ops.mmfuse.cross_attention_bwd.default)
-    register_attention_autograd(
-        torch.ops.mmfuse.cross_attention_varlen_fwd.default, torch.ops.mmfuse.cross_attention_varlen_bwd.default
-    )

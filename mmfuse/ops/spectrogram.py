@@ -26,34 +26,29 @@ an item's end hold 0. The output keeps the frame count of the padded size ``T``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from mmfuse import _extension
-from mmfuse._checks import is_tracing, check_choice, check_lengths, check_positive, check_tensor
+from mmfuse._checks import check_choice, check_int, check_lengths, check_positive, check_tensor, is_tracing
+from mmfuse.audio.configs import (
+    KALDI_EPSILON,
+    STYPES,
+    WAVE_DTYPES,
+    WHISPER_HOP,
+    WHISPER_N_FFT,
+    KaldiFbankConfig,
+    check_stft_args,
+    kaldi_fbank_config,
+    whisper_mel_filters,
+)
+from mmfuse.audio.filterbanks import build_window, melscale_fbanks
 from mmfuse.backends import choose_backend
+from mmfuse.contract.spectrogram import ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED, LOG_NATURAL, LOG_NONE, LOG_WHISPER, PAD_MODE_CODES
 from mmfuse.reference import spectrogram as ref
-
-WAVE_DTYPES = (torch.float32, torch.float64)
-PAD_MODES = ("reflect", "constant", "replicate")
-MEL_SCALES = ("htk", "slaney")
-MEL_NORMS = (None, "slaney")
-STYPES = ("power", "magnitude")
-KALDI_WINDOWS = ("hamming", "hanning", "povey", "rectangular", "blackman")
-
-# Whisper's fixed STFT (whisper/audio.py: N_FFT, HOP_LENGTH, SAMPLE_RATE).
-WHISPER_N_FFT = 400
-WHISPER_HOP = 160
-WHISPER_SAMPLE_RATE = 16000
-
-# Kaldi floors spectra and energies at FLT_EPSILON whatever the dtype (torchaudio does too).
-KALDI_EPSILON = float(torch.finfo(torch.float32).eps)
 
 _IMPLEMENTED = {"cpu", "triton", "reference"}
 
@@ -259,81 +254,6 @@ KALDI_DEFAULTS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class KaldiFbankConfig:
-    """The numbers ``kaldi_fbank`` passes to a backend, from validated Kaldi options.
-    Sizes in samples; ``min_samples`` is ``min_duration * sample_frequency``."""
-
-    channel: int
-    window_shift: int
-    window_size: int
-    min_samples: float
-    snip_edges: bool
-    remove_dc_offset: bool
-    preemphasis_coefficient: float
-    raw_energy: bool
-    energy_floor: float
-    use_power: bool
-    use_log_fbank: bool
-    use_energy: bool
-    htk_compat: bool
-    subtract_mean: bool
-
-
-def kaldi_fbank_config(
-    *, blackman_coeff, channel, dither, energy_floor, frame_length, frame_shift, high_freq, htk_compat,
-    low_freq, min_duration, num_mel_bins, preemphasis_coefficient, raw_energy, remove_dc_offset,
-    round_to_power_of_two, sample_frequency, snip_edges, subtract_mean, use_energy, use_log_fbank,
-    use_power, vtln_high, vtln_low, vtln_warp, window_type,
-) -> tuple[KaldiFbankConfig, torch.Tensor, torch.Tensor]:
-    """Validate ``kaldi_fbank``'s options; return the config, the float64 window
-    ``(window_size,)`` and the float64 mel bins ``(padded_size // 2 + 1, num_mel_bins)``.
-    ``vtln_low`` and ``vtln_high`` only matter with VTLN, which is not supported."""
-    op = "kaldi_fbank"
-    if channel not in (-1, 0) or isinstance(channel, bool):
-        raise ValueError(
-            f"{op}: channel must be -1 or 0; mmfuse treats (B, T) as a batch, so select a channel "
-            f"before the call; got {channel!r}"
-        )
-    if dither != 0.0:
-        raise ValueError(f"{op}: dither must be 0.0 (dithering draws random noise, which mmfuse does not add), got {dither!r}")
-    if vtln_warp != 1.0:
-        raise ValueError(f"{op}: vtln_warp must be 1.0 (VTLN warping is not supported), got {vtln_warp!r}")
-    check_choice(op, "window_type", window_type, KALDI_WINDOWS)
-    check_positive(op, "sample_frequency", sample_frequency)
-    check_positive(op, "frame_shift", frame_shift)
-    check_positive(op, "frame_length", frame_length)
-    check_positive(op, "energy_floor", energy_floor, allow_zero=True)
-    check_positive(op, "min_duration", min_duration, allow_zero=True)
-    if not 0.0 <= preemphasis_coefficient <= 1.0:
-        raise ValueError(f"{op}: preemphasis_coefficient must lie in [0, 1], got {preemphasis_coefficient!r}")
-    check_int(op, "num_mel_bins", num_mel_bins)
-    if num_mel_bins <= 3:
-        raise ValueError(f"{op}: num_mel_bins must be > 3 (Kaldi's minimum), got {num_mel_bins}")
-    window_shift, window_size, padded_size = kaldi_frame_sizes(
-        op, sample_frequency, frame_length, frame_shift, round_to_power_of_two
-    )
-    config = KaldiFbankConfig(
-        channel=channel,
-        window_shift=window_shift,
-        window_size=window_size,
-        min_samples=min_duration * sample_frequency,
-        snip_edges=bool(snip_edges),
-        remove_dc_offset=bool(remove_dc_offset),
-        preemphasis_coefficient=float(preemphasis_coefficient),
-        raw_energy=bool(raw_energy),
-        energy_floor=float(energy_floor),
-        use_power=bool(use_power),
-        use_log_fbank=bool(use_log_fbank),
-        use_energy=bool(use_energy),
-        htk_compat=bool(htk_compat),
-        subtract_mean=bool(subtract_mean),
-    )
-    window = kaldi_window(window_type, window_size, blackman_coeff)
-    mel_fb = kaldi_mel_banks(op, num_mel_bins, padded_size, sample_frequency, low_freq, high_freq)
-    return config, window, mel_fb
-
-
 # ---------------------------------------------------------------------------------------------
 # Op level: tensors and numbers only. The nn layers call these with their buffers.
 
@@ -459,27 +379,8 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused kernels. One op, ``mmfuse::mel_spectrogram``, serves the three front ends: they
-# differ only in how frames are cut (offset, padding rule), Kaldi's per-frame extras, the
-# spectrum's power, the log and the output layout, all passed as numbers. Its arguments:
-#
-#   waveform (B, T); window (win,), win <= n_fft, applied to the frame's first win samples,
-#       which are then zero-padded to n_fft; mel_fb (n_fft // 2 + 1, n_mels);
-#   lengths, frame_lengths: int64 (B,) or None: samples and valid frames per item (frames
-#       past frame_lengths[b] are 0); num_frames: frames of the output;
-#   frame f of item b reads samples f * hop + frame_offset + [0, win) of the item's signal
-#       zero-padded by `pad` on both sides, outside which pad_mode applies (PAD_MODE_CODES);
-#   remove_dc, preemphasis: Kaldi's DC removal and pre-emphasis before the window;
-#   power: |X| ** power; log_mode: LOG_NONE, LOG_NATURAL ln(max(x, log_floor)) or LOG_WHISPER
-#       log10(max(x, log_floor)) clamped at the item's max - 8, then (x + 4) / 4;
-#   energy_mode: ENERGY_NONE, ENERGY_RAW (after DC removal) or ENERGY_WINDOWED, as
-#       max(ln(max(E, log_floor)), ln(energy_floor)) (energy_floor > 0) in the first column,
-#       or the last with energy_last;
-#   frames_major: output (B, frames, feats) (Kaldi) instead of (B, feats, frames).
-
-PAD_MODE_CODES = {"constant": 0, "reflect": 1, "replicate": 2, "kaldi": 3}
-LOG_NONE, LOG_NATURAL, LOG_WHISPER = 0, 1, 2
-ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
+# Each front end's contract on the one fused op ``mmfuse::mel_spectrogram`` (its arguments and
+# codes: ``mmfuse.contract.spectrogram``), for the C++ kernel and its Triton twin.
 
 
 def _cpu_op():
@@ -578,233 +479,8 @@ _KALDI_FBANK = {
 }
 
 
-def _fake_mel_spectrogram(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset,
-                          pad, pad_mode, remove_dc, preemphasis, power, log_mode, log_floor, energy_mode,
-                          energy_floor, energy_last, frames_major):
-    n_feats = mel_fb.shape[1] + int(energy_mode != ENERGY_NONE)
-    shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
-    return waveform.new_empty(shape)
-
-
-def _fake_mel_spectrogram_backward(grad, waveform, *args):
-    return waveform.new_empty(waveform.shape)
-
-
-def register_mel_autograd(forward_op, backward_op) -> None:
-    """The gradient w.r.t. the waveform is ``backward_op``; window and filterbank get none
-    (``_kernel_limits`` sends cases that need them to the reference)."""
-
-    def setup_context(ctx, inputs, output):
-        waveform, window, mel_fb, lengths, frame_lengths = inputs[:5]
-        ctx.save_for_backward(waveform, window, mel_fb, lengths, frame_lengths)
-        ctx.numbers = inputs[5:]
-
-    def backward(ctx, grad):
-        waveform, window, mel_fb, lengths, frame_lengths = ctx.saved_tensors
-        grad_waveform = backward_op(grad.contiguous(), waveform, window, mel_fb, lengths, frame_lengths, *ctx.numbers)
-        return (grad_waveform,) + (None,) * (4 + len(ctx.numbers))
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-if _extension.has_cpu_kernels():
-    torch.library.register_fake("mmfuse::mel_spectrogram", _fake_mel_spectrogram)
-    torch.library.register_fake("mmfuse::mel_spectrogram_backward", _fake_mel_spectrogram_backward)
-    register_mel_autograd(torch.ops.mmfuse.mel_spectrogram.default, torch.ops.mmfuse.mel_spectrogram_backward.default)
-
-
-# ---------------------------------------------------------------------------------------------
-# Windows and filterbanks, built in float64 on the CPU.
-
-
-def build_window(window_fn: Callable[..., torch.Tensor], win_length: int, wkwargs: dict | None = None) -> torch.Tensor:
-    """``window_fn(win_length, dtype=torch.float64, **wkwargs)``: float64 ``(win_length,)``, as
-    torchaudio's ``Spectrogram`` builds its window (torch's window functions are periodic by
-    default)."""
-    window = window_fn(win_length, dtype=torch.float64, **(wkwargs or {}))
-    if not isinstance(window, torch.Tensor) or window.shape != (win_length,):
-        raise ValueError(
-            f"window_fn must return a tensor of shape ({win_length},), got "
-            f"{tuple(window.shape) if isinstance(window, torch.Tensor) else type(window).__name__}"
-        )
-    return window
-
-
-def melscale_fbanks(
-    n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: float, norm: str | None, mel_scale: str
-) -> torch.Tensor:
-    """Triangular mel filterbank, float64 ``(n_freqs, n_mels)``, as
-    ``torchaudio.functional.melscale_fbanks`` (which follows ``librosa.filters.mel``): bins at
-    ``linspace(0, sample_rate // 2, n_freqs)`` Hz, ``n_mels + 2`` points equally spaced on the
-    HTK (``2595 log10(1 + f / 700)``) or Slaney (linear below 1 kHz, log above) mel scale,
-    ``norm="slaney"`` dividing each triangle by half its width in Hz. Warns, like torchaudio,
-    when a filter is all zero. The returned tensor is cached: do not modify it."""
-    fb = _melscale_fbanks(n_freqs, float(f_min), float(f_max), n_mels, sample_rate, norm, mel_scale)
-    if (fb.amax(dim=0) == 0.0).any():
-        warnings.warn(
-            f"mmfuse: at least one mel filter is all zero; n_mels ({n_mels}) may be too high "
-            f"or n_freqs ({n_freqs}) too low.",
-            stacklevel=3,
-        )
-    return fb
-
-
-@functools.lru_cache(maxsize=64)
-def _melscale_fbanks(n_freqs, f_min, f_max, n_mels, sample_rate, norm, mel_scale) -> torch.Tensor:
-    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
-    m_pts = torch.linspace(_hz_to_mel(f_min, mel_scale), _hz_to_mel(f_max, mel_scale), n_mels + 2, dtype=torch.float64)
-    f_pts = _mel_to_hz(m_pts, mel_scale)
-    fb = _triangles(all_freqs, f_pts)
-    if norm == "slaney":
-        fb = fb * (2.0 / (f_pts[2:] - f_pts[:-2]))
-    return fb
-
-
-def _hz_to_mel(freq: float, mel_scale: str) -> float:
-    if mel_scale == "htk":
-        return 2595.0 * math.log10(1.0 + freq / 700.0)
-    # Slaney (Auditory Toolbox): linear, 200/3 Hz per mel, below 1 kHz; log above.
-    if freq < 1000.0:
-        return freq * 3.0 / 200.0
-    return 15.0 + math.log(freq / 1000.0) / (math.log(6.4) / 27.0)
-
-
-def _mel_to_hz(mels: torch.Tensor, mel_scale: str) -> torch.Tensor:
-    if mel_scale == "htk":
-        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    return torch.where(mels >= 15.0, 1000.0 * torch.exp(math.log(6.4) / 27.0 * (mels - 15.0)), mels * 200.0 / 3.0)
-
-
-def _triangles(freqs: torch.Tensor, f_pts: torch.Tensor) -> torch.Tensor:
-    """Filter ``m`` rises from ``f_pts[m]`` to 1 at ``f_pts[m + 1]`` and falls to ``f_pts[m + 2]``:
-    ``(n_freqs, len(f_pts) - 2)``."""
-    widths = f_pts[1:] - f_pts[:-1]
-    slopes = f_pts.unsqueeze(0) - freqs.unsqueeze(1)
-    rising = -slopes[:, :-2] / widths[:-1]
-    falling = slopes[:, 2:] / widths[1:]
-    return torch.clamp(torch.minimum(rising, falling), min=0.0)
-
-
-def whisper_mel_filters(n_mels: int) -> torch.Tensor:
-    """float64 ``(201, n_mels)``: ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels).T``,
-    the filters Whisper ships in ``mel_filters.npz`` (Slaney scale and normalisation)."""
-    return melscale_fbanks(
-        WHISPER_N_FFT // 2 + 1, 0.0, WHISPER_SAMPLE_RATE / 2, n_mels, WHISPER_SAMPLE_RATE, "slaney", "slaney"
-    )
-
-
-def kaldi_frame_sizes(
-    op: str, sample_frequency: float, frame_length: float, frame_shift: float, round_to_power_of_two: bool
-) -> tuple[int, int, int]:
-    """(window_shift, window_size, padded_size) in samples, truncated as Kaldi truncates them."""
-    window_shift = int(sample_frequency * frame_shift * 0.001)
-    window_size = int(sample_frequency * frame_length * 0.001)
-    padded_size = 1 << (window_size - 1).bit_length() if round_to_power_of_two else window_size
-    if window_size < 2:
-        raise ValueError(f"{op}: frame_length must span at least 2 samples, got {window_size} ({frame_length} ms)")
-    if window_shift < 1:
-        raise ValueError(f"{op}: frame_shift must span at least 1 sample, got {frame_shift} ms")
-    if padded_size % 2:
-        raise ValueError(
-            f"{op}: frame_length must give an even FFT size; got {padded_size} samples "
-            "(set round_to_power_of_two=True or change frame_length)"
-        )
-    return window_shift, window_size, padded_size
-
-
-def kaldi_window(window_type: str, window_size: int, blackman_coeff: float) -> torch.Tensor:
-    """Kaldi's frame window (feature-window.cc), float64 ``(window_size,)``; "povey" is a
-    symmetric Hann window raised to 0.85."""
-    if window_type == "hanning":
-        return torch.hann_window(window_size, periodic=False, dtype=torch.float64)
-    if window_type == "hamming":
-        return torch.hamming_window(window_size, periodic=False, alpha=0.54, beta=0.46, dtype=torch.float64)
-    if window_type == "povey":
-        return torch.hann_window(window_size, periodic=False, dtype=torch.float64).pow(0.85)
-    if window_type == "rectangular":
-        return torch.ones(window_size, dtype=torch.float64)
-    a = 2 * math.pi / (window_size - 1) * torch.arange(window_size, dtype=torch.float64)
-    return blackman_coeff - 0.5 * torch.cos(a) + (0.5 - blackman_coeff) * torch.cos(2 * a)
-
-
-def kaldi_mel_banks(
-    op: str, num_bins: int, padded_size: int, sample_frequency: float, low_freq: float, high_freq: float
-) -> torch.Tensor:
-    """Kaldi's mel bins (mel-computations.cc, torchaudio ``kaldi.get_mel_banks`` without VTLN),
-    float64 ``(padded_size // 2 + 1, num_bins)``; the Nyquist bin gets weight 0 as in Kaldi."""
-    nyquist = 0.5 * sample_frequency
-    high = high_freq + nyquist if high_freq <= 0.0 else high_freq
-    if not 0.0 <= low_freq < nyquist:
-        raise ValueError(f"{op}: low_freq must lie in [0, {nyquist}) (the Nyquist frequency), got {low_freq!r}")
-    if not (0.0 < high <= nyquist and low_freq < high):
-        raise ValueError(
-            f"{op}: high_freq must give a cutoff in ({low_freq}, {nyquist}] (<= 0 is an offset from Nyquist), "
-            f"got high_freq={high_freq!r} (cutoff {high})"
-        )
-    return _kaldi_mel_banks(num_bins, padded_size, float(sample_frequency), float(low_freq), float(high))
-
-
-@functools.lru_cache(maxsize=64)
-def _kaldi_mel_banks(num_bins, padded_size, sample_frequency, low_freq, high_freq) -> torch.Tensor:
-    def mel(f):
-        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
-
-    mel_low, mel_high = mel(low_freq), mel(high_freq)
-    delta = (mel_high - mel_low) / (num_bins + 1)
-    edges = mel_low + delta * torch.arange(num_bins + 2, dtype=torch.float64)
-    fft_mels = mel(sample_frequency / padded_size * torch.arange(padded_size // 2, dtype=torch.float64))
-    rising = (fft_mels.unsqueeze(1) - edges[:-2]) / delta
-    falling = (edges[2:] - fft_mels.unsqueeze(1)) / delta
-    bins = torch.clamp(torch.minimum(rising, falling), min=0.0)
-    return torch.nn.functional.pad(bins, (0, 0, 0, 1))
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation.
-
-
-def check_stft_args(
-    op, sample_rate, n_fft, win_length, hop_length, f_min, f_max, pad, n_mels, window_fn, power,
-    normalized, center, pad_mode, norm, mel_scale,
-) -> tuple[int, int, float]:
-    """Validate ``MelSpectrogram``'s arguments; return (win_length, hop_length, f_max) with
-    torchaudio's defaults filled in."""
-    check_positive(op, "sample_rate", sample_rate)
-    check_int(op, "n_fft", n_fft)
-    if win_length is None:
-        win_length = n_fft
-    check_int(op, "win_length", win_length)
-    if win_length > n_fft:
-        raise ValueError(f"{op}: win_length must be <= n_fft ({n_fft}), got {win_length}")
-    if hop_length is None:
-        hop_length = win_length // 2
-    check_int(op, "hop_length", hop_length)
-    check_int(op, "pad", pad, allow_zero=True)
-    check_int(op, "n_mels", n_mels)
-    check_positive(op, "f_min", f_min, allow_zero=True)
-    if f_max is None:
-        f_max = float(sample_rate // 2)
-    check_positive(op, "f_max", f_max)
-    if f_min >= f_max:
-        raise ValueError(f"{op}: f_min must be < f_max ({f_max}), got {f_min}")
-    if not callable(window_fn):
-        raise TypeError(f"{op}: window_fn must be callable like torch.hann_window, got {type(window_fn).__name__}")
-    check_positive(op, "power", power)
-    if not (isinstance(normalized, bool) or normalized in ("window", "frame_length")):
-        raise ValueError(f"{op}: normalized must be one of [False, True, 'window', 'frame_length'], got {normalized!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"{op}: center must be a bool, got {type(center).__name__}")
-    check_choice(op, "pad_mode", pad_mode, PAD_MODES)
-    check_choice(op, "norm", norm, MEL_NORMS)
-    check_choice(op, "mel_scale", mel_scale, MEL_SCALES)
-    return win_length, hop_length, float(f_max)
-
-
-
-def check_int(op: str, name: str, value, *, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    check_positive(op, name, value, allow_zero=allow_zero)
 
 
 def _check_waveform(op: str, name: str, waveform, lengths) -> None:

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
-from mmfuse.ops.attention import _fake_bwd, _fake_fwd, _fake_varlen_fwd
+from mmfuse.contract.attention import fake_bwd, fake_fwd, fake_varlen_fwd, register_attention_autograd
 from mmfuse.triton._launch import launch, triton_custom_op
 
 
@@ -354,7 +354,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
     return dq, dk, dv
 
 
-@triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=_fake_fwd, triton_only_args=1)
+@triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, scale: float, causal: bool, allow_tf32: bool,
@@ -364,7 +364,7 @@ def cross_attention_fwd_triton(
     return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, (q.shape[0], q.shape[2], q.shape[1]))
 
 
-@triton_custom_op("mmfuse::cross_attention_bwd_triton", fake=_fake_bwd)
+@triton_custom_op("mmfuse::cross_attention_bwd_triton", fake=fake_bwd)
 def cross_attention_bwd_triton(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
@@ -375,7 +375,7 @@ def cross_attention_bwd_triton(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32)
 
 
-@triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=_fake_varlen_fwd, triton_only_args=1)
+@triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=fake_varlen_fwd, triton_only_args=1)
 def cross_attention_varlen_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, allow_tf32: bool,
@@ -385,7 +385,7 @@ def cross_attention_varlen_fwd_triton(
     return _forward(q, k, v, samples, None, scale, causal, allow_tf32, (q.shape[1], q.shape[0]))
 
 
-@triton_custom_op("mmfuse::cross_attention_varlen_bwd_triton", fake=_fake_bwd)
+@triton_custom_op("mmfuse::cross_attention_varlen_bwd_triton", fake=fake_bwd)
 def cross_attention_varlen_bwd_triton(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -397,8 +397,6 @@ def cross_attention_varlen_bwd_triton(
 
 
 def _register() -> None:
-    from mmfuse.ops.attention import register_attention_autograd
-
     register_attention_autograd(cross_attention_fwd_triton, cross_attention_bwd_triton)
     register_attention_autograd(cross_attention_varlen_fwd_triton, cross_attention_varlen_bwd_triton)
 

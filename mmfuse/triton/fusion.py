@@ -15,11 +15,12 @@ import triton
 import triton.language as tl
 
 from mmfuse.backends import triton_interpreted
-from mmfuse.ops.fusion import (
-    _fake_combine,
-    _fake_combine_bwd,
-    _fake_fused_concat_linear,
-    _fake_fused_concat_linear_bwd,
+from mmfuse.contract.fusion import (
+    fake_combine_modalities,
+    fake_combine_modalities_bwd,
+    fake_fused_concat_linear,
+    fake_fused_concat_linear_bwd,
+    register_fusion_autograd,
 )
 from mmfuse.triton._launch import launch, triton_custom_op
 
@@ -169,7 +170,7 @@ def multi_source_gemm(pairs, out, *, bias=None, activation="none", preact=None, 
     return out
 
 
-@triton_custom_op("mmfuse::fused_concat_linear_triton", fake=_fake_fused_concat_linear, triton_only_args=1)
+@triton_custom_op("mmfuse::fused_concat_linear_triton", fake=fake_fused_concat_linear, triton_only_args=1)
 def fused_concat_linear_triton(
     xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, activation: str, allow_tf32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +212,7 @@ def _activation_backward(grad_out: torch.Tensor, preact: torch.Tensor, activatio
     return g
 
 
-@triton_custom_op("mmfuse::fused_concat_linear_bwd_triton", fake=_fake_fused_concat_linear_bwd, triton_only_args=1)
+@triton_custom_op("mmfuse::fused_concat_linear_bwd_triton", fake=fake_fused_concat_linear_bwd, triton_only_args=1)
 def fused_concat_linear_bwd_triton(
     grad_out: torch.Tensor, xs: list[torch.Tensor], weight: torch.Tensor, preact: torch.Tensor, activation: str,
     has_bias: bool, allow_tf32: bool,
@@ -275,7 +276,7 @@ def _sources(ts, fill):
     return ts + [fill] * (MAX_SOURCES - len(ts))
 
 
-@triton_custom_op("mmfuse::combine_modalities_triton", fake=_fake_combine)
+@triton_custom_op("mmfuse::combine_modalities_triton", fake=fake_combine_modalities)
 def combine_modalities_triton(
     projected: list[torch.Tensor], mode: str, weights: torch.Tensor | None, gate_logits: list[torch.Tensor],
     activation: str,
@@ -335,7 +336,7 @@ def _combine_bwd_one(g, p_ptr, o1, o2, o3, z_ptr, w_ptr, gp_ptr, gz_ptr, partial
         tl.store(gz_ptr + offs, (g * p * s * (1.0 - s)).to(out_ty), mask=mask)
 
 
-@triton_custom_op("mmfuse::combine_modalities_bwd_triton", fake=_fake_combine_bwd)
+@triton_custom_op("mmfuse::combine_modalities_bwd_triton", fake=fake_combine_modalities_bwd)
 def combine_modalities_bwd_triton(
     grad_out: torch.Tensor, projected: list[torch.Tensor], mode: str, weights: torch.Tensor | None,
     gate_logits: list[torch.Tensor], preact: torch.Tensor, activation: str,
@@ -358,8 +359,6 @@ def combine_modalities_bwd_triton(
 
 
 def _register() -> None:
-    from mmfuse.ops.fusion import register_fusion_autograd
-
     register_fusion_autograd(fused_concat_linear_triton, fused_concat_linear_bwd_triton,
                              combine_modalities_triton, combine_modalities_bwd_triton)
 

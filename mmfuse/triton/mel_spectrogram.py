@@ -10,7 +10,7 @@ reaches memory. Whisper's clamp at the item's max - 8 is a light second pass in 
 
 Precision: ``tl.dot(..., input_precision="ieee")``, exact float32 products (the default and
 the only mode tested; an opt-in tf32 mode is not offered until its error is measured on a GPU).
-The argument codes are those of ``mmfuse/ops/spectrogram.py``.
+The argument codes are those of ``mmfuse/contract/spectrogram.py``.
 """
 from __future__ import annotations
 
@@ -21,14 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.ops.spectrogram import _fake_mel_spectrogram
+from mmfuse.contract.spectrogram import LOG_WHISPER, fake_mel_spectrogram
 from mmfuse.triton._launch import launch, triton_custom_op
 
 BLOCK_F = 16  # frames per program: tl.dot needs >= 16 rows
 BLOCK_K = 32  # frame samples per step of the DFT product
 BLOCK_N = 32  # frequency bins per step of the mel product
-
-LOG_WHISPER = 2
 
 
 @triton.jit
@@ -182,7 +180,7 @@ def dft_basis(n_fft: int, win: int, device: torch.device) -> tuple[torch.Tensor,
     return angle.cos().float().to(device), angle.sin().float().to(device)
 
 
-@triton_custom_op("mmfuse::mel_spectrogram_triton", fake=_fake_mel_spectrogram)
+@triton_custom_op("mmfuse::mel_spectrogram_triton", fake=fake_mel_spectrogram)
 def mel_spectrogram_triton(
     waveform: torch.Tensor,
     window: torch.Tensor,

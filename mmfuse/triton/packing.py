@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.ops.packing import _fake_pack, _fake_unpack
+from mmfuse.contract.packing import fake_pack_modalities, fake_unpack_modalities, register_pack_autograd
 from mmfuse.triton._launch import launch, triton_custom_op
 
 BLOCK_T = 16
@@ -88,7 +88,7 @@ def _block_d(dim: int) -> int:
     return min(triton.next_power_of_2(max(dim, 1)), 256)
 
 
-@triton_custom_op("mmfuse::pack_modalities_triton", fake=_fake_pack)
+@triton_custom_op("mmfuse::pack_modalities_triton", fake=fake_pack_modalities)
 def pack_modalities_triton(
     features: list[torch.Tensor],
     lengths: torch.Tensor,
@@ -119,7 +119,7 @@ def pack_modalities_triton(
     return tokens, ids
 
 
-@triton_custom_op("mmfuse::unpack_modalities_triton", fake=_fake_unpack)
+@triton_custom_op("mmfuse::unpack_modalities_triton", fake=fake_unpack_modalities)
 def unpack_modalities_triton(
     tokens: torch.Tensor, lengths: torch.Tensor, cu_seqlens: torch.Tensor, sizes: list[int]
 ) -> list[torch.Tensor]:
@@ -141,8 +141,6 @@ def unpack_modalities_triton(
 
 
 def _register() -> None:
-    from mmfuse.ops.packing import register_pack_autograd
-
     register_pack_autograd(pack_modalities_triton, unpack_modalities_triton)
 
 

@@ -1,0 +1,65 @@
+"""Contract of ``mmfuse::mel_spectrogram`` and its backward: the argument codes, fake kernels
+and autograd, shared by the compiled op and its Triton twin.
+
+One op, ``mmfuse::mel_spectrogram``, serves the three front ends: they
+differ only in how frames are cut (offset, padding rule), Kaldi's per-frame extras, the
+spectrum's power, the log and the output layout, all passed as numbers. Its arguments:
+
+  waveform (B, T); window (win,), win <= n_fft, applied to the frame's first win samples,
+      which are then zero-padded to n_fft; mel_fb (n_fft // 2 + 1, n_mels);
+  lengths, frame_lengths: int64 (B,) or None: samples and valid frames per item (frames
+      past frame_lengths[b] are 0); num_frames: frames of the output;
+  frame f of item b reads samples f * hop + frame_offset + [0, win) of the item's signal
+      zero-padded by `pad` on both sides, outside which pad_mode applies (PAD_MODE_CODES);
+  remove_dc, preemphasis: Kaldi's DC removal and pre-emphasis before the window;
+  power: |X| ** power; log_mode: LOG_NONE, LOG_NATURAL ln(max(x, log_floor)) or LOG_WHISPER
+      log10(max(x, log_floor)) clamped at the item's max - 8, then (x + 4) / 4;
+  energy_mode: ENERGY_NONE, ENERGY_RAW (after DC removal) or ENERGY_WINDOWED, as
+      max(ln(max(E, log_floor)), ln(energy_floor)) (energy_floor > 0) in the first column,
+      or the last with energy_last;
+  frames_major: output (B, frames, feats) (Kaldi) instead of (B, feats, frames).
+"""
+from __future__ import annotations
+
+import torch
+
+from mmfuse import _extension
+
+PAD_MODE_CODES = {"constant": 0, "reflect": 1, "replicate": 2, "kaldi": 3}
+LOG_NONE, LOG_NATURAL, LOG_WHISPER = 0, 1, 2
+ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
+
+
+def fake_mel_spectrogram(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset,
+                         pad, pad_mode, remove_dc, preemphasis, power, log_mode, log_floor, energy_mode,
+                         energy_floor, energy_last, frames_major):
+    n_feats = mel_fb.shape[1] + int(energy_mode != ENERGY_NONE)
+    shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
+    return waveform.new_empty(shape)
+
+
+def fake_mel_spectrogram_backward(grad, waveform, *args):
+    return waveform.new_empty(waveform.shape)
+
+
+def register_mel_autograd(forward_op, backward_op) -> None:
+    """The gradient w.r.t. the waveform is ``backward_op``; window and filterbank get none
+    (``mmfuse.ops.spectrogram`` sends cases that need them to the reference)."""
+
+    def setup_context(ctx, inputs, output):
+        waveform, window, mel_fb, lengths, frame_lengths = inputs[:5]
+        ctx.save_for_backward(waveform, window, mel_fb, lengths, frame_lengths)
+        ctx.numbers = inputs[5:]
+
+    def backward(ctx, grad):
+        waveform, window, mel_fb, lengths, frame_lengths = ctx.saved_tensors
+        grad_waveform = backward_op(grad.contiguous(), waveform, window, mel_fb, lengths, frame_lengths, *ctx.numbers)
+        return (grad_waveform,) + (None,) * (4 + len(ctx.numbers))
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    torch.library.register_fake("mmfuse::mel_spectrogram", fake_mel_spectrogram)
+    torch.library.register_fake("mmfuse::mel_spectrogram_backward", fake_mel_spectrogram_backward)
+    register_mel_autograd(torch.ops.mmfuse.mel_spectrogram.default, torch.ops.mmfuse.mel_spectrogram_backward.default)
