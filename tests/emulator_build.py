@@ -5,8 +5,8 @@ points take raw pointers and ``int64_t`` sizes and return 0, or nonzero with
 ``harness_last_error()`` set. :func:`load_harness` compiles it with g++ against
 ``csrc/emu/cuda_emu.h`` into ``build/emu/<name>-<hash>.so`` (the hash covers the source, the flags
 and every header under ``csrc/``, so edits rebuild and reruns do not), and returns a
-:class:`Harness` whose methods take CPU tensors (passed as their ``data_ptr()``), ints and
-floats, and raise :class:`EmulatorError` when the entry point fails::
+:class:`Harness` whose methods take CPU tensors (passed as their ``data_ptr()``), None (a null
+pointer), ints (``int64_t``) and floats (``double``), and raise :class:`EmulatorError` when the entry point fails::
 
     prims = load_harness("primitives", HARNESS_DIR / "primitives.cu")
     prims.block_sum(x, sums, x.numel(), 97)
@@ -32,9 +32,10 @@ HARNESS_DIR = Path(__file__).resolve().parent / "emulator"
 BUILD_DIR = ROOT / "build" / "emu"
 LINKER_SCRIPT = CSRC / "emu" / "shared_memory.ld"
 
-# -fdata-sections + the linker script gather static __shared__ variables for per-block poisoning.
-EMULATOR_FLAGS = ("-x", "c++", "-std=c++20", "-O1", "-g0", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
-                  "-fdata-sections", f"-Wl,-T,{LINKER_SCRIPT}")
+# -fdata-sections + the linker script gather static __shared__ variables for per-block poisoning;
+# CUDA's `#pragma unroll` is unknown to g++ and harmless.
+EMULATOR_FLAGS = ("-x", "c++", "-std=c++20", "-O1", "-g0", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+                  "-fPIC", "-shared", "-fdata-sections", f"-Wl,-T,{LINKER_SCRIPT}")
 
 
 class EmulatorError(RuntimeError):
@@ -107,10 +108,12 @@ class Harness:
 
 
 def _c_argument(value):
+    if value is None:
+        return ctypes.c_void_p(None)  # an optional pointer
     if isinstance(value, torch.Tensor):
         if not value.is_contiguous():
             raise ValueError("harness arguments must be contiguous tensors")
         return ctypes.c_void_p(value.data_ptr())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"harness arguments are tensors, ints and floats, got {type(value).__name__}")
+        raise TypeError(f"harness arguments are tensors, None, ints and floats, got {type(value).__name__}")
     return ctypes.c_int64(value) if isinstance(value, int) else ctypes.c_double(value)

@@ -267,7 +267,9 @@ inline bool release_block_barrier(Launch& l) {
     std::vector<int> lanes;
     const Thread* any = nullptr;
     for (int i = warp * kWarpSize; i < std::min(n, (warp + 1) * kWarpSize); ++i) {
-      if (l.threads[i].wait == Wait::kWarpBarrier) lanes.push_back(i), any = &l.threads[i];
+      if (l.threads[i].wait != Wait::kWarpBarrier) continue;
+      lanes.push_back(i);
+      any = &l.threads[i];
     }
     if (any == nullptr) continue;
     char mask[16];

@@ -33,8 +33,7 @@ __global__ void block_sum_kernel(const float* x, float* sums, int64_t n) {
   if (tid == 0) sums[blockIdx.x] = partial[0];
 }
 
-// One int per thread; out is (kShuffleVariants, n): each warp collective's per-lane result.
-constexpr int kShuffleVariants = 12;
+// One int per thread; out is (12, n): each warp collective's per-lane result.
 
 __global__ void warp_collectives_kernel(const int* in, int* out, float* warp_sums, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
