@@ -222,7 +222,8 @@ def test_gpu_agrees_with_the_emulator():
     for dtype in (torch.float16, torch.bfloat16):
         a, b, c = random_tiles(dtype, 5)
         d_gpu = run_mma(gpu, dtype, a.to(cuda), b.to(cuda), c.to(cuda)).cpu()
-        torch.testing.assert_close(d_gpu, run_mma(emulated, dtype, a, b, c), rtol=1e-5, atol=1e-5)
+        # the tensor core's summation order and rounding differ from a sequential fp32 sum
+        torch.testing.assert_close(d_gpu, run_mma(emulated, dtype, a, b, c), rtol=1e-4, atol=1e-4)
 
     matrices = torch.randint(-(2**15), 2**15, (4, 8, 8), dtype=torch.int16)
     regs = {dev: torch.full((6, 32, 4), -1, dtype=torch.int32, device=dev) for dev in ("cpu", cuda)}
