@@ -35,6 +35,19 @@ def test_nvcc_compiles_kernel_body(body, arch, tmp_path):
     assert (tmp_path / "check.o").stat().st_size > 0
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_nvcc_compiles_emulator_primitives(tmp_path):
+    # the kernels that test the host emulator also build for the GPU (test_emulator.py's cuda test),
+    # and so does every wrapper of csrc/cuda/mma.cuh they instantiate
+    source = ROOT / "tests" / "emulator" / "primitives.cu"
+    cmd = ["nvcc", "-x", "cu", "-std=c++17", f"-I{ROOT / 'csrc'}", f"-I{source.parent}",
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+           "-Xptxas", "-warn-spills", "-c", str(source), "-o", str(tmp_path / "primitives.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr and "spill" not in result.stderr, result.stderr
+
+
 def test_build_info_describes_this_build():
     info = mmfuse.build_info()
     assert info["extension_loaded"], info["load_error"]

@@ -140,21 +140,41 @@ inline bool rows_vectorizable(const PackParams<T>& p) {
   return ok;
 }
 
+// Grid, block and path of a move_rows launch: the one formula shared by the CUDA launcher and
+// the host-emulator tests (tests/test_pack_modalities_emulator.py).
+struct MoveRowsLaunch {
+  dim3 grid;
+  dim3 block;
+  bool vectorized;
+};
+
+// cudaSuccess with *launch filled in, or the error the launch must return. Needs p.rows > 0.
+template <typename T>
+inline cudaError_t move_rows_launch_config(const PackParams<T>& p, MoveRowsLaunch* launch) {
+  if (p.num_modalities < 1 || p.num_modalities > kMaxModalities) return cudaErrorInvalidValue;
+  const int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  launch->grid = dim3(static_cast<unsigned>(blocks));
+  launch->block = dim3(32, kRowsPerBlock);
+  launch->vectorized = rows_vectorizable(p);
+  return cudaSuccess;
+}
+
+#ifdef __CUDACC__  // the host emulator launches through emu::launch instead
 template <typename T, bool kPack>
 cudaError_t launch_move_rows(const PackParams<T>& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  if (p.num_modalities < 1 || p.num_modalities > kMaxModalities) return cudaErrorInvalidValue;
-  const dim3 block(32, kRowsPerBlock);
-  const int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks));
-  if (rows_vectorizable(p)) {
-    move_rows_kernel<T, kPack, true><<<grid, block, 0, stream>>>(p);
+  MoveRowsLaunch launch;
+  const cudaError_t status = move_rows_launch_config(p, &launch);
+  if (status != cudaSuccess) return status;
+  if (launch.vectorized) {
+    move_rows_kernel<T, kPack, true><<<launch.grid, launch.block, 0, stream>>>(p);
   } else {
-    move_rows_kernel<T, kPack, false><<<grid, block, 0, stream>>>(p);
+    move_rows_kernel<T, kPack, false><<<launch.grid, launch.block, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace cuda
 }  // namespace mmfuse

@@ -1,0 +1,119 @@
+"""Build and load kernel test harnesses: on the host emulator (g++) or, on a GPU machine, with nvcc.
+
+A harness is one C++/CUDA source (see ``tests/emulator/harness.h``) whose ``extern "C"`` entry
+points take raw pointers and ``int64_t`` sizes and return 0, or nonzero with
+``harness_last_error()`` set. :func:`load_harness` compiles it with g++ against
+``csrc/emu/cuda_emu.h`` into ``build/emu/<name>-<hash>.so`` (the hash covers the source, the flags
+and every header under ``csrc/``, so edits rebuild and reruns do not), and returns a
+:class:`Harness` whose methods take CPU tensors (passed as their ``data_ptr()``), None (a null
+pointer), ints (``int64_t``) and floats (``double``), and raise :class:`EmulatorError` when the entry point fails::
+
+    prims = load_harness("primitives", HARNESS_DIR / "primitives.cu")
+    prims.block_sum(x, sums, x.numel(), 97)
+
+:func:`load_gpu_harness` builds the same source with nvcc for the visible GPU; its methods take
+CUDA tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+HARNESS_DIR = Path(__file__).resolve().parent / "emulator"
+BUILD_DIR = ROOT / "build" / "emu"
+LINKER_SCRIPT = CSRC / "emu" / "shared_memory.ld"
+
+# -fdata-sections + the linker script gather static __shared__ variables for per-block poisoning;
+# CUDA's `#pragma unroll` is unknown to g++ and harmless.
+EMULATOR_FLAGS = ("-x", "c++", "-std=c++20", "-O1", "-g0", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+                  "-fPIC", "-shared", "-fdata-sections", f"-Wl,-T,{LINKER_SCRIPT}")
+
+
+class EmulatorError(RuntimeError):
+    """A harness entry point failed: a fault in the kernel (deadlock, bad launch, misuse)."""
+
+
+def cuda_include_dir() -> Path:
+    """The CUDA toolkit's include directory: its cuda_fp16.h / cuda_bf16.h also work under g++."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for home in filter(None, candidates):
+        if (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    raise FileNotFoundError("CUDA toolkit headers not found (set CUDA_HOME)")
+
+
+def load_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = ()) -> "Harness":
+    """Compile ``source`` (a path, or the text of a harness) for the host emulator and load it."""
+    text = Path(source).read_text() if isinstance(source, Path) else source
+    flags = (*EMULATOR_FLAGS, f"-I{CSRC}", f"-I{HARNESS_DIR}", f"-I{cuda_include_dir()}", *extra_flags)
+    return _load(name, text, ("g++", *flags))
+
+
+def load_gpu_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = ()) -> "Harness":
+    """Compile ``source`` with nvcc for the current GPU's architecture and load it."""
+    text = Path(source).read_text() if isinstance(source, Path) else source
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    flags = ("-x", "cu", "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
+             f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CSRC}", f"-I{HARNESS_DIR}", *extra_flags)
+    return _load(f"{name}-sm{arch}", text, ("nvcc", *flags))
+
+
+@functools.cache
+def _load(name: str, text: str, command: tuple[str, ...]) -> "Harness":
+    digest = hashlib.sha256("\0".join((text, *command)).encode())
+    for header in sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *CSRC.rglob("*.ld"), *HARNESS_DIR.glob("*.h")]):
+        digest.update(header.read_bytes())
+    library = BUILD_DIR / f"{name}-{digest.hexdigest()[:16]}.so"
+    if not library.exists():
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        unit = library.with_suffix(".cu")
+        unit.write_text(text)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([*command, str(unit), "-o", str(partial)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building harness {name} failed:\n{' '.join(command)}\n{result.stderr}")
+        os.replace(partial, library)  # atomic: a concurrent run never loads a half-written library
+    return Harness(ctypes.CDLL(str(library)))
+
+
+class Harness:
+    """A loaded harness: ``harness.entry(*args)`` calls ``extern "C" int entry(...)``."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library
+        library.harness_last_error.restype = ctypes.c_char_p
+
+    def __getattr__(self, entry: str):
+        function = getattr(self._library, entry)
+        function.restype = ctypes.c_int
+
+        def call(*args):
+            if function(*map(_c_argument, args)) != 0:
+                raise EmulatorError(f"{entry}: {self._library.harness_last_error().decode()}")
+
+        return call
+
+
+def _c_argument(value):
+    if value is None:
+        return ctypes.c_void_p(None)  # an optional pointer
+    if isinstance(value, torch.Tensor):
+        if not value.is_contiguous():
+            raise ValueError("harness arguments must be contiguous tensors")
+        return ctypes.c_void_p(value.data_ptr())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"harness arguments are tensors, None, ints and floats, got {type(value).__name__}")
+    return ctypes.c_int64(value) if isinstance(value, int) else ctypes.c_double(value)
