@@ -1,8 +1,8 @@
 """Backend selection, the same rule for every op (DESIGN.md, "Backends").
 
-``backend="auto"``: CUDA tensors go to the hand-written CUDA kernel when built and the case is
-supported, else Triton, else the reference; CPU tensors go to the C++ kernel, else the
-reference. ``MMFUSE_BACKEND`` in the environment replaces ``auto`` with a named backend.
+``backend="auto"``: CUDA tensors go to the hand-written CUDA kernel when built, the case is
+supported and the op is on the verified list (``VERIFIED_CUDA_OPS``), else Triton, else the
+reference; CPU tensors go to the C++ kernel, else the reference. ``MMFUSE_BACKEND`` in the environment replaces ``auto`` with a named backend.
 A named backend that cannot run the case raises with the reason; ``auto`` only ever picks
 a backend that computes the same function.
 """
@@ -18,6 +18,12 @@ import torch
 from mmfuse import _extension
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+
+# The ops whose CUDA kernel has run on a GPU, with its test log and benchmark JSON committed under
+# benchmarks/results/ (DESIGN.md, "Backends"). Only these does ``auto`` take; a CUDA kernel that
+# has been tested on the host emulator alone runs only when asked for by name (backend="cuda").
+# Keys are the public op names passed to ``choose_backend``.
+VERIFIED_CUDA_OPS: frozenset[str] = frozenset()
 
 
 def triton_interpreted() -> bool:
@@ -88,6 +94,8 @@ def choose_backend(
     if requested == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
         for backend in order:
+            if backend == "cuda" and op not in VERIFIED_CUDA_OPS:
+                continue
             if backend in implemented and _unavailable(backend, device) is None and unsupported(backend) is None:
                 return backend
         return "reference"
