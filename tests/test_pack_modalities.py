@@ -194,7 +194,7 @@ def test_packer_layer_learns_its_type_embedding():
         (lambda f, l: mmfuse.pack_modalities(f, l, type_embedding=torch.randn(2, 6).double()), "type_embedding must have dtype"),
         (lambda f, l: mmfuse.pack_modalities(f, l, total=-3), "total must be a non-negative int"),
         (lambda f, l: mmfuse.pack_modalities(f, l, backend="tpu"), "backend must be one of"),
-        (lambda f, l: mmfuse.pack_modalities(f, l, backend="cuda"), "backend 'cuda' has no kernel"),
+        (lambda f, l: mmfuse.pack_modalities(f, l, backend="cuda"), "backend 'cuda' cannot run this case: the 'cuda' backend takes CUDA tensors"),
         (lambda f, l: mmfuse.unpack_modalities(torch.randn(5, 6), l, [3]), "lengths must be a list of 1"),
         (lambda f, l: mmfuse.unpack_modalities(torch.randn(5, 6), l, [3, -4]), "sizes must be a list of non-negative"),
         (lambda f, l: mmfuse.unpack_modalities(torch.randn(3, 5, 6), l, [3, 4]), "padded tokens must have batch size 2"),

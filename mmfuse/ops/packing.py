@@ -18,7 +18,7 @@ from mmfuse.contract import packing as _contract  # noqa: F401  (registers the c
 from mmfuse.contract.seqlens import cu_seqlens_from_lengths, max_seqlen as _max_seqlen_op
 from mmfuse.reference import packing as reference
 
-IMPLEMENTED = ("cpu", "triton", "reference")
+IMPLEMENTED = ("cuda", "cpu", "triton", "reference")
 
 
 class PackedModalities(NamedTuple):
@@ -62,7 +62,8 @@ def pack_modalities(
         max_seqlen: the padded length when known (padded: at least the longest sample);
             passing it (or ``total`` for the packed layout) saves a device-to-host sync.
         total: the packed token count ``sum(lengths)``, when known.
-        backend: "auto", "cpu", "triton", "reference" ("cuda" arrives with its kernel).
+        backend: "auto", "cuda" (emulator-tested; taken by "auto" only once verified on a GPU),
+            "cpu", "triton", "reference".
 
     Returns:
         :class:`PackedModalities`. Differentiable w.r.t. ``features`` and ``type_embedding``.
@@ -114,7 +115,7 @@ def unpack_modalities(
             them (after any per-token processing).
         lengths: the M integer ``(B,)`` tensors given to :func:`pack_modalities`.
         sizes: the M padded sizes ``L_m`` of the original features.
-        backend: "auto", "cpu", "triton", "reference".
+        backend: "auto", "cuda", "cpu", "triton", "reference".
 
     Returns:
         M tensors ``(B, sizes[m], D)``, zero past each sample's length. Differentiable.
