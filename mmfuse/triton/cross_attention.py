@@ -316,10 +316,19 @@ def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32):
     mask = key_padding_mask.contiguous().view(torch.uint8) if has_mask else samples.vectors[0]
     args = (mask, *samples.vectors, scale, heads_q, heads_q // heads_kv, samples.lse_head,
             mask.shape[-1] if has_mask else 0)
-    precision = "tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee"
-    meta = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_MASK=has_mask, CAUSAL=causal,
-                PRECISION=precision, UPCAST=triton_interpreted() and q.dtype == torch.bfloat16, **_tile_meta())
+    meta = dict(HEAD_DIM=dim, BLOCK_D=_block_d(dim), HAS_MASK=has_mask, CAUSAL=causal,
+                PRECISION=_precision(q.dtype, allow_tf32), UPCAST=triton_interpreted() and q.dtype == torch.bfloat16,
+                **_tile_meta())
     return args, meta
+
+
+def _block_d(head_dim: int) -> int:
+    """Columns of a q/k/v tile: the head dim rounded up to a power of two, tl.dot's minimum 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
 def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_shape):
@@ -352,6 +361,53 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
         grid_q = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * heads_q)  # noqa: E731
         launch(_dq_kernel)[grid_q](q, k, v, grad_out, lse, delta, dq, *args, **meta)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- ahead-of-time cases
+
+# (dtype, allow_tf32) the launchers take; head dims up to MAX_HEAD_DIM (larger go to another backend)
+_DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
+MAX_HEAD_DIM = 256
+
+
+def aot_cases() -> list:
+    """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
+    tile width BLOCK_D (one head dim per width: smaller ones only mask columns), every autotune
+    config with both the key padding mask and the causal mask on (the most code); the other
+    mask/causal combinations, which change elementwise code only, at one config."""
+    from mmfuse.triton._aot import kernel_case, tuned_configs
+
+    cases = []
+    block_ds = sorted({_block_d(dim) for dim in range(1, MAX_HEAD_DIM + 1)})
+    for dtype, allow_tf32 in _DTYPES:
+        label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
+        for block_d in block_ds:
+            for has_mask, causal in ((True, True), (False, False), (True, False), (False, True)):
+                meta = dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_MASK=has_mask, CAUSAL=causal,
+                            PRECISION=_precision(dtype, allow_tf32), UPCAST=False)
+                for kernel, pointers in _attention_pointers(dtype, has_mask).items():
+                    configs = tuned_configs(kernel, pointers, meta)
+                    if not (has_mask and causal):
+                        configs = configs[:1] if block_d == 64 else []
+                    cases += [kernel_case(kernel, label, pointers, meta, floats=("scale",), config=c) for c in configs]
+            if not allow_tf32:  # the delta kernel has no tl.dot
+                pointers = dict(Out=dtype, dOut=dtype, dLse=torch.float32, Delta=torch.float32,
+                                QStart=torch.int32, QLen=torch.int32, LseStart=torch.int32)
+                cases += [kernel_case(_delta_kernel, label, pointers,
+                                      dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_DLSE=has_dlse, BLOCK_M=_DELTA_BLOCK_M))
+                          for has_dlse in (True, False)]
+    return cases
+
+
+def _attention_pointers(dtype, has_mask) -> dict:
+    """Kernel -> its tensor arguments' dtypes (the mask argument is a dummy int32 vector when there is no mask)."""
+    vectors = dict.fromkeys(("QStart", "QLen", "KStart", "KLen", "LseStart"), torch.int32)
+    common = dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32, **vectors)
+    return {
+        _forward_kernel: dict(common, Out=dtype),
+        _dkdv_kernel: dict(common, dOut=dtype, Delta=torch.float32, dK=dtype, dV=dtype),
+        _dq_kernel: dict(common, dOut=dtype, Delta=torch.float32, dQ=dtype),
+    }
 
 
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=_fake_fwd, triton_only_args=1)
