@@ -1,7 +1,7 @@
 # `make test`: install what is missing, then run every test (Triton ones under the CPU interpreter
 # in their own process when no GPU is present). `make bench`: run the benchmark suite.
 # `make triton-check`: compile every Triton kernel, dtype and autotune config for sm_80 and sm_90
-# (no GPU needed); fails on a compile error, shared memory over the device limit, or a spill.
+# (no GPU needed); fails on a compile error or shared memory over the device limit, reports spills.
 PYTHON ?= python3
 # the torch to install when none is present (a CPU wheel here; on a GPU machine install your CUDA torch first)
 TORCH_SPEC ?= torch==2.13.0

@@ -47,12 +47,15 @@ from mmfuse.reference import attention as reference_attention
 
 # the backends with a kernel for this op; "cuda" is added when its kernel lands
 _IMPLEMENTED = frozenset({"cpu", "triton", "reference"})
+TRITON_MAX_HEAD_DIM = 128
 
 
 def _unsupported(q: torch.Tensor):
     def reason(backend: str) -> str | None:
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
+        if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
+            return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
         return None
 
     return reason

@@ -36,9 +36,33 @@ def _autotune(block_names):
     def wrap(kernel):
         if triton_interpreted():
             return kernel
-        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])(kernel)
+        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"],
+                               prune_configs_by={"early_config_prune": _fitting_configs})(kernel)
 
     return wrap
+
+
+# Largest (BLOCK_M or BLOCK_N) x BLOCK_D tile, in bytes, that a config may stream. Measured by
+# `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory (sm_80:
+# 163 KiB) or the accumulators spill. fp32 without tf32 multiplies on the FMA units, whose
+# operands all live in registers: one 64 x 64 score tile at most.
+_TILE_BYTES = 16 * 1024
+_IEEE_TILE_AREA = 64 * 64
+
+
+def _fitting_configs(configs, named_args, **meta):
+    """The autotune configs that fit this head dim and dtype (``early_config_prune``); the
+    smallest one when none does."""
+    elem = named_args["Q"].element_size()
+
+    def fits(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if meta["PRECISION"] == "ieee" and elem == 4 and m * n > _IEEE_TILE_AREA:
+            return False
+        return max(m, n) * meta["BLOCK_D"] * elem <= _TILE_BYTES
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
 def _tile_meta():
@@ -365,20 +389,22 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
 
 # --------------------------------------------------------------------------- ahead-of-time cases
 
-# (dtype, allow_tf32) the launchers take; head dims up to MAX_HEAD_DIM (larger go to another backend)
+# (dtype, allow_tf32) the launchers take; head dims up to TRITON_MAX_HEAD_DIM (larger go to another backend:
+# at 256 every config overflows sm_80's shared memory or spills, measured by make triton-check)
 _DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
-MAX_HEAD_DIM = 256
 
 
 def aot_cases() -> list:
     """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
     tile width BLOCK_D (one head dim per width: smaller ones only mask columns), every autotune
     config with both the key padding mask and the causal mask on (the most code); the other
-    mask/causal combinations, which change elementwise code only, at one config."""
+    mask/causal combinations, which change elementwise code only, at one config; bfloat16,
+    whose tiles, MMA shapes and shared memory are float16's, at one config per BLOCK_D."""
+    from mmfuse.ops.attention import TRITON_MAX_HEAD_DIM
     from mmfuse.triton._aot import kernel_case, tuned_configs
 
     cases = []
-    block_ds = sorted({_block_d(dim) for dim in range(1, MAX_HEAD_DIM + 1)})
+    block_ds = sorted({_block_d(dim) for dim in range(1, TRITON_MAX_HEAD_DIM + 1)})
     for dtype, allow_tf32 in _DTYPES:
         label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
         for block_d in block_ds:
@@ -389,6 +415,8 @@ def aot_cases() -> list:
                     configs = tuned_configs(kernel, pointers, meta)
                     if not (has_mask and causal):
                         configs = configs[:1] if block_d == 64 else []
+                    elif dtype == torch.bfloat16:  # fp16's tiles, instructions and shared memory
+                        configs = configs[:1]
                     cases += [kernel_case(kernel, label, pointers, meta, floats=("scale",), config=c) for c in configs]
             if not allow_tf32:  # the delta kernel has no tl.dot
                 pointers = dict(Out=dtype, dOut=dtype, dLse=torch.float32, Delta=torch.float32,
