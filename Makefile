@@ -1,5 +1,7 @@
 # `make test`: install what is missing, then run every test (Triton ones under the CPU interpreter
 # in their own process when no GPU is present). `make bench`: run the benchmark suite.
+# `make triton-check`: compile every Triton kernel, dtype and autotune config for sm_80 and sm_90
+# (no GPU needed); fails on a compile error or shared memory over the device limit, reports spills.
 PYTHON ?= python3
 # the torch to install when none is present (a CPU wheel here; on a GPU machine install your CUDA torch first)
 TORCH_SPEC ?= torch==2.13.0
@@ -8,7 +10,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test bench wheel clean cuda-check
+.PHONY: install test triton-check cuda-check bench wheel clean
 
 install: $(STAMP)
 
@@ -24,6 +26,9 @@ else
 	$(PYTHON) -m pytest -q -m "not triton"
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
 endif
+
+triton-check: install
+	env -u TRITON_INTERPRET $(PYTHON) -m mmfuse.triton.aot_check
 
 bench: install
 	mkdir -p bench-out

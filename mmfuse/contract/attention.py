@@ -6,6 +6,9 @@ import torch
 
 from mmfuse import _extension
 
+# The largest head dim the Triton kernels take: at 256 every autotune config overflows sm_80's
+# shared memory or spills (measured by ``make triton-check``); larger ones go to another backend.
+TRITON_MAX_HEAD_DIM = 128
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -42,6 +42,7 @@ from mmfuse._checks import (
 )
 from mmfuse.backends import choose_backend
 from mmfuse.contract import attention as _contract  # noqa: F401  (registers the compiled ops' fake kernels and autograd)
+from mmfuse.contract.attention import TRITON_MAX_HEAD_DIM
 from mmfuse.contract.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
@@ -53,6 +54,8 @@ def _unsupported(q: torch.Tensor):
     def reason(backend: str) -> str | None:
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
+        if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
+            return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
         return None
 
     return reason

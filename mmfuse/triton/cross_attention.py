@@ -19,7 +19,13 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
-from mmfuse.contract.attention import fake_bwd, fake_fwd, fake_varlen_fwd, register_attention_autograd
+from mmfuse.contract.attention import (
+    TRITON_MAX_HEAD_DIM,
+    fake_bwd,
+    fake_fwd,
+    fake_varlen_fwd,
+    register_attention_autograd,
+)
 from mmfuse.triton._launch import launch, triton_custom_op
 
 
@@ -36,9 +42,33 @@ def _autotune(block_names):
     def wrap(kernel):
         if triton_interpreted():
             return kernel
-        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])(kernel)
+        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"],
+                               prune_configs_by={"early_config_prune": _fitting_configs})(kernel)
 
     return wrap
+
+
+# Largest (BLOCK_M or BLOCK_N) x BLOCK_D tile, in bytes, that a config may stream. Measured by
+# `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory (sm_80:
+# 163 KiB) or the accumulators spill. fp32 without tf32 multiplies on the FMA units, whose
+# operands all live in registers: one 64 x 64 score tile at most.
+_TILE_BYTES = 16 * 1024
+_IEEE_TILE_AREA = 64 * 64
+
+
+def _fitting_configs(configs, named_args, **meta):
+    """The autotune configs that fit this head dim and dtype (``early_config_prune``); the
+    smallest one when none does."""
+    elem = named_args["Q"].element_size()
+
+    def fits(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if meta["PRECISION"] == "ieee" and elem == 4 and m * n > _IEEE_TILE_AREA:
+            return False
+        return max(m, n) * meta["BLOCK_D"] * elem <= _TILE_BYTES
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
 def _tile_meta():
@@ -316,10 +346,19 @@ def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32):
     mask = key_padding_mask.contiguous().view(torch.uint8) if has_mask else samples.vectors[0]
     args = (mask, *samples.vectors, scale, heads_q, heads_q // heads_kv, samples.lse_head,
             mask.shape[-1] if has_mask else 0)
-    precision = "tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee"
-    meta = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_MASK=has_mask, CAUSAL=causal,
-                PRECISION=precision, UPCAST=triton_interpreted() and q.dtype == torch.bfloat16, **_tile_meta())
+    meta = dict(HEAD_DIM=dim, BLOCK_D=_block_d(dim), HAS_MASK=has_mask, CAUSAL=causal,
+                PRECISION=_precision(q.dtype, allow_tf32), UPCAST=triton_interpreted() and q.dtype == torch.bfloat16,
+                **_tile_meta())
     return args, meta
+
+
+def _block_d(head_dim: int) -> int:
+    """Columns of a q/k/v tile: the head dim rounded up to a power of two, tl.dot's minimum 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
 def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_shape):
@@ -352,6 +391,55 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
         grid_q = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * heads_q)  # noqa: E731
         launch(_dq_kernel)[grid_q](q, k, v, grad_out, lse, delta, dq, *args, **meta)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- ahead-of-time cases
+
+# (dtype, allow_tf32) the launchers take, for head dims up to TRITON_MAX_HEAD_DIM
+_DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
+
+
+def aot_cases() -> list:
+    """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
+    tile width BLOCK_D (one head dim per width: smaller ones only mask columns), every autotune
+    config with both the key padding mask and the causal mask on (the most code); the other
+    mask/causal combinations, which change elementwise code only, at one config; bfloat16,
+    whose tiles, MMA shapes and shared memory are float16's, at one config per BLOCK_D."""
+    from mmfuse.triton._aot import kernel_case, tuned_configs
+
+    cases = []
+    block_ds = sorted({_block_d(dim) for dim in range(1, TRITON_MAX_HEAD_DIM + 1)})
+    for dtype, allow_tf32 in _DTYPES:
+        label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
+        for block_d in block_ds:
+            for has_mask, causal in ((True, True), (False, False), (True, False), (False, True)):
+                meta = dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_MASK=has_mask, CAUSAL=causal,
+                            PRECISION=_precision(dtype, allow_tf32), UPCAST=False)
+                for kernel, pointers in _attention_pointers(dtype, has_mask).items():
+                    configs = tuned_configs(kernel, pointers, meta)
+                    if not (has_mask and causal):
+                        configs = configs[:1] if block_d == 64 else []
+                    elif dtype == torch.bfloat16:  # fp16's tiles, instructions and shared memory
+                        configs = configs[:1]
+                    cases += [kernel_case(kernel, label, pointers, meta, floats=("scale",), config=c) for c in configs]
+            if not allow_tf32:  # the delta kernel has no tl.dot
+                pointers = dict(Out=dtype, dOut=dtype, dLse=torch.float32, Delta=torch.float32,
+                                QStart=torch.int32, QLen=torch.int32, LseStart=torch.int32)
+                cases += [kernel_case(_delta_kernel, label, pointers,
+                                      dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_DLSE=has_dlse, BLOCK_M=_DELTA_BLOCK_M))
+                          for has_dlse in (True, False)]
+    return cases
+
+
+def _attention_pointers(dtype, has_mask) -> dict:
+    """Kernel -> its tensor arguments' dtypes (the mask argument is a dummy int32 vector when there is no mask)."""
+    vectors = dict.fromkeys(("QStart", "QLen", "KStart", "KLen", "LseStart"), torch.int32)
+    common = dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32, **vectors)
+    return {
+        _forward_kernel: dict(common, Out=dtype),
+        _dkdv_kernel: dict(common, dOut=dtype, Delta=torch.float32, dK=dtype, dV=dtype),
+        _dq_kernel: dict(common, dOut=dtype, Delta=torch.float32, dQ=dtype),
+    }
 
 
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=fake_fwd, triton_only_args=1)

@@ -358,6 +358,79 @@ def combine_modalities_bwd_triton(
     return grads, grad_w, grad_z
 
 
+# ---- ahead-of-time cases ---------------------------------------------------------------------
+
+# (dtype, allow_tf32) the launchers take (float64 goes to another backend)
+_DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
+# the three GEMMs multi_source_gemm runs, by the operand strides that are 1 (Triton turns a unit
+# stride into a constant, which is what lets loads vectorise): the forward x_s @ W_s^T reads both
+# along K; dX = g @ W_s reads g along K and W_s^T along N; dW = g^T @ x reads g^T along M and
+# x^T along N. The output is N-contiguous in all three.
+_GEMM_UNIT_STRIDES = {"forward": ("sa{s}k", "sb{s}k"), "grad_input": ("sa{s}k", "sb{s}n"),
+                      "grad_weight": ("sa{s}m", "sb{s}n")}
+
+
+def aot_cases() -> list:
+    """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``. The GEMM:
+    per dtype and operand layout every autotune config, the forward with four sources, bias,
+    GELU and the stored pre-activation (the most code), the backward as it runs (one source, no
+    epilogue); fewer sources and the other activations, elementwise epilogue changes, at one
+    config. The elementwise kernels: every activation, mode and modality count per dtype."""
+    from mmfuse.triton._aot import kernel_case
+
+    cases = []
+    for dtype, allow_tf32 in _DTYPES:
+        label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
+        precision, upcast = _precision(dtype, allow_tf32)
+        for layout, unit_strides in _GEMM_UNIT_STRIDES.items():
+            ones = [name.format(s=s) for name in unit_strides for s in range(MAX_SOURCES)] + ["scn"]
+            forward = layout == "forward"
+            variants = [dict(NUM_SOURCES=MAX_SOURCES if forward else 1, HAS_BIAS=forward,
+                             ACT=ACTIVATION_CODES["gelu" if forward else "none"], STORE_PRE=forward)]
+            if forward and dtype == torch.float16:
+                variants += [dict(NUM_SOURCES=n, HAS_BIAS=False, ACT=code, STORE_PRE=code != 0)
+                             for n in range(1, MAX_SOURCES) for code in ACTIVATION_CODES.values()]
+            for i, flags in enumerate(variants):
+                meta = dict(flags, PRECISION=precision, UPCAST=upcast)
+                # bfloat16 has float16's tiles, MMA shapes and shared memory: one config
+                configs = _gemm.configs if i == 0 and dtype != torch.bfloat16 else _gemm.configs[:1]
+                cases += [kernel_case(_gemm, f"{label} {layout}", _gemm_pointers(dtype), meta, ones=ones, config=c)
+                          for c in configs]
+        if allow_tf32:  # the elementwise kernels have no tl.dot
+            continue
+        for code in ACTIVATION_CODES.values():
+            cases.append(kernel_case(_activation_grad_kernel, label,
+                                     dict(grad_ptr=dtype, pre_ptr=dtype, g_ptr=torch.float32),
+                                     dict(ACT=code, BLOCK=ELEMENTWISE_BLOCK)))
+        cases += _combine_cases(dtype, label)
+    return cases
+
+
+def _gemm_pointers(dtype) -> dict:
+    operands = [f"{ab}{s}" for s in range(MAX_SOURCES) for ab in "ab"]
+    return dict(dict.fromkeys(operands + ["bias_ptr", "c_ptr", "pre_ptr"], dtype))
+
+
+def _combine_cases(dtype, label) -> list:
+    from mmfuse.triton._aot import kernel_case
+
+    sources = [f"{pz}{m}" for m in range(MAX_SOURCES) for pz in "pz"]
+    cases = []
+    for mode_name, mode in MODE_CODES.items():
+        forward = dict.fromkeys(sources + ["w_ptr", "out_ptr", "pre_ptr"], dtype)
+        activations = ACTIVATION_CODES.values() if mode_name == "sum" else [ACTIVATION_CODES["gelu"]]
+        cases += [kernel_case(_combine_fwd_kernel, label, forward,
+                              dict(NUM=MAX_SOURCES, MODE=mode, ACT=code, STORE_PRE=code != 0, BLOCK=ELEMENTWISE_BLOCK))
+                  for code in activations]
+        # the weights are read in "sum" mode only; otherwise the fp32 gradient stands in
+        backward = dict.fromkeys(sources + [f"g{pz}{m}" for m in range(MAX_SOURCES) for pz in "pz"], dtype)
+        backward.update(g_ptr=torch.float32, partial_ptr=torch.float32,
+                        w_ptr=dtype if mode_name == "sum" else torch.float32)
+        cases += [kernel_case(_combine_bwd_kernel, label, backward, dict(NUM=num, MODE=mode, BLOCK=ELEMENTWISE_BLOCK))
+                  for num in range(1, MAX_SOURCES + 1)]
+    return cases
+
+
 def _register() -> None:
     register_fusion_autograd(fused_concat_linear_triton, fused_concat_linear_bwd_triton,
                              combine_modalities_triton, combine_modalities_bwd_triton)

@@ -28,6 +28,8 @@ BLOCK_F = 16  # frames per program: tl.dot needs >= 16 rows
 BLOCK_K = 32  # frame samples per step of the DFT product
 BLOCK_N = 32  # frequency bins per step of the mel product
 
+MAX_N_MELS = 512  # the most mel bins the kernel takes (one tile of them per program)
+
 
 @triton.jit
 def _samples(x_ptr, j, length, pad, PAD_MODE: tl.constexpr, mask):
@@ -221,11 +223,43 @@ def mel_spectrogram_triton(
             PAD_MODE=pad_mode, HAS_LENGTHS=has_lengths, REMOVE_DC=remove_dc, PREEMPH=preemphasis != 0.0,
             POWER_MODE=0 if power == 2.0 else 1 if power == 1.0 else 2, LOG_MODE=log_mode, ENERGY_MODE=energy_mode,
             ENERGY_LAST=energy_last, FLOOR_ENERGY=energy_floor > 0.0, FRAMES_MAJOR=frames_major,
-            BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=max(16, triton.next_power_of_2(n_mels)),
+            BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=_block_m(n_mels),
         )
     if log_mode == LOG_WHISPER:
         out = _whisper_clamp(out, frame_lengths, frames_major)
     return out
+
+
+def _block_m(n_mels: int) -> int:
+    """Mel bins per program: all of them, rounded up to a power of two, tl.dot's minimum 16."""
+    return max(16, triton.next_power_of_2(n_mels))
+
+
+def aot_cases() -> list:
+    """What the launcher above launches on a GPU, for ``mmfuse.triton.aot_check``: float32, with
+    every optional step on (Kaldi padding, lengths, DC removal, pre-emphasis, |X|^power, log,
+    windowed energy first and floored, frames-major) at every BLOCK_M up to MAX_N_MELS bins; then
+    each other value of each flag, one at a time, at 128 bins. The flags change elementwise code
+    only, the tiles are fixed but for BLOCK_M."""
+    from mmfuse.triton._aot import kernel_case
+
+    full = dict(PAD_MODE=3, HAS_LENGTHS=True, REMOVE_DC=True, PREEMPH=True, POWER_MODE=2, LOG_MODE=1,
+                ENERGY_MODE=2, ENERGY_LAST=False, FLOOR_ENERGY=True, FRAMES_MAJOR=True)
+    others = dict(PAD_MODE=(0, 1, 2), HAS_LENGTHS=(False,), REMOVE_DC=(False,), PREEMPH=(False,), POWER_MODE=(0, 1),
+                  LOG_MODE=(0, LOG_WHISPER), ENERGY_MODE=(0, 1), ENERGY_LAST=(True,), FLOOR_ENERGY=(False,),
+                  FRAMES_MAJOR=(False,))
+    variants = [(full, block_m) for block_m in sorted({_block_m(n) for n in range(1, MAX_N_MELS + 1)})]
+    variants += [(dict(full, **{flag: value}), 128) for flag, values in others.items() for value in values]
+    cases = []
+    for flags, block_m in variants:
+        # without lengths the waveform stands in for the two int64 length vectors
+        lengths = torch.int64 if flags["HAS_LENGTHS"] else torch.float32
+        pointers = dict(x_ptr=torch.float32, window_ptr=torch.float32, cos_ptr=torch.float32, sin_ptr=torch.float32,
+                        fb_ptr=torch.float32, lengths_ptr=lengths, frame_lengths_ptr=lengths, out_ptr=torch.float32)
+        cases.append(kernel_case(_mel_spectrogram_kernel, "float32", pointers,
+                                 dict(flags, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=block_m),
+                                 floats=("preemph", "power", "log_floor", "log_energy_floor")))
+    return cases
 
 
 def _whisper_clamp(out: torch.Tensor, frame_lengths: torch.Tensor | None, frames_major: bool) -> torch.Tensor:

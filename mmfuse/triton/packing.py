@@ -140,6 +140,30 @@ def unpack_modalities_triton(
     return outs
 
 
+def aot_cases() -> list:
+    """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype,
+    packing with a type embedding (the most code) at every BLOCK_D ``_block_d`` can choose;
+    packing without one and unpacking (subsets of it) at the narrowest and widest."""
+    from mmfuse.triton._aot import kernel_case
+
+    cases = []
+    block_ds = sorted({_block_d(dim) for dim in range(1, 2 * 256 + 1)})
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        pack = dict(features_ptr=dtype, tokens_ptr=dtype, ids_ptr=torch.int64, emb_ptr=dtype,
+                    lengths_ptr=torch.int32, first_row_ptr=torch.int64)
+        unpack = dict(pack, ids_ptr=torch.int32, emb_ptr=dtype)  # unused ids/emb get lengths and the output
+        for block_d in block_ds:
+            variants = [(pack, True, True)]
+            if block_d in (block_ds[0], block_ds[-1]):
+                variants += [(pack, True, False), (unpack, False, False)]
+            cases += [kernel_case(_move_rows_kernel, f"{str(dtype)[6:]} {'pack' if is_pack else 'unpack'}"
+                                  f"{'+emb' if has_emb else ''}", pointers,
+                                  dict(PACK=is_pack, HAS_EMB=has_emb, ADD_DTYPE=_add_dtype(dtype) if has_emb else tl.float32,
+                                       BLOCK_T=BLOCK_T, BLOCK_D=block_d))
+                      for pointers, is_pack, has_emb in variants]
+    return cases
+
+
 def _register() -> None:
     register_pack_autograd(pack_modalities_triton, unpack_modalities_triton)
 
