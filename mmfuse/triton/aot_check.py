@@ -16,14 +16,17 @@ runs from any checkout or installed wheel with nothing on ``sys.path`` but mmfus
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import triton
 
@@ -102,6 +105,15 @@ def compile_case(case: AotCase, arch: int) -> Compiled:
     return Compiled(case, arch, kernel.metadata.shared, registers, spills, wgmma, time.perf_counter() - start)
 
 
+_WORK: list[tuple[AotCase, int]] = []  # set before the worker processes fork: kernels do not pickle
+
+
+def _compile(index: int) -> dict:
+    """Compile ``_WORK[index]`` in a worker; the measurements without the (unpicklable) case."""
+    result = compile_case(*_WORK[index])
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name != "case"}
+
+
 def ptxas_path(arch: int) -> str:
     """The ptxas Triton compiles for ``arch`` with (its wheel's, or ``TRITON_PTXAS_PATH``)."""
     try:
@@ -161,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability to compile for (repeatable; default: all)")
     parser.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)),
+                        help="compilations run at once, in separate processes (default: MAX_JOBS or the core count)")
     args = parser.parse_args(argv)
     if triton_interpreted():
         print("aot_check: unset TRITON_INTERPRET: under the interpreter the launchers choose the interpreter's "
@@ -170,9 +184,13 @@ def main(argv=None) -> int:
     archs = args.arch or sorted(SHARED_LIMIT)
     print(_ROW.format("kernel", "dtype", "config", "arch", "shared", "regs", "spill B", "mma", "problems"), flush=True)
     start, results = time.perf_counter(), []
-    for case in cases:
-        for arch in archs:
-            results.append(compile_case(case, arch))
+    # Triton 3.9 warns once per process that its fp-fusion default will change; the launchers get the same default
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    _WORK[:] = [(case, arch) for case in cases for arch in archs]
+    # the compiler is single-threaded: one process per core, forked so they inherit the cases
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for (case, _), measured in zip(_WORK, pool.map(_compile, range(len(_WORK)))):
+            results.append(Compiled(case=case, **measured))
             print(report_row(results[-1]), flush=True)
     failed = [r for r in results if r.problems()]
     print(f"\n{len(results)} compilations ({len(cases)} cases x {len(archs)} archs) in {time.perf_counter() - start:.0f} s")
