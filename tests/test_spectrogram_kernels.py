@@ -326,3 +326,77 @@ def test_op_rejects_bad_arguments(change, match):
     args[change["index"]] = change["value"]
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mmfuse.mel_spectrogram(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels, forward and waveform gradient (the emulator proves the same kernel bodies
+# without a GPU: test_mel_spectrogram_emulator.py)
+
+CUDA_FRONT_ENDS = [
+    ("mel_spectrogram", dict(n_fft=100, win_length=61, hop_length=23, n_mels=16, pad_mode="replicate", pad=5)),
+    ("mel_spectrogram", dict(n_fft=63, hop_length=17, n_mels=10, power=1.0, normalized=True, pad_mode="constant")),
+    ("mel_spectrogram", dict(n_fft=64, hop_length=13, n_mels=8, center=False, power=1.5)),
+    ("whisper_log_mel", dict()),
+    ("kaldi_fbank", dict(snip_edges=False, use_energy=True, subtract_mean=True)),
+    ("kaldi_fbank", dict(use_energy=True, raw_energy=False, htk_compat=True, energy_floor=0.0)),
+    ("kaldi_fbank", dict(use_power=False, round_to_power_of_two=False, frame_length=20.0, frame_shift=7.0)),
+]
+
+
+def _cuda_case_input(name, kw):
+    """(B=3, T) input of the front end's scale with lengths: full, about half, the shortest allowed."""
+    if name == "kaldi_fbank":
+        x = int16_audio(3, 4001)
+        lengths = torch.tensor([4001, 1111, 0 if kw.get("snip_edges", True) else 97])
+    elif name == "whisper_log_mel":
+        x = torch.randn(3, 4801, dtype=torch.float64) * 0.1
+        x[0, 2400:] *= 1e-6  # the max - 8 clamp bites
+        lengths = torch.tensor([4801, 1013, 201])
+    else:
+        x = torch.randn(3, 2003, dtype=torch.float64)
+        short = 0 if kw.get("pad_mode") == "constant" or not kw.get("center", True) else 1
+        lengths = torch.tensor([2003, 1001, short])
+    for b, length in enumerate(lengths.tolist()):
+        x[b, length:] = 0.0
+    return x, lengths
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name,kw", CUDA_FRONT_ENDS, ids=lambda v: v if isinstance(v, str) else _case_id(v))
+def test_cuda_kernels_forward_and_gradient_match_reference(name, kw, dtype):
+    fn = getattr(mmfuse, name)
+    x64, lengths = _cuda_case_input(name, kw)
+    x = x64.to("cuda", dtype).requires_grad_()
+    out, frame_lengths = fn(x, lengths=lengths.cuda(), backend="cuda", **kw)
+    ref_x = x64.clone().requires_grad_()
+    ref, ref_lengths = fn(ref_x, lengths=lengths, backend="reference", **kw)
+    assert torch.equal(frame_lengths.cpu(), ref_lengths)
+    log_features = name != "mel_spectrogram"
+    if log_features:
+        atol = 1e-9 if dtype == torch.float64 else (2e-5 if name == "whisper_log_mel" else 1e-4)
+        torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), atol=atol, rtol=0)
+    else:
+        for b in range(3):
+            check_mel_tolerance(out[b].detach().cpu(), ref[b].detach(), dtype)
+    weights = torch.randn(ref.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * weights.to("cuda", dtype)).sum(), x)
+    (again,) = torch.autograd.grad((fn(x, lengths=lengths.cuda(), backend="cuda", **kw)[0]
+                                    * weights.to("cuda", dtype)).sum(), x)
+    assert torch.equal(grad, again), "the backward must be deterministic"
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_x)
+    grad = grad.cpu().double()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    bound = tol * ref_grad.abs().max() + tol * ref_grad.abs()
+    assert ((grad - ref_grad).abs() <= bound).all(), f"max gradient error {(grad - ref_grad).abs().max():.3e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_kernel_rejects_bad_lengths():
+    args = list(_op_args("torchaudio"))
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    args[3] = torch.tensor([301, 302], device="cuda")
+    with pytest.raises(RuntimeError, match="lengths"):
+        torch.ops.mmfuse.mel_spectrogram(*args)

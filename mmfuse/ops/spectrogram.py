@@ -14,8 +14,8 @@ Compatibility targets:
 - ``whisper_log_mel``: ``whisper.audio.log_mel_spectrogram`` (openai/whisper).
 - ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
 
-Backends: "cpu" is the fused C++ kernel ``mmfuse::mel_spectrogram`` (float32/float64, with a
-backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
+Backends: "cpu" and "cuda" are the fused C++ and CUDA kernels of ``mmfuse::mel_spectrogram``
+(float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
 products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
 kernels take one op for all three front ends (see "The fused kernels" below).
 
@@ -50,7 +50,7 @@ from mmfuse.backends import choose_backend
 from mmfuse.contract.spectrogram import ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED, LOG_NATURAL, LOG_NONE, LOG_WHISPER, PAD_MODE_CODES
 from mmfuse.reference import spectrogram as ref
 
-_IMPLEMENTED = {"cpu", "triton", "reference"}
+_IMPLEMENTED = {"cuda", "cpu", "triton", "reference"}
 
 
 def mel_spectrogram(
@@ -361,7 +361,8 @@ def kaldi_fbank_op(
 def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor):
     """Why a kernel backend cannot take this case. The kernels differentiate w.r.t. the waveform
     only (a window or filterbank that needs a gradient goes to the reference); the Triton kernel
-    computes in float32 and has no backward yet."""
+    computes in float32 and has no backward yet; the CUDA kernel takes at most 65535 items (its
+    grid's second dimension) and needs one frame's DFT tables in shared memory."""
 
     def unsupported(backend: str) -> str | None:
         if backend == "reference":
@@ -373,17 +374,36 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
                 return f"the Triton kernel computes in float32, got {waveform.dtype}"
             if waveform.requires_grad and torch.is_grad_enabled():
                 return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
+        if backend == "cuda":
+            batch = waveform.reshape(-1, waveform.shape[-1]).shape[0] if waveform.dim() > 0 else 1
+            if batch > 65535:
+                return f"the CUDA kernel takes at most 65535 items per call, got {batch}"
+            if waveform.is_cuda:
+                n_fft = 2 * mel_fb.shape[0] - 1  # at least n_fft: mel_fb has n_fft // 2 + 1 rows
+                need = _cuda_tile_bytes(n_fft, n_fft, mel_fb.shape[1], waveform.element_size())
+                have = torch.cuda.get_device_properties(waveform.device).shared_memory_per_block_optin
+                if need > have:
+                    return (f"{mel_fb.shape[0]} frequency bins need {need} bytes of shared memory per frame in "
+                            f"{waveform.dtype}, this GPU has {have} per block")
         return None
 
     return unsupported
 
 
+def _cuda_tile_bytes(n_fft: int, win: int, n_mels: int, element_size: int) -> int:
+    """Shared memory of one frame's tile in the CUDA kernel (``tile_shared_bytes`` in
+    csrc/cuda/mel_spectrogram_kernel.cuh): twiddles, the frame, its spectrum, dL/dmel, per-frame
+    statistics (4 x 8) and a 128-value reduction scratch."""
+    return (2 * n_fft + win + 2 * (n_fft // 2 + 1) + n_mels + 4 * 8 + 128) * element_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Each front end's contract on the one fused op ``mmfuse::mel_spectrogram`` (its arguments and
-# codes: ``mmfuse.contract.spectrogram``), for the C++ kernel and its Triton twin.
+# codes: ``mmfuse.contract.spectrogram``), for the C++ and CUDA kernels and their Triton twin.
 
 
-def _cpu_op():
+def _compiled_op():
+    """The C++ op: the dispatcher runs its CPU kernel on CPU tensors, its CUDA kernel on CUDA ones."""
     return torch.ops.mmfuse.mel_spectrogram.default
 
 
@@ -464,17 +484,20 @@ def _kaldi_fbank_kernel(
 
 _MEL_SPECTROGRAM = {
     "reference": ref.mel_spectrogram,
-    "cpu": functools.partial(_mel_spectrogram_kernel, _cpu_op),
+    "cpu": functools.partial(_mel_spectrogram_kernel, _compiled_op),
+    "cuda": functools.partial(_mel_spectrogram_kernel, _compiled_op),
     "triton": functools.partial(_mel_spectrogram_kernel, _triton_op),
 }
 _WHISPER_LOG_MEL = {
     "reference": ref.whisper_log_mel,
-    "cpu": functools.partial(_whisper_log_mel_kernel, _cpu_op),
+    "cpu": functools.partial(_whisper_log_mel_kernel, _compiled_op),
+    "cuda": functools.partial(_whisper_log_mel_kernel, _compiled_op),
     "triton": functools.partial(_whisper_log_mel_kernel, _triton_op),
 }
 _KALDI_FBANK = {
     "reference": ref.kaldi_fbank,
-    "cpu": functools.partial(_kaldi_fbank_kernel, _cpu_op),
+    "cpu": functools.partial(_kaldi_fbank_kernel, _compiled_op),
+    "cuda": functools.partial(_kaldi_fbank_kernel, _compiled_op),
     "triton": functools.partial(_kaldi_fbank_kernel, _triton_op),
 }
 
