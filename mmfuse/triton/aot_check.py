@@ -142,15 +142,17 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-_ROW = "{:<26} {:<10} {:<42} {:>5} {:>8} {:>5} {:>7} {:>6} {}"
+_ROW = "{:<26} {:<10} {:<42} {:>5} {:>8} {:>5} {:>7} {:>6} {:>6} {}"
 
 
 def report_row(result: Compiled) -> str:
     case = result.case
     if result.error is not None:
-        return _ROW.format(case.name, case.label, case.config(), f"sm_{result.arch}", "-", "-", "-", "-", "COMPILE ERROR")
+        return _ROW.format(case.name, case.label, case.config(), f"sm_{result.arch}", "-", "-", "-", "-",
+                           f"{result.seconds:.1f}", "COMPILE ERROR")
     return _ROW.format(case.name, case.label, case.config(), f"sm_{result.arch}", result.shared, result.registers,
-                       result.spill_bytes, "wgmma" if result.wgmma else "", "; ".join(result.problems() + result.warnings()))
+                       result.spill_bytes, "wgmma" if result.wgmma else "", f"{result.seconds:.1f}",
+                       "; ".join(result.problems() + result.warnings()))
 
 
 def summary(results: list[Compiled]) -> list[str]:
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
         return 2
     cases = [c for c in collect_cases() if not args.kernel or any(k in c.name for k in args.kernel)]
     archs = args.arch or sorted(SHARED_LIMIT)
-    print(_ROW.format("kernel", "dtype", "config", "arch", "shared", "regs", "spill B", "mma", "problems"), flush=True)
+    print(_ROW.format("kernel", "dtype", "config", "arch", "shared", "regs", "spill B", "mma", "sec", "problems"), flush=True)
     start, results = time.perf_counter(), []
     # Triton 3.9 warns once per process that its fp-fusion default will change; the launchers get the same default
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")

@@ -29,12 +29,22 @@ from mmfuse.contract.attention import (
 from mmfuse.triton._launch import launch, triton_custom_op
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries on a GPU. Exact fp32 (no tf32)
+# takes _SMALL_TILE alone: Triton multiplies it on the FMA units with every operand in registers,
+# and `make triton-check` measured 64 x 64 tiles spilling 1-28 KB per thread in all three kernels
+# where 32 x 32 on 8 warps spills nothing but dK/dV at head dim 128 (1.9 KB on sm_80). It is also
+# the fallback when no tensor-core tile fits (tf32 at head dim 128: 64 x 64 needs 177-193 KiB of
+# shared memory, over sm_80's 163 KiB).
+_TENSOR_CORE_TILES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2))
+_SMALL_TILE = (32, 32, 8, 2)
+
+
 def _configs(block_names):
     if triton_interpreted():  # the interpreter is slow: one small tile
         return [triton.Config({name: 16 for name in block_names}, num_warps=1)]
     return [
         triton.Config({block_names[0]: m, block_names[1]: n}, num_warps=w, num_stages=s)
-        for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2))
+        for m, n, w, s in _TENSOR_CORE_TILES + (_SMALL_TILE,)
     ]
 
 
@@ -48,27 +58,26 @@ def _autotune(block_names):
     return wrap
 
 
-# Largest (BLOCK_M or BLOCK_N) x BLOCK_D tile, in bytes, that a config may stream. Measured by
-# `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory (sm_80:
-# 163 KiB) or the accumulators spill. fp32 without tf32 multiplies on the FMA units, whose
-# operands all live in registers: one 64 x 64 score tile at most.
+# Largest (BLOCK_M or BLOCK_N) x BLOCK_D tile, in bytes, that a tensor-core config may stream.
+# Measured by `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory
+# (sm_80: 163 KiB) or the accumulators spill.
 _TILE_BYTES = 16 * 1024
-_IEEE_TILE_AREA = 64 * 64
 
 
 def _fitting_configs(configs, named_args, **meta):
-    """The autotune configs that fit this head dim and dtype (``early_config_prune``); the
-    smallest one when none does."""
+    """The autotune configs for this head dim and dtype (``early_config_prune``): the small tile
+    for fp32 without tf32; otherwise the tensor-core tiles that fit, or else the small tile."""
     elem = named_args["Q"].element_size()
 
-    def fits(c):
-        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if meta["PRECISION"] == "ieee" and elem == 4 and m * n > _IEEE_TILE_AREA:
-            return False
-        return max(m, n) * meta["BLOCK_D"] * elem <= _TILE_BYTES
+    def tile(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
-    kept = [c for c in configs if fits(c)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    small = [c for c in configs if tile(c) == _SMALL_TILE]
+    if meta["PRECISION"] == "ieee" and elem == 4:
+        return small
+    kept = [c for c in configs if tile(c) != _SMALL_TILE
+            and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * meta["BLOCK_D"] * elem <= _TILE_BYTES]
+    return kept or small
 
 
 def _tile_meta():
@@ -401,10 +410,11 @@ _DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, Fals
 
 def aot_cases() -> list:
     """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
-    tile width BLOCK_D (one head dim per width: smaller ones only mask columns), every autotune
-    config with both the key padding mask and the causal mask on (the most code); the other
-    mask/causal combinations, which change elementwise code only, at one config; bfloat16,
-    whose tiles, MMA shapes and shared memory are float16's, at one config per BLOCK_D."""
+    tile width BLOCK_D 64 and 128 (one head dim per width: smaller ones only mask columns), every
+    autotune config with both the key padding mask and the causal mask on (the most code); BLOCK_D
+    16 and 32, the same program on narrower tiles, at one config; the other mask/causal
+    combinations, which change elementwise code only, at one config; bfloat16, whose tiles, MMA
+    shapes and shared memory are float16's, at one config per BLOCK_D."""
     from mmfuse.triton._aot import kernel_case, tuned_configs
 
     cases = []
@@ -420,6 +430,8 @@ def aot_cases() -> list:
                     if not (has_mask and causal):
                         configs = configs[:1] if block_d == 64 else []
                     elif dtype == torch.bfloat16:  # fp16's tiles, instructions and shared memory
+                        configs = configs[:1]
+                    elif block_d < 64:  # narrower tiles of BLOCK_D=64's program: its sweep bounds their resources
                         configs = configs[:1]
                     cases += [kernel_case(kernel, label, pointers, meta, floats=("scale",), config=c) for c in configs]
             if not allow_tf32:  # the delta kernel has no tl.dot

@@ -118,19 +118,37 @@ def _multi_source_gemm_kernel(
     tl.store(c_ptr + offs_m[:, None] * scm + offs_n[None, :] * scn, _activate(pre, ACT).to(out_ty), mask=mask)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): Hopper/Ampere tensor-core tiles, large ones
+# for the bulk and a narrower one for small N; exact fp32 (no tf32) takes _IEEE_TILE alone:
+# Triton multiplies it on the FMA units with the operands in registers, and `make triton-check`
+# measured the tensor-core tiles spilling up to 120 KB per thread (a minute to compile each)
+# where 32 x 64 x 32 on 8 warps spills nothing. The 128 x 256 tile is for 2-byte operands: in
+# fp32 (tf32) it needs 192 KiB of shared memory on sm_80 and 288 KiB on sm_90, over both limits.
+_TENSOR_CORE_TILES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4))
+_IEEE_TILE = (32, 64, 32, 8, 2)
+
+
 def _gemm_configs():
     if triton_interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
-    # Hopper/Ampere tiles: large tiles for the bulk, a narrower one for small N
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in _TENSOR_CORE_TILES + (_IEEE_TILE,)]
 
 
-_gemm = triton.autotune(_gemm_configs(), key=["M", "N", "NUM_SOURCES"])(_multi_source_gemm_kernel)
+def _gemm_tiles_for_precision(configs, named_args, **meta):
+    """``early_config_prune``: the exact-fp32 tile for fp32 without tf32, else the tensor-core
+    tiles (the 128 x 256 one for 2-byte operands only)."""
+    def tile(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    elem = named_args["a0"].element_size()
+    if meta["PRECISION"] == "ieee" and elem == 4:
+        return [c for c in configs if tile(c) == _IEEE_TILE]
+    return [c for c in configs if tile(c) != _IEEE_TILE and (elem == 2 or c.kwargs["BLOCK_N"] < 256)]
+
+
+_gemm = triton.autotune(_gemm_configs(), key=["M", "N", "NUM_SOURCES"],
+                        prune_configs_by={"early_config_prune": _gemm_tiles_for_precision})(_multi_source_gemm_kernel)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> tuple[str, bool]:
@@ -376,7 +394,7 @@ def aot_cases() -> list:
     GELU and the stored pre-activation (the most code), the backward as it runs (one source, no
     epilogue); fewer sources and the other activations, elementwise epilogue changes, at one
     config. The elementwise kernels: every activation, mode and modality count per dtype."""
-    from mmfuse.triton._aot import kernel_case
+    from mmfuse.triton._aot import kernel_case, tuned_configs
 
     cases = []
     for dtype, allow_tf32 in _DTYPES:
@@ -393,7 +411,9 @@ def aot_cases() -> list:
             for i, flags in enumerate(variants):
                 meta = dict(flags, PRECISION=precision, UPCAST=upcast)
                 # bfloat16 has float16's tiles, MMA shapes and shared memory: one config
-                configs = _gemm.configs if i == 0 and dtype != torch.bfloat16 else _gemm.configs[:1]
+                configs = tuned_configs(_gemm, _gemm_pointers(dtype), meta)
+                if i > 0 or dtype == torch.bfloat16:
+                    configs = configs[:1]
                 cases += [kernel_case(_gemm, f"{label} {layout}", _gemm_pointers(dtype), meta, ones=ones, config=c)
                           for c in configs]
         if allow_tf32:  # the elementwise kernels have no tl.dot
