@@ -8,7 +8,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test bench wheel clean
+.PHONY: install test bench wheel clean cuda-check
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ endif
 bench: install
 	mkdir -p bench-out
 	$(PYTHON) -m mmfuse.bench.cli --json bench-out/results.json --plot bench-out/results.png $(BENCH_ARGS)
+
+# compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
+cuda-check: install
+	$(PYTHON) tools/cuda_check.py
 
 wheel: install
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .

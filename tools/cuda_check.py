@@ -1,0 +1,170 @@
+"""``make cuda-check``: compile every CUDA launcher (``csrc/cuda/*.cu``) for sm_80 and sm_90a on a
+machine with nvcc but no GPU and no CUDA torch, and report registers, shared memory and spills.
+
+The launchers include torch headers, and the CPU torch wheel lacks the CUDA ones
+(``c10/cuda/impl/cuda_cmake_macros.h``), so the headers come from the CUDA build of the same
+torch version: ``pip download --isolated --no-deps torch==<version>`` (a plain PyPI wheel, kept
+in pip's cache; ``--isolated`` skips a local CPU wheel that pip's configuration may prefer),
+of which only ``torch/include`` is unpacked under ``build/``. The nvcc flags are the ones
+``setup.py``'s CUDAExtension build uses: torch's own ``COMMON_NVCC_FLAGS`` plus ours.
+
+Fails (exit 1) on a compile error, a warning from our sources, or any spill.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "cuda-check"
+ARCHS = ("sm_80", "sm_90a")
+OUR_NVCC_FLAGS = ["-O3", "-lineinfo"]  # setup.py's extra_compile_args["nvcc"]
+
+
+def torch_cuda_headers(version: str) -> Path:
+    """``torch/include`` of the CUDA torch ``version``, downloaded once and unpacked under build/."""
+    include = BUILD / f"torch-{version}-include"
+    if (include / "torch" / "extension.h").exists():
+        return include
+    wheels = BUILD / "wheel"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = list(wheels.glob(f"torch-{version}-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "--only-binary=:all:", "-q",
+             f"torch=={version}", "-d", str(wheels)],
+            check=True,
+        )
+        found = list(wheels.glob(f"torch-{version}-*.whl"))
+    tmp = include.with_suffix(".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(found[0]) as wheel:
+        members = [n for n in wheel.namelist() if n.startswith("torch/include/")]
+        wheel.extractall(tmp, members)
+    if not (tmp / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
+        raise SystemExit(f"cuda-check: {found[0].name} has no CUDA headers; is it a CUDA build of torch?")
+    (tmp / "torch" / "include").rename(include)
+    shutil.rmtree(tmp)
+    wheels_keep = os.environ.get("MMFUSE_KEEP_TORCH_WHEEL") == "1"
+    if not wheels_keep:
+        shutil.rmtree(wheels)  # 0.5 GB; pip's cache keeps a copy
+    return include
+
+
+def nvcc_command(nvcc: str, source: Path, include: Path) -> list[str]:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the CPU torch has the same list
+
+    gencode = [f"-gencode=arch={a.replace('sm_', 'compute_')},code={a}" for a in ARCHS]
+    return [
+        nvcc, "-std=c++20", "-c", str(source), "-o", str(BUILD / (source.stem + ".o")),
+        "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"),
+        "-I", sysconfig.get_paths()["include"], "-I", str(ROOT / "csrc"),
+        "-DMMFUSE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-D_GLIBCXX_USE_CXX11_ABI=1", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode,
+        *COMMON_NVCC_FLAGS, *OUR_NVCC_FLAGS,
+    ]
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_USAGE = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """One row per (kernel, arch) from ``ptxas -v``: registers, static smem, spill bytes."""
+    rows, current = [], None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = {"kernel": m.group(1), "arch": m.group(2), "regs": 0, "smem": 0, "spill": 0}
+            rows.append(current)
+        elif current is not None and (m := _SPILL.search(line)):
+            current["spill"] = int(m.group(1)) + int(m.group(2))
+        elif current is not None and (m := _USAGE.search(line)):
+            current["regs"] = int(m.group(1))
+            current["smem"] = int(m.group(2) or 0)
+    return rows
+
+
+def demangle(names: list[str]) -> list[str]:
+    if not names or shutil.which("c++filt") is None:
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def short(kernel: str) -> str:
+    """``mmfuse::cuda::move_rows_kernel<float, true, false>(...)`` -> ``move_rows_kernel<float, true, false>``."""
+    kernel = kernel.split("(")[0]
+    return kernel.removeprefix("void ").replace("mmfuse::cuda::", "").replace("(anonymous namespace)::", "")
+
+
+def check_one(nvcc: str, source: Path, include: Path) -> tuple[Path, int, str, float]:
+    start = time.monotonic()
+    result = subprocess.run(nvcc_command(nvcc, source, include), capture_output=True, text=True, cwd=ROOT)
+    return source, result.returncode, result.stdout + result.stderr, time.monotonic() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="*", type=Path, help="launchers to compile (default: csrc/cuda/*.cu)")
+    parser.add_argument("--torch-version", default=None, help="torch whose CUDA headers to use (default: the installed one)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc")
+    if not Path(nvcc).exists():
+        print("cuda-check: nvcc not found (set CUDA_HOME or put nvcc on PATH)", file=sys.stderr)
+        return 1
+    sources = args.sources or sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    if not sources:
+        print("cuda-check: no csrc/cuda/*.cu launchers to compile", file=sys.stderr)
+        return 1
+    version = args.torch_version or torch.__version__.split("+")[0]
+    include = torch_cuda_headers(version)
+    BUILD.mkdir(parents=True, exist_ok=True)
+    print(f"cuda-check: {len(sources)} launcher(s), {', '.join(ARCHS)}, torch {version} CUDA headers, "
+          f"{subprocess.run([nvcc, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]}")
+
+    failed = False
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for source, code, log, seconds in pool.map(lambda s: check_one(nvcc, s, include), sources):
+            name = source.relative_to(ROOT) if source.is_absolute() else source
+            ours = [l for l in log.splitlines() if "warning" in l and str(ROOT / "csrc") in l]
+            status = "ok" if code == 0 and not ours else "FAILED"
+            print(f"  {name}: {status} ({seconds:.0f} s)")
+            if code != 0 or ours:
+                failed = True
+                print("\n".join(l for l in log.splitlines() if "ptxas info" not in l and "bytes stack frame" not in l)[-6000:])
+            kernels = parse_ptxas(log)
+            for row, pretty in zip(kernels, demangle([r["kernel"] for r in kernels])):
+                row["kernel"], row["file"] = short(pretty), str(name)
+                rows.append(row)
+
+    if rows:
+        width = max(len(r["kernel"]) for r in rows)
+        print(f"\n  {'kernel':<{width}}  arch     regs  smem B  spill B")
+        for r in sorted(rows, key=lambda r: (r["file"], r["kernel"], r["arch"])):
+            print(f"  {r['kernel']:<{width}}  {r['arch']:<7} {r['regs']:>5} {r['smem']:>7} {r['spill']:>8}")
+    spilling = [r for r in rows if r["spill"] > 0]
+    for r in spilling:
+        print(f"cuda-check: {r['kernel']} spills {r['spill']} bytes on {r['arch']}", file=sys.stderr)
+    if failed or spilling:
+        return 1
+    print(f"cuda-check: {len(sources)} launcher(s), {len(rows)} kernel compilations, no errors, no spills")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
