@@ -717,6 +717,64 @@ inline cudaError_t delta_launch(const AttentionParams& p, KernelLaunch* launch) 
   return cudaSuccess;
 }
 
+inline bool launches_nothing(const KernelLaunch& l) { return l.grid.x == 0 || l.grid.y == 0 || l.grid.z == 0; }
+
+#ifdef __CUDACC__  // the host emulator launches through emu::launch instead
+// kernel<<<l>>>(p) on `stream`, opting in to more than 48 KiB of dynamic shared memory when needed.
+inline cudaError_t launch_kernel(void (*kernel)(AttentionParams), const KernelLaunch& l, const AttentionParams& p,
+                                 cudaStream_t stream) {
+  if (launches_nothing(l)) return cudaSuccess;
+  if (l.shared_bytes > 48 * 1024) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.shared_bytes));
+    if (status != cudaSuccess) return status;
+  }
+  kernel<<<l.grid, l.block, l.shared_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// out, lse from q, k, v. T: __half or __nv_bfloat16; p.head_dim 64 or 128.
+template <typename T>
+cudaError_t launch_forward(const AttentionParams& p, cudaStream_t stream) {
+  KernelLaunch l{};
+  const cudaError_t status = forward_launch<T>(p, &l);
+  if (status != cudaSuccess) return status;
+  return launch_kernel(p.head_dim == 64 ? attention_forward_kernel<T, 64> : attention_forward_kernel<T, 128>, l, p,
+                       stream);
+}
+
+// dq, dk, dv (and the delta scratch) from dout, dlse, q, k, v, out, lse: three launches in order.
+template <typename T>
+cudaError_t launch_backward(const AttentionParams& p, cudaStream_t stream) {
+  KernelLaunch l{};
+  cudaError_t status = delta_launch(p, &l);
+  if (status == cudaSuccess) status = launch_kernel(attention_backward_delta_kernel<T>, l, p, stream);
+  if (status == cudaSuccess) status = dkdv_launch<T>(p, &l);
+  if (status == cudaSuccess) {
+    status = launch_kernel(p.head_dim == 64 ? attention_backward_dkdv_kernel<T, 64> : attention_backward_dkdv_kernel<T, 128>,
+                           l, p, stream);
+  }
+  if (status == cudaSuccess) status = dq_launch<T>(p, &l);
+  if (status == cudaSuccess) {
+    status = launch_kernel(p.head_dim == 64 ? attention_backward_dq_kernel<T, 64> : attention_backward_dq_kernel<T, 128>,
+                           l, p, stream);
+  }
+  return status;
+}
+#endif
+
 }  // namespace attention
 }  // namespace cuda
 }  // namespace mmfuse
+
+#ifdef MMFUSE_KERNEL_COMPILE_CHECK
+// Instantiated only by the nvcc compile check (tests/test_build.py): both dtypes, both directions.
+#define MMFUSE_INSTANTIATE_ATTENTION(T)                                                                         \
+  template cudaError_t mmfuse::cuda::attention::launch_forward<T>(const mmfuse::cuda::attention::AttentionParams&, \
+                                                                  cudaStream_t);                                 \
+  template cudaError_t mmfuse::cuda::attention::launch_backward<T>(const mmfuse::cuda::attention::AttentionParams&, \
+                                                                   cudaStream_t);
+MMFUSE_INSTANTIATE_ATTENTION(__half)
+MMFUSE_INSTANTIATE_ATTENTION(__nv_bfloat16)
+#undef MMFUSE_INSTANTIATE_ATTENTION
+#endif

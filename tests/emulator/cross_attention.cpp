@@ -32,30 +32,28 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": invalid attention parameters");
 }
 
-bool empty(const att::KernelLaunch& l) { return l.grid.x == 0 || l.grid.y == 0 || l.grid.z == 0; }
-
 template <typename T>
 void forward(const att::AttentionParams& p) {
-  att::KernelLaunch l;
+  att::KernelLaunch l{};
   check(att::forward_launch<T>(p, &l), "forward_launch");
-  if (empty(l)) return;
+  if (att::launches_nothing(l)) return;
   harness::launch(p.head_dim == 64 ? att::attention_forward_kernel<T, 64> : att::attention_forward_kernel<T, 128>,
                   l.grid, l.block, l.shared_bytes, p);
 }
 
 template <typename T>
 void backward(const att::AttentionParams& p) {
-  att::KernelLaunch l;
+  att::KernelLaunch l{};
   check(att::delta_launch(p, &l), "delta_launch");
-  if (!empty(l)) harness::launch(att::attention_backward_delta_kernel<T>, l.grid, l.block, l.shared_bytes, p);
+  if (!att::launches_nothing(l)) harness::launch(att::attention_backward_delta_kernel<T>, l.grid, l.block, l.shared_bytes, p);
   check(att::dkdv_launch<T>(p, &l), "dkdv_launch");
-  if (!empty(l)) {
+  if (!att::launches_nothing(l)) {
     harness::launch(p.head_dim == 64 ? att::attention_backward_dkdv_kernel<T, 64>
                                      : att::attention_backward_dkdv_kernel<T, 128>,
                     l.grid, l.block, l.shared_bytes, p);
   }
   check(att::dq_launch<T>(p, &l), "dq_launch");
-  if (!empty(l)) {
+  if (!att::launches_nothing(l)) {
     harness::launch(p.head_dim == 64 ? att::attention_backward_dq_kernel<T, 64> : att::attention_backward_dq_kernel<T, 128>,
                     l.grid, l.block, l.shared_bytes, p);
   }
