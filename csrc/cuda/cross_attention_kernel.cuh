@@ -184,6 +184,34 @@ __device__ __forceinline__ void load_mask(uint8_t* mask_tile, const Sample& s, i
   mask_tile[threadIdx.x] = key < s.k_len ? s.mask[key] : 1;
 }
 
+// One step of the two-stage cp.async pipeline, before tile `tile` of `tiles` is consumed from
+// stage tile & 1: prefetch(tile + 1, stage) issues the next tile's loads into the other stage,
+// then this tile's copies are awaited and the block synchronised. The caller ends each step with
+// __syncthreads() so that the stage it read is free before the next step's prefetch refills it.
+template <typename Index, typename Prefetch>
+__device__ __forceinline__ void pipeline_step(Index tile, Index tiles, Prefetch&& prefetch) {
+  if (tile + 1 < tiles) {
+    prefetch(tile + 1, static_cast<int>((tile + 1) & 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
+// K/V tile `tile` (keys tile * kBlockN .. below `end`, zero rows past it) and its mask bytes into
+// stage `stage` of the double buffers sk, sv (kBlockN rows each) and smask (kBlockN bytes each).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, uint8_t* smask, const T* k, const T* v, int64_t k_stride,
+                                             const Sample& s, int64_t end, int tile, int stage) {
+  constexpr int kTileKV = Tile<kHeadDim>::template kElems<kBlockN>;
+  const int64_t key0 = static_cast<int64_t>(tile) * kBlockN, valid = min64(kBlockN, end - key0);
+  load_rows<T, kHeadDim, kBlockN>(sk + stage * kTileKV, k, k_stride, s.k_row + key0, valid);
+  load_rows<T, kHeadDim, kBlockN>(sv + stage * kTileKV, v, k_stride, s.k_row + key0, valid);
+  load_mask(smask + stage * kBlockN, s, key0);
+}
+
 // A operand (16 x 16) from a row-major tile: rows r0.., columns c0.. (ldmatrix x4: matrices
 // (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8) are registers a0a1, a2a3, a4a5, a6a7).
 template <int kStride, typename T>
@@ -323,10 +351,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   T* sq = smem + Sm::kQ;
   uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
   auto load_kv = [&](int tile, int stage) {
-    const int64_t key0 = static_cast<int64_t>(tile) * kBlockN, valid = min64(static_cast<int64_t>(kBlockN), end - key0);
-    load_rows<T, kHeadDim, kBlockN>(smem + Sm::kK + stage * kTileKV, k, k_stride, s.k_row + key0, valid);
-    load_rows<T, kHeadDim, kBlockN>(smem + Sm::kV + stage * kTileKV, v, k_stride, s.k_row + key0, valid);
-    load_mask(smask + stage * kBlockN, s, key0);
+    load_kv_tile<T, kHeadDim>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, s, end, tile, stage);
   };
   load_rows<T, kHeadDim, kBlockM>(sq, q, q_stride, s.q_row + i0, rows);
   load_kv(0, 0);
@@ -338,14 +363,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's columns only
   for (int tile = 0; tile < tiles; ++tile) {
     const int stage = tile & 1;
-    if (tile + 1 < tiles) {
-      load_kv(tile + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(tile, tiles, load_kv);
     const T* sk = smem + Sm::kK + stage * kTileKV;
     const T* sv = smem + Sm::kV + stage * kTileKV;
     const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
@@ -500,14 +518,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
     const int64_t key_of[2] = {key0 + 16 * warp + (lane >> 2), key0 + 16 * warp + (lane >> 2) + 8};
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
-      if (step + 1 < steps) {
-        load_step(step + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+      pipeline_step(step, steps, load_step);
       const T* sq = smem + Sm::kQ + stage * kTileQ;
       const T* sdo = smem + Sm::kDO + stage * kTileQ;
       const float* lse2 = slse + stage * kBlockMBwd;
@@ -591,12 +602,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
     const T* sq = smem + Sm::kQ;
     const T* sdo = smem + Sm::kDO;
     uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
-    auto load_kv = [&](int tile, int stage) {
-      const int64_t key_start = static_cast<int64_t>(tile) * kBlockN;
-      const int64_t valid = min64(static_cast<int64_t>(kBlockN), end - key_start);
-      load_rows<T, kHeadDim, kBlockN>(smem + Sm::kK + stage * kTileKV, k, k_stride, s.k_row + key_start, valid);
-      load_rows<T, kHeadDim, kBlockN>(smem + Sm::kV + stage * kTileKV, v, k_stride, s.k_row + key_start, valid);
-      load_mask(smask + stage * kBlockN, s, key_start);
+    auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
+      load_kv_tile<T, kHeadDim>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, s, end, tile, stage);
     };
     load_rows<T, kHeadDim, kBlockM>(smem + Sm::kQ, static_cast<const T*>(p.q) + h * kHeadDim, q_stride, s.q_row + i0,
                                     rows);
@@ -617,14 +624,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
     const float scale_log2 = p.scale * kLog2e;
     for (int tile = 0; tile < tiles; ++tile) {
       const int stage = tile & 1;
-      if (tile + 1 < tiles) {
-        load_kv(tile + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
+      pipeline_step(tile, tiles, load_kv);
       const T* sk = smem + Sm::kK + stage * kTileKV;
       const T* sv = smem + Sm::kV + stage * kTileKV;
       const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
