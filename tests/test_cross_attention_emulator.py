@@ -145,14 +145,19 @@ def test_attention_forward_lengths(len_q, len_k, head_dim, dtype):
     run_padded(2, len_q, len_k, 2, 1, head_dim, dtype=dtype)
 
 
+def every_mask_kind(len_k):
+    """(3,) kv_lens with a 0, a partial and a full length; a random (3, len_k) key padding mask
+    whose sample 2 hides every key."""
+    mask = torch.rand(3, len_k) < 0.3
+    mask[2] = True
+    return torch.tensor([0, len_k // 2 + 1, len_k]), mask
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=name)
 def test_attention_forward_masks(dtype, causal):
-    """kv_lens with a 0 and a partial length, a random key padding mask with a fully masked row."""
     len_k = 77
-    kv_lens = torch.tensor([0, 45, len_k])
-    mask = torch.rand(3, len_k) < 0.3
-    mask[2] = True  # sample 2: every key hidden
+    kv_lens, mask = every_mask_kind(len_k)
     run_padded(3, 17, len_k, 2, 1, 64, dtype=dtype, kv_lens=kv_lens, causal=causal)
     run_padded(3, 17, len_k, 2, 1, 64, dtype=dtype, mask=mask, causal=causal)
     mask[2, 50] = False
@@ -182,9 +187,7 @@ def test_attention_backward_lengths(len_q, len_k, head_dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=name)
 def test_attention_backward_masks_causal_gqa(dtype):
     len_k = 77
-    kv_lens = torch.tensor([0, 45, len_k])
-    mask = torch.rand(3, len_k) < 0.3
-    mask[2] = True
+    kv_lens, mask = every_mask_kind(len_k)
     run_padded(3, 17, len_k, 4, 2, 64, dtype=dtype, kv_lens=kv_lens, mask=mask, causal=True, grads=True)
 
 

@@ -302,6 +302,32 @@ __device__ __forceinline__ void store_rows(T* dst, int64_t stride, int64_t first
 
 // ----------------------------------------------------------------------------------- forward
 
+// The work of one CTA of the per-query-tile grid (forward, dQ): queries i0 .. i0 + rows - 1 of
+// q head h (kv head hk) of sample blockIdx.z, and the key tiles they can see.
+struct QueryTile {
+  Sample s;
+  int h, hk;
+  int64_t i0, rows;  // rows == 0: the tile lies past the sample's queries (varlen grids cover the longest)
+  int64_t end;       // keys [0, end) are visible to some query of the tile
+  int tiles;         // K/V tiles of kBlockN keys below end
+  int64_t row_of[2];  // this lane's rows in the C fragments: g and g + 8 of its warp's 16
+};
+
+__device__ __forceinline__ QueryTile query_tile(const AttentionParams& p) {
+  QueryTile t;
+  t.s = sample_of(p, blockIdx.z);
+  t.h = blockIdx.y;
+  t.hk = t.h / (p.heads_q / p.heads_kv);
+  t.i0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  t.rows = max64(0, min64(kBlockM, t.s.q_len - t.i0));
+  t.end = key_end(t.s, p.causal, t.i0 + t.rows);
+  t.tiles = static_cast<int>((t.end + kBlockN - 1) / kBlockN);
+  const int64_t first = t.i0 + 16 * (threadIdx.x / 32) + (threadIdx.x % 32) / 4;
+  t.row_of[0] = first, t.row_of[1] = first + 8;
+  return t;
+}
+
+
 template <int kHeadDim>
 struct ForwardSmem {
   using Tl = Tile<kHeadDim>;
@@ -318,23 +344,17 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   using Tl = Tile<kHeadDim>;
   using Sm = ForwardSmem<kHeadDim>;
   constexpr int kS = Tl::kStride, kTileKV = Tl::template kElems<kBlockN>;
-  const int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Sample s = sample_of(p, b);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  if (i0 >= s.q_len) return;  // past this sample's queries (varlen grids cover the longest)
-  const int64_t rows = min64(static_cast<int64_t>(kBlockM), s.q_len - i0);
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const QueryTile work = query_tile(p);
+  if (work.rows == 0) return;
+  const Sample& s = work.s;
+  const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
+  const int tiles = work.tiles, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
-  const T* q = static_cast<const T*>(p.q) + h * kHeadDim;
-  const T* k = static_cast<const T*>(p.k) + hk * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + hk * kHeadDim;
-  T* out = static_cast<T*>(p.out) + h * kHeadDim;
-  float* lse = p.lse + s.lse_base + h * p.lse_len;
-
-  const int64_t end = key_end(s, p.causal, i0 + rows);
-  const int tiles = static_cast<int>((end + kBlockN - 1) / kBlockN);
-  // rows of this lane in the C fragments: g and g + 8 of the warp's 16
-  const int64_t row_of[2] = {i0 + 16 * warp + (lane >> 2), i0 + 16 * warp + (lane >> 2) + 8};
+  const T* q = static_cast<const T*>(p.q) + work.h * kHeadDim;
+  const T* k = static_cast<const T*>(p.k) + work.hk * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDim;
+  T* out = static_cast<T*>(p.out) + work.h * kHeadDim;
+  float* lse = p.lse + s.lse_base + work.h * p.lse_len;
   if (tiles == 0) {  // no visible key in the whole tile: 0 and -inf, nothing read
     float o[kHeadDim / 8][4];
     zero(o);
@@ -582,18 +602,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
   using Tl = Tile<kHeadDim>;
   using Sm = DqSmem<kHeadDim>;
   constexpr int kS = Tl::kStride, kTileKV = Tl::template kElems<kBlockN>;
-  const int h = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Sample s = sample_of(p, b);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  if (i0 >= s.q_len) return;
-  const int64_t rows = min64(static_cast<int64_t>(kBlockM), s.q_len - i0);
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const QueryTile work = query_tile(p);
+  if (work.rows == 0) return;
+  const Sample& s = work.s;
+  const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
+  const int tiles = work.tiles, h = work.h, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
-  const T* k = static_cast<const T*>(p.k) + hk * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + hk * kHeadDim;
-  const int64_t end = key_end(s, p.causal, i0 + rows);
-  const int tiles = static_cast<int>((end + kBlockN - 1) / kBlockN);
-  const int64_t row_of[2] = {i0 + 16 * warp + (lane >> 2), i0 + 16 * warp + (lane >> 2) + 8};
+  const T* k = static_cast<const T*>(p.k) + work.hk * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDim;
 
   float dq[kHeadDim / 8][4];
   zero(dq);
