@@ -3,6 +3,9 @@
 // on the host emulator (g++) or a GPU (nvcc). Used by tests/test_cross_attention_emulator.py.
 #include "harness.h"
 
+#include <stdexcept>
+#include <string>
+
 #include "cuda/cross_attention_kernel.cuh"
 
 namespace {
@@ -32,31 +35,34 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": invalid attention parameters");
 }
 
+// harness::launch, opting in to more than 48 KiB of dynamic shared memory on the GPU as the launcher does.
+void launch(void (*kernel)(att::AttentionParams), const att::KernelLaunch& l, const att::AttentionParams& p) {
+  if (att::launches_nothing(l)) return;
+#ifdef __CUDACC__
+  if (l.shared_bytes > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.shared_bytes));
+  }
+#endif
+  harness::launch(kernel, l.grid, l.block, l.shared_bytes, p);
+}
+
 template <typename T>
 void forward(const att::AttentionParams& p) {
   att::KernelLaunch l{};
   check(att::forward_launch<T>(p, &l), "forward_launch");
-  if (att::launches_nothing(l)) return;
-  harness::launch(p.head_dim == 64 ? att::attention_forward_kernel<T, 64> : att::attention_forward_kernel<T, 128>,
-                  l.grid, l.block, l.shared_bytes, p);
+  launch(p.head_dim == 64 ? att::attention_forward_kernel<T, 64> : att::attention_forward_kernel<T, 128>, l, p);
 }
 
 template <typename T>
 void backward(const att::AttentionParams& p) {
   att::KernelLaunch l{};
   check(att::delta_launch(p, &l), "delta_launch");
-  if (!att::launches_nothing(l)) harness::launch(att::attention_backward_delta_kernel<T>, l.grid, l.block, l.shared_bytes, p);
+  launch(att::attention_backward_delta_kernel<T>, l, p);
   check(att::dkdv_launch<T>(p, &l), "dkdv_launch");
-  if (!att::launches_nothing(l)) {
-    harness::launch(p.head_dim == 64 ? att::attention_backward_dkdv_kernel<T, 64>
-                                     : att::attention_backward_dkdv_kernel<T, 128>,
-                    l.grid, l.block, l.shared_bytes, p);
-  }
+  launch(p.head_dim == 64 ? att::attention_backward_dkdv_kernel<T, 64> : att::attention_backward_dkdv_kernel<T, 128>, l,
+         p);
   check(att::dq_launch<T>(p, &l), "dq_launch");
-  if (!att::launches_nothing(l)) {
-    harness::launch(p.head_dim == 64 ? att::attention_backward_dq_kernel<T, 64> : att::attention_backward_dq_kernel<T, 128>,
-                    l.grid, l.block, l.shared_bytes, p);
-  }
+  launch(p.head_dim == 64 ? att::attention_backward_dq_kernel<T, 64> : att::attention_backward_dq_kernel<T, 128>, l, p);
 }
 
 }  // namespace
