@@ -327,7 +327,6 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionParams& p) {
   return t;
 }
 
-
 template <int kHeadDim>
 struct ForwardSmem {
   using Tl = Tile<kHeadDim>;
