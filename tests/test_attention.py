@@ -473,7 +473,7 @@ BAD_INPUTS = {
     "causal not bool": (dense(causal=1), TypeError, "causal must be a bool"),
     "return_lse not bool": (dense(return_lse=None), TypeError, "return_lse must be a bool"),
     "unknown backend": (dense(backend="gpu"), ValueError, "backend must be one of"),
-    "backend without kernel": (dense(backend="cuda"), NotImplementedError, "backend 'cuda'"),
+    "cuda backend on CPU tensors": (dense(backend="cuda"), ValueError, "backend 'cuda' cannot run this case: the 'cuda' backend takes CUDA tensors"),
     "varlen q rank": (varlen(q=PQ[None]), ValueError, "q must have 3 dimensions"),
     "varlen heads": (varlen(k=torch.randn(9, 3, 8), v=torch.randn(9, 3, 8)), ValueError, "nheads_k"),
     "cu_seqlens int64": (varlen(cu_seqlens_q=CU_Q.long()), TypeError, "cu_seqlens_q must have dtype in \\(int32\\)"),

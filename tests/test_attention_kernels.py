@@ -19,8 +19,11 @@ from test_attention import attention64, pack, plain_attention, qkv, visible_mask
 
 NEG_INF = float("-inf")
 CPU = backend_params("cpu")
-# the Triton interpreter is slow: its cases are a few tiny ones (the "cuda" backend has no kernel yet)
+# the Triton interpreter is slow: its cases are a few tiny ones
 KERNELS = backend_params("cpu", "triton")
+# the CUDA kernel takes float16/bfloat16 with head dim 64 or 128; its emulator tests are
+# test_cross_attention_emulator.py, these run on a GPU
+CUDA = backend_params("cuda")
 
 
 def masks_for(batch, len_k, gen=None):
@@ -219,6 +222,87 @@ def test_varlen_equals_padded(backend, causal):
         torch.testing.assert_close(lse[:, rows_q], lse_b[0], atol=1e-6, rtol=1e-5)
         for packed, single, rows in ((q, q_b, rows_q), (k, k_b, rows_k), (v, v_b, rows_k)):
             torch.testing.assert_close(packed.grad[rows], single.grad[0], atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- CUDA kernel
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernel_forward_and_gradients(backend, dtype, head_dim):
+    for len_q, len_k in [(1, 17), (17, 1), (64, 64), (77, 130), (130, 77)]:
+        kv_lens, mask = masks_for(3, len_k)
+        mask[2] = True  # a sample with every key hidden
+        for lens, m, causal in [(None, None, False), (kv_lens, mask, False), (kv_lens, None, True), (None, mask, True)]:
+            run_case(backend, 3, len_q, len_k, 8, 2, head_dim, kv_lens=lens, mask=m, causal=causal, dtype=dtype,
+                     grads=True)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_kernel_lse_gradient_and_determinism(backend):
+    q, k, v = (t.cuda().half().requires_grad_() for t in qkv(3, 77, 130, 8, 2, 64))
+    kv_lens, mask = (t.cuda() for t in masks_for(3, 130))
+    grads = []
+    for _ in range(2):
+        out, lse = mmfuse.cross_attention(q, k, v, kv_lens=kv_lens, key_padding_mask=mask, causal=True,
+                                          return_lse=True, backend=backend)
+        grads.append(torch.autograd.grad((out.float() ** 2).sum() + (lse.nan_to_num(0, 0, 0) * 0.5).sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, lse = mmfuse.cross_attention(*ref, kv_lens=kv_lens, key_padding_mask=mask, causal=True, return_lse=True,
+                                      backend="reference")
+    expected = torch.autograd.grad((out * out).sum() + (lse.nan_to_num(0, 0, 0) * 0.5).sum(), ref)
+    for a, b in zip(grads[0], expected):
+        torch.testing.assert_close(a.double(), b, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_kernel_varlen_equals_padded(backend, causal):
+    q_lens, k_lens = [5, 0, 77, 1, 9], [7, 3, 0, 130, 4]
+    batch = len(q_lens)
+    q_pad, k_pad, v_pad = (t.cuda().to(torch.bfloat16) for t in qkv(batch, max(q_lens), max(k_lens), 4, 2, 128))
+    q, cu_q = pack(q_pad, q_lens)
+    k, cu_k = pack(k_pad, k_lens)
+    v, _ = pack(v_pad, k_lens)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = mmfuse.cross_attention_varlen(q, k, v, cu_q, cu_k, None, None, causal=causal, return_lse=True,
+                                             backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    for b in range(batch):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        q_b, k_b, v_b = (t[rows][None].detach().requires_grad_() for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
+        out_b, lse_b = mmfuse.cross_attention(q_b, k_b, v_b, causal=causal, return_lse=True, backend=backend)
+        out_b.backward(grad_out[rows_q][None])
+        torch.testing.assert_close(out[rows_q], out_b[0])
+        torch.testing.assert_close(lse[:, rows_q], lse_b[0])
+        for packed, single, rows in ((q, q_b, rows_q), (k, k_b, rows_k), (v, v_b, rows_k)):
+            torch.testing.assert_close(packed.grad[rows], single.grad[0])
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_kernel_empty_inputs(backend):
+    q, k, v = (t.cuda().half().requires_grad_() for t in qkv(2, 3, 0, 2, 1, 64))  # no keys at all
+    out, lse = mmfuse.cross_attention(q, k, v, return_lse=True, backend=backend)
+    out.float().sum().backward()
+    assert (out == 0).all() and (lse == NEG_INF).all() and (q.grad == 0).all()
+    q, k, v = (t.cuda().half() for t in qkv(0, 3, 4, 2, 1, 64))  # empty batch
+    assert mmfuse.cross_attention(q, k, v, return_lse=True, backend=backend)[1].shape == (0, 2, 3)
+
+
+def test_cuda_backend_names_what_it_cannot_take():
+    q, k, v = qkv(1, 3, 5, 2, 1, 40)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this case"):
+        mmfuse.cross_attention(q, k, v, backend="cuda")
+    reason = mmfuse.ops.attention._unsupported
+    assert "float16 and bfloat16" in reason(q)("cuda")
+    assert "head dim 64 or 128" in reason(q.half())("cuda")
+    assert reason(torch.empty(1, 3, 2, 128, dtype=torch.bfloat16))("cuda") is None
 
 
 # --------------------------------------------------------------------------- op contract

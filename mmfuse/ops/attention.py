@@ -5,8 +5,9 @@ lengths or a key padding mask, and ``cross_attention_varlen`` on packed ``(total
 tensors with int32 ``cu_seqlens``, FlashAttention's two layouts (Dao et al., "FlashAttention-2",
 2023; ``flash_attn.flash_attn_interface``). Both validate every argument, choose a backend
 (``mmfuse.backends``) and dispatch to the custom ops ``mmfuse::cross_attention_fwd`` /
-``cross_attention_varlen_fwd`` (C++ CPU kernel, csrc/cpu/cross_attention.cpp) or to the
-pure-PyTorch reference. The ops' backward is the separate ``*_bwd`` op, registered here with
+``cross_attention_varlen_fwd`` (C++ CPU kernel, csrc/cpu/cross_attention.cpp; CUDA kernel,
+csrc/cuda/cross_attention.cu, float16/bfloat16 with head dim 64 or 128), to the Triton
+kernels or to the pure-PyTorch reference. The ops' backward is the separate ``*_bwd`` op, registered here with
 ``torch.library.register_autograd``: the forward saves ``out`` and ``lse``, the backward
 recomputes the probabilities from them (FlashAttention-2's backward).
 
@@ -46,8 +47,12 @@ from mmfuse.contract.attention import TRITON_MAX_HEAD_DIM
 from mmfuse.contract.seqlens import max_seqlen
 from mmfuse.reference import attention as reference_attention
 
-# the backends with a kernel for this op; "cuda" is added when its kernel lands
-_IMPLEMENTED = frozenset({"cpu", "triton", "reference"})
+# the backends with a kernel for this op
+_IMPLEMENTED = frozenset({"cuda", "cpu", "triton", "reference"})
+
+# what the CUDA kernel (csrc/cuda/cross_attention_kernel.cuh, tensor-core mma) takes
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 128)
 
 
 def _unsupported(q: torch.Tensor):
@@ -56,6 +61,11 @@ def _unsupported(q: torch.Tensor):
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
         if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
             return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
+        if backend == "cuda":
+            if q.dtype not in _CUDA_DTYPES:
+                return f"the CUDA kernel takes float16 and bfloat16 inputs (tensor-core mma), got {q.dtype}"
+            if q.shape[-1] not in _CUDA_HEAD_DIMS:
+                return f"the CUDA kernel takes head dim 64 or 128, got {q.shape[-1]}"
         return None
 
     return reason
