@@ -194,9 +194,12 @@ __device__ __forceinline__ void combine_backward_chunk(const CombineParams<T>& p
 #pragma unroll
     for (int j = 0; j < kWidth; ++j) g[j] = activation_grad<T>(g[j], z[j], p.act);
   }
-  for (int m = 0; m < p.num_modalities; ++m) {
-    A x[kWidth], grad_p[kWidth];
-    if (kMode == CombineMode::kSum) {
+  if constexpr (kMode == CombineMode::kSum) {
+    // unrolled so that dot[m] has a constant index and stays in registers
+#pragma unroll
+    for (int m = 0; m < kMaxModalities; ++m) {
+      if (m >= p.num_modalities) break;
+      A x[kWidth], grad_p[kWidth];
       load_acc<T, kWidth>(p.projected[m] + e, x);
       const A w = p.weights[m];
 #pragma unroll
@@ -204,29 +207,35 @@ __device__ __forceinline__ void combine_backward_chunk(const CombineParams<T>& p
         grad_p[j] = g[j] * w;
         dot[m] += g[j] * x[j];
       }
-    } else if (kMode == CombineMode::kProduct) {
-      // the product of the other modalities, not out / p_m: exact when some p_j == 0
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) grad_p[j] = g[j];
-      for (int k = 0; k < p.num_modalities; ++k) {
-        if (k == m) continue;
-        load_acc<T, kWidth>(p.projected[k] + e, x);
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) grad_p[j] *= x[j];
-      }
-    } else {
-      A s[kWidth], grad_z[kWidth];
-      load_acc<T, kWidth>(p.projected[m] + e, x);
-      load_acc<T, kWidth>(p.gate_logits[m] + e, s);
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        s[j] = sigmoid_of(s[j]);
-        grad_p[j] = g[j] * s[j];
-        grad_z[j] = g[j] * x[j] * s[j] * (A(1) - s[j]);
-      }
-      store_chunk<T, kWidth>(p.grad_gate_logits[m] + e, grad_z);
+      store_chunk<T, kWidth>(p.grad_projected[m] + e, grad_p);
     }
-    store_chunk<T, kWidth>(p.grad_projected[m] + e, grad_p);
+  } else {
+    for (int m = 0; m < p.num_modalities; ++m) {
+      A x[kWidth], grad_p[kWidth];
+      if (kMode == CombineMode::kProduct) {
+        // the product of the other modalities, not out / p_m: exact when some p_j == 0
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) grad_p[j] = g[j];
+        for (int k = 0; k < p.num_modalities; ++k) {
+          if (k == m) continue;
+          load_acc<T, kWidth>(p.projected[k] + e, x);
+#pragma unroll
+          for (int j = 0; j < kWidth; ++j) grad_p[j] *= x[j];
+        }
+      } else {
+        A s[kWidth], grad_z[kWidth];
+        load_acc<T, kWidth>(p.projected[m] + e, x);
+        load_acc<T, kWidth>(p.gate_logits[m] + e, s);
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) {
+          s[j] = sigmoid_of(s[j]);
+          grad_p[j] = g[j] * s[j];
+          grad_z[j] = g[j] * x[j] * s[j] * (A(1) - s[j]);
+        }
+        store_chunk<T, kWidth>(p.grad_gate_logits[m] + e, grad_z);
+      }
+      store_chunk<T, kWidth>(p.grad_projected[m] + e, grad_p);
+    }
   }
 }
 
@@ -265,7 +274,9 @@ __global__ void __launch_bounds__(kElementwiseThreads) combine_backward_kernel(C
   constexpr int kWarps = kElementwiseThreads / 32;
   __shared__ double warp_sums[kWarps][kMaxModalities];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int m = 0; m < p.num_modalities; ++m) {
+#pragma unroll
+  for (int m = 0; m < kMaxModalities; ++m) {
+    if (m >= p.num_modalities) break;  // uniform: every lane stays in the shuffles
     double v = static_cast<double>(dot[m]);
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
