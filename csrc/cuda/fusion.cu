@@ -145,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cuda(const std::vector<at:
   const char* op = "combine_modalities";
   const cuda::CombineMode mode = parse_mode(mode_name);
   const cuda::Act act = act_code(activation);
-  TORCH_CHECK(!projected.empty(), op, ": needs at least one projected tensor");
   check_combine(projected, mode, weights, gate_logits, op);
   const at::Tensor& first = projected[0];
   const c10::cuda::CUDAGuard guard(first.device());
@@ -172,7 +171,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
   const char* op = "combine_modalities_bwd";
   const cuda::CombineMode mode = parse_mode(mode_name);
   const cuda::Act act = act_code(activation);
-  TORCH_CHECK(!projected.empty(), op, ": needs at least one projected tensor");
   check_combine(projected, mode, weights, gate_logits, op);
   const at::Tensor& first = projected[0];
   const c10::cuda::CUDAGuard guard(first.device());
