@@ -230,6 +230,17 @@ def test_triton_backend_refuses_more_than_four_inputs_and_auto_falls_back(monkey
         mmfuse.fused_concat_linear(xs, torch.randn(4, 10), backend="triton")
 
 
+def test_cuda_backend_names_what_it_cannot_take():
+    from mmfuse.ops import fusion as ops
+
+    nine = [torch.randn(2, 3)] * 9
+    assert "at most 8 projected tensors" in ops._limits("cuda", nine, combine=True)
+    assert ops._limits("cuda", nine, combine=False) is None  # one GEMM per input block: any number
+    assert ops._limits("cuda", nine[:8], combine=True) is None
+    with pytest.raises(ValueError, match="takes CUDA tensors"):
+        mmfuse.combine_modalities(nine[:2], "product", backend="cuda")
+
+
 def test_combine_modes_match_their_formulas():
     ps = [torch.randn(13, 9) for _ in range(3)]
     logits = torch.randn(3)

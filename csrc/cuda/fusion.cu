@@ -84,6 +84,14 @@ void check_cuda_like(const at::Tensor& t, const at::Tensor& like, const std::str
               t.scalar_type());
 }
 
+// t checked against `like` (device, dtype) and `shape`, made contiguous (no copy when it is).
+at::Tensor checked_contiguous(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef shape,
+                              const std::string& name, const char* op) {
+  check_cuda_like(t, like, name, op);
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  return t.contiguous();
+}
+
 // ---- combine_modalities -----------------------------------------------------------------------
 
 void check_combine(const std::vector<at::Tensor>& projected, cuda::CombineMode mode,
@@ -174,17 +182,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
   check_combine(projected, mode, weights, gate_logits, op);
   const at::Tensor& first = projected[0];
   const c10::cuda::CUDAGuard guard(first.device());
-  check_cuda_like(grad_out_in, first, "grad_out", op);
-  TORCH_CHECK(grad_out_in.sizes() == first.sizes(), op, ": grad_out must have shape ", first.sizes(), ", got ",
-              grad_out_in.sizes());
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor preact;
-  if (act != cuda::Act::kNone) {
-    check_cuda_like(preact_in, first, "preact", op);
-    TORCH_CHECK(preact_in.sizes() == first.sizes(), op, ": preact must have shape ", first.sizes(), ", got ",
-                preact_in.sizes());
-    preact = preact_in.contiguous();
-  }
+  const at::Tensor grad_out = checked_contiguous(grad_out_in, first, first.sizes(), "grad_out", op);
+  const at::Tensor preact =
+      act == cuda::Act::kNone ? at::Tensor() : checked_contiguous(preact_in, first, first.sizes(), "preact", op);
   const int64_t num = static_cast<int64_t>(projected.size());
   std::vector<at::Tensor> grad_p, grad_z;
   for (int64_t m = 0; m < num; ++m) grad_p.push_back(at::empty_like(first));
@@ -262,13 +262,7 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cuda(const std::vector<at
   const at::Tensor& first = xs[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const int64_t n = first.size(0), out_features = weight.size(0);
-  at::Tensor bias;
-  if (bias_in) {
-    check_cuda_like(*bias_in, first, "bias", op);
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_features, op, ": bias must be (", out_features,
-                ",), got ", bias_in->sizes());
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = bias_in ? checked_contiguous(*bias_in, first, {out_features}, "bias", op) : at::Tensor();
   const auto dtype = first.scalar_type();
   const auto acc = acc_type(dtype);
   const std::vector<at::Tensor> blocks = weight_blocks(xs, weight);
@@ -290,8 +284,8 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cuda(const std::vector<at
   if (n > 0 && out_features > 0) {
     dispatch_storage(dtype, op, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      const cuda::LinearEpilogueParams<T> p{ptr<typename cuda::Acc<T>::type>(sum), ptr<T>(bias), mutable_ptr<T>(preact),
-                                            mutable_ptr<T>(out), n, out_features, act};
+      const cuda::LinearEpilogueParams<T> p{ptr<typename cuda::Acc<T>::type>(sum), ptr<T>(bias),
+                                            mutable_ptr<T>(preact), mutable_ptr<T>(out), n, out_features, act};
       cuda::KernelLaunch launch;
       C10_CUDA_CHECK(cuda::linear_launch_config(n, out_features, max_row_blocks(first, out_features), &launch));
       C10_CUDA_CHECK(cuda::launch_linear_epilogue(p, launch, c10::cuda::getCurrentCUDAStream()));
@@ -309,18 +303,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   const at::Tensor& first = xs[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const int64_t n = first.size(0), out_features = weight.size(0);
-  check_cuda_like(grad_out_in, first, "grad_out", op);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == n && grad_out_in.size(1) == out_features, op,
-              ": grad_out must be (", n, ", ", out_features, "), got ", grad_out_in.sizes());
-  const at::Tensor grad_out = grad_out_in.contiguous();
+  const std::vector<int64_t> shape{n, out_features};
+  const at::Tensor grad_out = checked_contiguous(grad_out_in, first, shape, "grad_out", op);
   const bool none = act == cuda::Act::kNone;
-  at::Tensor preact;
-  if (!none) {
-    check_cuda_like(preact_in, first, "preact", op);
-    TORCH_CHECK(preact_in.sizes() == grad_out.sizes(), op, ": preact must be (", n, ", ", out_features, "), got ",
-                preact_in.sizes());
-    preact = preact_in.contiguous();
-  }
+  const at::Tensor preact = none ? at::Tensor() : checked_contiguous(preact_in, first, shape, "preact", op);
 
   // g = grad_out * act'(preact) and the bias gradient's column sums of g, in one pass
   at::Tensor g = none ? grad_out : at::empty_like(grad_out);

@@ -118,7 +118,9 @@ def combine_modalities(
     elif gate_logits is not None:
         raise ValueError(f"{op}: gate_logits is only used by mode='gated', got it with mode={mode!r}")
     check_choice(op, "activation", activation, ACTIVATIONS)
-    backend = choose_backend(op, backend, projected[0].device, IMPLEMENTED, lambda b: _limits(b, projected, combine=True))
+    backend = choose_backend(
+        op, backend, projected[0].device, IMPLEMENTED, lambda b: _limits(b, projected, combine=True)
+    )
     if backend == "reference":
         return reference.combine_modalities(list(projected), mode, logits, gate_logits, activation)
     # softmax of M logits: tiny, left to autograd; the kernels take the normalised weights

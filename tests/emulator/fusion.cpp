@@ -48,17 +48,22 @@ int combine(int64_t backward, int64_t mode, int64_t act, const int64_t* projecte
     launch_info[0] = launch.vectorized;
     launch_info[1] = launch.grid.x;
     p.weight_partials = partials;
+    // the kernel launch_combine picks: mode and path are template arguments
     auto pick = [&](auto mode_tag) {
       constexpr fc::CombineMode kMode = decltype(mode_tag)::value;
+      using fc::combine_backward_kernel;
+      using fc::combine_forward_kernel;
       if (backward != 0) {
-        return launch.vectorized ? fc::combine_backward_kernel<T, kMode, true> : fc::combine_backward_kernel<T, kMode, false>;
+        return launch.vectorized ? combine_backward_kernel<T, kMode, true> : combine_backward_kernel<T, kMode, false>;
       }
-      return launch.vectorized ? fc::combine_forward_kernel<T, kMode, true> : fc::combine_forward_kernel<T, kMode, false>;
+      return launch.vectorized ? combine_forward_kernel<T, kMode, true> : combine_forward_kernel<T, kMode, false>;
     };
     using Sum = std::integral_constant<fc::CombineMode, fc::CombineMode::kSum>;
     using Product = std::integral_constant<fc::CombineMode, fc::CombineMode::kProduct>;
     using Gated = std::integral_constant<fc::CombineMode, fc::CombineMode::kGated>;
-    auto kernel = p.mode == fc::CombineMode::kSum ? pick(Sum()) : p.mode == fc::CombineMode::kProduct ? pick(Product()) : pick(Gated());
+    auto kernel = p.mode == fc::CombineMode::kSum       ? pick(Sum())
+                  : p.mode == fc::CombineMode::kProduct ? pick(Product())
+                                                        : pick(Gated());
     harness::launch(kernel, launch.grid, launch.block, 0, p);
     if (backward != 0 && p.mode == fc::CombineMode::kSum) {
       const fc::KernelLaunch sum = fc::sum_partials_launch_config(num);
