@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfuse
-from backend_params import backend_params, device_for
+from backend_params import HAS_CUDA, backend_params, device_for
 
 BACKENDS = backend_params("cpu", "triton", "cuda")
 
@@ -70,7 +70,7 @@ def within_torch_error(got, want64, torch_result, dtype):
 
 def kernel_dtypes(backend):
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    return dtypes + ([torch.float64] if backend == "cpu" else [])
+    return dtypes + ([torch.float64] if backend in ("cpu", "cuda") else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -131,6 +131,47 @@ def test_combine_kernels_forward_and_backward(backend, mode):
             within_torch_error(g, g64, gt, dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")
+def test_cuda_kernels_edge_cases():
+    """M = 1..8, odd and empty shapes, misaligned views (the scalar path), deterministic grad_weights."""
+    dev = "cuda"
+    for mode in ("sum", "product", "gated"):
+        for num, shape, offset in ((1, (1, 1), 0), (2, (3, 37), 1), (4, (5, 8), 0), (8, (7, 33), 3), (3, (0, 5), 0)):
+            def leaf(shape=shape, offset=offset):
+                base = torch.randn(int(torch.Size(shape).numel()) + offset, device=dev)
+                return base[offset:].view(shape).requires_grad_()  # contiguous, not 16-byte aligned if offset
+            ps = [leaf() for _ in range(num)]
+            logits = torch.randn(num, device=dev, requires_grad=True)
+            gates = [leaf() for _ in range(num)]
+            kwargs = {"sum": {"logits": logits}, "gated": {"gate_logits": gates}, "product": {}}[mode]
+            leaves = ps + {"sum": [logits], "gated": gates, "product": []}[mode]
+            grad = torch.randn(shape, device=dev)
+            runs = []
+            for backend in ("cuda", "cuda", "reference"):
+                y = mmfuse.combine_modalities(ps, mode, activation="silu", backend=backend, **kwargs)
+                runs.append((y, torch.autograd.grad(y, leaves, grad)))
+            assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))  # run to run
+            torch.testing.assert_close(runs[0][0], runs[2][0])
+            for got, want in zip(runs[0][1], runs[2][1]):
+                torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="at most 8 projected tensors"):
+        mmfuse.combine_modalities([torch.randn(2, 3, device=dev)] * 9, "product", backend="cuda")
+
+    for n in (0, 1, 29):
+        xs = [torch.randn(n, d, device=dev, requires_grad=True) for d in (1, 3, 40)]
+        weight = torch.randn(5, 44, device=dev, requires_grad=True)
+        bias = torch.randn(5, device=dev, requires_grad=True)
+        for activation in (None, "gelu"):
+            got = mmfuse.fused_concat_linear(xs, weight, bias, activation, backend="cuda")
+            want = mmfuse.fused_concat_linear(xs, weight, bias, activation, backend="reference")
+            torch.testing.assert_close(got, want)
+            grad = torch.randn_like(want)
+            for g, w in zip(torch.autograd.grad(got, [*xs, weight, bias], grad),
+                            torch.autograd.grad(want, [*xs, weight, bias], grad)):
+                torch.testing.assert_close(g, w)
+
+
 def test_fusion_gradcheck_cpu_kernels():
     xs = [torch.randn(11, d, dtype=torch.float64, requires_grad=True) for d in (1, 4)]
     weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
@@ -187,6 +228,17 @@ def test_triton_backend_refuses_more_than_four_inputs_and_auto_falls_back(monkey
     xs = [torch.randn(3, 2) for _ in range(5)]
     with pytest.raises(ValueError, match="at most 4 inputs"):
         mmfuse.fused_concat_linear(xs, torch.randn(4, 10), backend="triton")
+
+
+def test_cuda_backend_names_what_it_cannot_take():
+    from mmfuse.ops import fusion as ops
+
+    nine = [torch.randn(2, 3)] * 9
+    assert "at most 8 projected tensors" in ops._limits("cuda", nine, combine=True)
+    assert ops._limits("cuda", nine, combine=False) is None  # one GEMM per input block: any number
+    assert ops._limits("cuda", nine[:8], combine=True) is None
+    with pytest.raises(ValueError, match="takes CUDA tensors"):
+        mmfuse.combine_modalities(nine[:2], "product", backend="cuda")
 
 
 def test_combine_modes_match_their_formulas():

@@ -10,16 +10,15 @@
 // its launcher zero-fills the per-modality outputs first.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "storage.cuh"
+
 namespace mmfuse {
 namespace cuda {
 
-constexpr int kMaxModalities = 8;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 8 warps per block
 
 template <typename T>
@@ -38,18 +37,6 @@ struct PackParams {
   int batch;
 };
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 // Sample whose rows [cu[b], cu[b+1]) hold `row`; empty samples are skipped by upper_bound.
 __device__ __forceinline__ int sample_of_row(const int32_t* cu_seqlens, int batch, int64_t row) {
   int lo = 0, hi = batch;  // answer in [lo, hi)
@@ -59,13 +46,6 @@ __device__ __forceinline__ int sample_of_row(const int32_t* cu_seqlens, int batc
   }
   return lo;
 }
-
-// 16 bytes of T, the unit every lane moves when the row is aligned for it.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
 
 template <typename T, bool kPack, bool kVectorized>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
@@ -133,10 +113,9 @@ move_rows_kernel(PackParams<T> p) {
 // 16-byte aligned base pointers (the launcher checks the pointers).
 template <typename T>
 inline bool rows_vectorizable(const PackParams<T>& p) {
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  bool ok = (p.dim * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned(p.tokens) &&
-            (p.type_embedding == nullptr || aligned(p.type_embedding));
-  for (int m = 0; m < p.num_modalities; ++m) ok = ok && aligned(p.features[m]);
+  bool ok = (p.dim * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned16(p.tokens) &&
+            (p.type_embedding == nullptr || aligned16(p.type_embedding));
+  for (int m = 0; m < p.num_modalities; ++m) ok = ok && aligned16(p.features[m]);
   return ok;
 }
 

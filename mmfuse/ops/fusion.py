@@ -14,8 +14,9 @@ from mmfuse.reference import fusion as reference
 
 ACTIVATIONS = (None, "relu", "gelu", "silu", "tanh", "sigmoid")
 MODES = ("sum", "product", "gated")
-IMPLEMENTED = ("cpu", "triton", "reference")
+IMPLEMENTED = ("cuda", "cpu", "triton", "reference")
 TRITON_MAX_SOURCES = 4  # inputs/modalities one Triton launch reads through their own pointers
+CUDA_MAX_MODALITIES = 8  # projected tensors one CUDA combine launch reads (kMaxModalities, csrc/cuda/storage.cuh)
 
 
 def fused_concat_linear(
@@ -34,8 +35,9 @@ def fused_concat_linear(
         weight: ``(out, sum D_i)``, as ``nn.Linear.weight`` of the concatenated input.
         bias: ``(out,)`` or None.
         activation: None, "relu", "gelu" (exact erf form), "silu", "tanh" or "sigmoid".
-        backend: "auto", "cpu" (blocked GEMMs + fused epilogue), "triton" (one multi-source
-            GEMM, at most four inputs, no float64) or "reference" (``torch.cat`` + ``F.linear``).
+        backend: "auto", "cpu" (blocked GEMMs + fused epilogue), "cuda" (one cuBLAS GEMM per
+            input block + a fused epilogue kernel), "triton" (one multi-source GEMM, at most four
+            inputs, no float64) or "reference" (``torch.cat`` + ``F.linear``).
         allow_tf32: let the Triton kernel use tf32 products for float32 inputs (faster, ~1e-3
             relative error); the default is exact fp32.
 
@@ -59,7 +61,7 @@ def fused_concat_linear(
     check_choice(op, "activation", activation, ACTIVATIONS)
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
-    backend = choose_backend(op, backend, xs[0].device, IMPLEMENTED, lambda b: _triton_limits(b, xs))
+    backend = choose_backend(op, backend, xs[0].device, IMPLEMENTED, lambda b: _limits(b, xs, combine=False))
     flat = [x.reshape(-1, x.shape[-1]) for x in xs]
     if backend == "reference":
         out = reference.fused_concat_linear(flat, weight, bias, activation)
@@ -91,6 +93,8 @@ def combine_modalities(
         logits: ``(M,)`` modality weights before the softmax ("sum" only).
         gate_logits: M tensors shaped like ``projected`` ("gated" only).
         activation: applied to the combination; as in :func:`fused_concat_linear`.
+        backend: "auto", "cpu", "cuda" (at most eight modalities), "triton" (at most four, no
+            float64) or "reference".
 
     Returns:
         ``(..., E)``. Differentiable w.r.t. every tensor argument.
@@ -114,7 +118,9 @@ def combine_modalities(
     elif gate_logits is not None:
         raise ValueError(f"{op}: gate_logits is only used by mode='gated', got it with mode={mode!r}")
     check_choice(op, "activation", activation, ACTIVATIONS)
-    backend = choose_backend(op, backend, projected[0].device, IMPLEMENTED, lambda b: _triton_limits(b, projected))
+    backend = choose_backend(
+        op, backend, projected[0].device, IMPLEMENTED, lambda b: _limits(b, projected, combine=True)
+    )
     if backend == "reference":
         return reference.combine_modalities(list(projected), mode, logits, gate_logits, activation)
     # softmax of M logits: tiny, left to autograd; the kernels take the normalised weights
@@ -126,8 +132,10 @@ def combine_modalities(
     return out
 
 
-def _triton_limits(backend: str, xs: list[torch.Tensor]) -> str | None:
-    """Why the Triton kernels cannot take this case, or None."""
+def _limits(backend: str, xs: list[torch.Tensor], combine: bool) -> str | None:
+    """Why ``backend``'s kernel cannot take this case, or None."""
+    if backend == "cuda" and combine and len(xs) > CUDA_MAX_MODALITIES:
+        return f"the CUDA combine kernel reads at most {CUDA_MAX_MODALITIES} projected tensors, got {len(xs)}"
     if backend != "triton":
         return None
     if len(xs) > TRITON_MAX_SOURCES:
