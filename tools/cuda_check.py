@@ -103,7 +103,13 @@ def demangle(names: list[str]) -> list[str]:
 
 def short(kernel: str) -> str:
     """``mmfuse::cuda::move_rows_kernel<float, true, false>(...)`` -> ``move_rows_kernel<float, true, false>``."""
-    kernel = kernel.split("(")[0]
+    if kernel.endswith(")"):  # drop the parameter list: the last balanced (...) group
+        depth = 0
+        for i in range(len(kernel) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(kernel[i], 0)
+            if depth == 0:
+                kernel = kernel[:i]
+                break
     return kernel.removeprefix("void ").replace("mmfuse::cuda::", "").replace("(anonymous namespace)::", "")
 
 
