@@ -2,7 +2,8 @@
 
 Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; TORCH_CUDA_ARCH_LIST picks
 the GPU architectures (default "8.0;9.0" when no GPU is visible); MAX_JOBS caps parallel
-compilation. Install with `pip install --no-build-isolation .` so the installed torch is used.
+compilation. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
+kernels need torch >= 2.8 (the fusion launcher uses `at::mm` with an fp32 output dtype).
 """
 import glob
 import os

@@ -300,9 +300,10 @@ def test_cuda_backend_names_what_it_cannot_take():
     with pytest.raises(ValueError, match="backend 'cuda' cannot run this case"):
         mmfuse.cross_attention(q, k, v, backend="cuda")
     reason = mmfuse.ops.attention._unsupported
-    assert "float16 and bfloat16" in reason(q)("cuda")
-    assert "head dim 64 or 128" in reason(q.half())("cuda")
-    assert reason(torch.empty(1, 3, 2, 128, dtype=torch.bfloat16))("cuda") is None
+    assert "float16 and bfloat16" in reason(q, 1)("cuda")
+    assert "head dim 64 or 128" in reason(q.half(), 1)("cuda")
+    assert reason(torch.empty(1, 3, 2, 128, dtype=torch.bfloat16), 1)("cuda") is None
+    assert "at most 65535 samples" in reason(torch.empty(70000, 2, 64, dtype=torch.half), 70000)("cuda")
 
 
 # --------------------------------------------------------------------------- op contract

@@ -103,6 +103,24 @@ struct VarlenInputs {
   at::Tensor q, k, v, cu_q, cu_k;
 };
 
+// The kernels index q/k/out through cu_seqlens and size their grid by max_seqlen, so a bad
+// prefix sum would read or write out of bounds and a short max_seqlen would leave rows
+// unwritten. Checked on the device like the CPU kernel checks them, read back in one sync.
+void check_cu_seqlens(const char* op, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t rows_q, int64_t rows_k,
+                      int64_t max_q, int64_t max_k) {
+  const c10::cuda::CUDAGuard guard(cu_q.device());
+  auto valid = [](const at::Tensor& cu, int64_t rows, int64_t max_len) {
+    const at::Tensor c = cu.to(at::kLong);
+    const at::Tensor steps = c.slice(0, 1) - c.slice(0, 0, -1);
+    return c[0].eq(0) & c[-1].eq(rows) & steps.ge(0).all() & steps.le(max_len).all();
+  };
+  const at::Tensor ok = at::stack({valid(cu_q, rows_q, max_q), valid(cu_k, rows_k, max_k)}).cpu();
+  TORCH_CHECK(ok[0].item<bool>(), op, ": cu_seqlens_q must start at 0, be non-decreasing with steps <= max_seqlen_q (",
+              max_q, ") and end at q's ", rows_q, " rows");
+  TORCH_CHECK(ok[1].item<bool>(), op, ": cu_seqlens_k must start at 0, be non-decreasing with steps <= max_seqlen_k (",
+              max_k, ") and end at k's ", rows_k, " rows");
+}
+
 VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   check_qkv(op, q, k, v, 3);
@@ -113,6 +131,7 @@ VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor
   }
   TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
   TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, ", ", max_k);
+  check_cu_seqlens(op, cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
   return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous()};
 }
 
@@ -133,9 +152,24 @@ void check_grid(const char* op, const att::AttentionParams& p) {
               p.batch, " and ", p.heads_q);
 }
 
+// A kernel's dynamic shared memory against what this GPU gives one block: dQ at head dim 128
+// needs 104,576 bytes, over the 99 KiB of sm_86/sm_89/sm_120 parts (sm_80: 163 KiB, sm_90:
+// 227 KiB). fp16 and bf16 tiles have one size, so __half sizes both.
+void check_shared_memory(const char* op, const att::AttentionParams& p, int device,
+                         cudaError_t (*config)(const att::AttentionParams&, att::KernelLaunch*), const char* kernel) {
+  att::KernelLaunch l{};
+  C10_CUDA_CHECK(config(p, &l));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(l.shared_bytes <= static_cast<size_t>(limit), op, ": the CUDA ", kernel, " kernel at head dim ",
+              p.head_dim, " needs ", l.shared_bytes, " bytes of shared memory per block, this GPU allows ", limit,
+              "; use backend='triton'");
+}
+
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, att::AttentionParams p, const at::Tensor& q,
                                                at::IntArrayRef lse_shape) {
   check_grid(op, p);
+  check_shared_memory(op, p, q.get_device(), att::forward_launch<__half>, "forward");
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
@@ -158,6 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, att:
                                                             const at::Tensor& v, const at::Tensor& out,
                                                             const at::Tensor& lse, at::IntArrayRef lse_shape) {
   check_grid(op, p);
+  check_shared_memory(op, p, q.get_device(), att::dq_launch<__half>, "dQ");
+  check_shared_memory(op, p, q.get_device(), att::dkdv_launch<__half>, "dK/dV");
   for (const at::Tensor* t : {&grad_out, &out}) {
     TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
                 ": grad_out and out must have q's shape ", q.sizes(), " and dtype ", q.scalar_type(), ", got ",

@@ -110,7 +110,7 @@ __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
     // clamped so that a bad length can never address past the sample's keys
     s.k_len = p.kv_lens != nullptr ? min64(max64(static_cast<int64_t>(p.kv_lens[b]), int64_t(0)), p.len_k) : p.len_k;
     s.k_extent = p.len_k;
-    s.lse_base = b * p.heads_q * p.len_q;
+    s.lse_base = static_cast<int64_t>(b) * p.heads_q * p.len_q;
     s.mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * p.len_k : nullptr;
   }
   return s;

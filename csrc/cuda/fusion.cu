@@ -332,15 +332,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
     });
   }
 
-  // cuBLAS accumulates in fp32 (fp64) and rounds each product once: grad_x_i = g @ W_i, and
-  // g^T @ x_i written straight into grad_weight's column block (a strided view)
+  // grad_x_i = g @ W_i, and g^T @ x_i written into grad_weight's column block (a strided view).
+  // fp16/bf16: the products come out in fp32 and are rounded once, as the CPU kernel rounds them
+  // (a half-precision cuBLAS output may reduce split-K partial sums in half precision).
+  const auto dtype = first.scalar_type();
+  const auto acc = acc_type(dtype);
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   const std::vector<at::Tensor> blocks = weight_blocks(xs, weight), grad_blocks = weight_blocks(xs, grad_weight);
   std::vector<at::Tensor> grad_xs;
   for (size_t i = 0; i < xs.size(); ++i) {
-    grad_xs.push_back(at::mm(g, blocks[i]));
     at::Tensor grad_block = grad_blocks[i];
-    at::mm_out(grad_block, g.t(), xs[i]);
+    if (dtype == acc) {
+      grad_xs.push_back(at::mm(g, blocks[i]));
+      at::mm_out(grad_block, g.t(), xs[i]);
+    } else {
+      grad_xs.push_back(at::mm(g, blocks[i], acc).to(dtype));
+      grad_block.copy_(at::mm(g.t(), xs[i], acc));
+    }
   }
   return {grad_xs, grad_weight, grad_bias};
 }

@@ -16,15 +16,15 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 def fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal):
     batch, len_q, heads_q, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
 
 
 def fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
 def fake_bwd(grad_out, grad_lse, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def register_attention_autograd(fwd_op, bwd_op) -> None:

@@ -14,18 +14,18 @@ def fake_fused_concat_linear(xs, weight, bias, activation):
 
 def fake_fused_concat_linear_bwd(grad_out, xs, weight, preact, activation, has_bias):
     grad_bias = weight.new_empty(weight.shape[0]) if has_bias else weight.new_empty(0)
-    return [torch.empty_like(x) for x in xs], torch.empty_like(weight), grad_bias
+    return [x.new_empty(x.shape) for x in xs], weight.new_empty(weight.shape), grad_bias
 
 
 def fake_combine_modalities(projected, mode, weights, gate_logits, activation):
-    out = torch.empty_like(projected[0])
+    out = projected[0].new_empty(projected[0].shape)
     return out, (projected[0].new_empty(0) if activation == "none" else torch.empty_like(out))
 
 
 def fake_combine_modalities_bwd(grad_out, projected, mode, weights, gate_logits, preact, activation):
     grad_weights = weights.new_empty(weights.shape) if mode == "sum" else projected[0].new_empty(0)
-    grad_gates = [torch.empty_like(p) for p in projected] if mode == "gated" else []
-    return [torch.empty_like(p) for p in projected], grad_weights, grad_gates
+    grad_gates = [p.new_empty(p.shape) for p in projected] if mode == "gated" else []
+    return [p.new_empty(p.shape) for p in projected], grad_weights, grad_gates
 
 
 def register_fusion_autograd(linear_op, linear_bwd_op, combine_op, combine_bwd_op) -> None:

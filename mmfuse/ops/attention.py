@@ -53,9 +53,14 @@ _IMPLEMENTED = frozenset({"cuda", "cpu", "triton", "reference"})
 # what the CUDA kernel (csrc/cuda/cross_attention_kernel.cuh, tensor-core mma) takes
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)
+# its largest dynamic shared memory per block, per head dim (the dQ kernel's DqSmem): 128 is over
+# the 99 KiB of sm_86/sm_89/sm_120 GPUs
+_CUDA_SHARED_BYTES = {64: 55_424, 128: 104_576}
+_CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 
 
-def _unsupported(q: torch.Tensor):
+def _unsupported(q: torch.Tensor, batch: int):
+    """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples."""
     def reason(backend: str) -> str | None:
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
@@ -66,6 +71,13 @@ def _unsupported(q: torch.Tensor):
                 return f"the CUDA kernel takes float16 and bfloat16 inputs (tensor-core mma), got {q.dtype}"
             if q.shape[-1] not in _CUDA_HEAD_DIMS:
                 return f"the CUDA kernel takes head dim 64 or 128, got {q.shape[-1]}"
+            if q.is_cuda:
+                have = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+                if _CUDA_SHARED_BYTES[q.shape[-1]] > have:
+                    return (f"the CUDA kernel at head dim {q.shape[-1]} needs {_CUDA_SHARED_BYTES[q.shape[-1]]} bytes "
+                            f"of shared memory per block, this GPU allows {have}")
+            if max(q.shape[-2], batch) > _CUDA_MAX_GRID_Z:
+                return f"the CUDA kernel takes at most {_CUDA_MAX_GRID_Z} samples and heads per call, got {batch} and {q.shape[-2]}"
         return None
 
     return reason
@@ -113,7 +125,7 @@ def cross_attention(
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     _check_bool(op, "return_lse", return_lse)
     _check_bool(op, "allow_tf32", allow_tf32)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0]))
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
@@ -189,7 +201,7 @@ def cross_attention_varlen(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q))
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1))
     if max_seqlen_q is None:
         max_seqlen_q = max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:

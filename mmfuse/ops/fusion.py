@@ -39,7 +39,8 @@ def fused_concat_linear(
             input block + a fused epilogue kernel), "triton" (one multi-source GEMM, at most four
             inputs, no float64) or "reference" (``torch.cat`` + ``F.linear``).
         allow_tf32: let the Triton kernel use tf32 products for float32 inputs (faster, ~1e-3
-            relative error); the default is exact fp32.
+            relative error); the default is exact fp32. The "cuda" backend's GEMMs are cuBLAS's
+            and follow torch's own setting (``torch.backends.cuda.matmul.allow_tf32``).
 
     Returns:
         ``(..., out)`` in the inputs' dtype. Differentiable w.r.t. every input.

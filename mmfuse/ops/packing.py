@@ -19,6 +19,16 @@ from mmfuse.contract.seqlens import cu_seqlens_from_lengths, max_seqlen as _max_
 from mmfuse.reference import packing as reference
 
 IMPLEMENTED = ("cuda", "cpu", "triton", "reference")
+CUDA_MAX_MODALITIES = 8  # kMaxModalities in csrc/cuda/storage.cuh: one launch reads them all
+
+
+def _cuda_limits(num_modalities: int):
+    def reason(backend: str) -> str | None:
+        if backend == "cuda" and num_modalities > CUDA_MAX_MODALITIES:
+            return f"the CUDA kernel moves at most {CUDA_MAX_MODALITIES} modalities per launch, got {num_modalities}"
+        return None
+
+    return reason
 
 
 class PackedModalities(NamedTuple):
@@ -62,8 +72,9 @@ def pack_modalities(
         max_seqlen: the padded length when known (padded: at least the longest sample);
             passing it (or ``total`` for the packed layout) saves a device-to-host sync.
         total: the packed token count ``sum(lengths)``, when known.
-        backend: "auto", "cuda" (emulator-tested; taken by "auto" only once verified on a GPU),
-            "cpu", "triton", "reference".
+        backend: "auto", "cuda" (emulator-tested; "auto" takes it only once verified on a GPU;
+            at most 8 modalities; it validates the lengths on the device, one host sync per
+            call), "cpu", "triton", "reference".
 
     Returns:
         :class:`PackedModalities`. Differentiable w.r.t. ``features`` and ``type_embedding``.
@@ -81,7 +92,7 @@ def pack_modalities(
         total = batch * sum(sizes) if total is None else total
     out_len = max_seqlen if padded else total
 
-    backend = choose_backend(op, backend, features[0].device, IMPLEMENTED)
+    backend = choose_backend(op, backend, features[0].device, IMPLEMENTED, _cuda_limits(len(features)))
     if backend == "reference":
         tokens, ids = reference.pack_modalities(features, lengths_mb, type_embedding, padded, out_len)
     elif backend == "triton":
@@ -139,7 +150,7 @@ def unpack_modalities(
     tokens = tokens.contiguous()
     sizes = list(sizes)
 
-    backend = choose_backend(op, backend, tokens.device, IMPLEMENTED)
+    backend = choose_backend(op, backend, tokens.device, IMPLEMENTED, _cuda_limits(len(sizes)))
     if backend == "reference":
         return reference.unpack_modalities(tokens, lengths_mb, sizes)
     if backend == "triton":
