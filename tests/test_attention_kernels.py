@@ -392,3 +392,23 @@ def test_layer_matches_multihead_attention_on_the_cpu_kernel():
         torch.testing.assert_close(layer(query, key, key, key_padding_mask=mask)[0],
                                    mha(query, key, key, key_padding_mask=mask, need_weights=False)[0],
                                    atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_varlen_op_refuses_bad_cu_seqlens_instead_of_faulting():
+    """Called directly (no Python checks), the CUDA varlen op validates cu_seqlens on the device."""
+    q = torch.randn(7, 2, 64, device="cuda", dtype=torch.half)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    good = torch.tensor([0, 3, 7], dtype=torch.int32, device="cuda")
+    op = torch.ops.mmfuse.cross_attention_varlen_fwd
+    cases = [
+        (torch.tensor([0, 3, 9], dtype=torch.int32, device="cuda"), good, 4, 4, "cu_seqlens_q must start at 0"),
+        (good, torch.tensor([1, 3, 7], dtype=torch.int32, device="cuda"), 4, 4, "cu_seqlens_k must start at 0"),
+        (good, good, 3, 4, "steps <= max_seqlen_q \\(3\\)"),
+    ]
+    for cu_q, cu_k, max_q, max_k, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(q, k, v, cu_q, cu_k, max_q, max_k, 0.125, False)
+    out, lse = op(q, k, v, good, good, 4, 4, 0.125, False)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
