@@ -400,3 +400,11 @@ def test_cuda_kernel_rejects_bad_lengths():
     args[3] = torch.tensor([301, 302], device="cuda")
     with pytest.raises(RuntimeError, match="lengths"):
         torch.ops.mmfuse.mel_spectrogram(*args)
+
+
+def test_triton_backend_names_its_mel_bin_limit():
+    """More mel bins than the Triton kernel's largest compiled tile go elsewhere, with the reason."""
+    wave = torch.randn(2, 4000)
+    reason = spec_ops._kernel_limits(wave, torch.hann_window(400), torch.rand(201, 513))("triton")
+    assert reason == "the Triton kernel takes at most 512 mel bins, got 513"
+    assert spec_ops._kernel_limits(wave, torch.hann_window(400), torch.rand(201, 512))("triton") is None

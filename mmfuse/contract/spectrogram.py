@@ -26,6 +26,9 @@ import torch
 from mmfuse import _extension
 
 PAD_MODE_CODES = {"constant": 0, "reflect": 1, "replicate": 2, "kaldi": 3}
+# the most mel bins the Triton kernel takes (one tile of them per program; `make triton-check`
+# compiles every tile size up to it)
+TRITON_MAX_N_MELS = 512
 LOG_NONE, LOG_NATURAL, LOG_WHISPER = 0, 1, 2
 ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
 

@@ -47,7 +47,16 @@ from mmfuse.audio.configs import (
 )
 from mmfuse.audio.filterbanks import build_window, melscale_fbanks
 from mmfuse.backends import choose_backend
-from mmfuse.contract.spectrogram import ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED, LOG_NATURAL, LOG_NONE, LOG_WHISPER, PAD_MODE_CODES
+from mmfuse.contract.spectrogram import (
+    ENERGY_NONE,
+    ENERGY_RAW,
+    ENERGY_WINDOWED,
+    LOG_NATURAL,
+    LOG_NONE,
+    LOG_WHISPER,
+    PAD_MODE_CODES,
+    TRITON_MAX_N_MELS,
+)
 from mmfuse.reference import spectrogram as ref
 
 _IMPLEMENTED = {"cuda", "cpu", "triton", "reference"}
@@ -372,6 +381,8 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
         if backend == "triton":
             if waveform.dtype != torch.float32:
                 return f"the Triton kernel computes in float32, got {waveform.dtype}"
+            if mel_fb.shape[1] > TRITON_MAX_N_MELS:
+                return f"the Triton kernel takes at most {TRITON_MAX_N_MELS} mel bins, got {mel_fb.shape[1]}"
             if waveform.requires_grad and torch.is_grad_enabled():
                 return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
         if backend == "cuda":

@@ -21,14 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.contract.spectrogram import LOG_WHISPER, fake_mel_spectrogram
+from mmfuse.contract.spectrogram import LOG_WHISPER, TRITON_MAX_N_MELS, fake_mel_spectrogram
 from mmfuse.triton._launch import launch, triton_custom_op
 
 BLOCK_F = 16  # frames per program: tl.dot needs >= 16 rows
 BLOCK_K = 32  # frame samples per step of the DFT product
 BLOCK_N = 32  # frequency bins per step of the mel product
 
-MAX_N_MELS = 512  # the most mel bins the kernel takes (one tile of them per program)
 
 
 @triton.jit
@@ -238,7 +237,7 @@ def _block_m(n_mels: int) -> int:
 def aot_cases() -> list:
     """What the launcher above launches on a GPU, for ``mmfuse.triton.aot_check``: float32, with
     every optional step on (Kaldi padding, lengths, DC removal, pre-emphasis, |X|^power, log,
-    windowed energy first and floored, frames-major) at every BLOCK_M up to MAX_N_MELS bins; then
+    windowed energy first and floored, frames-major) at every BLOCK_M up to TRITON_MAX_N_MELS bins; then
     each other value of each flag, one at a time, at 128 bins. The flags change elementwise code
     only, the tiles are fixed but for BLOCK_M."""
     from mmfuse.triton._aot import kernel_case
@@ -248,7 +247,7 @@ def aot_cases() -> list:
     others = dict(PAD_MODE=(0, 1, 2), HAS_LENGTHS=(False,), REMOVE_DC=(False,), PREEMPH=(False,), POWER_MODE=(0, 1),
                   LOG_MODE=(0, LOG_WHISPER), ENERGY_MODE=(0, 1), ENERGY_LAST=(True,), FLOOR_ENERGY=(False,),
                   FRAMES_MAJOR=(False,))
-    variants = [(full, block_m) for block_m in sorted({_block_m(n) for n in range(1, MAX_N_MELS + 1)})]
+    variants = [(full, block_m) for block_m in sorted({_block_m(n) for n in range(1, TRITON_MAX_N_MELS + 1)})]
     variants += [(dict(full, **{flag: value}), 128) for flag, values in others.items() for value in values]
     cases = []
     for flags, block_m in variants:
