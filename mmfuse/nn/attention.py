@@ -181,7 +181,8 @@ class CrossModalAttention(nn.Module):
                 required. Without key_padding_mask and need_weights, MHA then ignores
                 attn_mask and applies the top-left causal mask (query i sees keys j <= i),
                 and so does this layer.
-            kv_lens: (B,) integer, optional: sample b's valid keys are the first kv_lens[b].
+            kv_lens: (B,) integer ((1,) unbatched), optional: sample b's valid keys are the first
+                kv_lens[b].
                 Combined with the masks: a key is used iff within kv_lens and not masked.
 
         Returns:
@@ -191,7 +192,7 @@ class CrossModalAttention(nn.Module):
                 after dropout as MHA returns them.
         """
         value = key if value is None else value
-        batched = self._check_ranks(query, key, value, key_padding_mask, attn_mask)
+        batched = _check_ranks(query, key, value, key_padding_mask, attn_mask)
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
@@ -221,25 +222,24 @@ class CrossModalAttention(nn.Module):
                 f"{_NAME}: is_causal=True is a hint and needs attn_mask, as in nn.MultiheadAttention; "
                 "nn.Transformer.generate_square_subsequent_mask(L) makes one"
             )
+        dropout_p = self.dropout if self.training else 0.0
+        # the kernels return no probabilities and apply no dropout (yet): skip the mask checks
+        on_reference = need_weights or dropout_p > 0.0
         if is_causal and key_padding_mask is None and not need_weights:
             # what MHA does here: attn_mask dropped, SDPA's own top-left causal mask applied
             attn_mask, top_left_causal = None, True
         else:
             if attn_mask is not None:
                 self._check_attn_mask_shape(attn_mask, batch, len_q, len_k)
-            top_left_causal = attn_mask is not None and _is_top_left_causal(attn_mask)
+            top_left_causal = attn_mask is not None and not on_reference and _is_top_left_causal(attn_mask)
             attn_mask = None if top_left_causal else attn_mask
         # mmfuse's causal is bottom-right aligned: the same mask as top-left only when Lq == Lk
         causal = top_left_causal and len_q == len_k
         if top_left_causal and not causal:
             attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
-        padding = _as_bool_padding(key_padding_mask)
-        dropout_p = self.dropout if self.training else 0.0
+        padding = None if on_reference else _as_bool_padding(key_padding_mask)
         q, k, v = self._project(query, key, value)
-        fused = (
-            not need_weights and dropout_p == 0.0 and attn_mask is None
-            and (key_padding_mask is None or padding is not None)
-        )
+        fused = not on_reference and attn_mask is None and (key_padding_mask is None or padding is not None)
         if fused:
             out = cross_attention(
                 q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, backend=self.backend
@@ -254,25 +254,6 @@ class CrossModalAttention(nn.Module):
         if need_weights:
             weights = (probs.mean(dim=1) if average_attn_weights else probs).to(query.dtype)
         return self.out_proj(out.flatten(2)), weights
-
-    def _check_ranks(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        """MHA's rank rules (``F._mha_shape_check``); True when the input is batched."""
-        if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3):
-            got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-            raise ValueError(f"{_NAME}: query must be 3-D (batched) or 2-D (unbatched), got {got}")
-        batched = query.dim() == 3
-        for name, t in (("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() != query.dim():
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{_NAME}: {name} must be {query.dim()}-D like query, got {got}")
-        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-            raise ValueError(
-                f"{_NAME}: key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query, "
-                f"got shape {tuple(key_padding_mask.shape)}"
-            )
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"{_NAME}: attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
-        return batched
 
     def _check_attn_mask_shape(self, attn_mask: torch.Tensor, batch: int, len_q: int, len_k: int) -> None:
         expected = (len_q, len_k) if attn_mask.dim() == 2 else (batch * self.num_heads, len_q, len_k)
@@ -327,6 +308,26 @@ class CrossModalAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, backend={self.backend!r}"
         )
+
+
+def _check_ranks(query, key, value, key_padding_mask, attn_mask) -> bool:
+    """MHA's rank rules (``F._mha_shape_check``); True when the input is batched."""
+    if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3):
+        got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+        raise ValueError(f"{_NAME}: query must be 3-D (batched) or 2-D (unbatched), got {got}")
+    batched = query.dim() == 3
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != query.dim():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{_NAME}: {name} must be {query.dim()}-D like query, got {got}")
+    if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+        raise ValueError(
+            f"{_NAME}: key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query, "
+            f"got shape {tuple(key_padding_mask.shape)}"
+        )
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ValueError(f"{_NAME}: attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+    return batched
 
 
 def _check_mask_dtypes(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> None:
