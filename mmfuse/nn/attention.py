@@ -54,10 +54,12 @@ class CrossModalAttention(nn.Module):
       (a) no ``attn_mask``, with a bool ``key_padding_mask``, a float one holding only 0 and
       -inf (converted to bool), and/or ``kv_lens``; or
       (b) a (Lq, Lq) ``attn_mask`` equal to the causal mask (bool: True above the diagonal;
-      float: -inf above, 0 elsewhere; detected by comparing with a generated one, a
-      data-dependent check that breaks a ``torch.compile`` graph), or ``is_causal=True`` where
-      MHA applies its own causal mask (no key_padding_mask, no weights), with Lq == Lk; plus
-      any key mask of (a).
+      float: -inf above, 0 elsewhere; detected by comparing with a generated one), or
+      ``is_causal=True`` where MHA applies its own causal mask (no key_padding_mask, no
+      weights), with Lq == Lk; plus any key mask of (a).
+      Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
+      host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
+      ``kv_lens`` and ``is_causal`` need neither).
     - reference (``mmfuse.reference.attention``, materialises the (B, H, Lq, Lk) scores, as
       MHA does): ``need_weights=True`` (it returns the probabilities); dropout active in
       training (the fused kernels do not apply dropout yet, a separate piece of work); any
