@@ -59,7 +59,7 @@ class CrossModalAttention(nn.Module):
       weights), with Lq == Lk; plus any key mask of (a).
       Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
       host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
-      ``kv_lens`` and ``is_causal`` need neither).
+      ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither).
     - reference (``mmfuse.reference.attention``, materialises the (B, H, Lq, Lk) scores, as
       MHA does): ``need_weights=True`` (it returns the probabilities); dropout active in
       training (the fused kernels do not apply dropout yet, a separate piece of work); any
