@@ -329,10 +329,10 @@ def test_layer_matches_multihead_attention(kdim, vdim):
     with torch.no_grad():
         out_mha, weights_mha = mha(query, key, value, key_padding_mask=mask, need_weights=True)
         out, weights = layer(query, key, value, key_padding_mask=mask, need_weights=True)
-        out_fused, no_weights = layer(query, key, value, key_padding_mask=mask)
+        out_fused, no_weights = layer(query, key, value, key_padding_mask=mask, need_weights=False)
         kv_lens = torch.tensor([19, 7, 1])
         suffix_mask = torch.arange(len_k) >= kv_lens[:, None]
-        out_lens, _ = layer(query, key, value, kv_lens=kv_lens)
+        out_lens, _ = layer(query, key, value, kv_lens=kv_lens, need_weights=False)
         out_mha_lens, _ = mha(query, key, value, key_padding_mask=suffix_mask, need_weights=False)
     torch.testing.assert_close(out, out_mha, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(weights, weights_mha, atol=1e-6, rtol=1e-5)
@@ -349,7 +349,7 @@ def test_layer_grouped_query_heads():
     assert layer.k_proj_weight.shape == (16, 20) and layer.v_proj_weight.shape == (16, embed_dim)
     query, key, value = torch.randn(batch, len_q, embed_dim), torch.randn(batch, len_k, 20), torch.randn(batch, len_k, embed_dim)
     kv_lens = torch.tensor([14, 5])
-    out, _ = layer(query, key, value, kv_lens=kv_lens)
+    out, _ = layer(query, key, value, kv_lens=kv_lens, need_weights=False)
 
     b_q, b_k, b_v = layer.in_proj_bias.split([48, 16, 16])
     q = F.linear(query, layer.q_proj_weight, b_q).unflatten(-1, (num_heads, 8))
@@ -392,7 +392,7 @@ def test_layer_compiles_fullgraph():
             self.norm = nn.LayerNorm(24)
 
         def forward(self, text, image, kv_lens):
-            return self.norm(text + self.attn(text, image, kv_lens=kv_lens)[0])
+            return self.norm(text + self.attn(text, image, kv_lens=kv_lens, need_weights=False)[0])
 
     model = TextToImage()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -487,11 +487,12 @@ BAD_INPUTS = {
     "max_seqlen too small": (varlen(max_seqlen_q=3), ValueError, "max_seqlen_q must be >= the longest sequence in cu_seqlens_q \\(4\\)"),
     "max_seqlen float": (varlen(max_seqlen_k=5.0), TypeError, "max_seqlen_k must be an int"),
     "max_seqlen negative": (varlen(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0"),
-    "layer batch_first": (layer(16, 4, batch_first=False), ValueError, "batch_first must be True"),
     "layer heads": (layer(16, 5), ValueError, "num_heads must be > 0 and divide embed_dim"),
     "layer kv heads": (layer(16, 4, num_kv_heads=3), ValueError, "num_kv_heads must be > 0 and divide num_heads"),
     "layer dropout": (layer(16, 4, dropout=1.0), ValueError, "dropout must lie in"),
-    "layer float mask": (layer_call(key_padding_mask=torch.zeros(2, 5)), TypeError, "key_padding_mask must be bool"),
+    "layer integer mask": (layer_call(key_padding_mask=torch.zeros(2, 5, dtype=torch.long)), TypeError, "key_padding_mask must be bool .* or floating point"),
+    "layer attn_mask shape": (layer_call(attn_mask=torch.zeros(3, 4)), ValueError, "a 2-D attn_mask must have shape \\(3, 5\\)"),
+    "layer is_causal without mask": (layer_call(is_causal=True), RuntimeError, "is_causal=True is a hint and needs attn_mask"),
     "layer query size": (layer_call(query=torch.randn(2, 3, 12)), ValueError, "query must have shape \\(batch, seq, 16\\)"),
     "layer value length": (layer_call(value=torch.randn(2, 4, 16)), ValueError, "value must have key's batch and length"),
     "layer kv_lens": (layer_call(kv_lens=torch.tensor([6, 1])), ValueError, "kv_lens must lie in"),

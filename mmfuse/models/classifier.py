@@ -125,7 +125,9 @@ class MultimodalClassifier(nn.Module):
             [patches, frames], [image_lengths * patches.shape[1], frame_lengths], padded=True,
             max_seqlen=patches.shape[1] + frames.shape[1],
         )
-        attended, _ = self.cross_attention(text, packed.tokens, packed.tokens, key_padding_mask=packed.key_padding_mask)
+        attended, _ = self.cross_attention(
+            text, packed.tokens, packed.tokens, key_padding_mask=packed.key_padding_mask, need_weights=False
+        )
         pooled_attended = masked_mean(attended, query_mask)
         fused = self.fusion([text[:, 0], pooled_attended])
         return self.head(fused)

@@ -1,6 +1,8 @@
-"""``CrossModalAttention``: a batch-first drop-in for ``nn.MultiheadAttention`` on mmfuse's
-cross-attention op, with per-sample key lengths and grouped-query attention."""
+"""``CrossModalAttention``: a drop-in for ``nn.MultiheadAttention`` on mmfuse's cross-attention
+op, with per-sample key lengths and grouped-query attention."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -15,13 +17,15 @@ _NAME = "CrossModalAttention"
 class CrossModalAttention(nn.Module):
     """Multi-head attention from one modality's tokens (queries) to another's (keys/values).
 
-    Parameters have ``nn.MultiheadAttention``'s names and shapes, so a state_dict of
+    A drop-in for ``nn.MultiheadAttention``: the same constructor arguments, parameter names and
+    shapes, ``forward`` signature, defaults and outputs. A state_dict of
     ``nn.MultiheadAttention(embed_dim, num_heads, bias=bias, kdim=kdim, vdim=vdim,
-    batch_first=True)`` loads into this layer, which then gives the same outputs (in eval mode,
-    on inputs where no query row is fully masked): ``in_proj_weight`` (3E, E) and
-    ``in_proj_bias`` (3E,) when kdim == vdim == embed_dim, else ``q_proj_weight`` (E, E),
-    ``k_proj_weight`` (E, kdim), ``v_proj_weight`` (E, vdim) and ``in_proj_bias``; and
-    ``out_proj``.
+    batch_first=...)`` loads into this layer, which then gives the same outputs (in eval mode, on
+    inputs where no query row is fully masked): ``in_proj_weight`` (3E, E) and ``in_proj_bias``
+    (3E,) when kdim == vdim == embed_dim, else ``q_proj_weight`` (E, E), ``k_proj_weight``
+    (E, kdim), ``v_proj_weight`` (E, vdim) and ``in_proj_bias``; and ``out_proj``. Assigned in
+    place of ``self_attn``/``multihead_attn`` of ``nn.TransformerEncoderLayer`` or
+    ``nn.TransformerDecoderLayer`` it is called as those layers call MHA.
 
     Arguments:
         embed_dim: E, the query (and output) feature size.
@@ -29,8 +33,11 @@ class CrossModalAttention(nn.Module):
         dropout: dropout probability on the attention probabilities, in training mode.
         bias: whether the input and output projections have biases.
         kdim, vdim: key and value feature sizes; default embed_dim.
-        batch_first: must be True: inputs are (B, L, features), the layout of mmfuse's
-            (B, L, H, D) attention, reached without a transpose.
+        batch_first: True (this layer's default, kept for its existing callers; MHA's default
+            is False, so pass it explicitly when replacing a sequence-first MHA): inputs are
+            (B, L, features), mmfuse's (B, L, H, D) layout, reached without a transpose. False:
+            (L, B, features), transposed to batch-first on the way in and back on the way out
+            (the projections then copy the transposed inputs).
         num_kv_heads: number of key/value heads (GQA/MQA); must divide num_heads; default
             num_heads. With fewer kv heads the k/v projections output num_kv_heads * head_dim
             features, are always separate (``q/k/v_proj_weight``), and an
@@ -38,12 +45,41 @@ class CrossModalAttention(nn.Module):
         backend: the ``mmfuse.cross_attention`` backend for the fused path.
         device, dtype: of the parameters.
 
-    Differences from ``nn.MultiheadAttention``: a query row whose keys are all masked attends
-    to nothing, so its attention output before ``out_proj`` is 0 (MHA's is NaN outside its
-    inference fast path); ``key_padding_mask`` must be bool (additive float masks are rejected);
-    ``need_weights`` defaults to False; there is no ``attn_mask`` (use ``kv_lens``,
-    ``key_padding_mask``, or ``mmfuse.cross_attention(causal=True)``).
+    Where a call runs. The fused kernels (``mmfuse.cross_attention``) compute softmax over
+    visible keys with a key mask and a bottom-right aligned causal mask; MHA's causal masks
+    (``nn.Transformer.generate_square_subsequent_mask``, ``is_causal``) are top-left aligned,
+    the same mask only when Lq == Lk. So:
+
+    - fused: ``need_weights=False``, no dropout active, and
+      (a) no ``attn_mask``, with a bool ``key_padding_mask``, a float one holding only 0 and
+      -inf (converted to bool), and/or ``kv_lens``; or
+      (b) a (Lq, Lq) ``attn_mask`` equal to the causal mask (bool: True above the diagonal;
+      float: -inf above, 0 elsewhere; detected by comparing with a generated one), or
+      ``is_causal=True`` where MHA applies its own causal mask (no key_padding_mask, no
+      weights), with Lq == Lk; plus any key mask of (a).
+      Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
+      host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
+      ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither).
+    - reference (``mmfuse.reference.attention``, materialises the (B, H, Lq, Lk) scores, as
+      MHA does): ``need_weights=True`` (it returns the probabilities); dropout active in
+      training (the fused kernels do not apply dropout yet, a separate piece of work); any
+      other ``attn_mask`` (a general bool pattern, a float bias, a per-head (B * H, Lq, Lk)
+      mask, a causal mask with Lq != Lk); a float ``key_padding_mask`` with values other than
+      0/-inf. Masks are merged as MHA merges them (bool -> -inf, then summed) and added to the
+      scores.
+
+    Difference from ``nn.MultiheadAttention``: a query row whose keys are all masked attends to
+    nothing, so its attention output before ``out_proj`` and its weights are 0 (MHA's are NaN
+    outside its inference fast path). In eval mode without autograd, ``nn.TransformerEncoderLayer``
+    and ``nn.TransformerEncoder`` take their inference fast path as they do with MHA (when
+    batch_first, biases, an even num_heads and kdim == vdim == embed_dim with no GQA): they read
+    this layer's ``in_proj_weight``, ``in_proj_bias``, ``out_proj`` and ``merge_masks`` and run
+    torch's fused encoder kernel themselves, without calling this layer (the same function).
     """
+
+    # nn.TransformerEncoderLayer's inference fast path calls self_attn.merge_masks; MHA's own
+    # only reads num_heads, which this layer has too
+    merge_masks = nn.MultiheadAttention.merge_masks
 
     def __init__(
         self,
@@ -62,11 +98,6 @@ class CrossModalAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if batch_first is not True:
-            raise ValueError(
-                f"{_NAME}: batch_first must be True (inputs are (batch, seq, feature)); "
-                f"transpose sequence-first inputs with .transpose(0, 1), got batch_first={batch_first!r}"
-            )
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(
                 f"{_NAME}: num_heads must be > 0 and divide embed_dim, got embed_dim={embed_dim}, num_heads={num_heads}"
@@ -85,7 +116,7 @@ class CrossModalAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
-        self.batch_first = True
+        self.batch_first = batch_first
         self.backend = backend
         kv_dim = num_kv_heads * self.head_dim
         # MHA packs q, k, v into one matrix exactly when they all map E -> E
@@ -125,49 +156,113 @@ class CrossModalAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
         kv_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attend from ``query`` to ``key``/``value``.
+        """Attend from ``query`` to ``key``/``value``; ``nn.MultiheadAttention.forward``'s
+        signature and defaults, plus ``kv_lens``.
 
-        Arguments:
-            query: (B, Lq, embed_dim).
-            key: (B, Lk, kdim).
-            value: (B, Lk, vdim); None means value = key (then kdim must equal vdim).
-            key_padding_mask: (B, Lk) bool, optional; True marks a key to ignore.
-            need_weights: also return the attention weights averaged over heads. They are
-                computed by the reference backend, which materialises (B, num_heads, Lq, Lk).
-            kv_lens: (B,) integer, optional: sample b's valid keys are the first kv_lens[b].
-                Combined with key_padding_mask: a key is used iff within kv_lens and not masked.
+        Arguments (B batch, Lq/Lk query/key lengths, E embed_dim, H num_heads):
+            query: (B, Lq, E) with batch_first, (Lq, B, E) without; (Lq, E) unbatched.
+            key: (B, Lk, kdim), (Lk, B, kdim) or (Lk, kdim), like query.
+            value: like key with vdim features; None means value = key (kdim must equal vdim).
+            key_padding_mask: (B, Lk) ((Lk,) unbatched), optional: bool (True = ignore the key)
+                or float (added to the scores).
+            need_weights: also return the attention probabilities. True by default, as in MHA;
+                pass False to stay on the fused kernels.
+            attn_mask: optional, bool (True = not allowed) or float (added to the scores),
+                (Lq, Lk) for every sample and head, or (B * H, Lq, Lk) per sample and head
+                ((H, Lq, Lk) unbatched). Bool and float masks of one call should share a dtype
+                (a mismatch warns, as in MHA).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: a hint that attn_mask is the causal mask, as in MHA: attn_mask is still
+                required. Without key_padding_mask and need_weights, MHA then ignores
+                attn_mask and applies the top-left causal mask (query i sees keys j <= i),
+                and so does this layer.
+            kv_lens: (B,) integer ((1,) unbatched), optional: sample b's valid keys are the first
+                kv_lens[b].
+                Combined with the masks: a key is used iff within kv_lens and not masked.
 
         Returns:
-            out: (B, Lq, embed_dim) in query's dtype.
-            weights: (B, Lq, Lk) in query's dtype if need_weights (after dropout, as
-                ``nn.MultiheadAttention`` returns them), else None.
-
-        With ``need_weights`` or with dropout active (training and dropout > 0) the attention
-        runs through the reference backend, bypassing the fused kernels: they neither return
-        probabilities nor apply dropout.
+            attn_output: like query with E features, in query's dtype.
+            attn_weights [None unless need_weights]: (B, Lq, Lk) averaged over heads, or
+                (B, H, Lq, Lk) per head ((Lq, Lk) / (H, Lq, Lk) unbatched), in query's dtype,
+                after dropout as MHA returns them.
         """
         value = key if value is None else value
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"{_NAME}: key_padding_mask must be bool (True = ignore the key), got {key_padding_mask.dtype}; "
-                "an additive float mask of nn.MultiheadAttention converts with `mask == float('-inf')` "
-                "when its entries are 0 or -inf (other additive biases are not supported)"
+        batched = _check_ranks(query, key, value, key_padding_mask, attn_mask)
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            # (L, B, E) -> (B, L, E): mmfuse's attention is batch-first, so this costs a transpose
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out, weights = self._attend(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens
+        )
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _attend(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch-first attention with MHA's mask semantics; routes to the fused op or the reference."""
+        batch, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
+        _check_mask_dtypes(key_padding_mask, attn_mask)
+        if key_padding_mask is not None and key_padding_mask.shape != (batch, len_k):
+            raise ValueError(
+                f"{_NAME}: key_padding_mask must have shape (batch, Lk) = {(batch, len_k)}, "
+                f"got {tuple(key_padding_mask.shape)}"
             )
-        q, k, v = self._project(query, key, value)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                f"{_NAME}: is_causal=True is a hint and needs attn_mask, as in nn.MultiheadAttention; "
+                "nn.Transformer.generate_square_subsequent_mask(L) makes one"
+            )
         dropout_p = self.dropout if self.training else 0.0
-        if need_weights or dropout_p > 0.0:
-            scale = check_cross_attention_inputs(_NAME, q, k, v, kv_lens, key_padding_mask, None, False)
-            out, _, probs = reference_attention.cross_attention(
-                q, k, v, scale=scale, kv_lens=kv_lens, key_padding_mask=key_padding_mask, dropout_p=dropout_p
-            )
-            weights = probs.mean(dim=1).to(query.dtype) if need_weights else None
+        # the kernels return no probabilities and apply no dropout (yet): skip the mask checks
+        on_reference = need_weights or dropout_p > 0.0
+        if is_causal and key_padding_mask is None and not need_weights:
+            # what MHA does here: attn_mask dropped, SDPA's own top-left causal mask applied
+            attn_mask, top_left_causal = None, True
         else:
-            out = cross_attention(q, k, v, kv_lens=kv_lens, key_padding_mask=key_padding_mask, backend=self.backend)
-            weights = None
+            if attn_mask is not None:
+                self._check_attn_mask_shape(attn_mask, batch, len_q, len_k)
+            top_left_causal = attn_mask is not None and not on_reference and _is_top_left_causal(attn_mask)
+            attn_mask = None if top_left_causal else attn_mask
+        # mmfuse's causal is bottom-right aligned: the same mask as top-left only when Lq == Lk
+        causal = top_left_causal and len_q == len_k
+        if top_left_causal and not causal:
+            attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
+        padding = None if on_reference else _as_bool_padding(key_padding_mask)
+        q, k, v = self._project(query, key, value)
+        fused = not on_reference and attn_mask is None and (key_padding_mask is None or padding is not None)
+        if fused:
+            out = cross_attention(
+                q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, backend=self.backend
+            )
+            return self.out_proj(out.flatten(2)), None
+        scale = check_cross_attention_inputs(_NAME, q, k, v, kv_lens, None, None, causal)
+        bias = _additive_bias(attn_mask, key_padding_mask, batch, self.num_heads, q.dtype)
+        out, _, probs = reference_attention.cross_attention(
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout_p
+        )
+        weights = None
+        if need_weights:
+            weights = (probs.mean(dim=1) if average_attn_weights else probs).to(query.dtype)
         return self.out_proj(out.flatten(2)), weights
+
+    def _check_attn_mask_shape(self, attn_mask: torch.Tensor, batch: int, len_q: int, len_k: int) -> None:
+        expected = (len_q, len_k) if attn_mask.dim() == 2 else (batch * self.num_heads, len_q, len_k)
+        if tuple(attn_mask.shape) != expected:
+            raise ValueError(
+                f"{_NAME}: a {attn_mask.dim()}-D attn_mask must have shape {expected}, got {tuple(attn_mask.shape)}"
+            )
 
     def _project(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -215,3 +310,81 @@ class CrossModalAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"kdim={self.kdim}, vdim={self.vdim}, dropout={self.dropout}, backend={self.backend!r}"
         )
+
+
+def _check_ranks(query, key, value, key_padding_mask, attn_mask) -> bool:
+    """MHA's rank rules (``F._mha_shape_check``); True when the input is batched."""
+    if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3):
+        got = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
+        raise ValueError(f"{_NAME}: query must be 3-D (batched) or 2-D (unbatched), got {got}")
+    batched = query.dim() == 3
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != query.dim():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{_NAME}: {name} must be {query.dim()}-D like query, got {got}")
+    if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+        raise ValueError(
+            f"{_NAME}: key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query, "
+            f"got shape {tuple(key_padding_mask.shape)}"
+        )
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ValueError(f"{_NAME}: attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+    return batched
+
+
+def _check_mask_dtypes(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> None:
+    """``F._canonical_mask``'s rules: bool or floating masks; mixing the two is deprecated."""
+    for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(
+                f"{_NAME}: {name} must be bool (True = not allowed) or floating point (added to the scores), "
+                f"got {mask.dtype}"
+            )
+    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        warnings.warn(
+            "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
+            stacklevel=4,
+        )
+
+
+def _is_top_left_causal(attn_mask: torch.Tensor) -> bool:
+    """Whether a square (L, L) mask is ``generate_square_subsequent_mask(L)`` (float 0/-inf) or
+    its bool form: query i sees exactly keys j <= i."""
+    if attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
+        return False
+    hidden = torch.ones(attn_mask.shape, dtype=torch.bool, device=attn_mask.device).triu_(1)
+    if attn_mask.dtype == torch.bool:
+        return torch.equal(attn_mask, hidden)
+    return torch.equal(attn_mask == float("-inf"), hidden) and not attn_mask.masked_fill(hidden, 0.0).any()
+
+
+def _as_bool_padding(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The bool form (True = ignore) of a key padding mask, or None when it has none: a float
+    mask converts when its entries are all 0 or -inf, other additive biases do not."""
+    if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    ignored = key_padding_mask == float("-inf")
+    if key_padding_mask.masked_fill(ignored, 0.0).any():
+        return None
+    return ignored
+
+
+def _additive_bias(
+    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int, heads: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """MHA's merged float mask as a (B or 1, H or 1, Lq, Lk) bias: bool masks become -inf where
+    True, attn_mask and key_padding_mask are summed."""
+    bias = None
+    if attn_mask is not None:
+        bias = _as_float_mask(attn_mask, dtype)
+        bias = bias[None, None] if bias.dim() == 2 else bias.unflatten(0, (batch, heads))
+    if key_padding_mask is not None:
+        padding = _as_float_mask(key_padding_mask, dtype)[:, None, None, :]
+        bias = padding if bias is None else bias + padding
+    return bias
+
+
+def _as_float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)

@@ -34,6 +34,7 @@ def cross_attention(
     kv_lens: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     q_lens: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax(q kᵀ · scale) v on padded ``(B, L, H, D)`` tensors.
@@ -49,6 +50,9 @@ def cross_attention(
             ``kv_lens``: a key is visible iff it is within ``kv_lens`` and not masked.
         q_lens: (B,) integer or None. Sample ``b``'s real query count, used only for the causal
             alignment (the varlen path pads queries); None means all ``Lq``.
+        attn_bias: float (B or 1, Hq or 1, Lq, Lk) or None, added to the scaled scores
+            (``nn.MultiheadAttention``'s additive masks); a -inf entry hides the key, like
+            the masks above, so a row whose every key is hidden outputs 0, not NaN.
         dropout_p: dropout probability applied to the attention probabilities (training only;
             0 disables it).
 
@@ -73,7 +77,14 @@ def cross_attention(
         batch, len_q, len_k, q.device, causal=causal, kv_lens=kv_lens,
         key_padding_mask=key_padding_mask, q_lens=q_lens,
     )
-    probs, lse = masked_softmax(scores, visible[:, None, None])
+    visible = visible[:, None, None]
+    if attn_bias is not None:
+        # (B', H', Lq, Lk) -> (B', Hkv or 1, group or 1, Lq, Lk), the layout of the scores
+        bias = attn_bias.to(compute)
+        bias = bias.unflatten(1, (heads_kv, group)) if bias.shape[1] == heads_q else bias.unsqueeze(2)
+        scores = scores + bias
+        visible = visible & (bias != float("-inf"))
+    probs, lse = masked_softmax(scores, visible)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vh)
