@@ -17,7 +17,7 @@ Compatibility targets:
 Backends: "cpu" and "cuda" are the fused C++ and CUDA kernels of ``mmfuse::mel_spectrogram``
 (float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
 products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
-kernels take one op for all three front ends (see "The fused kernels" below).
+kernels take one op for all three front ends (its arguments: ``mmfuse.contract.spectrogram``).
 
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
 item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
