@@ -43,11 +43,13 @@ TORCH_LIBRARY(mmfuse, m) {
   m.def("combine_modalities(Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, str activation) -> (Tensor, Tensor)");
   // (grad_projected, grad_weights (sum mode, else empty), grad_gate_logits (gated mode, else [])).
   m.def("combine_modalities_bwd(Tensor grad_out, Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, Tensor preact, str activation) -> (Tensor[], Tensor, Tensor[])");
-  // Attention over padded (B, L, H, D) q/k/v with optional kv_lens (B,) and bool key_padding_mask (B, Lk), True = ignore.
+  // Attention over padded (B, L, H, D) q/k/v with optional kv_lens (B,) and bool key_padding_mask (B, Lk), True = ignore;
+  // attn_mask (Lq, Lk) | (B or 1, Hq or 1, Lq, Lk), bool (True = ignore) or float (added to the scores); dropout_p on the
+  // probabilities from philox = int64 (seed, offset) (mmfuse/contract/attention.py defines the stream).
   // Returns out (B, Lq, Hq, D) and lse (B, Hq, Lq) float32 (float64 for float64 inputs); causal is bottom-right aligned.
-  m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None) -> (Tensor out, Tensor lse)");
   // Gradients of cross_attention_fwd w.r.t. q, k, v given grad_out and (optional) grad_lse; dk/dv summed over GQA groups.
-  m.def("cross_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("cross_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attention over packed (total, H, D) sequences delimited by int32 cu_seqlens (B+1,); lse (Hq, total_q).
   m.def("cross_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal) -> (Tensor out, Tensor lse)");
   // Gradients of cross_attention_varlen_fwd w.r.t. q, k, v.

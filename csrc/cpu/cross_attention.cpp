@@ -4,6 +4,11 @@
 // (MKL's sgemm_/dgemm_), the softmax runs on at::vec vectors; accumulation is fp32 (fp64 for
 // fp64 inputs), and bfloat16/float16 inputs are computed in fp32.
 //
+// Padded inputs also take an in-kernel additive attention mask (bool -> 0/-inf, or any float bias,
+// (B or 1, Hq or 1, Lq, Lk)) and attention dropout from a counter-based Philox4x32-10 stream
+// (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): see `philox8` and
+// `dropout_tile`. The backward regenerates the dropout mask from (seed, offset); it is never stored.
+//
 // Padded and packed layouts share one kernel: both are token rows of Hq*D (q) or Hkv*D (k, v)
 // elements, and a Sample gives each batch entry's first row, length and lse addressing.
 #include <ATen/ATen.h>
@@ -129,6 +134,9 @@ struct Sample {
   int64_t k_row, k_len;  // first key row, number of valid keys (kv_lens[b] or the sequence length)
   const void* bias;      // (Lk,) in the compute type: 0, or -inf for a masked key; or null
   int64_t lse_base;      // lse index of (h = 0, query 0); query i of head h at lse_base + h*lse_head + i
+  // in-kernel attention mask and dropout (padded layout only)
+  const void* attn_bias = nullptr;  // this sample's (Hq or 1, Lq, Lk) additive mask in the compute type, or null
+  int64_t index = 0;                // the batch index b, for the dropout counter
 };
 
 struct Problem {
@@ -138,6 +146,14 @@ struct Problem {
   double scale;
   bool causal;
   std::vector<Sample> samples;
+  // in-kernel attention mask and dropout (padded layout only; see add_mask_and_dropout)
+  int64_t attn_bias_head = 0;  // elements between heads of Sample::attn_bias (0: shared by every head)
+  int64_t attn_bias_row = 0;   // elements between query rows of it (Lk)
+  double dropout_p = 0.0;      // 0: no dropout
+  double dropout_scale = 1.0;  // 1 / (1 - dropout_p)
+  uint32_t keep_threshold = 0; // keep iff the element's 32-bit draw >= floor(dropout_p * 2^32)
+  uint64_t seed = 0, offset = 0;
+  int64_t len_q = 0, len_k = 0;  // the padded Lq, Lk of the dropout counter
 
   int64_t group() const { return heads_q / heads_kv; }
   int64_t q_stride() const { return heads_q * dim; }
@@ -147,7 +163,7 @@ struct Problem {
 // Keys [0, n) of the score tile row for query i with keys from kb on: hide the masked and the
 // causally future ones (query i sees key j iff j <= i + k_len - q_len).
 template <typename T>
-void mask_row(const Problem& p, const Sample& s, int64_t i, int64_t kb, T* row, int64_t n) {
+void mask_row(const Problem& p, const Sample& s, int64_t h, int64_t i, int64_t kb, T* row, int64_t n) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   if (p.causal) {
     const int64_t visible = std::clamp<int64_t>(i + s.k_len - s.q_len + 1 - kb, 0, n);
@@ -158,6 +174,78 @@ void mask_row(const Problem& p, const Sample& s, int64_t i, int64_t kb, T* row, 
     using Vec = at::vec::Vectorized<T>;
     const T* bias = static_cast<const T*>(s.bias) + kb;
     at::vec::map2<T>([](Vec x, Vec b) { return x + b; }, row, row, bias, n);
+  }
+  if (s.attn_bias != nullptr) {  // the in-kernel (Lq, Lk) mask row of head h
+    using Vec = at::vec::Vectorized<T>;
+    const T* bias = static_cast<const T*>(s.attn_bias) + h * p.attn_bias_head + i * p.attn_bias_row + kb;
+    at::vec::map2<T>([](Vec x, Vec b) { return x + b; }, row, row, bias, n);
+  }
+}
+
+// ----------------------------------------------------------------------------- dropout
+// Philox4x32-10 (Salmon et al., SC 2011; the constants of Random123 and of Triton's tl.randint).
+// The dropout draw of element (b, h, i, j) of the (B, Hq, Lq, Lk) probability matrix (padded
+// sizes) is word j % 4 of Philox4x32-10 with key (seed_lo, seed_hi) and counter
+// (g_lo, g_hi, offset_lo, offset_hi), g = ((b * Hq + h) * Lq + i) * ceil(Lk / 4) + j / 4.
+// The element is kept iff that word >= floor(p * 2^32) and then scaled by 1 / (1 - p).
+// mmfuse/reference/attention.py (philox_uniform) and the Triton kernels compute the same words.
+constexpr int kPhiloxLanes = 8;
+
+// Words [4][8] of the 8 consecutive counters g0 .. g0 + 7; written so that the compiler
+// vectorizes the 32x32 -> 64 bit products across the lanes.
+inline void philox8(uint64_t g0, uint64_t seed, uint64_t offset, uint32_t (&out)[4][kPhiloxLanes]) {
+  uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    c0[l] = static_cast<uint32_t>(g0 + l);
+    c1[l] = static_cast<uint32_t>((g0 + l) >> 32);
+    c2[l] = static_cast<uint32_t>(offset);
+    c3[l] = static_cast<uint32_t>(offset >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+#pragma omp simd
+    for (int l = 0; l < kPhiloxLanes; ++l) {
+      const uint64_t p0 = uint64_t(0xD2511F53u) * c0[l];
+      const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[l];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
+      c1[l] = static_cast<uint32_t>(p1);
+      c3[l] = static_cast<uint32_t>(p0);
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    out[0][l] = c0[l];
+    out[1][l] = c1[l];
+    out[2][l] = c2[l];
+    out[3][l] = c3[l];
+  }
+}
+
+// x ∘= keep / (1 - p) (and y, when given, with the same mask) on the (rows, cols) tile of
+// queries i0.. and keys kb.. of head h; kb is a multiple of 4 (kBlockK is).
+template <typename T>
+void dropout_tile(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
+                  T* x, T* y = nullptr) {
+  const int64_t groups_per_row = (p.len_k + 3) / 4;
+  const T scale = static_cast<T>(p.dropout_scale);
+  uint32_t words[4][kPhiloxLanes];
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t row_group = static_cast<uint64_t>(((s.index * p.heads_q + h) * p.len_q + i0 + r) * groups_per_row + kb / 4);
+    T* xr = x + r * cols;
+    T* yr = y != nullptr ? y + r * cols : nullptr;
+    for (int64_t c0 = 0; c0 < cols; c0 += 4 * kPhiloxLanes) {
+      philox8(row_group + c0 / 4, p.seed, p.offset, words);
+      const int64_t n = std::min<int64_t>(4 * kPhiloxLanes, cols - c0);
+      for (int64_t e = 0; e < n; ++e) {
+        const T m = words[e % 4][e / 4] >= p.keep_threshold ? scale : T(0);
+        xr[c0 + e] *= m;
+        if (yr != nullptr) yr[c0 + e] *= m;
+      }
+    }
   }
 }
 
@@ -213,7 +301,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
         gemm<T>(false, true, rows, cols, D, T(p.scale), q_blk, qs, k_head + kb * ks, ks, T(0), S, cols);
         for (int64_t r = 0; r < rows; ++r) {
           T* row = S + r * cols;
-          mask_row(p, s, i0 + r, kb, row, cols);
+          mask_row(p, s, h, i0 + r, kb, row, cols);
           const T m_new = std::max(row_m[r], row_max(row, cols));
           if (m_new == neg_inf) {  // nothing visible yet: the row of P is 0
             std::fill(row, row + cols, T(0));
@@ -225,6 +313,8 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
           if (correction != T(1))
             for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= correction;
         }
+        // row sums above use the undropped P; the PV product uses P ∘ keep / (1 - p)
+        if (p.dropout_p > 0) dropout_tile(p, s, h, i0, rows, kb, cols, S);
         gemm<T>(false, false, rows, D, cols, T(1), S, cols, v_head + kb * ks, ks, T(1), acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -240,7 +330,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
 
 // P = exp(scale * q kᵀ - lse) on a (rows, cols) tile, masked; rows with lse = -inf give 0.
 template <typename T>
-void recompute_probs(const Problem& p, const Sample& s, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
+void recompute_probs(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
                      const T* q_blk, const T* k_blk, const T* lse_blk, T* P) {
   gemm<T>(false, true, rows, cols, p.dim, T(p.scale), q_blk, p.q_stride(), k_blk, p.k_stride(), T(0), P, cols);
   for (int64_t r = 0; r < rows; ++r) {
@@ -249,7 +339,7 @@ void recompute_probs(const Problem& p, const Sample& s, int64_t i0, int64_t rows
       std::fill(row, row + cols, T(0));
       continue;
     }
-    mask_row(p, s, i0 + r, kb, row, cols);
+    mask_row(p, s, h, i0 + r, kb, row, cols);
     exp_shifted_sum(row, cols, lse_blk[r]);
   }
 }
@@ -289,6 +379,7 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
   const int64_t k_blocks = (max_k + kBlockK - 1) / kBlockK;
   parallel_tasks(p.batch * p.heads_kv * k_blocks, [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
+    std::vector<T> P_drop(p.dropout_p > 0 ? kBlockQ * kBlockK : 0);  // P ∘ keep / (1 - p)
     for (int64_t t; (t = claim()) >= 0;) {
       const Sample& s = p.samples[t / (p.heads_kv * k_blocks)];
       const int64_t hk = (t / k_blocks) % p.heads_kv, kb = (t % k_blocks) * kBlockK;
@@ -306,11 +397,17 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
           const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
-          recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
-          // dV (cols, D) += Pᵀ dO
-          gemm<T>(true, false, cols, D, rows, T(1), P.data(), cols, g_blk, qs, T(1), dv_acc.data(), D);
+          recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
           // dP (rows, cols) = dO Vᵀ
           gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+          const T* P_v = P.data();  // the probabilities the forward multiplied V by
+          if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
+            std::copy(P.begin(), P.begin() + rows * cols, P_drop.begin());
+            dropout_tile(p, s, h, i0, rows, kb, cols, P_drop.data(), dP.data());
+            P_v = P_drop.data();
+          }
+          // dV (cols, D) += P_vᵀ dO
+          gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv_acc.data(), D);
           softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
           // dK (cols, D) += scale dSᵀ Q
           gemm<T>(true, false, cols, D, rows, T(p.scale), dP.data(), cols, q_blk, qs, T(1), dk_acc.data(), D);
@@ -340,8 +437,9 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
         const int64_t cols = std::min(kBlockK, end - kb);
         const T* k_blk = k + (s.k_row + kb) * ks + blk.hk * D;
         const T* v_blk = v + (s.k_row + kb) * ks + blk.hk * D;
-        recompute_probs(p, s, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
+        recompute_probs(p, s, blk.h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
         gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+        if (p.dropout_p > 0) dropout_tile(p, s, blk.h, i0, rows, kb, cols, dP.data());
         softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
         // dQ (rows, D) += scale dS K
         gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
@@ -386,7 +484,8 @@ Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = kv_lens ? lens.data_ptr<int64_t>()[b] : len_k;
     TORCH_CHECK(n >= 0 && n <= len_k, op, ": kv_lens[", b, "] must lie in [0, ", len_k, "], got ", n);
-    p.samples.push_back({b * len_q, len_q, b * len_k, n, bias_rows ? bias_rows + b * bias_row_bytes : nullptr, b * p.heads_q * len_q});
+    p.samples.push_back({b * len_q, len_q, b * len_k, n, bias_rows ? bias_rows + b * bias_row_bytes : nullptr,
+                         b * p.heads_q * len_q, nullptr, b});
   }
   return p;
 }
@@ -400,6 +499,55 @@ at::Tensor mask_bias(const char* op, const std::optional<at::Tensor>& key_paddin
               op, ": key_padding_mask must be a CPU bool (B, Lk) tensor, got ", key_padding_mask->sizes());
   return at::zeros(key_padding_mask->sizes(), k.options().dtype(compute_type(k)))
       .masked_fill_(*key_padding_mask, -std::numeric_limits<double>::infinity());
+}
+
+// The in-kernel attention mask as a contiguous (B or 1, Hq or 1, Lq, Lk) additive tensor in the
+// compute type (bool: True -> -inf), or undefined.
+at::Tensor attn_bias_tensor(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                            const at::Tensor& k) {
+  if (!attn_mask) return at::Tensor();
+  const at::Tensor& m = *attn_mask;
+  const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
+  const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
+                        : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
+                                          m.size(2) == Lq && m.size(3) == Lk)
+                                       : false;
+  TORCH_CHECK(shape_ok && m.device().is_cpu() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type())),
+              op, ": attn_mask must be a CPU bool or float (Lq, Lk) = (", Lq, ", ", Lk, ") or (B or 1, Hq or 1, Lq, Lk) = (",
+              B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor, got ", m.sizes(), " ", m.scalar_type());
+  const at::Tensor m4 = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
+  const auto ct = compute_type(q);
+  if (m4.scalar_type() == at::kBool)
+    return at::zeros(m4.sizes(), q.options().dtype(ct)).masked_fill_(m4, -std::numeric_limits<double>::infinity());
+  return m4.to(ct).contiguous();
+}
+
+// Points p's samples at the attention mask `bias` (from attn_bias_tensor) and sets up dropout
+// from philox = (seed, offset) int64.
+void add_mask_and_dropout(const char* op, Problem& p, const at::Tensor& bias, double dropout_p,
+                          const std::optional<at::Tensor>& philox, int64_t len_k) {
+  if (bias.defined()) {
+    const int64_t Lq = bias.size(2), Lk = bias.size(3);
+    p.attn_bias_row = Lk;
+    p.attn_bias_head = bias.size(1) == 1 ? 0 : Lq * Lk;
+    const int64_t sample_stride = bias.size(0) == 1 ? 0 : bias.size(1) * Lq * Lk;
+    const char* base = static_cast<const char*>(bias.data_ptr());
+    for (Sample& s : p.samples) s.attn_bias = base + s.index * sample_stride * static_cast<int64_t>(bias.element_size());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(philox && philox->dim() == 1 && philox->size(0) == 2 && philox->scalar_type() == at::kLong &&
+                  philox->device().is_cpu(),
+              op, ": dropout needs philox, a CPU int64 (2,) tensor (seed, offset), got ",
+              philox ? philox->sizes() : at::IntArrayRef{}, philox ? " " : " none");
+  const at::Tensor ph = philox->contiguous();
+  p.seed = static_cast<uint64_t>(ph.data_ptr<int64_t>()[0]);
+  p.offset = static_cast<uint64_t>(ph.data_ptr<int64_t>()[1]);
+  p.dropout_p = dropout_p;
+  p.dropout_scale = 1.0 / (1.0 - dropout_p);
+  p.keep_threshold = static_cast<uint32_t>(std::floor(dropout_p * 4294967296.0));
+  p.len_q = p.max_q;
+  p.len_k = len_k;
 }
 
 Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
@@ -418,7 +566,7 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b] && a[b + 1] - a[b] <= max_q, op,
                 ": cu_seqlens must be non-decreasing with query steps <= max_seqlen_q at sample ", b);
-    p.samples.push_back({a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b], nullptr, a[b]});
+    p.samples.push_back({a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b], nullptr, a[b], nullptr, b});
   }
   return p;
 }
@@ -464,22 +612,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
                                                            const std::optional<at::Tensor>& key_padding_mask,
-                                                           double scale, bool causal) {
+                                                           double scale, bool causal,
+                                                           const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                                                           const std::optional<at::Tensor>& philox) {
   const char* op = "cross_attention_fwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
+  Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
+  add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
   return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal) {
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox) {
   const char* op = "cross_attention_bwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
+  Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
+  add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
 }
 

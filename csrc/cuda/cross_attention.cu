@@ -60,6 +60,15 @@ att::AttentionParams base_params(const at::Tensor& q, const at::Tensor& k, const
   return p;
 }
 
+// The CUDA kernel has no in-kernel attention mask and no dropout (yet); mmfuse/ops/attention.py
+// routes such calls to Triton or the reference and names the reason when backend="cuda" is asked for.
+void refuse_mask_and_dropout(const char* op, const std::optional<at::Tensor>& attn_mask, double dropout_p) {
+  TORCH_CHECK(!attn_mask.has_value(), op, ": the CUDA kernel takes no attn_mask (use kv_lens, key_padding_mask, causal, "
+              "or the Triton/reference backends)");
+  TORCH_CHECK(dropout_p == 0.0, op, ": the CUDA kernel has no attention dropout, got dropout_p=", dropout_p,
+              " (use the Triton or reference backends)");
+}
+
 struct PaddedInputs {
   at::Tensor q, k, v, kv_lens, mask;  // kv_lens int32, mask bool; undefined when not given
 };
@@ -223,8 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, att:
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
                                                             const std::optional<at::Tensor>& key_padding_mask,
-                                                            double scale, bool causal) {
+                                                            double scale, bool causal,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            double dropout_p, const std::optional<at::Tensor>& philox) {
   const char* op = "cross_attention_fwd";
+  refuse_mask_and_dropout(op, attn_mask, dropout_p);
   const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask);
   return run_forward(op, padded_params(in, scale, causal), in.q, {q.size(0), q.size(2), q.size(1)});
 }
@@ -232,8 +244,10 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal) {
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox) {
   const char* op = "cross_attention_bwd";
+  refuse_mask_and_dropout(op, attn_mask, dropout_p);
   const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask);
   return run_backward(op, padded_params(in, scale, causal), grad_out, grad_lse, in.q, in.k, in.v, out, lse,
                       {q.size(0), q.size(2), q.size(1)});

@@ -1,6 +1,25 @@
 """Contract of the cross-attention ops (padded and varlen, forward and backward): fake kernels
-and autograd, shared by the compiled ops and their Triton twins."""
+and autograd, shared by the compiled ops and their Triton twins, and the attention-dropout
+random stream every backend implements.
+
+Attention dropout (padded ops' ``dropout_p`` and ``philox``). ``philox`` is an int64 tensor
+``(seed, offset)`` drawn per call from torch's default generator of the inputs' device
+(``mmfuse.ops.attention``), so ``torch.manual_seed`` reproduces a run. Element
+``(b, h, i, j)`` of the ``(B, Hq, Lq, Lk)`` attention probabilities (padded sizes) draws word
+``j % 4`` of Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as
+1, 2, 3", SC 2011; the round and key constants of Random123 and of Triton's ``tl.randint``)
+with key ``(seed mod 2^32, seed >> 32)`` and counter
+``(g mod 2^32, g >> 32, offset mod 2^32, offset >> 32)``, where
+``g = ((b * Hq + h) * Lq + i) * ceil(Lk / 4) + j // 4`` (seed and offset read as unsigned 64-bit).
+The element is kept iff that 32-bit word is ``>= floor(dropout_p * 2^32)``
+(``keep_threshold``), which keeps it with probability ``1 - floor(p 2^32) / 2^32``, and a kept
+probability is multiplied by ``1 / (1 - dropout_p)``. Row sums and ``lse`` use the undropped
+probabilities; ``out`` uses the dropped ones. The backward regenerates the mask from the same
+``philox``; no backend stores it. ``mmfuse.reference.attention.philox_keep`` is the oracle.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,7 +33,12 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal):
+def keep_threshold(dropout_p: float) -> int:
+    """The 32-bit draw at or above which an element is kept: ``floor(dropout_p * 2^32)``."""
+    return int(math.floor(float(dropout_p) * 2.0**32))
+
+
+def fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal, attn_mask=None, dropout_p=0.0, philox=None):
     batch, len_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
 

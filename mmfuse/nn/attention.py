@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfuse.ops.attention import check_cross_attention_inputs, cross_attention
+from mmfuse.ops.attention import check_cross_attention_inputs, cross_attention, draw_philox
 from mmfuse.reference import attention as reference_attention
 
 _NAME = "CrossModalAttention"
@@ -46,27 +46,33 @@ class CrossModalAttention(nn.Module):
         device, dtype: of the parameters.
 
     Where a call runs. The fused kernels (``mmfuse.cross_attention``) compute softmax over
-    visible keys with a key mask and a bottom-right aligned causal mask; MHA's causal masks
+    visible keys with a key mask, a bottom-right aligned causal mask, an in-kernel (Lq, Lk)
+    attention mask (bool, or any float bias, added to the scores exactly) and attention dropout
+    (a Philox stream seeded from torch's generator: ``torch.manual_seed`` reproduces it; the
+    backward regenerates the mask). MHA's causal masks
     (``nn.Transformer.generate_square_subsequent_mask``, ``is_causal``) are top-left aligned,
-    the same mask only when Lq == Lk. So:
+    the same mask as the in-kernel causal path only when Lq == Lk. So:
 
-    - fused: ``need_weights=False``, no dropout active, and
-      (a) no ``attn_mask``, with a bool ``key_padding_mask``, a float one holding only 0 and
-      -inf (converted to bool), and/or ``kv_lens``; or
-      (b) a (Lq, Lq) ``attn_mask`` equal to the causal mask (bool: True above the diagonal;
-      float: -inf above, 0 elsewhere; detected by comparing with a generated one), or
-      ``is_causal=True`` where MHA applies its own causal mask (no key_padding_mask, no
-      weights), with Lq == Lk; plus any key mask of (a).
+    - fused: ``need_weights=False`` (dropout active in training or not), with
+      (a) a bool ``key_padding_mask``, a float one holding only 0 and -inf (converted to bool),
+      and/or ``kv_lens``; and
+      (b) no ``attn_mask``; or a (Lq, Lq) ``attn_mask`` equal to the causal mask (bool: True
+      above the diagonal; float: -inf above, 0 elsewhere; detected by comparing with a
+      generated one), or ``is_causal=True`` where MHA applies its own causal mask (no
+      key_padding_mask, no weights): the in-kernel causal path when Lq == Lk; or any other
+      ``attn_mask``, bool or float, (Lq, Lk) or per-head (B * H, Lq, Lk): read in-kernel.
+      A float ``key_padding_mask`` with values other than 0/-inf is merged into the in-kernel
+      mask (materialised as (B, 1, Lq, Lk)).
       Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
       host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
       ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither).
+      The CUDA kernel takes no attn_mask and no dropout: with ``backend="auto"`` those calls
+      run on Triton (CUDA tensors).
     - reference (``mmfuse.reference.attention``, materialises the (B, H, Lq, Lk) scores, as
-      MHA does): ``need_weights=True`` (it returns the probabilities); dropout active in
-      training (the fused kernels do not apply dropout yet, a separate piece of work); any
-      other ``attn_mask`` (a general bool pattern, a float bias, a per-head (B * H, Lq, Lk)
-      mask, a causal mask with Lq != Lk); a float ``key_padding_mask`` with values other than
-      0/-inf. Masks are merged as MHA merges them (bool -> -inf, then summed) and added to the
-      scores.
+      MHA does): ``need_weights=True`` (it returns the probabilities, after dropout, from the
+      same Philox stream); a float mask that requires grad (the kernels give no gradient
+      w.r.t. a mask). Masks are merged as MHA merges them (bool -> -inf, then summed) and
+      added to the scores.
 
     Difference from ``nn.MultiheadAttention``: a query row whose keys are all masked attends to
     nothing, so its attention output before ``out_proj`` and its weights are 0 (MHA's are NaN
@@ -225,8 +231,10 @@ class CrossModalAttention(nn.Module):
                 "nn.Transformer.generate_square_subsequent_mask(L) makes one"
             )
         dropout_p = self.dropout if self.training else 0.0
-        # the kernels return no probabilities and apply no dropout (yet): skip the mask checks
-        on_reference = need_weights or dropout_p > 0.0
+        # the kernels return no probabilities nor gradients w.r.t. a mask: skip the mask checks
+        on_reference = need_weights or any(
+            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask)
+        )
         if is_causal and key_padding_mask is None and not need_weights:
             # what MHA does here: attn_mask dropped, SDPA's own top-left causal mask applied
             attn_mask, top_left_causal = None, True
@@ -241,16 +249,26 @@ class CrossModalAttention(nn.Module):
             attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
         padding = None if on_reference else _as_bool_padding(key_padding_mask)
         q, k, v = self._project(query, key, value)
-        fused = not on_reference and attn_mask is None and (key_padding_mask is None or padding is not None)
-        if fused:
+        if not on_reference:
+            if key_padding_mask is not None and padding is None:
+                # a general float key padding bias: merged with attn_mask into one in-kernel mask
+                mask = _additive_bias(attn_mask, key_padding_mask, batch, self.num_heads, q.dtype)
+                mask = mask.expand(mask.shape[0], mask.shape[1], len_q, len_k)
+            elif attn_mask is not None and attn_mask.dim() == 3:  # (B * H, Lq, Lk) -> (B, H, Lq, Lk)
+                mask = attn_mask.unflatten(0, (batch, self.num_heads))
+            else:
+                mask = attn_mask
             out = cross_attention(
-                q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, backend=self.backend
+                q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, attn_mask=mask,
+                dropout_p=dropout_p, backend=self.backend,
             )
             return self.out_proj(out.flatten(2)), None
         scale = check_cross_attention_inputs(_NAME, q, k, v, kv_lens, None, None, causal)
         bias = _additive_bias(attn_mask, key_padding_mask, batch, self.num_heads, q.dtype)
+        philox = draw_philox(q.device) if dropout_p > 0.0 else None
         out, _, probs = reference_attention.cross_attention(
-            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout_p
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout_p,
+            philox=philox,
         )
         weights = None
         if need_weights:

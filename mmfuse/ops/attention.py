@@ -59,9 +59,16 @@ _CUDA_SHARED_BYTES = {64: 55_424, 128: 104_576}
 _CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 
 
-def _unsupported(q: torch.Tensor, batch: int):
-    """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples."""
+def _unsupported(q: torch.Tensor, batch: int, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0):
+    """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples,
+    with an in-kernel ``attn_mask`` and/or dropout."""
     def reason(backend: str) -> str | None:
+        if backend in ("cpu", "triton", "cuda") and attn_mask is not None and attn_mask.requires_grad:
+            return "the fused kernels give no gradient w.r.t. attn_mask, which requires grad"
+        if backend == "cuda" and attn_mask is not None:
+            return "the CUDA kernel takes no attn_mask (kv_lens, key_padding_mask and causal only)"
+        if backend == "cuda" and dropout_p > 0.0:
+            return "the CUDA kernel has no attention dropout"
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
         if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
@@ -92,6 +99,8 @@ def cross_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
     allow_tf32: bool = False,
     backend: str = "auto",
@@ -111,6 +120,19 @@ def cross_attention(
         scale: float > 0, optional. Multiplies q kᵀ before the softmax; default 1/sqrt(headdim).
         causal: bool. Bottom-right aligned causal mask: query i sees key j iff
             j <= i + kv_len - seqlen_q, with kv_len = kv_lens[b] (seqlen_k without kv_lens).
+        attn_mask: optional, (seqlen_q, seqlen_k) or (batch_size or 1, nheads or 1, seqlen_q,
+            seqlen_k), on q's device. bool: True hides the key (``nn.MultiheadAttention``'s
+            convention); float (any floating dtype): added to the scaled scores, -inf hides the
+            key. Read in-kernel by the C++ and Triton kernels, any float values (not only
+            0/-inf), exactly; a float mask that requires grad goes to the reference (the
+            kernels give no gradient w.r.t. it); the CUDA kernel takes none. Combined with the
+            other masks: a key is used iff every mask lets it through.
+        dropout_p: float in [0, 1). Attention dropout on the probabilities: each one is kept
+            with probability 1 - dropout_p and scaled by 1 / (1 - dropout_p), from a Philox
+            stream seeded per call from torch's default generator of q's device, so
+            ``torch.manual_seed`` reproduces a run and every backend drops the same elements
+            (``mmfuse.contract.attention`` defines the stream). lse is that of the undropped
+            probabilities. Not on the CUDA kernel. Applied whenever > 0 (pass 0 in eval).
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
         allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
             (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
@@ -123,22 +145,71 @@ def cross_attention(
     """
     op = "cross_attention"
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
+    check_attn_mask_and_dropout(op, q, k, attn_mask, dropout_p)
+    dropout_p = float(dropout_p)
     _check_bool(op, "return_lse", return_lse)
     _check_bool(op, "allow_tf32", allow_tf32)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0]))
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], attn_mask, dropout_p))
+    philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
-            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask
+            q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask,
+            attn_bias=_as_bias(attn_mask, q), dropout_p=dropout_p, philox=philox,
         )
     elif backend == "triton":
         out, lse = _triton().cross_attention_fwd_triton(
-            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal, allow_tf32
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
+            attn_mask, dropout_p, philox, allow_tf32,
         )
     else:
         out, lse = torch.ops.mmfuse.cross_attention_fwd(
-            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal
+            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
+            attn_mask, dropout_p, philox,
         )
     return (out, lse) if return_lse else out
+
+
+def draw_philox(device: torch.device) -> torch.Tensor:
+    """int64 (seed, offset) for one call's dropout, drawn from torch's default generator of
+    ``device`` (so ``torch.manual_seed`` reproduces it; each call advances the generator). A
+    tensor, not Python ints, so that ``torch.compile`` traces it (as SDPA's philox_seed/offset)."""
+    return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64)
+
+
+def check_attn_mask_and_dropout(op: str, q: torch.Tensor, k: torch.Tensor, attn_mask, dropout_p) -> None:
+    """attn_mask: bool or float, (Lq, Lk) or (B or 1, Hq or 1, Lq, Lk), on q's device;
+    dropout_p: a float in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must lie in [0, 1), got {dropout_p}")
+    if attn_mask is None:
+        return
+    check_tensor(op, "attn_mask", attn_mask, ndim=(2, 4), dtypes=(torch.bool,) + tuple(FLOAT_DTYPES))
+    check_same_device(op, {"q": q, "attn_mask": attn_mask})
+    batch, len_q, heads_q = q.shape[0], q.shape[1], q.shape[2]
+    len_k = k.shape[1]
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() == 2:
+        ok = shape == (len_q, len_k)
+    else:
+        ok = shape[0] in (batch, 1) and shape[1] in (heads_q, 1) and shape[2:] == (len_q, len_k)
+    if not ok:
+        raise ValueError(
+            f"{op}: attn_mask must have shape (seqlen_q, seqlen_k) = {(len_q, len_k)} or (batch_size or 1, "
+            f"nheads or 1, seqlen_q, seqlen_k) = ({batch} or 1, {heads_q} or 1, {len_q}, {len_k}), got {shape}"
+        )
+
+
+def _as_bias(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """attn_mask as the reference's float (B or 1, Hq or 1, Lq, Lk) bias."""
+    if attn_mask is None:
+        return None
+    mask = attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]
+    if mask.dtype == torch.bool:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.zeros(mask.shape, dtype=compute, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask
 
 
 def cross_attention_varlen(

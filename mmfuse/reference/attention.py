@@ -20,6 +20,8 @@ Conventions shared with the kernels:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
@@ -36,6 +38,7 @@ def cross_attention(
     q_lens: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    philox: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax(q kᵀ · scale) v on padded ``(B, L, H, D)`` tensors.
 
@@ -55,6 +58,9 @@ def cross_attention(
             the masks above, so a row whose every key is hidden outputs 0, not NaN.
         dropout_p: dropout probability applied to the attention probabilities (training only;
             0 disables it).
+        philox: int64 (seed, offset) or None. Given, dropout keeps exactly the elements the
+            fused kernels keep (``philox_keep``, the stream of ``mmfuse.contract.attention``);
+            None, it uses ``torch.nn.functional.dropout``.
 
     Returns:
         out: (B, Lq, Hq, D) in q's dtype.
@@ -85,7 +91,11 @@ def cross_attention(
         scores = scores + bias
         visible = visible & (bias != float("-inf"))
     probs, lse = masked_softmax(scores, visible)
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and philox is not None:
+        keep = philox_keep(philox, dropout_p, batch, heads_q, len_q, len_k, q.device)
+        keep = keep.unflatten(1, (heads_kv, group))
+        probs = probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
+    elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vh)
 
@@ -93,6 +103,56 @@ def cross_attention(
     lse = lse.reshape(batch, heads_q, len_q)
     probs = probs.reshape(batch, heads_q, len_q, len_k)
     return out, lse, probs
+
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a * b for uint32 values ``a`` held in int64 and a constant ``b``,
+    without overflowing int64: b is split into 16-bit halves."""
+    t = a * (b & 0xFFFF)
+    u = a * (b >> 16)
+    x = t + ((u & 0xFFFF) << 16)
+    return (x >> 32) + (u >> 16), x & _M32
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) on
+    uint32 counter words held in int64 tensors; returns the 4 output words likewise."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, _PHILOX_ROUND[0])
+        hi1, lo1 = _mulhilo(c2, _PHILOX_ROUND[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_KEY_STEP[0]) & _M32
+        k1 = (k1 + _PHILOX_KEY_STEP[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(philox: torch.Tensor, batch: int, heads: int, len_q: int, len_k: int,
+                   device: torch.device) -> torch.Tensor:
+    """int64 (B, H, Lq, Lk): the 32-bit dropout draw of every attention probability, the stream
+    defined in ``mmfuse.contract.attention``."""
+    seed, offset = (int(x) % 2**64 for x in philox.tolist())
+    groups = (len_k + 3) // 4
+    g = torch.arange(batch * heads * len_q * groups, device=device, dtype=torch.int64)
+    zeros = torch.zeros_like(g)
+    words = philox4x32_10(
+        (g & _M32, g >> 32, zeros + (offset & _M32), zeros + (offset >> 32)), (seed & _M32, seed >> 32)
+    )
+    words = torch.stack(words, dim=-1).reshape(batch, heads, len_q, groups * 4)
+    return words[..., :len_k]
+
+
+def philox_keep(philox: torch.Tensor, dropout_p: float, batch: int, heads: int, len_q: int, len_k: int,
+                device: torch.device) -> torch.Tensor:
+    """bool (B, H, Lq, Lk): which attention probabilities dropout keeps (the fused kernels' mask)."""
+    threshold = int(math.floor(float(dropout_p) * 2.0**32))
+    return philox_uniform(philox, batch, heads, len_q, len_k, device) >= threshold
 
 
 def visible_keys(

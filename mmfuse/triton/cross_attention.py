@@ -7,6 +7,11 @@ kernel computes ``delta = rowsum(dO ∘ O) - dlse``, then one kernel owning a ke
 over every query of its head group, and one owning a query block accumulates dQ; no atomics,
 so results are deterministic.
 
+Padded inputs also take an in-kernel attention mask (a (B or 1, Hq or 1, Lq, Lk) float32 bias
+tile added to the scores; bool masks arrive as 0/-inf) and attention dropout: each program
+regenerates the keep mask of its tile from Philox4x32-10 (Triton's ``philox_impl``, the stream
+of ``mmfuse.contract.attention``), in the forward and in both backward kernels; it is never stored.
+
 Padded ``(B, L, H, D)`` and packed ``(total, H, D)`` tensors are both token rows; per-sample
 int32 vectors give each sample's first query/key row, its lengths, and where its lse starts.
 fp32 inputs use ``tl.dot(input_precision="ieee")`` unless ``allow_tf32``.
@@ -24,9 +29,11 @@ from mmfuse.contract.attention import (
     fake_bwd,
     fake_fwd,
     fake_varlen_fwd,
+    keep_threshold,
     register_attention_autograd,
 )
 from mmfuse.triton._launch import launch, triton_custom_op
+from triton.language.random import philox_impl
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries on a GPU. Exact fp32 (no tf32)
@@ -52,7 +59,8 @@ def _autotune(block_names):
     def wrap(kernel):
         if triton_interpreted():
             return kernel
-        return triton.autotune(configs=_configs(block_names), key=["HEAD_DIM", "CAUSAL", "HAS_MASK"],
+        return triton.autotune(configs=_configs(block_names),
+                               key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT"],
                                prune_configs_by={"early_config_prune": _fitting_configs})(kernel)
 
     return wrap
@@ -123,17 +131,39 @@ def _key_end(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale,
-            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) scaled scores, -inf where the key is hidden."""
+def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+            HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scaled scores (+ the attention mask tile), -inf where the key is hidden."""
     s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale
     visible = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
+    if HAS_BIAS:  # bias_head: this (sample, head)'s (Lq, Lk) float32 mask
+        s += tl.load(bias_head + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], mask=visible, other=0.0)
     if HAS_MASK:
         ignored = tl.load(mask_row + offs_n, mask=offs_n < k_len, other=1)
         visible = visible & (ignored == 0)[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + (k_len - q_len))
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _keep(Philox, row0, offs_m, offs_n, seq_k, keep_thr):
+    """The dropout keep mask of a (BLOCK_M, BLOCK_N) tile whose query i is probability row
+    row0 + i of the (B * Hq * Lq, Lk) matrix: word j % 4 of Philox4x32-10 at counter
+    (g, offset), g = row * ceil(Lk / 4) + j // 4, key seed (mmfuse.contract.attention);
+    keep_thr is floor(p * 2^32) - 2^31, compared with the word's top bit flipped (both int32)."""
+    seed = tl.load(Philox).to(tl.uint64, bitcast=True)
+    offset = tl.load(Philox + 1).to(tl.uint64, bitcast=True)
+    g = (row0 + offs_m.to(tl.int64))[:, None] * ((seq_k + 3) // 4) + (offs_n // 4)[None, :]
+    g = g.to(tl.uint64, bitcast=True)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (offset >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = philox_impl(c0, c1, c2, c3, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32), 10)
+    w = (offs_n % 4)[None, :]
+    u = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return (u.to(tl.int32, bitcast=True) ^ -2147483648) >= keep_thr
 
 
 @_autotune(["BLOCK_M", "BLOCK_N"])
@@ -146,8 +176,12 @@ def _forward_kernel(
     Mask,  # (B, Lk) uint8, 1 = ignore; read when HAS_MASK
     QStart, QLen, KStart, KLen, LseStart,  # (B,) int32
     scale, heads_q, group, lse_head, mask_stride,
+    Bias,  # float32 (B or 1, Hq or 1, Lq, Lk) attention mask; read when HAS_BIAS
+    Philox,  # int64 (seed, offset); read when DROPOUT
+    bias_sb, bias_sh, seq_q, seq_k, keep_thr, drop_scale,  # Bias strides, padded Lq/Lk, dropout's
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
@@ -161,6 +195,8 @@ def _forward_kernel(
     q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, q_stride, offs_d, HEAD_DIM)
     q = _load_tile(Q + q_off, q_ok, UPCAST)
     mask_row = Mask + b.to(tl.int64) * mask_stride
+    bias_head = Bias + b.to(tl.int64) * bias_sb + h.to(tl.int64) * bias_sh
+    prob_row0 = (b.to(tl.int64) * heads_q + h) * seq_q
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -170,13 +206,16 @@ def _forward_kernel(
         kv_off, kv_ok = _tile_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
-        s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+        s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+                    HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the row sums use the undropped P, the PV product P ∘ keep / (1 - p)
+            p = tl.where(_keep(Philox, prob_row0, offs_m, offs_n, seq_k, keep_thr), p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
         m_i = m_new
     has_key = l_i > 0.0
@@ -187,10 +226,11 @@ def _forward_kernel(
 
 
 @triton.jit
-def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale,
-           HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+           HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """P = exp(s - lse); rows with lse = -inf (no visible key) give 0."""
-    s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+    s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+                HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
     return tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
 
 
@@ -231,8 +271,10 @@ def _dkdv_kernel(
     dK, dV,  # (rows_k, Hkv, D)
     Mask, QStart, QLen, KStart, KLen, LseStart,
     scale, heads_q, group, lse_head, mask_stride,
+    Bias, Philox, bias_sb, bias_sh, seq_q, seq_k, keep_thr, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     heads_kv = heads_q // group
@@ -267,9 +309,16 @@ def _dkdv_kernel(
             row = lse_start + h * lse_head + offs_m
             lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
             delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
-            p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            bias_head = Bias + b.to(tl.int64) * bias_sb + h * bias_sh
+            p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+                       HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
             dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+            if DROPOUT:  # dV takes P ∘ keep / (1 - p); dP gets the same mask
+                keep = _keep(Philox, (b.to(tl.int64) * heads_q + h) * seq_q, offs_m, offs_n, seq_k, keep_thr)
+                dv += tl.dot(tl.trans(tl.where(keep, p * drop_scale, 0.0).to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dK + kv_off, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
@@ -283,8 +332,10 @@ def _dq_kernel(
     dQ,  # (rows_q, Hq, D)
     Mask, QStart, QLen, KStart, KLen, LseStart,
     scale, heads_q, group, lse_head, mask_stride,
+    Bias, Philox, bias_sb, bias_sh, seq_q, seq_k, keep_thr, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b, h, q_len, k_len, q_row, k_row = _query_program(QStart, QLen, KStart, KLen, heads_q)
@@ -302,14 +353,19 @@ def _dq_kernel(
     lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
     delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
     mask_row = Mask + b.to(tl.int64) * mask_stride
+    bias_head = Bias + b.to(tl.int64) * bias_sb + h.to(tl.int64) * bias_sh
+    prob_row0 = (b.to(tl.int64) * heads_q + h) * seq_q
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_off, kv_ok = _tile_offsets(k_row, offs_n, k_len, hk, k_stride, offs_d, HEAD_DIM)
         k_tile = _load_tile(K + kv_off, kv_ok, UPCAST)
         v_tile = _load_tile(V + kv_off, kv_ok, UPCAST)
-        p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, HAS_MASK, CAUSAL, PRECISION)
+        p = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
+                   HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
         dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+        if DROPOUT:
+            dp = tl.where(_keep(Philox, prob_row0, offs_m, offs_n, seq_k, keep_thr), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
     tl.store(dQ + q_off, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
@@ -348,16 +404,51 @@ def _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
                     cu_seqlens_q[:-1], q.shape[0], max_seqlen_q, max_seqlen_k)
 
 
-def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32):
+class _Extras:
+    """The padded ops' in-kernel attention mask (float32 (B or 1, Hq or 1, Lq, Lk)) and dropout
+    (philox (seed, offset), p)."""
+
+    def __init__(self, q=None, k=None, attn_mask=None, dropout_p=0.0, philox=None):
+        self.bias = None
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]
+            if mask.dtype == torch.bool:
+                bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask, float("-inf"))
+            else:
+                bias = mask.to(torch.float32).contiguous()
+            self.bias = bias
+        self.dropout_p = float(dropout_p) if philox is not None else 0.0
+        self.philox = philox
+        self.seq_q = q.shape[1] if q is not None else 0
+        self.seq_k = k.shape[1] if k is not None else 0
+
+    def args(self, dummy):
+        bias = self.bias if self.bias is not None else dummy
+        sb = sh = 0
+        if self.bias is not None:
+            _, heads, len_q, len_k = self.bias.shape
+            sb = 0 if self.bias.shape[0] == 1 else heads * len_q * len_k
+            sh = 0 if heads == 1 else len_q * len_k
+        philox = self.philox if self.dropout_p > 0 else dummy
+        keep_thr = keep_threshold(self.dropout_p) - 2**31  # int32: compared with the draw's top bit flipped
+        scale = 1.0 / (1.0 - self.dropout_p)
+        return (bias, philox, sb, sh, self.seq_q, self.seq_k, keep_thr, scale)
+
+    def meta(self):
+        return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0)
+
+
+def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32, extras=None):
+    extras = extras or _Extras()
     heads_q, heads_kv, dim = q.shape[-2], k.shape[-2], q.shape[-1]
     has_mask = key_padding_mask is not None
     # a dummy pointer when there is no mask: HAS_MASK=False never reads it
     mask = key_padding_mask.contiguous().view(torch.uint8) if has_mask else samples.vectors[0]
     args = (mask, *samples.vectors, scale, heads_q, heads_q // heads_kv, samples.lse_head,
-            mask.shape[-1] if has_mask else 0)
+            mask.shape[-1] if has_mask else 0, *extras.args(samples.vectors[0]))
     meta = dict(HEAD_DIM=dim, BLOCK_D=_block_d(dim), HAS_MASK=has_mask, CAUSAL=causal,
                 PRECISION=_precision(q.dtype, allow_tf32), UPCAST=triton_interpreted() and q.dtype == torch.bfloat16,
-                **_tile_meta())
+                **extras.meta(), **_tile_meta())
     return args, meta
 
 
@@ -370,23 +461,24 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
-def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_shape):
+def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_shape, extras=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     if _has_work(q, samples.max_q):
-        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
+        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32, extras)
         grid = lambda m: (triton.cdiv(samples.max_q, m["BLOCK_M"]), samples.batch * q.shape[-2])  # noqa: E731
         launch(_forward_kernel)[grid](q, k, v, out, lse, *args, **meta)
     return out, lse
 
 
-def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32):
+def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32,
+              extras=None):
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     dq = torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
     if _has_work(q, samples.max_q) and _has_work(k, samples.max_k):
-        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32)
+        args, meta = _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32, extras)
         heads_q, heads_kv = q.shape[-2], k.shape[-2]
         delta = torch.empty_like(lse)
         block_m = _DELTA_BLOCK_M_INTERPRETED if triton_interpreted() else _DELTA_BLOCK_M
@@ -411,7 +503,8 @@ _DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, Fals
 def aot_cases() -> list:
     """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
     tile width BLOCK_D 64 and 128 (one head dim per width: smaller ones only mask columns), every
-    autotune config with both the key padding mask and the causal mask on (the most code); BLOCK_D
+    autotune config with the key padding mask, the causal mask, the attention mask and dropout on
+    (the most code; each kernel regenerates its dropout mask with Philox in registers); BLOCK_D
     16 and 32, the same program on narrower tiles, at one config; the other mask/causal
     combinations, which change elementwise code only, at one config; bfloat16, whose tiles, MMA
     shapes and shared memory are float16's, at one config per BLOCK_D."""
@@ -422,18 +515,20 @@ def aot_cases() -> list:
     for dtype, allow_tf32 in _DTYPES:
         label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
         for block_d in block_ds:
-            for has_mask, causal in ((True, True), (False, False), (True, False), (False, True)):
+            for has_mask, causal, extra in ((True, True, True), (True, True, False), (False, False, False),
+                                            (True, False, False), (False, True, False)):
                 meta = dict(HEAD_DIM=block_d, BLOCK_D=block_d, HAS_MASK=has_mask, CAUSAL=causal,
-                            PRECISION=_precision(dtype, allow_tf32), UPCAST=False)
-                for kernel, pointers in _attention_pointers(dtype, has_mask).items():
+                            PRECISION=_precision(dtype, allow_tf32), UPCAST=False, HAS_BIAS=extra, DROPOUT=extra)
+                for kernel, pointers in _attention_pointers(dtype, has_mask, extra).items():
                     configs = tuned_configs(kernel, pointers, meta)
-                    if not (has_mask and causal):
+                    if not (has_mask and causal and extra):
                         configs = configs[:1] if block_d == 64 else []
                     elif dtype == torch.bfloat16:  # fp16's tiles, instructions and shared memory
                         configs = configs[:1]
                     elif block_d < 64:  # narrower tiles of BLOCK_D=64's program: its sweep bounds their resources
                         configs = configs[:1]
-                    cases += [kernel_case(kernel, label, pointers, meta, floats=("scale",), config=c) for c in configs]
+                    cases += [kernel_case(kernel, label, pointers, meta, floats=("scale", "drop_scale"), config=c)
+                              for c in configs]
             if not allow_tf32:  # the delta kernel has no tl.dot
                 pointers = dict(Out=dtype, dOut=dtype, dLse=torch.float32, Delta=torch.float32,
                                 QStart=torch.int32, QLen=torch.int32, LseStart=torch.int32)
@@ -443,10 +538,13 @@ def aot_cases() -> list:
     return cases
 
 
-def _attention_pointers(dtype, has_mask) -> dict:
-    """Kernel -> its tensor arguments' dtypes (the mask argument is a dummy int32 vector when there is no mask)."""
+def _attention_pointers(dtype, has_mask, extra=False) -> dict:
+    """Kernel -> its tensor arguments' dtypes (the mask, bias and philox arguments are a dummy int32
+    vector when absent); ``extra``: with the attention mask and dropout."""
     vectors = dict.fromkeys(("QStart", "QLen", "KStart", "KLen", "LseStart"), torch.int32)
-    common = dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32, **vectors)
+    common = dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32,
+                  Bias=torch.float32 if extra else torch.int32, Philox=torch.int64 if extra else torch.int32,
+                  **vectors)
     return {
         _forward_kernel: dict(common, Out=dtype),
         _dkdv_kernel: dict(common, dOut=dtype, Delta=torch.float32, dK=dtype, dV=dtype),
@@ -457,22 +555,28 @@ def _attention_pointers(dtype, has_mask) -> dict:
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None, scale: float, causal: bool, allow_tf32: bool,
+    key_padding_mask: torch.Tensor | None, scale: float, causal: bool, attn_mask: torch.Tensor | None,
+    dropout_p: float, philox: torch.Tensor | None, allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
-    return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, (q.shape[0], q.shape[2], q.shape[1]))
+    extras = _Extras(q, k, attn_mask, dropout_p, philox)
+    return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32,
+                    (q.shape[0], q.shape[2], q.shape[1]), extras)
 
 
 @triton_custom_op("mmfuse::cross_attention_bwd_triton", fake=fake_bwd)
 def cross_attention_bwd_triton(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-    scale: float, causal: bool, allow_tf32: bool,
+    scale: float, causal: bool, attn_mask: torch.Tensor | None, dropout_p: float, philox: torch.Tensor | None,
+    allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
-    return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32)
+    extras = _Extras(q, k, attn_mask, dropout_p, philox)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32,
+                     extras)
 
 
 @triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=fake_varlen_fwd, triton_only_args=1)
