@@ -146,16 +146,16 @@ def mask_cases():
         "padding bool": (LEN_K, lambda: {"key_padding_mask": padding_keeping_key_0(BATCH, LEN_K)}, ("fused", False)),
         "padding float 0/-inf": (
             LEN_K, lambda: {"key_padding_mask": to_float(padding_keeping_key_0(BATCH, LEN_K))}, ("fused", False)),
-        "padding float bias": (LEN_K, lambda: {"key_padding_mask": torch.randn(BATCH, LEN_K)}, ("reference", False)),
-        "attn_mask bool 2-D": (LEN_K, lambda: {"attn_mask": random_bool(LEN_Q, LEN_K)}, ("reference", False)),
-        "attn_mask float 2-D": (LEN_K, lambda: {"attn_mask": torch.randn(LEN_Q, LEN_K)}, ("reference", False)),
+        "padding float bias": (LEN_K, lambda: {"key_padding_mask": torch.randn(BATCH, LEN_K)}, ("fused", False)),
+        "attn_mask bool 2-D": (LEN_K, lambda: {"attn_mask": random_bool(LEN_Q, LEN_K)}, ("fused", False)),
+        "attn_mask float 2-D": (LEN_K, lambda: {"attn_mask": torch.randn(LEN_Q, LEN_K)}, ("fused", False)),
         "attn_mask bool per head": (
-            LEN_K, lambda: {"attn_mask": random_bool(BATCH * HEADS, LEN_Q, LEN_K)}, ("reference", False)),
+            LEN_K, lambda: {"attn_mask": random_bool(BATCH * HEADS, LEN_Q, LEN_K)}, ("fused", False)),
         "attn_mask float per head": (
-            LEN_K, lambda: {"attn_mask": torch.randn(BATCH * HEADS, LEN_Q, LEN_K)}, ("reference", False)),
+            LEN_K, lambda: {"attn_mask": torch.randn(BATCH * HEADS, LEN_Q, LEN_K)}, ("fused", False)),
         "attn_mask float + padding float": (
             LEN_K, lambda: {"attn_mask": torch.randn(LEN_Q, LEN_K),
-                            "key_padding_mask": to_float(padding_keeping_key_0(BATCH, LEN_K))}, ("reference", False)),
+                            "key_padding_mask": to_float(padding_keeping_key_0(BATCH, LEN_K))}, ("fused", False)),
         "causal generate_square_subsequent_mask": (
             square, lambda: {"attn_mask": nn.Transformer.generate_square_subsequent_mask(square)}, ("fused", True)),
         "causal bool": (square, lambda: {"attn_mask": causal(square)}, ("fused", True)),
@@ -168,10 +168,10 @@ def mask_cases():
         "causal float + padding float": (
             square, lambda: {"attn_mask": to_float(causal(square)),
                              "key_padding_mask": to_float(padding_keeping_key_0(BATCH, square))}, ("fused", True)),
-        "causal plus one hidden key": (square, lambda: {"attn_mask": almost_causal(square)}, ("reference", False)),
-        "causal mask Lq != Lk": (LEN_K, lambda: {"attn_mask": causal(LEN_Q, LEN_K)}, ("reference", False)),
+        "causal plus one hidden key": (square, lambda: {"attn_mask": almost_causal(square)}, ("fused", False)),
+        "causal mask Lq != Lk": (LEN_K, lambda: {"attn_mask": causal(LEN_Q, LEN_K)}, ("fused", False)),
         "is_causal Lq != Lk": (
-            LEN_K, lambda: {"attn_mask": causal(LEN_Q, LEN_K), "is_causal": True}, ("reference", False)),
+            LEN_K, lambda: {"attn_mask": causal(LEN_Q, LEN_K), "is_causal": True}, ("fused", False)),
     }
 
 
@@ -328,12 +328,14 @@ def test_in_transformer_encoder_inference_fast_path(routes):
     assert routes == [("fused", False)] * 2
 
 
-@pytest.mark.parametrize("attn_mask", ["float bias", "bool per head"])
-def test_reference_path_gradients_match_multihead_attention(attn_mask, routes):
+@pytest.mark.parametrize("attn_mask", ["float bias", "bool per head", "float bias requiring grad"])
+def test_attn_mask_gradients_match_multihead_attention(attn_mask, routes):
+    """General masks run in-kernel; a mask that requires grad goes to the reference."""
     mha, ours = mha_and_ours(batch_first=False)
-    mask = torch.randn(LEN_Q, LEN_K) if attn_mask == "float bias" else torch.rand(BATCH * HEADS, LEN_Q, LEN_K) < 0.4
+    mask = torch.rand(BATCH * HEADS, LEN_Q, LEN_K) < 0.4 if attn_mask == "bool per head" else torch.randn(LEN_Q, LEN_K)
     if mask.dtype == torch.bool:
         mask[..., 0] = False
+    mask.requires_grad_(attn_mask.endswith("requiring grad"))
     query, key, value = inputs(batch_first=False)
 
     class Attend(nn.Module):
@@ -345,4 +347,72 @@ def test_reference_path_gradients_match_multihead_attention(attn_mask, routes):
             return self.attn(q, k, v, need_weights=False, attn_mask=mask)[0]
 
     assert_same_forward_and_backward(Attend(ours), Attend(mha), query, key, value)
-    assert routes == [("reference", False)]
+    assert routes == [("reference" if mask.requires_grad else "fused", False)]
+
+
+# --------------------------------------------------------------------------- training with attention dropout
+
+
+def train_copy(layer, backend, *names):
+    """``swapped(layer, names)`` in train mode, its CrossModalAttention layers on ``backend``."""
+    copy_ = swapped(layer, *names).train()
+    for name in names:
+        getattr(copy_, name).backend = backend
+    return copy_
+
+
+def run_seeded(module, seed, *args, **kwargs):
+    torch.manual_seed(seed)
+    args = [a.clone().requires_grad_() for a in args]
+    out = module(*args, **kwargs)
+    out.backward(torch.ones_like(out))
+    return [out.detach()] + [a.grad for a in args] + [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_transformer_layers_train_with_attention_dropout_on_the_fused_path(kind, routes):
+    """In train mode with dropout 0.1 the swapped attention runs the fused C++ kernel (the routes
+    spy sees no reference call) and drops exactly the elements the reference drops under the
+    same seed (both implement the Philox stream), so outputs and gradients match the layer whose
+    attention runs on the reference; another seed gives another result."""
+    if kind == "encoder":
+        layer = randomize_(nn.TransformerEncoderLayer(EMBED, HEADS, dim_feedforward=56, dropout=0.1, batch_first=True))
+        names, length = ("self_attn",), 17
+        args = (torch.randn(BATCH, length, EMBED),)
+        kwargs = dict(src_key_padding_mask=padding_keeping_key_0(BATCH, length))
+        expected_routes = [("fused", False)]
+    else:
+        layer = randomize_(nn.TransformerDecoderLayer(EMBED, HEADS, dim_feedforward=56, dropout=0.1, batch_first=True))
+        names = ("self_attn", "multihead_attn")
+        args = (torch.randn(BATCH, 11, EMBED), torch.randn(BATCH, 19, EMBED))
+        kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(11), tgt_is_causal=True,
+                      memory_key_padding_mask=padding_keeping_key_0(BATCH, 19))
+        expected_routes = [("fused", True), ("fused", False)]
+    fused = train_copy(layer, "cpu", *names)
+    got = run_seeded(fused, 5, *args, **kwargs)
+    assert routes == expected_routes
+    routes.clear()
+    on_reference = train_copy(layer, "reference", *names)
+    expected = run_seeded(on_reference, 5, *args, **kwargs)
+    assert ("reference", False) in routes or ("reference", True) in routes
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **GRAD_TOL)
+    other = run_seeded(fused, 6, *args, **kwargs)
+    assert not torch.allclose(got[0], other[0])
+
+
+def test_training_output_averages_to_multihead_attention_in_eval():
+    """E[attention with dropout] = attention without: the mean of N training-mode outputs of the
+    fused layer approaches MHA's eval output, elementwise within 5 standard errors."""
+    mha, ours = mha_and_ours()
+    ours.dropout = 0.2
+    ours.train()
+    query, key, value = inputs()
+    draws = 300
+    with torch.no_grad():
+        outs = torch.stack([ours(query, key, value, need_weights=False)[0] for _ in range(draws)])
+        expected, _ = mha(query, key, value, need_weights=False)
+    stderr = outs.std(0) / draws**0.5
+    z = (outs.mean(0) - expected) / stderr
+    assert z.abs().max().item() < 5.0
+    assert not torch.allclose(outs[0], outs[1])  # dropout is on

@@ -131,3 +131,31 @@ def test_cuda_matches_cpu():
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         got = model.cuda()(**{k: v.cuda() for k, v in inputs.items()})
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_trains_with_attention_dropout_on_the_fused_kernel(monkeypatch):
+    """attention_dropout runs in the fused kernel (the reference is never called), is
+    reproducible under torch.manual_seed, changes with the seed and is off in eval."""
+    import dataclasses
+
+    import mmfuse.reference.attention as reference_attention
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the cross-attention ran on the reference")
+
+    monkeypatch.setattr(reference_attention, "cross_attention", no_reference)
+    config = dataclasses.replace(CONFIG, attention_dropout=0.3)
+    inputs = make_inputs(token_lengths=(13, 0, 5), audio_lengths=(1601, 0, 808))
+
+    def run(seed, train=True):
+        torch.manual_seed(0)
+        model = MultimodalClassifier(config).train(train)
+        torch.manual_seed(seed)
+        logits = model(**inputs)
+        grads = torch.autograd.grad(logits.square().sum(), model.cross_attention.in_proj_weight)
+        return logits.detach(), grads[0]
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.allclose(first[0], other[0])
+    assert torch.equal(run(1, train=False)[0], run(2, train=False)[0])

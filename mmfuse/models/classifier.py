@@ -38,6 +38,9 @@ class ClassifierConfig:
     num_layers: transformer layers in the image encoder and in the text encoder.
     ffn_dim: hidden width of the transformer layers' feed-forward blocks.
     dropout: dropout in the transformer layers; 0 keeps training deterministic.
+    attention_dropout: dropout on the cross-attention probabilities in training, applied in the
+        fused kernels (a Philox stream seeded from torch's generator: ``torch.manual_seed``
+        reproduces a run).
     image_channels, image_size, patch_size: images are (C, S, S); S must divide by patch_size.
     vocab_size: token ids lie in [0, vocab_size).
     max_text_len: the longest token sequence (sizes the position embedding, and the zero
@@ -56,6 +59,7 @@ class ClassifierConfig:
     num_layers: int = 1
     ffn_dim: int = 128
     dropout: float = 0.0
+    attention_dropout: float = 0.0
     image_channels: int = 1
     image_size: int = 32
     patch_size: int = 8
@@ -92,7 +96,7 @@ class MultimodalClassifier(nn.Module):
         self.text_encoder = TextEncoder(cfg)
         self.audio_encoder = AudioEncoder(cfg)
         self.packer = ModalityPacker(2, cfg.dim, backend=backend)
-        self.cross_attention = CrossModalAttention(cfg.dim, cfg.num_heads, backend=backend)
+        self.cross_attention = CrossModalAttention(cfg.dim, cfg.num_heads, dropout=cfg.attention_dropout, backend=backend)
         self.fusion = FeatureFusion([cfg.dim, cfg.dim], cfg.dim, mode=cfg.fusion_mode, activation="gelu", backend=backend)
         self.head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.num_classes))
 
