@@ -20,6 +20,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -184,15 +188,18 @@ void mask_row(const Problem& p, const Sample& s, int64_t h, int64_t i, int64_t k
 
 // ----------------------------------------------------------------------------- dropout
 // Philox4x32-10 (Salmon et al., SC 2011; the constants of Random123 and of Triton's tl.randint).
-// The dropout draw of element (b, h, i, j) of the (B, Hq, Lq, Lk) probability matrix (padded
-// sizes) is word j % 4 of Philox4x32-10 with key (seed_lo, seed_hi) and counter
-// (g_lo, g_hi, offset_lo, offset_hi), g = ((b * Hq + h) * Lq + i) * ceil(Lk / 4) + j / 4.
-// The element is kept iff that word >= floor(p * 2^32) and then scaled by 1 / (1 - p).
-// mmfuse/reference/attention.py (philox_uniform) and the Triton kernels compute the same words.
+// Row (b, h, i) of the (B, Hq, Lq, Lk) probability matrix (padded sizes) owns G = 8 ceil(Lk / 32)
+// counters from row * G on; key j of it draws word (j / 8) % 4 of counter
+// row * G + (j / 32) * 8 + j % 8: each 32 keys take the 4 words of 8 consecutive counters, word w
+// for keys 8w .. 8w + 7, so 8 lanes of one word are 8 consecutive keys. Philox4x32-10 runs with
+// key (seed_lo, seed_hi) and counter (g_lo, g_hi, offset_lo, offset_hi); the element is kept iff
+// its word >= floor(p * 2^32) and then scaled by 1 / (1 - p). mmfuse/contract/attention.py
+// defines the same stream, mmfuse/reference/attention.py (philox_uniform) and the Triton kernels
+// compute the same words.
 constexpr int kPhiloxLanes = 8;
+static_assert(kBlockK % 32 == 0, "a key block must start a 32-key Philox group");
 
-// Words [4][8] of the 8 consecutive counters g0 .. g0 + 7; written so that the compiler
-// vectorizes the 32x32 -> 64 bit products across the lanes.
+// The 4 words of the 8 counters g0 .. g0 + 7 (g0 % 8 == 0): out[w][l] is word w of counter g0 + l.
 inline void philox8(uint64_t g0, uint64_t seed, uint64_t offset, uint32_t (&out)[4][kPhiloxLanes]) {
   uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
   for (int l = 0; l < kPhiloxLanes; ++l) {
@@ -203,7 +210,6 @@ inline void philox8(uint64_t g0, uint64_t seed, uint64_t offset, uint32_t (&out)
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-#pragma omp simd
     for (int l = 0; l < kPhiloxLanes; ++l) {
       const uint64_t p0 = uint64_t(0xD2511F53u) * c0[l];
       const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[l];
@@ -225,23 +231,81 @@ inline void philox8(uint64_t g0, uint64_t seed, uint64_t offset, uint32_t (&out)
   }
 }
 
+#if defined(__AVX2__)
+// (hi, lo) 32-bit halves of the 8 products a[l] * m.
+inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                          // lanes 0, 2, 4, 6 as 64-bit
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);    // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox8 on AVX2 registers: out[w] holds word w of the 8 counters.
+inline void philox8_avx2(uint64_t g0, uint64_t seed, uint64_t offset, __m256i (&out)[4]) {
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0 >> 32)));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(c0, m0, hi0, lo0);
+    mulhilo8(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = lo1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+#endif
+
 // x ∘= keep / (1 - p) (and y, when given, with the same mask) on the (rows, cols) tile of
-// queries i0.. and keys kb.. of head h; kb is a multiple of 4 (kBlockK is).
+// queries i0.. and keys kb.. of head h; kb is a multiple of 32 (kBlockK is).
 template <typename T>
 void dropout_tile(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
                   T* x, T* y = nullptr) {
-  const int64_t groups_per_row = (p.len_k + 3) / 4;
+  const int64_t counters_per_row = (p.len_k + 31) / 32 * 8;
   const T scale = static_cast<T>(p.dropout_scale);
-  uint32_t words[4][kPhiloxLanes];
   for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t row_group = static_cast<uint64_t>(((s.index * p.heads_q + h) * p.len_q + i0 + r) * groups_per_row + kb / 4);
+    const uint64_t row_counter =
+        static_cast<uint64_t>(((s.index * p.heads_q + h) * p.len_q + i0 + r) * counters_per_row + kb / 32 * 8);
     T* xr = x + r * cols;
     T* yr = y != nullptr ? y + r * cols : nullptr;
-    for (int64_t c0 = 0; c0 < cols; c0 += 4 * kPhiloxLanes) {
-      philox8(row_group + c0 / 4, p.seed, p.offset, words);
-      const int64_t n = std::min<int64_t>(4 * kPhiloxLanes, cols - c0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+      const uint64_t g0 = row_counter + c0 / 32 * 8;
+#if defined(__AVX2__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (c0 + 32 <= cols) {  // 4 words x 8 lanes = 32 consecutive keys, one float vector each
+          __m256i words[4];
+          philox8_avx2(g0, p.seed, p.offset, words);
+          // unsigned word >= threshold  <=>  max(word, threshold) == word
+          const __m256i thr = _mm256_set1_epi32(static_cast<int>(p.keep_threshold));
+          const __m256 sc = _mm256_set1_ps(scale);
+          for (int w = 0; w < 4; ++w) {
+            const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[w], thr), words[w]);
+            const __m256 m = _mm256_and_ps(_mm256_castsi256_ps(keep), sc);
+            float* xp = xr + c0 + 8 * w;
+            _mm256_storeu_ps(xp, _mm256_mul_ps(_mm256_loadu_ps(xp), m));
+            if (yr != nullptr) {
+              float* yp = yr + c0 + 8 * w;
+              _mm256_storeu_ps(yp, _mm256_mul_ps(_mm256_loadu_ps(yp), m));
+            }
+          }
+          continue;
+        }
+      }
+#endif
+      uint32_t words[4][kPhiloxLanes];
+      philox8(g0, p.seed, p.offset, words);
+      const int64_t n = std::min<int64_t>(32, cols - c0);
       for (int64_t e = 0; e < n; ++e) {
-        const T m = words[e % 4][e / 4] >= p.keep_threshold ? scale : T(0);
+        const T m = words[e / 8][e % 8] >= p.keep_threshold ? scale : T(0);
         xr[c0 + e] *= m;
         if (yr != nullptr) yr[c0 + e] *= m;
       }

@@ -1,4 +1,6 @@
-"""Benchmark cases: cross_attention against ``F.scaled_dot_product_attention`` (each SDPA backend).
+"""Benchmark cases: cross_attention against ``F.scaled_dot_product_attention`` (each SDPA backend),
+and a training step of ``mmfuse.nn.CrossModalAttention`` with attention dropout against
+``nn.MultiheadAttention``.
 
 Inputs are in mmfuse's ``(B, L, H, D)`` layout; SDPA gets the ``transpose(1, 2)`` views a
 user would pass, and the boolean mask equivalent to ``kv_lens`` / ``key_padding_mask``.
@@ -9,8 +11,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mmfuse
+import mmfuse.nn
 from mmfuse.bench.case import Case, forward_and_backward
 
 
@@ -27,6 +31,7 @@ def _sdpa_backends(device: torch.device):
 
 def cases(device: torch.device, quick: bool, backends: list[str]):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    yield _training_step_case(device, backends, dtype)
     batch, heads, dim = 8, 8, 64
     grid = [(256, 577)] if quick else [(lq, lk) for lq in (77, 256, 1024) for lk in (32, 257, 577)]
     for lq, lk in grid:
@@ -61,3 +66,42 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
                 yield Case("cross_attention", f"{direction} {variant} Lq={lq} Lk={lk} B={batch} H={heads} D={dim}",
                            str(dtype).replace("torch.", ""), {b: run[direction] for b, run in ours.items()},
                            {name: run[direction] for name, run in peers.items()}, flops, "TFLOP/s")
+
+
+def _training_step_case(device: torch.device, backends: list[str], dtype: torch.dtype, dropout: float = 0.1):
+    """Forward + backward of the attention layer in train mode with attention dropout: text
+    queries over image patches (B=8, 256 queries over 577 keys, embed 512, 8 heads, a key
+    padding mask), ``CrossModalAttention`` (fused kernel, Philox dropout regenerated in the
+    backward) against ``nn.MultiheadAttention`` with the same weights (which materialises and
+    stores the dropped (B, H, Lq, Lk) probabilities)."""
+    batch, len_q, len_k, embed, heads = 8, 256, 577, 512, 8
+    mha = nn.MultiheadAttention(embed, heads, dropout=dropout, batch_first=True, device=device, dtype=dtype).train()
+    query = torch.randn(batch, len_q, embed, device=device, dtype=dtype)
+    memory = torch.randn(batch, len_k, embed, device=device, dtype=dtype)
+    padding = torch.rand(batch, len_k, device=device) < 0.2
+    padding[:, 0] = False
+
+    def step(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            out, _ = module(query, memory, memory, key_padding_mask=padding, need_weights=False)
+            out.sum().backward()
+
+        return run
+
+    ours = {}
+    for backend in backends:
+        if backend == "reference":
+            continue
+        layer = mmfuse.nn.CrossModalAttention(embed, heads, dropout=dropout, backend=backend, device=device,
+                                              dtype=dtype).train()
+        layer.load_state_dict(mha.state_dict())
+        ours[backend] = step(layer)
+    # attention: 4 B H Lq Lk D flops forward, 2.5x that backward; the q, k, v and out projections:
+    # 2 E^2 per token each forward, 2x that backward
+    attention = 4.0 * batch * heads * len_q * len_k * (embed // heads) * 3.5
+    projections = 2.0 * embed * embed * (2 * batch * len_q + 2 * batch * len_k) * 3
+    flops = attention + projections
+    return Case("cross_attention", f"CrossModalAttention training step, dropout {dropout} Lq={len_q} Lk={len_k} "
+                f"B={batch} E={embed} H={heads}", str(dtype).replace("torch.", ""), ours,
+                {"nn.MultiheadAttention": step(mha)}, flops, "TFLOP/s")

@@ -149,19 +149,20 @@ def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head,
 @triton.jit
 def _keep(Philox, row0, offs_m, offs_n, seq_k, keep_thr):
     """The dropout keep mask of a (BLOCK_M, BLOCK_N) tile whose query i is probability row
-    row0 + i of the (B * Hq * Lq, Lk) matrix: word j % 4 of Philox4x32-10 at counter
-    (g, offset), g = row * ceil(Lk / 4) + j // 4, key seed (mmfuse.contract.attention);
-    keep_thr is floor(p * 2^32) - 2^31, compared with the word's top bit flipped (both int32)."""
+    row0 + i of the (B * Hq * Lq, Lk) matrix: word (j // 8) % 4 of Philox4x32-10 at counter
+    (g, offset), g = row * 8 ceil(Lk / 32) + (j // 32) * 8 + j % 8, key seed
+    (mmfuse.contract.attention); keep_thr is floor(p * 2^32) - 2^31, compared with the word's
+    top bit flipped (both int32)."""
     seed = tl.load(Philox).to(tl.uint64, bitcast=True)
     offset = tl.load(Philox + 1).to(tl.uint64, bitcast=True)
-    g = (row0 + offs_m.to(tl.int64))[:, None] * ((seq_k + 3) // 4) + (offs_n // 4)[None, :]
+    g = (row0 + offs_m.to(tl.int64))[:, None] * ((seq_k + 31) // 32 * 8) + ((offs_n // 32) * 8 + offs_n % 8)[None, :]
     g = g.to(tl.uint64, bitcast=True)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + (offset & 0xFFFFFFFF).to(tl.uint32)
     c3 = tl.zeros_like(c0) + (offset >> 32).to(tl.uint32)
     r0, r1, r2, r3 = philox_impl(c0, c1, c2, c3, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32), 10)
-    w = (offs_n % 4)[None, :]
+    w = ((offs_n // 8) % 4)[None, :]
     u = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     return (u.to(tl.int32, bitcast=True) ^ -2147483648) >= keep_thr
 
