@@ -26,6 +26,11 @@ Semantics shared by both functions:
   logsumexp of an empty set and what ``torch.logsumexp`` gives.
 - ``lse`` is float32, or float64 for float64 inputs (so that ``gradcheck`` can check it).
 - An empty batch (B = 0, or no tokens in varlen) returns empty outputs, like other torch ops.
+- ``cross_attention`` (padded) also takes ``attn_mask`` (bool, or a float bias added to the
+  scores, read in-kernel by the C++ and Triton kernels) and ``dropout_p`` (attention dropout from
+  a Philox4x32-10 stream whose (seed, offset) is drawn per call from torch's default generator
+  of q's device; the stream is defined in ``mmfuse.contract.attention``). The varlen function
+  has neither yet. The CUDA kernel takes neither: ``auto`` routes such calls to Triton.
 """
 from __future__ import annotations
 
