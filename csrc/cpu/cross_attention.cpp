@@ -188,18 +188,16 @@ void mask_row(const Problem& p, const Sample& s, int64_t h, int64_t i, int64_t k
 
 // ----------------------------------------------------------------------------- dropout
 // Philox4x32-10 (Salmon et al., SC 2011; the constants of Random123 and of Triton's tl.randint).
-// Row (b, h, i) of the (B, Hq, Lq, Lk) probability matrix (padded sizes) owns G = 8 ceil(Lk / 32)
-// counters from row * G on; key j of it draws word (j / 8) % 4 of counter
-// row * G + (j / 32) * 8 + j % 8: each 32 keys take the 4 words of 8 consecutive counters, word w
-// for keys 8w .. 8w + 7, so 8 lanes of one word are 8 consecutive keys. Philox4x32-10 runs with
-// key (seed_lo, seed_hi) and counter (g_lo, g_hi, offset_lo, offset_hi); the element is kept iff
-// its word >= floor(p * 2^32) and then scaled by 1 / (1 - p). mmfuse/contract/attention.py
-// defines the same stream, mmfuse/reference/attention.py (philox_uniform) and the Triton kernels
-// compute the same words.
+// Element (b, h, i, j) of the (B, Hq, Lq, Lk) probability matrix (padded sizes) draws word j % 4
+// of Philox4x32-10 with key (seed_lo, seed_hi) and counter (g_lo, g_hi, offset_lo, offset_hi),
+// g = ((b * Hq + h) * Lq + i) * ceil(Lk / 4) + j / 4: one Philox call per 4 consecutive keys.
+// The element is kept iff that word >= floor(p * 2^32) and then scaled by 1 / (1 - p).
+// mmfuse/contract/attention.py defines the stream; mmfuse/reference/attention.py
+// (philox_uniform) and the Triton kernels compute the same words.
 constexpr int kPhiloxLanes = 8;
-static_assert(kBlockK % 32 == 0, "a key block must start a 32-key Philox group");
+static_assert(kBlockK % 4 == 0, "a key block must start a 4-key Philox group");
 
-// The 4 words of the 8 counters g0 .. g0 + 7 (g0 % 8 == 0): out[w][l] is word w of counter g0 + l.
+// The 4 words of the 8 counters g0 .. g0 + 7: out[w][l] is word w of counter g0 + l.
 inline void philox8(uint64_t g0, uint64_t seed, uint64_t offset, uint32_t (&out)[4][kPhiloxLanes]) {
   uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
   for (int l = 0; l < kPhiloxLanes; ++l) {
@@ -240,7 +238,9 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// philox8 on AVX2 registers: out[w] holds word w of the 8 counters.
+// philox8 on AVX2 registers for 8 counters g0 .. g0 + 7 that share their high word (no carry
+// out of the low one), transposed into key order: out[v] holds the words of keys
+// 8v .. 8v + 7 of the 32 (key 4l + w is word w of counter g0 + l).
 inline void philox8_avx2(uint64_t g0, uint64_t seed, uint64_t offset, __m256i (&out)[4]) {
   __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -261,39 +261,50 @@ inline void philox8_avx2(uint64_t g0, uint64_t seed, uint64_t offset, __m256i (&
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+  // 4 x 8 transpose: (word, counter) -> key order
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpacklo_epi32(c2, c3);
+  const __m256i t2 = _mm256_unpackhi_epi32(c0, c1), t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t1);  // counters 0 | 4, words 0..3
+  const __m256i u1 = _mm256_unpackhi_epi64(t0, t1);  // counters 1 | 5
+  const __m256i u2 = _mm256_unpacklo_epi64(t2, t3);  // counters 2 | 6
+  const __m256i u3 = _mm256_unpackhi_epi64(t2, t3);  // counters 3 | 7
+  out[0] = _mm256_permute2x128_si256(u0, u1, 0x20);  // keys 0..7
+  out[1] = _mm256_permute2x128_si256(u2, u3, 0x20);  // keys 8..15
+  out[2] = _mm256_permute2x128_si256(u0, u1, 0x31);  // keys 16..23
+  out[3] = _mm256_permute2x128_si256(u2, u3, 0x31);  // keys 24..31
 }
 #endif
 
 // x ∘= keep / (1 - p) (and y, when given, with the same mask) on the (rows, cols) tile of
-// queries i0.. and keys kb.. of head h; kb is a multiple of 32 (kBlockK is).
+// queries i0.. and keys kb.. of head h; kb is a multiple of 4 (kBlockK is).
 template <typename T>
 void dropout_tile(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
                   T* x, T* y = nullptr) {
-  const int64_t counters_per_row = (p.len_k + 31) / 32 * 8;
+  const int64_t counters_per_row = (p.len_k + 3) / 4;
   const T scale = static_cast<T>(p.dropout_scale);
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t row_counter =
-        static_cast<uint64_t>(((s.index * p.heads_q + h) * p.len_q + i0 + r) * counters_per_row + kb / 32 * 8);
+        static_cast<uint64_t>(((s.index * p.heads_q + h) * p.len_q + i0 + r) * counters_per_row + kb / 4);
     T* xr = x + r * cols;
     T* yr = y != nullptr ? y + r * cols : nullptr;
     for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-      const uint64_t g0 = row_counter + c0 / 32 * 8;
+      const uint64_t g0 = row_counter + c0 / 4;
 #if defined(__AVX2__)
       if constexpr (std::is_same_v<T, float>) {
-        if (c0 + 32 <= cols) {  // 4 words x 8 lanes = 32 consecutive keys, one float vector each
-          __m256i words[4];
-          philox8_avx2(g0, p.seed, p.offset, words);
-          // unsigned word >= threshold  <=>  max(word, threshold) == word
+        // 8 counters x 4 words = 32 consecutive keys, one float vector per 8
+        if (c0 + 32 <= cols && static_cast<uint32_t>(g0) <= 0xFFFFFFFFu - (kPhiloxLanes - 1)) {
+          __m256i draws[4];  // draws[v]: keys c0 + 8v .. c0 + 8v + 7
+          philox8_avx2(g0, p.seed, p.offset, draws);
+          // unsigned draw >= threshold  <=>  max(draw, threshold) == draw
           const __m256i thr = _mm256_set1_epi32(static_cast<int>(p.keep_threshold));
           const __m256 sc = _mm256_set1_ps(scale);
-          for (int w = 0; w < 4; ++w) {
-            const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(words[w], thr), words[w]);
+          for (int v = 0; v < 4; ++v) {
+            const __m256i keep = _mm256_cmpeq_epi32(_mm256_max_epu32(draws[v], thr), draws[v]);
             const __m256 m = _mm256_and_ps(_mm256_castsi256_ps(keep), sc);
-            float* xp = xr + c0 + 8 * w;
+            float* xp = xr + c0 + 8 * v;
             _mm256_storeu_ps(xp, _mm256_mul_ps(_mm256_loadu_ps(xp), m));
             if (yr != nullptr) {
-              float* yp = yr + c0 + 8 * w;
+              float* yp = yr + c0 + 8 * v;
               _mm256_storeu_ps(yp, _mm256_mul_ps(_mm256_loadu_ps(yp), m));
             }
           }
@@ -305,7 +316,7 @@ void dropout_tile(const Problem& p, const Sample& s, int64_t h, int64_t i0, int6
       philox8(g0, p.seed, p.offset, words);
       const int64_t n = std::min<int64_t>(32, cols - c0);
       for (int64_t e = 0; e < n; ++e) {
-        const T m = words[e / 8][e % 8] >= p.keep_threshold ? scale : T(0);
+        const T m = words[e % 4][e / 4] >= p.keep_threshold ? scale : T(0);
         xr[c0 + e] *= m;
         if (yr != nullptr) yr[c0 + e] *= m;
       }

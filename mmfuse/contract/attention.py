@@ -6,14 +6,11 @@ Attention dropout (padded ops' ``dropout_p`` and ``philox``). ``philox`` is an i
 ``(seed, offset)`` drawn per call from torch's default generator of the inputs' device
 (``mmfuse.ops.attention``), so ``torch.manual_seed`` reproduces a run. Element
 ``(b, h, i, j)`` of the ``(B, Hq, Lq, Lk)`` attention probabilities (padded sizes) draws word
-``(j // 8) % 4`` of Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as
-easy as 1, 2, 3", SC 2011; the round and key constants of Random123 and of Triton's
-``tl.randint``) with key ``(seed mod 2^32, seed >> 32)`` and counter
+``j % 4`` of Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as
+1, 2, 3", SC 2011; the round and key constants of Random123 and of Triton's ``tl.randint``)
+with key ``(seed mod 2^32, seed >> 32)`` and counter
 ``(g mod 2^32, g >> 32, offset mod 2^32, offset >> 32)``, where
-``g = ((b * Hq + h) * Lq + i) * G + (j // 32) * 8 + j % 8`` and ``G = 8 * ceil(Lk / 32)``
-(seed and offset read as unsigned 64-bit): every 32 keys use all 4 words of 8 consecutive
-counters, word w for keys 8w .. 8w + 7, so that one 8-lane vector of one word covers 8
-consecutive keys (the C++ kernel's AVX2 path).
+``g = ((b * Hq + h) * Lq + i) * ceil(Lk / 4) + j // 4`` (seed and offset read as unsigned 64-bit).
 The element is kept iff that 32-bit word is ``>= floor(dropout_p * 2^32)``
 (``keep_threshold``), which keeps it with probability ``1 - floor(p 2^32) / 2^32``, and a kept
 probability is multiplied by ``1 / (1 - dropout_p)``. Row sums and ``lse`` use the undropped

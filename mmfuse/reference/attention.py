@@ -138,16 +138,14 @@ def philox_uniform(philox: torch.Tensor, batch: int, heads: int, len_q: int, len
     """int64 (B, H, Lq, Lk): the 32-bit dropout draw of every attention probability, the stream
     defined in ``mmfuse.contract.attention``."""
     seed, offset = (int(x) % 2**64 for x in philox.tolist())
-    per_row = (len_k + 31) // 32 * 8  # counters per probability row
-    g = torch.arange(batch * heads * len_q * per_row, device=device, dtype=torch.int64)
+    groups = (len_k + 3) // 4
+    g = torch.arange(batch * heads * len_q * groups, device=device, dtype=torch.int64)
     zeros = torch.zeros_like(g)
     words = philox4x32_10(
         (g & _M32, g >> 32, zeros + (offset & _M32), zeros + (offset >> 32)), (seed & _M32, seed >> 32)
     )
-    words = torch.stack(words, dim=-1).reshape(batch * heads * len_q, per_row, 4)
-    # key j: word (j // 8) % 4 of the row's counter (j // 32) * 8 + j % 8
-    j = torch.arange(len_k, device=device)
-    return words[:, (j // 32) * 8 + j % 8, (j // 8) % 4].reshape(batch, heads, len_q, len_k)
+    words = torch.stack(words, dim=-1).reshape(batch, heads, len_q, groups * 4)
+    return words[..., :len_k]
 
 
 def philox_keep(philox: torch.Tensor, dropout_p: float, batch: int, heads: int, len_q: int, len_k: int,

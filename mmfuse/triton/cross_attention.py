@@ -147,23 +147,26 @@ def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head,
 
 
 @triton.jit
-def _keep(Philox, row0, offs_m, offs_n, seq_k, keep_thr):
-    """The dropout keep mask of a (BLOCK_M, BLOCK_N) tile whose query i is probability row
-    row0 + i of the (B * Hq * Lq, Lk) matrix: word (j // 8) % 4 of Philox4x32-10 at counter
-    (g, offset), g = row * 8 ceil(Lk / 32) + (j // 32) * 8 + j % 8, key seed
-    (mmfuse.contract.attention); keep_thr is floor(p * 2^32) - 2^31, compared with the word's
-    top bit flipped (both int32)."""
+def _keep(Philox, row0, offs_m, start_n, seq_k, keep_thr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep mask of the (BLOCK_M, BLOCK_N) tile of keys start_n.. (a multiple of 4)
+    whose query i is probability row row0 + i of the (B * Hq * Lq, Lk) matrix: key j draws word
+    j % 4 of Philox4x32-10 at counter (g, offset), g = row * ceil(Lk / 4) + j // 4, key seed
+    (mmfuse.contract.attention). Philox runs once per counter, on a (BLOCK_M, BLOCK_N / 4) grid,
+    and its 4 words are interleaved into the tile (join + reshape: column 4c + w is word w of
+    counter c). keep_thr is floor(p * 2^32) - 2^31, compared with the word's top bit flipped
+    (both int32)."""
     seed = tl.load(Philox).to(tl.uint64, bitcast=True)
     offset = tl.load(Philox + 1).to(tl.uint64, bitcast=True)
-    g = (row0 + offs_m.to(tl.int64))[:, None] * ((seq_k + 31) // 32 * 8) + ((offs_n // 32) * 8 + offs_n % 8)[None, :]
+    offs_c = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    g = (row0 + offs_m.to(tl.int64))[:, None] * ((seq_k + 3) // 4) + offs_c[None, :]
     g = g.to(tl.uint64, bitcast=True)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + (offset & 0xFFFFFFFF).to(tl.uint32)
     c3 = tl.zeros_like(c0) + (offset >> 32).to(tl.uint32)
     r0, r1, r2, r3 = philox_impl(c0, c1, c2, c3, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32), 10)
-    w = ((offs_n // 8) % 4)[None, :]
-    u = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    # join(join(r0, r2), join(r1, r3))[..., a, b] is word 2a + b: reshaped, column 4c + w holds word w
+    u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
     return (u.to(tl.int32, bitcast=True) ^ -2147483648) >= keep_thr
 
 
@@ -216,7 +219,7 @@ def _forward_kernel(
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the row sums use the undropped P, the PV product P ∘ keep / (1 - p)
-            p = tl.where(_keep(Philox, prob_row0, offs_m, offs_n, seq_k, keep_thr), p * drop_scale, 0.0)
+            p = tl.where(_keep(Philox, prob_row0, offs_m, start_n, seq_k, keep_thr, BLOCK_M, BLOCK_N), p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
         m_i = m_new
     has_key = l_i > 0.0
@@ -315,7 +318,8 @@ def _dkdv_kernel(
                        HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
             dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
             if DROPOUT:  # dV takes P ∘ keep / (1 - p); dP gets the same mask
-                keep = _keep(Philox, (b.to(tl.int64) * heads_q + h) * seq_q, offs_m, offs_n, seq_k, keep_thr)
+                keep = _keep(Philox, (b.to(tl.int64) * heads_q + h) * seq_q, offs_m, pid_n * BLOCK_N, seq_k, keep_thr,
+                             BLOCK_M, BLOCK_N)
                 dv += tl.dot(tl.trans(tl.where(keep, p * drop_scale, 0.0).to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
@@ -366,7 +370,7 @@ def _dq_kernel(
                    HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
         dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
         if DROPOUT:
-            dp = tl.where(_keep(Philox, prob_row0, offs_m, offs_n, seq_k, keep_thr), dp * drop_scale, 0.0)
+            dp = tl.where(_keep(Philox, prob_row0, offs_m, start_n, seq_k, keep_thr, BLOCK_M, BLOCK_N), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
     tl.store(dQ + q_off, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
