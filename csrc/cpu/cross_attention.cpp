@@ -175,17 +175,26 @@ struct QueryBlock {
   int64_t lse_offset(const Problem& p) const { return s->lse_base + h * p.lse_head + i0; }
 };
 
-int64_t query_blocks(const Problem& p) { return (p.max_q + kBlockQ - 1) / kBlockQ; }
+int64_t query_blocks(const Problem& p, int64_t block_q = kBlockQ) { return (p.max_q + block_q - 1) / block_q; }
 
 // False for a block past its sample's queries (the grid is sized by the longest sample).
-bool query_block(const Problem& p, int64_t t, QueryBlock& blk) {
-  const int64_t q_blocks = query_blocks(p);
+bool query_block(const Problem& p, int64_t t, QueryBlock& blk, int64_t block_q = kBlockQ) {
+  const int64_t q_blocks = query_blocks(p, block_q);
   blk.s = &p.samples[t / (p.heads_q * q_blocks)];
   blk.h = (t / q_blocks) % p.heads_q;
   blk.hk = blk.h / p.group();
-  blk.i0 = (t % q_blocks) * kBlockQ;
-  blk.rows = std::min(kBlockQ, blk.s->q_len - blk.i0);
+  blk.i0 = (t % q_blocks) * block_q;
+  blk.rows = std::min(block_q, blk.s->q_len - blk.i0);
   return blk.rows > 0;
+}
+
+// The forward's query block: taller blocks mean fewer, larger GEMM calls (each BLAS call costs
+// a fixed setup, which dominates 64 x 32 x 64 tiles at short key lengths), as long as the
+// (sample, head, block) grid still gives every thread several tasks to balance.
+int64_t forward_block_q(const Problem& p) {
+  int64_t block = p.max_q >= 768 ? 256 : (p.max_q >= 192 ? 128 : 64);
+  while (block > 32 && p.batch * p.heads_q * ((p.max_q + block - 1) / block) < 8 * at::get_num_threads()) block /= 2;
+  return block;
 }
 
 // Forward: out (rows, Hq, D), lse. Tasks are (sample, head, query block).
@@ -193,11 +202,12 @@ template <typename T>
 void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
-  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * D), row_m(kBlockQ), row_l(kBlockQ);
+  const int64_t block_q = forward_block_q(p);
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p, block_q), [&](const auto& claim) {
+    std::vector<T> scores(block_q * kBlockK), acc(block_q * D), row_m(block_q), row_l(block_q);
     QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
-      if (!query_block(p, t, blk)) continue;
+      if (!query_block(p, t, blk, block_q)) continue;
       const Sample& s = *blk.s;
       const int64_t h = blk.h, hk = blk.hk, i0 = blk.i0, rows = blk.rows;
       const T* q_blk = q + blk.q_offset(p);
