@@ -78,15 +78,17 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at:
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
   const at::Tensor w = weight.to(acc);  // no copy for fp32/fp64
-  at::Tensor sum = at::empty({n, out_features}, xs[0].options().dtype(acc));
-  if (bias) {
-    sum.copy_(bias->to(acc).expand({n, out_features}));
-  } else {
-    sum.zero_();
-  }
+  // the first GEMM starts from the bias (or writes over the uninitialised accumulator with
+  // beta = 0), the others accumulate: no separate pass to broadcast the bias or zero the sum
+  at::Tensor sum;
   int64_t col = 0;
   for (const auto& x : xs) {
-    sum.addmm_(x.to(acc), w.narrow(1, col, x.size(1)).t());
+    const at::Tensor w_block = w.narrow(1, col, x.size(1)).t();
+    if (!sum.defined()) {
+      sum = bias ? at::addmm(bias->to(acc), x.to(acc), w_block) : at::mm(x.to(acc), w_block);
+    } else {
+      sum.addmm_(x.to(acc), w_block);
+    }
     col += x.size(1);
   }
   const at::Tensor preact = sum.to(dtype);
@@ -108,7 +110,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   for (const auto& x : xs) {
     const int64_t d = x.size(1);
     grad_xs.push_back(at::mm(g, w.narrow(1, col, d)).to(dtype));
-    grad_weight.narrow(1, col, d).copy_(at::mm(g.t(), x.to(acc)));
+    // straight into the weight gradient's column block: a row-major view with leading
+    // dimension `width`, which BLAS writes in place (no temporary, no copy)
+    at::Tensor block = grad_weight.narrow(1, col, d);
+    at::mm_out(block, g.t(), x.to(acc));
     col += d;
   }
   at::Tensor grad_bias = has_bias ? g.sum(0).to(dtype) : at::empty({0}, weight.options());
