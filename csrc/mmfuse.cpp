@@ -39,10 +39,11 @@ TORCH_LIBRARY(mmfuse, m) {
   m.def("fused_concat_linear(Tensor[] xs, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)");
   // (grad_xs, grad_weight, grad_bias) of fused_concat_linear; grad_bias empty unless has_bias.
   m.def("fused_concat_linear_bwd(Tensor grad_out, Tensor[] xs, Tensor weight, Tensor preact, str activation, bool has_bias) -> (Tensor[], Tensor, Tensor)");
-  // act(sum_m weights[m] p_m | prod_m p_m | sum_m sigmoid(gate_logits[m]) p_m); returns (out, preact).
-  m.def("combine_modalities(Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, str activation) -> (Tensor, Tensor)");
-  // (grad_projected, grad_weights (sum mode, else empty), grad_gate_logits (gated mode, else [])).
-  m.def("combine_modalities_bwd(Tensor grad_out, Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, Tensor preact, str activation) -> (Tensor[], Tensor, Tensor[])");
+  // act(sum_m weights[m] p_m | prod_m p_m | sum_m sigmoid(gate_logits[m]) p_m), one pass.
+  m.def("combine_modalities(Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, str activation) -> Tensor");
+  // (grad_projected, grad_weights (sum mode, else empty), grad_gate_logits (gated mode, else [])); the
+  // pre-activation is recomputed from the inputs, which every mode's gradient reads anyway.
+  m.def("combine_modalities_bwd(Tensor grad_out, Tensor[] projected, str mode, Tensor? weights, Tensor[] gate_logits, str activation) -> (Tensor[], Tensor, Tensor[])");
   // Attention over padded (B, L, H, D) q/k/v with optional kv_lens (B,) and bool key_padding_mask (B, Lk), True = ignore;
   // attn_mask (Lq, Lk) | (B or 1, Hq or 1, Lq, Lk), bool (True = ignore) or float (added to the scores); dropout_p on the
   // probabilities from philox = int64 (seed, offset) (mmfuse/contract/attention.py defines the stream).

@@ -368,3 +368,29 @@ def test_cuda_backend_refuses_mask_and_dropout_by_name():
         return
     with pytest.raises(ValueError, match="no attention dropout"):
         mmfuse.cross_attention(q.cuda(), k.cuda(), v.cuda(), dropout_p=0.1, backend="cuda")
+
+
+@pytest.mark.parametrize("batch, heads_kv, threads", [(3, 2, 2), (5, 4, 1)], ids=["two-pass", "one-pass"])
+def test_cpu_backward_both_schedules_with_mask_and_dropout(batch, heads_kv, threads):
+    """The C++ backward's one-pass (>= 4 (sample, kv head) pairs per thread) and two-pass
+    schedules both regenerate the dropout mask and read the attention mask: against float64."""
+    len_q, len_k, heads_q, dim = 71, 293, 8, 40  # 293 keys: two key blocks
+    q, k, v = qkv(batch, len_q, len_k, heads_q, heads_kv, dim)
+    mask = torch.randn(batch, 1, len_q, len_k).masked_fill(torch.rand(batch, 1, len_q, len_k) < 0.3, NEG_INF)
+    kv_lens = torch.randint(1, len_k + 1, (batch,))
+    philox = torch.tensor(PHILOX)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = torch.ops.mmfuse.cross_attention_fwd(*args, kv_lens, None, 0.2, True, mask, 0.3, philox)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    finally:
+        torch.set_num_threads(previous)
+    args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, _ = reference64(*args64, scale=0.2, causal=True, kv_lens=kv_lens, attn_mask=mask, p=0.3, philox=philox)
+    out64.backward(grad.double())
+    torch.testing.assert_close(out.double(), out64, atol=2e-5, rtol=1e-4)
+    for a, b in zip(args, args64):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=5e-5, rtol=3e-4)

@@ -147,6 +147,21 @@ def test_gradients(backend, len_q, len_k, causal):
     run_case(backend, 3, len_q, len_k, 8, 2, 40, kv_lens=kv_lens, mask=mask, causal=causal, grads=True)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch, heads_kv, threads", [(3, 2, 2), (5, 4, 1)], ids=["two-pass", "one-pass"])
+def test_cpu_backward_both_schedules(batch, heads_kv, threads, causal):
+    """The C++ backward runs in one pass per (sample, kv head) when there are >= 4 such pairs per
+    thread, else in two passes (dK/dV per key block, then dQ); both against float64."""
+    kv_lens, mask = masks_for(batch, 131)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_case("cpu", batch, 71, 131, 8, heads_kv, 40, kv_lens=kv_lens, mask=mask, causal=causal, grads=True)
+        run_case("cpu", batch, 131, 71, 4, heads_kv, 64, kv_lens=None, mask=None, causal=causal, grads=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("backend, len_q, len_k", [("cpu", 70, 300), pytest.param("triton", 20, 37, marks=pytest.mark.triton)])
 def test_gradient_through_lse_and_determinism(backend, len_q, len_k):
     device = device_for(backend)

@@ -75,16 +75,15 @@ def combine_from_weights(ps, mode, weights, gates, activation):
 def run_combine_forward(ps, mode, weights, gates, activation, max_blocks, misaligned=False):
     dtype, num = ps[0].dtype, len(ps)
     out = poisoned(ps[0], misaligned)
-    preact = None if activation is None else poisoned(ps[0])
     info = torch.zeros(2, dtype=torch.int64)
     w = weights.to(acc_dtype(dtype)) if weights is not None else None
     entry("combine", ps[0])(0, MODE_CODES[mode], ACT_CODES[activation], pointers(ps, num), pointers(gates, num), w,
-                            out, preact, None, None, pointers([], num), pointers([], num), None, None, ps[0].numel(),
+                            out, None, pointers([], num), pointers([], num), None, None, ps[0].numel(),
                             num, max_blocks, info)
-    return out, preact, info
+    return out, info
 
 
-def run_combine_backward(grad, ps, mode, weights, gates, preact, activation, max_blocks, misaligned=False):
+def run_combine_backward(grad, ps, mode, weights, gates, activation, max_blocks, misaligned=False):
     dtype, num = ps[0].dtype, len(ps)
     grad_ps = [poisoned(p, misaligned) for p in ps]
     grad_gates = [poisoned(g) for g in gates]
@@ -93,7 +92,7 @@ def run_combine_backward(grad, ps, mode, weights, gates, preact, activation, max
     info = torch.zeros(2, dtype=torch.int64)
     w = weights.to(acc_dtype(dtype)) if weights is not None else None
     entry("combine", ps[0])(1, MODE_CODES[mode], ACT_CODES[activation], pointers(ps, num), pointers(gates, num), w,
-                            None, None, grad, preact, pointers(grad_ps, num), pointers(grad_gates, num), partials,
+                            None, grad, pointers(grad_ps, num), pointers(grad_gates, num), partials,
                             grad_weights, ps[0].numel(), num, max_blocks, info)
     return grad_ps, grad_weights, grad_gates, info
 
@@ -104,7 +103,7 @@ def run_combine_backward(grad, ps, mode, weights, gates, preact, activation, max
 def test_combine_forward_and_backward_match_reference(dtype, mode, activation):
     for shape, num, misaligned, max_blocks in COMBINE_CASES:
         ps, gates, weights = combine_case(shape, num, mode, dtype, misaligned)
-        out, preact, info = run_combine_forward(ps, mode, weights, gates, activation, max_blocks, misaligned)
+        out, info = run_combine_forward(ps, mode, weights, gates, activation, max_blocks, misaligned)
         assert info[0].item() == (not misaligned)  # the 16-byte path unless a pointer is misaligned
 
         leaves = [*ps, *gates] + ([weights] if mode == "sum" else [])
@@ -114,18 +113,16 @@ def test_combine_forward_and_backward_match_reference(dtype, mode, activation):
             p, g = tensors[:num], tensors[num : num + len(gates)]
             w = tensors[-1] if mode == "sum" else None
             y = combine_from_weights(p, mode, w, g, activation)
-            z = combine_from_weights(p, mode, w, g, None)
-            return y, z, torch.autograd.grad(y, tensors, grad.to(y.dtype))
+            return y, torch.autograd.grad(y, tensors, grad.to(y.dtype))
 
         grad = torch.randn(shape).to(dtype)
-        y_torch, z_torch, grads_torch = run(leaves)
-        y64, z64, grads64 = run([t.double() for t in leaves])
+        y_torch, grads_torch = run(leaves)
+        y64, grads64 = run([t.double() for t in leaves])
         within_torch_error(out, y64, y_torch, dtype)
-        if activation is not None:
-            within_torch_error(preact, z64, z_torch, dtype)
 
+        # the backward recomputes the pre-activation from the inputs (none is saved)
         grad_ps, grad_weights, grad_gates, info = run_combine_backward(
-            grad, ps, mode, weights, gates, preact, activation, max_blocks, misaligned
+            grad, ps, mode, weights, gates, activation, max_blocks, misaligned
         )
         assert info[0].item() == (not misaligned)
         got = [*grad_ps, *grad_gates] + ([grad_weights.to(dtype)] if mode == "sum" else [])
@@ -135,7 +132,7 @@ def test_combine_forward_and_backward_match_reference(dtype, mode, activation):
 
 def test_product_gradient_exact_with_a_zero_factor():
     ps = [torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]])]
-    grad_ps, _, _, _ = run_combine_backward(torch.ones(1, 2), ps, "product", None, [], None, None, MANY_BLOCKS)
+    grad_ps, _, _, _ = run_combine_backward(torch.ones(1, 2), ps, "product", None, [], None, MANY_BLOCKS)
     assert grad_ps[0].tolist() == [[3.0, 0.0]] and grad_ps[1].tolist() == [[0.0, 2.0]]
 
 
@@ -143,7 +140,7 @@ def test_product_gradient_exact_with_a_zero_factor():
 def test_sum_grad_weights_is_deterministic_and_independent_of_the_grid(dtype):
     ps, _, weights = combine_case((7, 97), 3, "sum", dtype, misaligned=False)
     grad = torch.randn(7, 97).to(dtype)
-    runs = [run_combine_backward(grad, ps, "sum", weights, [], None, None, blocks)[1] for blocks in (1, 3, 3)]
+    runs = [run_combine_backward(grad, ps, "sum", weights, [], None, blocks)[1] for blocks in (1, 3, 3)]
     assert torch.equal(runs[1], runs[2])
     want = torch.stack([(grad.double() * p.double()).sum() for p in ps])
     for got in runs[:2]:
@@ -155,10 +152,9 @@ def test_combine_with_no_elements_launches_nothing(mode):
     ps = [torch.empty(0, 5) for _ in range(2)]
     gates = [torch.empty(0, 5) for _ in range(2)] if mode == "gated" else []
     weights = torch.tensor([0.25, 0.75]) if mode == "sum" else None
-    out, _, _ = run_combine_forward(ps, mode, weights, gates, "gelu", MANY_BLOCKS)
+    out, _ = run_combine_forward(ps, mode, weights, gates, "gelu", MANY_BLOCKS)
     assert out.shape == (0, 5)
-    _, grad_weights, _, _ = run_combine_backward(torch.empty(0, 5), ps, mode, weights, gates, torch.empty(0, 5),
-                                                 "gelu", MANY_BLOCKS)
+    _, grad_weights, _, _ = run_combine_backward(torch.empty(0, 5), ps, mode, weights, gates, "gelu", MANY_BLOCKS)
     assert grad_weights.isnan().all()  # untouched: the launcher returns zeros without launching
 
 
@@ -266,7 +262,7 @@ def test_gpu_runs_the_harness_as_the_emulator_does(dtype):
         results = {}
         for device in ("cpu", "cuda"):
             w = weights.to(device) if weights is not None else None
-            out, preact, info = run_combine_forward(on(device, ps), mode, w, on(device, gates), "gelu", 4)
+            out, info = run_combine_forward(on(device, ps), mode, w, on(device, gates), "gelu", 4)
             grad_ps, grad_w, grad_gates, _ = run_combine_backward(grad.to(device), on(device, ps), mode, w,
                                                                   on(device, gates), preact, "gelu", 4)
             results[device] = [out, preact, *grad_ps, *grad_gates] + ([grad_w] if mode == "sum" else [])

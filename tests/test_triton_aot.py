@@ -97,17 +97,19 @@ def test_the_kernel_modules_are_every_triton_module():
     assert with_kernels == set(aot_check.KERNEL_MODULES)
 
 
-def test_autotuned_kernels_check_every_config_the_autotuner_keeps():
+@pytest.mark.parametrize("extra", [False, True], ids=["masks", "masks+attn_mask+dropout"])
+def test_autotuned_kernels_check_every_config_the_autotuner_keeps(extra):
     from mmfuse.triton import cross_attention
 
-    meta = dict(HEAD_DIM=64, BLOCK_D=64, HAS_MASK=True, CAUSAL=True, PRECISION="ieee", UPCAST=False)
-    pointers = cross_attention._attention_pointers(torch.float16, True)[cross_attention._forward_kernel]
+    meta = dict(HEAD_DIM=64, BLOCK_D=64, HAS_MASK=True, CAUSAL=True, PRECISION="ieee", UPCAST=False,
+                HAS_BIAS=extra, DROPOUT=extra)
+    pointers = cross_attention._attention_pointers(torch.float16, True, extra)[cross_attention._forward_kernel]
     kept = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
             for c in aot_tuned(cross_attention._forward_kernel, pointers, meta)}
     checked = {(tuple(sorted((k, v) for k, v in c.constexprs.items() if k in ("BLOCK_M", "BLOCK_N"))), c.num_warps,
                 c.num_stages) for c in cross_attention.aot_cases()
                if c.name == "_forward_kernel" and c.label == "float16" and c.constexprs["BLOCK_D"] == 64
-               and c.constexprs["HAS_MASK"] and c.constexprs["CAUSAL"]}
+               and c.constexprs["HAS_MASK"] and c.constexprs["CAUSAL"] and c.constexprs["DROPOUT"] == extra}
     assert kept and kept == checked
 
 

@@ -338,17 +338,26 @@ struct QueryBlock {
   int64_t lse_offset(const Problem& p) const { return s->lse_base + h * p.lse_head + i0; }
 };
 
-int64_t query_blocks(const Problem& p) { return (p.max_q + kBlockQ - 1) / kBlockQ; }
+int64_t query_blocks(const Problem& p, int64_t block_q = kBlockQ) { return (p.max_q + block_q - 1) / block_q; }
 
 // False for a block past its sample's queries (the grid is sized by the longest sample).
-bool query_block(const Problem& p, int64_t t, QueryBlock& blk) {
-  const int64_t q_blocks = query_blocks(p);
+bool query_block(const Problem& p, int64_t t, QueryBlock& blk, int64_t block_q = kBlockQ) {
+  const int64_t q_blocks = query_blocks(p, block_q);
   blk.s = &p.samples[t / (p.heads_q * q_blocks)];
   blk.h = (t / q_blocks) % p.heads_q;
   blk.hk = blk.h / p.group();
-  blk.i0 = (t % q_blocks) * kBlockQ;
-  blk.rows = std::min(kBlockQ, blk.s->q_len - blk.i0);
+  blk.i0 = (t % q_blocks) * block_q;
+  blk.rows = std::min(block_q, blk.s->q_len - blk.i0);
   return blk.rows > 0;
+}
+
+// The forward's query block: taller blocks mean fewer, larger GEMM calls (each BLAS call costs
+// a fixed setup, which dominates 64 x 32 x 64 tiles at short key lengths), as long as the
+// (sample, head, block) grid still gives every thread several tasks to balance.
+int64_t forward_block_q(const Problem& p) {
+  int64_t block = p.max_q >= 768 ? 256 : (p.max_q >= 192 ? 128 : 64);
+  while (block > 32 && p.batch * p.heads_q * ((p.max_q + block - 1) / block) < 8 * at::get_num_threads()) block /= 2;
+  return block;
 }
 
 // Forward: out (rows, Hq, D), lse. Tasks are (sample, head, query block).
@@ -356,11 +365,12 @@ template <typename T>
 void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
-  parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * D), row_m(kBlockQ), row_l(kBlockQ);
+  const int64_t block_q = forward_block_q(p);
+  parallel_tasks(p.batch * p.heads_q * query_blocks(p, block_q), [&](const auto& claim) {
+    std::vector<T> scores(block_q * kBlockK), acc(block_q * D), row_m(block_q), row_l(block_q);
     QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
-      if (!query_block(p, t, blk)) continue;
+      if (!query_block(p, t, blk, block_q)) continue;
       const Sample& s = *blk.s;
       const int64_t h = blk.h, hk = blk.hk, i0 = blk.i0, rows = blk.rows;
       const T* q_blk = q + blk.q_offset(p);
@@ -426,6 +436,77 @@ void softmax_backward(int64_t rows, int64_t cols, const T* P, T* dP, const T* de
     for (int64_t c = 0; c < cols; ++c) dP[r * cols + c] = P[r * cols + c] * (dP[r * cols + c] - delta[r]);
 }
 
+// With enough (sample, kv head) pairs to keep every thread busy, the backward runs as one pass:
+// a task owns a (sample, kv head) and every query head of its group, so it accumulates dK and dV
+// over all its query blocks and finishes each query block's dQ in the same sweep over the keys.
+// P is recomputed once per tile, not twice (once for dK/dV and once for dQ, as the two-pass
+// form below must, whose tasks split a head's keys to find parallelism when pairs are few):
+// five GEMMs per tile instead of seven. PyTorch's CPU flash-attention backward is organised
+// the same way (one task per (sample, head)).
+constexpr int64_t kOnePassTasksPerThread = 4;
+
+template <typename T>
+void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, const T* v, const T* lse,
+                       const T* delta, int64_t max_k, T* dq, T* dk, T* dv) {
+  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  parallel_tasks(p.batch * p.heads_kv, [&](const auto& claim) {
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
+    std::vector<T> dk_acc(max_k * D), dv_acc(max_k * D);
+    std::vector<T> P_drop(p.dropout_p > 0 ? kBlockQ * kBlockK : 0);  // P ∘ keep / (1 - p)
+    for (int64_t t; (t = claim()) >= 0;) {
+      const Sample& s = p.samples[t / p.heads_kv];
+      const int64_t hk = t % p.heads_kv;
+      if (s.k_len == 0) continue;  // dk, dv stay zero; the queries' dq are zero (written below)
+      const T* k_head = k + s.k_row * ks + hk * D;
+      const T* v_head = v + s.k_row * ks + hk * D;
+      std::fill(dk_acc.begin(), dk_acc.begin() + s.k_len * D, T(0));
+      std::fill(dv_acc.begin(), dv_acc.begin() + s.k_len * D, T(0));
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        for (int64_t i0 = 0; i0 < s.q_len; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, s.q_len - i0);
+          const T* q_blk = q + (s.q_row + i0) * qs + h * D;
+          const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
+          const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
+          std::fill(dq_acc.begin(), dq_acc.begin() + rows * D, T(0));
+          const int64_t end = key_end(p, s, i0 + rows);
+          for (int64_t kb = 0; kb < end; kb += kBlockK) {
+            const int64_t cols = std::min(kBlockK, end - kb);
+            const T* k_blk = k_head + kb * ks;
+            const T* v_blk = v_head + kb * ks;
+            recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
+            // dP (rows, cols) = dO Vᵀ
+            gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+            const T* P_v = P.data();  // the probabilities the forward multiplied V by
+            if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
+              std::copy(P.begin(), P.begin() + rows * cols, P_drop.begin());
+              dropout_tile(p, s, h, i0, rows, kb, cols, P_drop.data(), dP.data());
+              P_v = P_drop.data();
+            }
+            // dV (cols, D) += P_vᵀ dO
+            gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv_acc.data() + kb * D, D);
+            // dS = P ∘ (dP - delta)
+            softmax_backward(rows, cols, P.data(), dP.data(), delta + lse_at);
+            // dK (cols, D) += scale dSᵀ Q;  dQ (rows, D) += scale dS K
+            gemm<T>(true, false, cols, D, rows, T(p.scale), dP.data(), cols, q_blk, qs, T(1), dk_acc.data() + kb * D, D);
+            gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
+          }
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy(dq_acc.data() + r * D, dq_acc.data() + (r + 1) * D, dq + (s.q_row + i0 + r) * qs + h * D);
+        }
+      }
+      for (int64_t c = 0; c < s.k_len; ++c) {
+        std::copy(dk_acc.data() + c * D, dk_acc.data() + (c + 1) * D, dk + (s.k_row + c) * ks + hk * D);
+        std::copy(dv_acc.data() + c * D, dv_acc.data() + (c + 1) * D, dv + (s.k_row + c) * ks + hk * D);
+      }
+    }
+  });
+  // samples without keys: their queries' dq is zero
+  for (const Sample& s : p.samples) {
+    if (s.k_len != 0) continue;
+    for (int64_t i = 0; i < s.q_len; ++i) std::fill(dq + (s.q_row + i) * qs, dq + (s.q_row + i + 1) * qs, T(0));
+  }
+}
+
 // Backward (FlashAttention-2's): delta = rowsum(dO ∘ O) - dlse, then dK/dV per (sample, kv head,
 // key block) over every query of the head group, and dQ per (sample, head, query block). Each
 // output element has one owner task and a fixed summation order, so results are deterministic.
@@ -441,8 +522,9 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
       for (int64_t i = 0; i < s.q_len; ++i) {
         const T* o = out + (s.q_row + i) * qs + h * D;
         const T* g = dout + (s.q_row + i) * qs + h * D;
-        T sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += o[d] * g[d];
+        using Vec = at::vec::Vectorized<T>;
+        const T sum = at::vec::map2_reduce_all<T>([](Vec a, Vec b) { return a * b; },
+                                                  [](Vec a, Vec b) { return a + b; }, o, g, D);
         const int64_t idx = s.lse_base + h * p.lse_head + i;
         delta[idx] = sum - (dlse != nullptr ? dlse[idx] : T(0));
       }
@@ -451,6 +533,10 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
 
   int64_t max_k = 0;
   for (const Sample& s : p.samples) max_k = std::max(max_k, s.k_len);
+  if (p.batch * p.heads_kv >= kOnePassTasksPerThread * at::get_num_threads()) {
+    backward_one_pass(p, dout, q, k, v, lse, delta.data(), max_k, dq, dk, dv);
+    return;
+  }
   const int64_t k_blocks = (max_k + kBlockK - 1) / kBlockK;
   parallel_tasks(p.batch * p.heads_kv * k_blocks, [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);

@@ -78,15 +78,17 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at:
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
   const at::Tensor w = weight.to(acc);  // no copy for fp32/fp64
-  at::Tensor sum = at::empty({n, out_features}, xs[0].options().dtype(acc));
-  if (bias) {
-    sum.copy_(bias->to(acc).expand({n, out_features}));
-  } else {
-    sum.zero_();
-  }
+  // the first GEMM starts from the bias (or writes over the uninitialised accumulator with
+  // beta = 0), the others accumulate: no separate pass to broadcast the bias or zero the sum
+  at::Tensor sum;
   int64_t col = 0;
   for (const auto& x : xs) {
-    sum.addmm_(x.to(acc), w.narrow(1, col, x.size(1)).t());
+    const at::Tensor w_block = w.narrow(1, col, x.size(1)).t();
+    if (!sum.defined()) {
+      sum = bias ? at::addmm(bias->to(acc), x.to(acc), w_block) : at::mm(x.to(acc), w_block);
+    } else {
+      sum.addmm_(x.to(acc), w_block);
+    }
     col += x.size(1);
   }
   const at::Tensor preact = sum.to(dtype);
@@ -108,7 +110,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
   for (const auto& x : xs) {
     const int64_t d = x.size(1);
     grad_xs.push_back(at::mm(g, w.narrow(1, col, d)).to(dtype));
-    grad_weight.narrow(1, col, d).copy_(at::mm(g.t(), x.to(acc)));
+    // straight into the weight gradient's column block: a row-major view with leading
+    // dimension `width`, which BLAS writes in place (no temporary, no copy)
+    at::Tensor block = grad_weight.narrow(1, col, d);
+    at::mm_out(block, g.t(), x.to(acc));
     col += d;
   }
   at::Tensor grad_bias = has_bias ? g.sum(0).to(dtype) : at::empty({0}, weight.options());
@@ -116,6 +121,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
 }
 
 // ---- combine_modalities ----------------------------------------------------------------------
+//
+// Memory-bound: each kernel is one pass over its tensors, tile by tile (kTile elements, in the
+// accumulation type, so the loops over a tile vectorise), with the activation applied in the
+// same pass. The forward writes only `out`; the backward recomputes the pre-activation from the
+// inputs it reads anyway (every mode's gradient needs every p_m), so no pre-activation tensor is
+// written, stored or read back. This is the traffic a fused compiler loop (torch.compile's
+// Inductor) moves: inputs once, outputs once.
 
 enum class Mode { kSum, kProduct, kGated };
 
@@ -151,84 +163,421 @@ std::vector<const T*> pointers(const std::vector<at::Tensor>& ts) {
   return ptrs;
 }
 
-constexpr int64_t kTile = 256;  // elements per inner step: the per-tile loops vectorise
-
-// out[i] = sigmoid(in[i]) on at::vec vectors (Sleef exp); in and out may alias.
-template <typename A>
-void sigmoid_tile(const A* in, A* out, int64_t n) {
-  using Vec = at::vec::Vectorized<A>;
-  const Vec one(A(1));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec x = Vec::loadu(in + i);
-    (one / (one + x.neg().exp())).store(out + i);
-  }
-  for (; i < n; ++i) out[i] = A(1) / (A(1) + std::exp(-in[i]));
-}
+constexpr int64_t kTile = 512;  // elements per inner step: 2 KiB of fp32 per tile buffer, L1-resident
 
 template <typename A, typename S>
-void load_tile(const S* in, A* out, int64_t n) {
+inline void load_tile(const S* in, A* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(in[i]);
 }
 
-// Forward: the combination in one pass over the M inputs, tile by tile so that the per-tile
-// loops vectorise, then the activation through ATen.
-std::tuple<at::Tensor, at::Tensor> combine_modalities_cpu(const std::vector<at::Tensor>& projected,
-                                                          c10::string_view mode_name,
-                                                          const std::optional<at::Tensor>& weights,
-                                                          const std::vector<at::Tensor>& gate_logits,
-                                                          c10::string_view activation) {
+template <typename S, typename A>
+inline void store_tile(const A* in, S* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(in[i]);
+}
+
+// exp on vectors: the 20-ulp polynomial (as the attention kernel's softmax) for float, which
+// is ~2x faster than Sleef's 1-ulp exp and far inside fp32's tolerance here.
+template <typename V>
+inline V vexp(V x) {
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) return x.exp_u20();
+  else return x.exp();
+}
+
+// x[i] = sigmoid(x[i]) in place, on at::vec vectors for float.
+template <typename A>
+void sigmoid_tile(A* x, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec one(1.f);
+    for (; i + Vec::size() <= n; i += Vec::size()) (one / (one + vexp(Vec::loadu(x + i).neg()))).store(x + i);
+  }
+  for (; i < n; ++i) x[i] = A(1) / (A(1) + std::exp(-x[i]));
+}
+
+// The activations and their derivatives at the pre-activation z, for one at::vec vector
+// (float) or one scalar (the tail, and double). GELU is the exact erf form:
+// 0.5 z (1 + erf(z / sqrt 2)), derivative Phi(z) + z phi(z). The activation is a template
+// argument so that each tile loop is compiled for one activation.
+template <Activation kAct, typename V>
+inline V act_value(V z) {
+  const V one(1), half(0.5), zero(0), inv_sqrt2(0.70710678118654752440);
+  if constexpr (kAct == Activation::kRelu) return at::vec::maximum(z, zero);
+  if constexpr (kAct == Activation::kGelu) return half * z * (one + (z * inv_sqrt2).erf());
+  if constexpr (kAct == Activation::kSilu) return z / (one + vexp(z.neg()));
+  if constexpr (kAct == Activation::kTanh) return z.tanh();
+  if constexpr (kAct == Activation::kSigmoid) return one / (one + vexp(z.neg()));
+  return z;
+}
+
+template <Activation kAct, typename V>
+inline V act_grad(V z) {
+  const V one(1), half(0.5), zero(0), inv_sqrt2(0.70710678118654752440), inv_sqrt_2pi(0.39894228040143267794);
+  if constexpr (kAct == Activation::kRelu) return V::blendv(zero, one, z > zero);
+  if constexpr (kAct == Activation::kGelu) return half * (one + (z * inv_sqrt2).erf()) + z * inv_sqrt_2pi * vexp(z * z * V(-0.5));
+  if constexpr (kAct == Activation::kSilu) {
+    const V s = one / (one + vexp(z.neg()));
+    return s * (one + z * (one - s));
+  }
+  if constexpr (kAct == Activation::kTanh) {
+    const V t = z.tanh();
+    return one - t * t;
+  }
+  if constexpr (kAct == Activation::kSigmoid) {
+    const V s = one / (one + vexp(z.neg()));
+    return s * (one - s);
+  }
+  return one;
+}
+
+template <Activation kAct, typename A>
+inline A act_value_scalar(A z) {
+  if constexpr (kAct == Activation::kRelu) return z > A(0) ? z : A(0);
+  if constexpr (kAct == Activation::kGelu) return A(0.5) * z * (A(1) + std::erf(z * A(0.70710678118654752440)));
+  if constexpr (kAct == Activation::kSilu) return z / (A(1) + std::exp(-z));
+  if constexpr (kAct == Activation::kTanh) return std::tanh(z);
+  if constexpr (kAct == Activation::kSigmoid) return A(1) / (A(1) + std::exp(-z));
+  return z;
+}
+
+template <Activation kAct, typename A>
+inline A act_grad_scalar(A z) {
+  if constexpr (kAct == Activation::kRelu) return z > A(0) ? A(1) : A(0);
+  if constexpr (kAct == Activation::kGelu)
+    return A(0.5) * (A(1) + std::erf(z * A(0.70710678118654752440))) +
+           z * A(0.39894228040143267794) * std::exp(A(-0.5) * z * z);
+  if constexpr (kAct == Activation::kSilu) {
+    const A s = A(1) / (A(1) + std::exp(-z));
+    return s * (A(1) + z * (A(1) - s));
+  }
+  if constexpr (kAct == Activation::kTanh) {
+    const A t = std::tanh(z);
+    return A(1) - t * t;
+  }
+  if constexpr (kAct == Activation::kSigmoid) {
+    const A s = A(1) / (A(1) + std::exp(-z));
+    return s * (A(1) - s);
+  }
+  return A(1);
+}
+
+// y[i] = act(y[i]) in place.
+template <Activation kAct, typename A>
+void activate_tile(A* y, int64_t n) {
+  if constexpr (kAct == Activation::kNone) return;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    for (; i + Vec::size() <= n; i += Vec::size()) act_value<kAct>(Vec::loadu(y + i)).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = act_value_scalar<kAct>(y[i]);
+}
+
+// g[i] *= act'(z[i]).
+template <Activation kAct, typename A>
+void activation_grad_tile(A* g, const A* z, int64_t n) {
+  if constexpr (kAct == Activation::kNone) return;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(g + i) * act_grad<kAct>(Vec::loadu(z + i))).store(g + i);
+  }
+  for (; i < n; ++i) g[i] *= act_grad_scalar<kAct>(z[i]);
+}
+
+// Calls f with the activation as a compile-time constant.
+template <typename F>
+void dispatch_activation(Activation act, const F& f) {
+  switch (act) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>());
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>());
+    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>());
+    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>());
+    case Activation::kTanh: return f(std::integral_constant<Activation, Activation::kTanh>());
+    case Activation::kSigmoid: return f(std::integral_constant<Activation, Activation::kSigmoid>());
+  }
+}
+
+// sum_i a[i] * b[i] and out[i] = a[i] * w in one pass; 4 vector accumulators for float (a
+// single running sum would serialise on the FMA latency).
+template <typename A>
+A scale_and_dot(const A* a, const A* b, A w, A* out, int64_t n) {
+  int64_t i = 0;
+  A dot = A(0);
+  if constexpr (std::is_same_v<A, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t kStep = 4 * Vec::size();
+    Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
+    const Vec wv(w);
+    for (; i + kStep <= n; i += kStep) {
+      const Vec a0 = Vec::loadu(a + i), a1 = Vec::loadu(a + i + Vec::size());
+      const Vec a2 = Vec::loadu(a + i + 2 * Vec::size()), a3 = Vec::loadu(a + i + 3 * Vec::size());
+      acc0 = at::vec::fmadd(a0, Vec::loadu(b + i), acc0);
+      acc1 = at::vec::fmadd(a1, Vec::loadu(b + i + Vec::size()), acc1);
+      acc2 = at::vec::fmadd(a2, Vec::loadu(b + i + 2 * Vec::size()), acc2);
+      acc3 = at::vec::fmadd(a3, Vec::loadu(b + i + 3 * Vec::size()), acc3);
+      (a0 * wv).store(out + i);
+      (a1 * wv).store(out + i + Vec::size());
+      (a2 * wv).store(out + i + 2 * Vec::size());
+      (a3 * wv).store(out + i + 3 * Vec::size());
+    }
+    dot = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, (acc0 + acc1) + (acc2 + acc3));
+  }
+  for (; i < n; ++i) {
+    dot += a[i] * b[i];
+    out[i] = a[i] * w;
+  }
+  return dot;
+}
+
+// One tile's pre-activation from the cached input tiles: P[m] (p_m) and, in "gated" mode,
+// S[m] (sigmoid of z_m, computed here in place of the loaded logits). Rounded to the input
+// dtype as the stored pre-activation of an unfused composition would be.
+template <typename T, typename A>
+void combine_tile(Mode mode, int64_t num, const A* w, A* const* P, A* const* S, A* y, int64_t len) {
+  const A init = mode == Mode::kProduct ? A(1) : A(0);
+  for (int64_t i = 0; i < len; ++i) y[i] = init;
+  for (int64_t m = 0; m < num; ++m) {
+    const A* pm = P[m];
+    if (mode == Mode::kSum) {
+      const A wm = w[m];
+      for (int64_t i = 0; i < len; ++i) y[i] += wm * pm[i];
+    } else if (mode == Mode::kProduct) {
+      for (int64_t i = 0; i < len; ++i) y[i] *= pm[i];
+    } else {
+      sigmoid_tile(S[m], len);
+      const A* sm = S[m];
+      for (int64_t i = 0; i < len; ++i) y[i] += sm[i] * pm[i];
+    }
+  }
+  if constexpr (!std::is_same_v<T, A>)
+    for (int64_t i = 0; i < len; ++i) y[i] = static_cast<A>(static_cast<T>(y[i]));
+}
+
+// Per-thread tile buffers: M input tiles, M gate tiles ("gated"), and a few scratch tiles.
+template <typename A>
+struct TileBuffers {
+  std::vector<A> storage;
+  std::vector<A*> P, S;
+  A *y, *g, *a;
+  TileBuffers(int64_t num, bool gated) : storage((2 * num + 3) * kTile) {
+    for (int64_t m = 0; m < num; ++m) P.push_back(storage.data() + m * kTile);
+    for (int64_t m = 0; m < num; ++m) S.push_back(gated ? storage.data() + (num + m) * kTile : nullptr);
+    y = storage.data() + 2 * num * kTile;
+    g = y + kTile;
+    a = g + kTile;
+  }
+};
+
+template <typename T, typename A>
+std::vector<A> normalized_weights(Mode mode, const std::optional<at::Tensor>& weights, int64_t num) {
+  std::vector<A> w(num, A(0));
+  if (mode == Mode::kSum) {
+    const at::Tensor wc = weights->to(c10::CppTypeToScalarType<A>::value).contiguous();
+    for (int64_t m = 0; m < num; ++m) w[m] = wc.data_ptr<A>()[m];
+  }
+  return w;
+}
+
+// ---- the float path: one at::vec vector of every tensor at a time, no tile buffers --------------
+
+using VecF = at::vec::Vectorized<float>;
+constexpr int64_t kMaxVecModalities = 8;  // register arrays of the float path; more takes the tile path
+
+// Stores of the outputs. Large outputs are written with non-temporal (streaming) stores: they
+// bypass the cache, so a line is not first read from memory to be overwritten (x86's
+// read-for-ownership), which saves a third of a write-heavy kernel's traffic. Only when every
+// output is 32-byte aligned (torch's allocations are 64-byte aligned; chunks start at multiples
+// of the vector width) and large enough not to be wanted back from the cache soon.
+constexpr int64_t kStreamingBytes = 1 << 21;
+
+template <bool kStream>
+inline void store_vec(const VecF& v, float* ptr) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) {
+    _mm256_stream_ps(ptr, v);
+    return;
+  }
+#endif
+  v.store(ptr);
+}
+
+inline void streaming_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+inline bool can_stream(std::initializer_list<const std::vector<at::Tensor>*> outputs) {
+#if defined(CPU_CAPABILITY_AVX2)
+  for (const auto* ts : outputs)
+    for (const auto& t : *ts)
+      if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 32 != 0 || t.nbytes() < kStreamingBytes) return false;
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename F>
+void dispatch_bool(bool b, const F& f) {
+  if (b) return f(std::true_type());
+  return f(std::false_type());
+}
+
+// The pre-activation of one vector at element i; pv[m] receives p_m, sv[m] sigmoid(z_m) ("gated").
+template <Mode kMode>
+inline VecF combine_vec(int64_t num, const float* const* p, const float* const* z, const float* w, int64_t i,
+                        VecF* pv, VecF* sv) {
+  const VecF one(1.f);
+  VecF y(kMode == Mode::kProduct ? 1.f : 0.f);
+  for (int64_t m = 0; m < num; ++m) {
+    const VecF x = VecF::loadu(p[m] + i);
+    pv[m] = x;
+    if constexpr (kMode == Mode::kSum) {
+      y = at::vec::fmadd(VecF(w[m]), x, y);
+    } else if constexpr (kMode == Mode::kProduct) {
+      y = y * x;
+    } else {
+      const VecF sig = one / (one + vexp(VecF::loadu(z[m] + i).neg()));
+      sv[m] = sig;
+      y = at::vec::fmadd(sig, x, y);
+    }
+  }
+  return y;
+}
+
+// out[e0, e1) with e1 - e0 a multiple of the vector width.
+// kNum > 0: the number of modalities as a constant (loops over m unroll, the M inputs' loads
+// and sigmoids interleave); 0: num at run time.
+template <Mode kMode, Activation kAct, bool kStream, int kNum>
+void combine_forward_f32(int64_t num_runtime, const float* const* p, const float* const* z, const float* w, float* out,
+                         int64_t e0, int64_t e1) {
+  const int64_t num = kNum > 0 ? kNum : num_runtime;
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  for (int64_t i = e0; i < e1; i += VecF::size())
+    store_vec<kStream>(act_value<kAct>(combine_vec<kMode>(num, p, z, w, i, pv, sv)), out + i);
+}
+
+// Gradients on [e0, e1) (a multiple of the vector width); "sum" adds g * p_m into dot[m].
+template <Mode kMode, Activation kAct, bool kStream, int kNum>
+void combine_backward_f32(int64_t num_runtime, const float* const* p, const float* const* z, const float* w,
+                          const float* grad_out, float* const* gp, float* const* gz, int64_t e0, int64_t e1,
+                          VecF* dot) {
+  const int64_t num = kNum > 0 ? kNum : num_runtime;
+  const VecF one(1.f);
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  for (int64_t i = e0; i < e1; i += VecF::size()) {
+    VecF g = VecF::loadu(grad_out + i);
+    const VecF y = combine_vec<kMode>(num, p, z, w, i, pv, sv);
+    if constexpr (kAct != Activation::kNone) g = g * act_grad<kAct>(y);
+    for (int64_t m = 0; m < num; ++m) {
+      if constexpr (kMode == Mode::kSum) {
+        store_vec<kStream>(g * VecF(w[m]), gp[m] + i);
+        dot[m] = at::vec::fmadd(g, pv[m], dot[m]);
+      } else if constexpr (kMode == Mode::kProduct) {
+        // the product of the other modalities, not out / p_m: exact when some p_j == 0
+        VecF a = g;
+        for (int64_t j = 0; j < num; ++j)
+          if (j != m) a = a * pv[j];
+        store_vec<kStream>(a, gp[m] + i);
+      } else {
+        const VecF a = g * sv[m];
+        store_vec<kStream>(a, gp[m] + i);
+        store_vec<kStream>(a * pv[m] * (one - sv[m]), gz[m] + i);
+      }
+    }
+  }
+}
+
+// Calls f with the modality count as a constant for the common 2, 3 and 4, else 0 (at run time).
+template <typename F>
+void dispatch_num(int64_t num, const F& f) {
+  switch (num) {
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    default: return f(std::integral_constant<int, 0>());
+  }
+}
+
+template <typename F>
+void dispatch_mode(Mode mode, const F& f) {
+  switch (mode) {
+    case Mode::kSum: return f(std::integral_constant<Mode, Mode::kSum>());
+    case Mode::kProduct: return f(std::integral_constant<Mode, Mode::kProduct>());
+    case Mode::kGated: return f(std::integral_constant<Mode, Mode::kGated>());
+  }
+}
+
+at::Tensor combine_modalities_cpu(const std::vector<at::Tensor>& projected, c10::string_view mode_name,
+                                  const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits,
+                                  c10::string_view activation) {
   const Mode mode = parse_mode(mode_name);
   check_combine(projected, mode, weights, gate_logits);
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
-  at::Tensor preact = at::empty_like(first);
+  at::Tensor out = at::empty_like(first);
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using A = at::opmath_type<scalar_t>;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
-    std::vector<acc_t> w(num, acc_t(0));
-    if (mode == Mode::kSum) {
-      const at::Tensor wc = weights->to(acc_type(first.scalar_type())).contiguous();
-      for (int64_t m = 0; m < num; ++m) w[m] = wc.data_ptr<acc_t>()[m];
-    }
-    scalar_t* out = preact.data_ptr<scalar_t>();
-    at::parallel_for(0, numel, kChunk, [&](int64_t e0, int64_t e1) {
-      acc_t y[kTile], s[kTile];
-      for (int64_t t0 = e0; t0 < e1; t0 += kTile) {
-        const int64_t len = std::min(kTile, e1 - t0);
-        const acc_t init = mode == Mode::kProduct ? acc_t(1) : acc_t(0);
-        for (int64_t i = 0; i < len; ++i) y[i] = init;
-        for (int64_t m = 0; m < num; ++m) {
-          const scalar_t* pm = p[m] + t0;
-          if (mode == Mode::kSum) {
-            for (int64_t i = 0; i < len; ++i) y[i] += w[m] * static_cast<acc_t>(pm[i]);
-          } else if (mode == Mode::kProduct) {
-            for (int64_t i = 0; i < len; ++i) y[i] *= static_cast<acc_t>(pm[i]);
-          } else {
-            load_tile(z[m] + t0, s, len);
-            sigmoid_tile(s, s, len);
-            for (int64_t i = 0; i < len; ++i) y[i] += s[i] * static_cast<acc_t>(pm[i]);
+    const std::vector<A> w = normalized_weights<scalar_t, A>(mode, weights, num);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    const bool vec_path = std::is_same_v<scalar_t, float> && num <= kMaxVecModalities;
+    const std::vector<at::Tensor> outs{out};
+    const bool stream = vec_path && can_stream({&outs});
+    dispatch_activation(act, [&](auto act_tag) {
+      constexpr Activation kAct = decltype(act_tag)::value;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        TileBuffers<A> buf(num, mode == Mode::kGated);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t end = std::min(numel, (c + 1) * kChunk);
+          int64_t e = c * kChunk;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (vec_path) {
+              const int64_t vec_end = e + (end - e) / VecF::size() * VecF::size();
+              dispatch_mode(mode, [&](auto mode_tag) {
+                dispatch_bool(stream, [&](auto stream_tag) {
+                  dispatch_num(num, [&](auto num_tag) {
+                    combine_forward_f32<decltype(mode_tag)::value, kAct, decltype(stream_tag)::value,
+                                        decltype(num_tag)::value>(num, p.data(), z.data(), w.data(), o, e, vec_end);
+                  });
+                });
+              });
+              e = vec_end;
+            }
+          }
+          for (int64_t t0 = e; t0 < end; t0 += kTile) {  // the tile path: other dtypes, and the tail
+            const int64_t len = std::min(kTile, end - t0);
+            for (int64_t m = 0; m < num; ++m) {
+              load_tile(p[m] + t0, buf.P[m], len);
+              if (mode == Mode::kGated) load_tile(z[m] + t0, buf.S[m], len);
+            }
+            combine_tile<scalar_t>(mode, num, w.data(), buf.P.data(), buf.S.data(), buf.y, len);
+            activate_tile<kAct>(buf.y, len);
+            store_tile(buf.y, o + t0, len);
           }
         }
-        for (int64_t i = 0; i < len; ++i) out[t0 + i] = static_cast<scalar_t>(y[i]);
-      }
+        if (stream) streaming_fence();  // this thread's streaming stores, visible before the op returns
+      });
     });
   });
-  return {apply_activation(preact, act), act == Activation::kNone ? at::empty({0}, first.options()) : preact};
+  return out;
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine_modalities_bwd_cpu(
     const at::Tensor& grad_out, const std::vector<at::Tensor>& projected, c10::string_view mode_name,
-    const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits, const at::Tensor& preact,
-    c10::string_view activation) {
+    const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits, c10::string_view activation) {
   const Mode mode = parse_mode(mode_name);
   check_combine(projected, mode, weights, gate_logits);
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
-  const auto acc = acc_type(first.scalar_type());
-  const at::Tensor g = activation_backward(grad_out, preact, act).to(acc).contiguous();
+  TORCH_CHECK(grad_out.sizes() == first.sizes() && grad_out.scalar_type() == first.scalar_type(),
+              "combine_modalities_bwd: grad_out must be shaped like projected, got ", grad_out.sizes());
+  const at::Tensor go = grad_out.contiguous();
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
   std::vector<at::Tensor> grad_p, grad_z;
   for (int64_t m = 0; m < num; ++m) grad_p.push_back(at::empty_like(first));
@@ -239,56 +588,85 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
   // deterministic for any thread count
   at::Tensor partial = at::zeros({mode == Mode::kSum ? chunks : 0, num}, first.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using A = at::opmath_type<scalar_t>;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
     std::vector<scalar_t*> gp, gz;
     for (auto& t : grad_p) gp.push_back(t.data_ptr<scalar_t>());
     for (auto& t : grad_z) gz.push_back(t.data_ptr<scalar_t>());
-    std::vector<acc_t> w(num, acc_t(0));
-    if (mode == Mode::kSum) {
-      const at::Tensor wc = weights->to(acc).contiguous();
-      for (int64_t m = 0; m < num; ++m) w[m] = wc.data_ptr<acc_t>()[m];
-    }
-    const acc_t* gptr = g.data_ptr<acc_t>();
+    const std::vector<A> w = normalized_weights<scalar_t, A>(mode, weights, num);
+    const scalar_t* gptr = go.data_ptr<scalar_t>();
     double* part = mode == Mode::kSum ? partial.data_ptr<double>() : nullptr;
+    const bool vec_path = std::is_same_v<scalar_t, float> && num <= kMaxVecModalities;
+    const bool stream = vec_path && can_stream({&grad_p, &grad_z});
+    dispatch_activation(act, [&](auto act_tag) {
+    constexpr Activation kAct = decltype(act_tag)::value;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      acc_t a[kTile], b[kTile];
+      TileBuffers<A> buf(num, mode == Mode::kGated);
+      A* const g = buf.g;
+      A* const a = buf.a;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t end = std::min(numel, (c + 1) * kChunk);
-        for (int64_t t0 = c * kChunk; t0 < end; t0 += kTile) {
+        int64_t e = c * kChunk;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vec_path) {
+            const int64_t vec_end = e + (end - e) / VecF::size() * VecF::size();
+            VecF dot[kMaxVecModalities];
+            for (auto& d : dot) d = VecF(0.f);
+            dispatch_mode(mode, [&](auto mode_tag) {
+              dispatch_bool(stream, [&](auto stream_tag) {
+                dispatch_num(num, [&](auto num_tag) {
+                  combine_backward_f32<decltype(mode_tag)::value, kAct, decltype(stream_tag)::value,
+                                       decltype(num_tag)::value>(num, p.data(), z.data(), w.data(), gptr, gp.data(),
+                                                                 gz.data(), e, vec_end, dot);
+                });
+              });
+            });
+            if (mode == Mode::kSum)
+              for (int64_t m = 0; m < num; ++m)
+                part[c * num + m] += at::vec::vec_reduce_all<float>([](VecF x, VecF y) { return x + y; }, dot[m]);
+            e = vec_end;
+          }
+        }
+        for (int64_t t0 = e; t0 < end; t0 += kTile) {  // the tile path: other dtypes, and the tail
           const int64_t len = std::min(kTile, end - t0);
-          const acc_t* ge = gptr + t0;
           for (int64_t m = 0; m < num; ++m) {
-            scalar_t* gpm = gp[m] + t0;
+            load_tile(p[m] + t0, buf.P[m], len);
+            if (mode == Mode::kGated) load_tile(z[m] + t0, buf.S[m], len);
+          }
+          load_tile(gptr + t0, g, len);
+          if (kAct != Activation::kNone || mode == Mode::kGated) {
+            // the pre-activation (and, gated, the sigmoids) from the tiles just read
+            combine_tile<scalar_t>(mode, num, w.data(), buf.P.data(), buf.S.data(), buf.y, len);
+            activation_grad_tile<kAct>(g, buf.y, len);
+          }
+          for (int64_t m = 0; m < num; ++m) {
+            const A* pm = buf.P[m];
             if (mode == Mode::kSum) {
-              acc_t dot = acc_t(0);
-              for (int64_t i = 0; i < len; ++i) {
-                gpm[i] = static_cast<scalar_t>(ge[i] * w[m]);
-                dot += ge[i] * static_cast<acc_t>(p[m][t0 + i]);
-              }
-              part[c * num + m] += static_cast<double>(dot);
+              part[c * num + m] += static_cast<double>(scale_and_dot(g, pm, w[m], a, len));
             } else if (mode == Mode::kProduct) {
-              // product of the other modalities, not out / p_m: exact when some p_j == 0
-              for (int64_t i = 0; i < len; ++i) a[i] = ge[i];
+              // the product of the other modalities, not out / p_m: exact when some p_j == 0
+              for (int64_t i = 0; i < len; ++i) a[i] = g[i];
               for (int64_t j = 0; j < num; ++j) {
                 if (j == m) continue;
-                for (int64_t i = 0; i < len; ++i) a[i] *= static_cast<acc_t>(p[j][t0 + i]);
+                const A* pj = buf.P[j];
+                for (int64_t i = 0; i < len; ++i) a[i] *= pj[i];
               }
-              for (int64_t i = 0; i < len; ++i) gpm[i] = static_cast<scalar_t>(a[i]);
             } else {
-              load_tile(z[m] + t0, a, len);
-              sigmoid_tile(a, a, len);
-              load_tile(p[m] + t0, b, len);
-              scalar_t* gzm = gz[m] + t0;
+              const A* sm = buf.S[m];
+              A* b = buf.y;  // the pre-activation is no longer needed
               for (int64_t i = 0; i < len; ++i) {
-                gpm[i] = static_cast<scalar_t>(ge[i] * a[i]);
-                gzm[i] = static_cast<scalar_t>(ge[i] * b[i] * a[i] * (acc_t(1) - a[i]));
+                a[i] = g[i] * sm[i];
+                b[i] = a[i] * pm[i] * (A(1) - sm[i]);
               }
+              store_tile(b, gz[m] + t0, len);
             }
+            store_tile(a, gp[m] + t0, len);
           }
         }
       }
+      if (stream) streaming_fence();  // this thread's streaming stores, visible before the op returns
+    });
     });
   });
   at::Tensor grad_w = mode == Mode::kSum ? partial.sum(0).to(weights->scalar_type()) : at::empty({0}, first.options());

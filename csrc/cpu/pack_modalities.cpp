@@ -51,6 +51,15 @@ int64_t first_row(const Layout& layout, int64_t b, bool padded, int64_t padded_l
   return padded ? b * padded_len : layout.cu_seqlens[b];
 }
 
+// Samples per task: enough bytes that a task outweighs waking a thread (~10 us), so small
+// batches run on the calling thread and large ones on all of them.
+constexpr int64_t kMinTaskBytes = 1 << 18;
+
+int64_t sample_grain(const at::Tensor& tokens, int64_t batch) {
+  const int64_t per_sample = batch > 0 ? tokens.nbytes() / batch : 0;
+  return std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(per_sample, 1));
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Tensor>& features,
                                                        const at::Tensor& lengths, const at::Tensor& cu_seqlens,
                                                        const std::optional<at::Tensor>& type_embedding, bool padded,
@@ -100,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Ten
     for (int64_t m = 0; m < num_modalities; ++m) src[m] = features[m].data_ptr<scalar_t>();
     const scalar_t* emb = type_embedding ? type_embedding->data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = tokens.data_ptr<scalar_t>();
-    at::parallel_for(0, layout.batch, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t row = first_row(layout, b, padded, rows_per);
         for (int64_t m = 0; m < num_modalities; ++m) {
@@ -145,16 +154,19 @@ std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at
       TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= sizes[m],
                   "unpack_modalities: lengths[", m, "][", b, "] must lie in [0, sizes[", m, "]=", sizes[m], "]");
 
+  // each output row is written once: the valid ones copied, the rest zeroed
   std::vector<at::Tensor> outs;
-  for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(at::zeros({layout.batch, sizes[m], dim}, tokens.options()));
+  for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(at::empty({layout.batch, sizes[m], dim}, tokens.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "unpack_modalities_cpu", [&] {
     const scalar_t* src = tokens.data_ptr<scalar_t>();
-    at::parallel_for(0, layout.batch, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t row = first_row(layout, b, padded, padded_len);
         for (int64_t m = 0; m < num_modalities; ++m) {
           const int64_t n = layout.length(m, b);
-          std::memcpy(outs[m].data_ptr<scalar_t>() + b * sizes[m] * dim, src + row * dim, sizeof(scalar_t) * n * dim);
+          scalar_t* out = outs[m].data_ptr<scalar_t>() + b * sizes[m] * dim;
+          std::memcpy(out, src + row * dim, sizeof(scalar_t) * n * dim);
+          std::memset(static_cast<void*>(out + n * dim), 0, sizeof(scalar_t) * (sizes[m] - n) * dim);
           row += n;
         }
       }

@@ -145,11 +145,9 @@ at::Tensor weights_in_acc_type(const std::optional<at::Tensor>& weights, cuda::C
   return weights->to(acc_type(like.scalar_type())).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_modalities_cuda(const std::vector<at::Tensor>& projected,
-                                                           c10::string_view mode_name,
-                                                           const std::optional<at::Tensor>& weights,
-                                                           const std::vector<at::Tensor>& gate_logits,
-                                                           c10::string_view activation) {
+at::Tensor combine_modalities_cuda(const std::vector<at::Tensor>& projected, c10::string_view mode_name,
+                                   const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits,
+                                   c10::string_view activation) {
   const char* op = "combine_modalities";
   const cuda::CombineMode mode = parse_mode(mode_name);
   const cuda::Act act = act_code(activation);
@@ -157,25 +155,23 @@ std::tuple<at::Tensor, at::Tensor> combine_modalities_cuda(const std::vector<at:
   const at::Tensor& first = projected[0];
   const c10::cuda::CUDAGuard guard(first.device());
   at::Tensor out = at::empty_like(first);
-  at::Tensor preact = act == cuda::Act::kNone ? at::empty({0}, first.options()) : at::empty_like(first);
-  if (first.numel() == 0) return {out, preact};
+  if (first.numel() == 0) return out;
   const at::Tensor weights_acc = weights_in_acc_type(weights, mode, first);
   dispatch_storage(first.scalar_type(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cuda::CombineParams<T> p = combine_params<T>(projected, mode, weights_acc, gate_logits, act);
     p.out = mutable_ptr<T>(out);
-    p.preact = mutable_ptr<T>(preact);
     cuda::KernelLaunch launch;
     C10_CUDA_CHECK(cuda::combine_launch_config(p, /*backward=*/false, max_blocks(first), &launch));
     C10_CUDA_CHECK(cuda::launch_combine(p, /*backward=*/false, launch, c10::cuda::getCurrentCUDAStream()));
   });
-  return {out, preact};
+  return out;
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine_modalities_bwd_cuda(
     const at::Tensor& grad_out_in, const std::vector<at::Tensor>& projected, c10::string_view mode_name,
     const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits,
-    const at::Tensor& preact_in, c10::string_view activation) {
+    c10::string_view activation) {
   const char* op = "combine_modalities_bwd";
   const cuda::CombineMode mode = parse_mode(mode_name);
   const cuda::Act act = act_code(activation);
@@ -183,8 +179,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
   const at::Tensor& first = projected[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const at::Tensor grad_out = checked_contiguous(grad_out_in, first, first.sizes(), "grad_out", op);
-  const at::Tensor preact =
-      act == cuda::Act::kNone ? at::Tensor() : checked_contiguous(preact_in, first, first.sizes(), "preact", op);
   const int64_t num = static_cast<int64_t>(projected.size());
   std::vector<at::Tensor> grad_p, grad_z;
   for (int64_t m = 0; m < num; ++m) grad_p.push_back(at::empty_like(first));
@@ -198,7 +192,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
       using T = std::remove_pointer_t<decltype(tag)>;
       cuda::CombineParams<T> p = combine_params<T>(projected, mode, weights_acc, gate_logits, act);
       p.grad_out = ptr<T>(grad_out);
-      p.saved_preact = ptr<T>(preact);
       for (int64_t m = 0; m < num; ++m) p.grad_projected[m] = mutable_ptr<T>(grad_p[m]);
       for (size_t m = 0; m < grad_z.size(); ++m) p.grad_gate_logits[m] = mutable_ptr<T>(grad_z[m]);
       cuda::KernelLaunch launch;

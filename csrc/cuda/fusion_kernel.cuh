@@ -134,9 +134,7 @@ struct CombineParams {
   const T* gate_logits[kMaxModalities];   // "gated": M tensors like p_m
   const A* weights;                       // "sum": (M,) normalised modality weights
   T* out;                                 // forward: act(y), numel
-  T* preact;                              // forward: y (activation != none), else nullptr
   const T* grad_out;                      // backward: numel
-  const T* saved_preact;                  // backward: the forward's preact (activation != none)
   T* grad_projected[kMaxModalities];      // backward: numel each
   T* grad_gate_logits[kMaxModalities];    // backward, "gated": numel each
   double* weight_partials;                // backward, "sum": (gridDim.x, M) per-block sums of g * p_m
@@ -146,12 +144,11 @@ struct CombineParams {
   Act act;
 };
 
-// Forward of kWidth elements from element e: y = sum_m w_m p_m | prod_m p_m | sum_m sigmoid(z_m) p_m,
-// preact = y rounded to T, out = act(preact) rounded to T.
+// y = sum_m w_m p_m | prod_m p_m | sum_m sigmoid(z_m) p_m for kWidth elements from element e,
+// in the accumulation type.
 template <typename T, CombineMode kMode, int kWidth>
-__device__ __forceinline__ void combine_forward_chunk(const CombineParams<T>& p, int64_t e) {
+__device__ __forceinline__ void combine_chunk(const CombineParams<T>& p, int64_t e, typename Acc<T>::type (&y)[kWidth]) {
   using A = typename Acc<T>::type;
-  A y[kWidth];
 #pragma unroll
   for (int j = 0; j < kWidth; ++j) y[j] = kMode == CombineMode::kProduct ? A(1) : A(0);
   for (int m = 0; m < p.num_modalities; ++m) {
@@ -171,11 +168,19 @@ __device__ __forceinline__ void combine_forward_chunk(const CombineParams<T>& p,
       for (int j = 0; j < kWidth; ++j) y[j] += sigmoid_of(z[j]) * x[j];
     }
   }
+}
+
+// Forward of kWidth elements from element e: out = act(y rounded to T) rounded to T. No
+// pre-activation is stored: the backward recomputes it from the inputs it reads anyway.
+template <typename T, CombineMode kMode, int kWidth>
+__device__ __forceinline__ void combine_forward_chunk(const CombineParams<T>& p, int64_t e) {
+  using A = typename Acc<T>::type;
+  A y[kWidth];
+  combine_chunk<T, kMode, kWidth>(p, e, y);
   if (p.act == Act::kNone) {
     store_chunk<T, kWidth>(p.out + e, y);
     return;
   }
-  store_chunk<T, kWidth>(p.preact + e, y);
 #pragma unroll
   for (int j = 0; j < kWidth; ++j) y[j] = activate(round_to<T>(y[j]), p.act);
   store_chunk<T, kWidth>(p.out + e, y);
@@ -189,10 +194,11 @@ __device__ __forceinline__ void combine_backward_chunk(const CombineParams<T>& p
   A g[kWidth];
   load_acc<T, kWidth>(p.grad_out + e, g);
   if (p.act != Act::kNone) {
+    // the pre-activation, recomputed as the forward rounded it (its inputs are read below anyway)
     A z[kWidth];
-    load_acc<T, kWidth>(p.saved_preact + e, z);
+    combine_chunk<T, kMode, kWidth>(p, e, z);
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) g[j] = activation_grad<T>(g[j], z[j], p.act);
+    for (int j = 0; j < kWidth; ++j) g[j] = activation_grad<T>(g[j], round_to<T>(z[j]), p.act);
   }
   if constexpr (kMode == CombineMode::kSum) {
     // unrolled so that dot[m] has a constant index and stays in registers
@@ -404,13 +410,7 @@ inline cudaError_t combine_launch_config(const CombineParams<T>& p, bool backwar
     if (backward) check(p.grad_projected[m]);
     if (backward && p.mode == CombineMode::kGated) check(p.grad_gate_logits[m]);
   }
-  if (backward) {
-    check(p.grad_out);
-    check(p.saved_preact);
-  } else {
-    check(p.out);
-    check(p.preact);
-  }
+  check(backward ? p.grad_out : p.out);
   const int64_t width = aligned ? Vec<T>::kSize : 1;
   const int64_t steps = p.numel / width > 0 ? p.numel / width : 1;  // the tail fits in one block
   int64_t blocks = (steps + kElementwiseThreads - 1) / kElementwiseThreads;

@@ -13,7 +13,8 @@ class Case:
 
     ``ours`` maps an mmfuse backend name to a zero-argument callable; ``peers`` maps a peer's
     name (e.g. "sdpa-math", "torch.stft path") to one. ``work`` is the FLOPs (``unit`` =
-    "TFLOP/s") or bytes moved (``unit`` = "GB/s") of one call, for the rate column.
+    "TFLOP/s") or bytes moved (``unit`` = "GB/s") of one call, for the rate column; ``copy``
+    (GB/s cases) a copy of as many bytes, for the share of copy bandwidth.
     """
 
     op: str
@@ -23,6 +24,9 @@ class Case:
     peers: dict[str, Callable[[], object]] = field(default_factory=dict)
     work: float = 0.0
     unit: str = "GB/s"
+    # memory-bound cases: a Tensor.copy_ moving the same bytes (``work``), timed in the same run,
+    # so that each row can state its share of this machine's copy bandwidth
+    copy: Callable[[], object] | None = None
 
 
 def forward_and_backward(fn: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[torch.Tensor]) -> dict:

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small shape per op, few repeats")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the speedups (needs matplotlib)")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also plot the pure-PyTorch reference backend against the peers")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -48,14 +50,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(all_cases)}] {case.op} {case.case}", file=sys.stderr, flush=True)
         rows += _run_case(case, device, args.quick, meta)
     _print_table(rows)
+    slower = slower_than_reference(rows)
+    _print_checks(rows, slower)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "slower_than_reference": slower}, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        _plot(rows, meta, args.plot)
+        _plot(rows, meta, args.plot, with_reference=args.with_reference)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def slower_than_reference(rows: list[dict]) -> list[dict]:
+    """Cases where a kernel backend took longer than mmfuse's own pure-PyTorch reference in the
+    same run: a bug by DESIGN.md's rule (``auto`` picks the kernel, never the reference)."""
+    ms = {(r["op"], r["case"], r["backend"]): r["median_ms"] for r in rows}
+    flagged = []
+    for (op, case, backend), t in sorted(ms.items()):
+        ref = ms.get((op, case, "reference"))
+        if backend != "reference" and ref is not None and t > ref:
+            flagged.append({"op": op, "case": case, "backend": backend, "median_ms": t, "reference_ms": ref,
+                            "ratio": round(ref / t, 3)})
+    return flagged
+
+
+def _print_checks(rows: list[dict], slower: list[dict]) -> None:
+    kernels = {(r["op"], r["case"], r["backend"]) for r in rows if r["backend"] != "reference"}
+    compared = {k for k in kernels if any(r["op"] == k[0] and r["case"] == k[1] and r["backend"] == "reference"
+                                          for r in rows)}
+    print(f"\ncheck: kernel slower than the mmfuse reference — {len(slower)} of {len(compared)} (case, backend) pairs")
+    for f in slower:
+        print(f"  FLAG {f['op']} | {f['case']} | {f['backend']} {f['median_ms']:.3f} ms > reference "
+              f"{f['reference_ms']:.3f} ms ({f['ratio']:.2f}x)")
+    losses = [r for r in rows if r["backend"] != "reference" and r["speedup"] is not None and r["speedup"] < 1]
+    timed = [r for r in rows if r["backend"] != "reference" and r["speedup"] is not None]
+    print(f"losses: {len(losses)} of {len(timed)} (kernel, peer) rows below 1.00x")
+    for r in losses:
+        print(f"  LOSS {r['op']} | {r['case']} | {r['backend']} vs {r['peer']}: {r['speedup']:.2f}x")
+    for r in rows:
+        if r.get("of_copy") is not None and r["backend"] != "reference" and r["peer"] == _first_peer(rows, r):
+            print(f"  bandwidth {r['op']} | {r['case']} | {r['backend']}: {r['tflops_or_gbps']:.1f} GB/s = "
+                  f"{100 * r['of_copy']:.0f}% of copy_ ({r['copy_gbps']:.1f} GB/s)")
+
+
+def _first_peer(rows: list[dict], row: dict):
+    return next(r["peer"] for r in rows if r["op"] == row["op"] and r["case"] == row["case"])
 
 
 def _run_case(case, device, quick, meta) -> list[dict]:
@@ -66,6 +106,9 @@ def _run_case(case, device, quick, meta) -> list[dict]:
             timings[name] = median_ms(fn, device, warmup=1 if quick else 3, repeat=repeat)
         except NotImplementedError as exc:  # a backend without a kernel for this op yet
             print(f"  skip {name}: {exc}", file=sys.stderr)
+    copy_gbps = None
+    if case.copy is not None and case.work:
+        copy_gbps = case.work / (median_ms(case.copy, device, warmup=1 if quick else 3, repeat=repeat) * 1e-3) / 1e9
     rows = []
     for backend in case.ours:
         if backend not in timings:
@@ -76,43 +119,91 @@ def _run_case(case, device, quick, meta) -> list[dict]:
                 "backend": backend, "median_ms": round(ms, 4), "tflops_or_gbps": rate and round(rate, 3),
                 "unit": case.unit, "threads": meta["threads"], "torch": meta["torch"], "mmfuse": meta["mmfuse"],
                 "commit": meta["commit"]}
+        if copy_gbps is not None:
+            base.update(copy_gbps=round(copy_gbps, 2), of_copy=round(rate / copy_gbps, 3))
         peers = [p for p in case.peers if p in timings] or [None]
         for peer in peers:
             peer_ms = timings.get(peer)
             rows.append({**base, "peer": peer, "peer_ms": peer_ms and round(peer_ms, 4),
-                         "speedup": peer_ms and round(peer_ms / ms, 3)})
+                         "speedup": peer_ms and float(f"{peer_ms / ms:.4g}")})
     return rows
 
 
 def _print_table(rows: list[dict]) -> None:
-    header = f"{'op':<20} {'case':<52} {'backend':<9} {'ms':>9} {'peer':<40} {'peer ms':>9} {'speedup':>8}"
+    header = f"{'op':<20} {'case':<52} {'backend':<9} {'ms':>9} {'peer':<44} {'peer ms':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         peer_ms = f"{r['peer_ms']:.3f}" if r["peer_ms"] else "-"
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         print(f"{r['op']:<20} {r['case'][:52]:<52} {r['backend']:<9} {r['median_ms']:>9.3f} "
-              f"{(r['peer'] or '-')[:40]:<40} {peer_ms:>9} {speedup:>8}")
+              f"{(r['peer'] or '-')[:44]:<44} {peer_ms:>9} {speedup:>8}")
 
 
-def _plot(rows: list[dict], meta: dict, path: Path) -> None:
+def _plot(rows: list[dict], meta: dict, path: Path, *, with_reference: bool = False) -> list:
+    """One panel per op: a row per case, one bar per (mmfuse backend, peer) pair, speedup on a
+    log axis with the 1x line; green wins, red losses, the ratio written at each bar's end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    rows = [r for r in rows if r["speedup"]]
-    labels = [f"{r['op']} | {r['case'][:40]} | {r['backend']} vs {r['peer']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(12, max(3, 0.28 * len(rows) + 1.5)))
-    ax.barh(range(len(rows)), [r["speedup"] for r in rows], color=["tab:green" if r["speedup"] >= 1 else "tab:red" for r in rows])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup (peer time / mmfuse time)")
-    ax.set_title(f"mmfuse {meta['mmfuse']} on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}", fontsize=9)
-    fig.tight_layout()
+    rows = [r for r in rows if r["speedup"] and (with_reference or r["backend"] != "reference")]
+    ops = sorted({r["op"] for r in rows})
+    if not ops:
+        return []
+    pairs = {op: sorted({(r["backend"], r["peer"]) for r in rows if r["op"] == op}) for op in ops}
+    cases = {op: list(dict.fromkeys(r["case"] for r in rows if r["op"] == op)) for op in ops}
+    heights = [max(1.6, 0.22 * len(cases[op]) * len(pairs[op]) + 0.9) for op in ops]
+    fig, axes = plt.subplots(len(ops), 1, figsize=(14, sum(heights) + 0.8), gridspec_kw={"height_ratios": heights},
+                             squeeze=False)
+    speeds = [r["speedup"] for r in rows]
+    lo, hi = min(min(speeds), 0.5) / 1.3, max(max(speeds), 2.0) * 2.5
+    hatches = ["", "//", "..", "xx", "\\\\", "++"]
+    for ax, op in zip(axes[:, 0], ops):
+        n_pairs = len(pairs[op])
+        bar = 0.8 / n_pairs
+        for j, (backend, peer) in enumerate(pairs[op]):
+            ys, xs = [], []
+            for i, case in enumerate(cases[op]):
+                r = next((r for r in rows if r["op"] == op and r["case"] == case and r["backend"] == backend
+                          and r["peer"] == peer), None)
+                if r is not None:
+                    ys.append(i + (j - (n_pairs - 1) / 2) * bar)
+                    xs.append(r["speedup"])
+            colors = ["tab:green" if x >= 1 else "tab:red" for x in xs]
+            ax.barh(ys, xs, height=bar * 0.9, color=colors, hatch=hatches[j % len(hatches)], edgecolor="white",
+                    linewidth=0.3)
+            for y, x in zip(ys, xs):
+                ax.text(x * 1.04, y, f"{x:.2f}x", va="center", fontsize=6.5)
+        ax.axvline(1.0, color="black", linewidth=1.0)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_yticks(range(len(cases[op])), [_short_case(c) for c in cases[op]], fontsize=7.5)
+        ax.invert_yaxis()
+        ax.set_title(op, fontsize=10, loc="left", fontweight="bold")
+        ax.grid(axis="x", which="both", alpha=0.25)
+        # colour says win (green) or loss (red); the hatch says which (backend, peer) pair
+        handles = [Patch(facecolor="0.75", edgecolor="white", hatch=hatches[j % len(hatches)], label=f"{b} vs {p}")
+                   for j, (b, p) in enumerate(pairs[op])]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    axes[-1, 0].set_xlabel("speedup = peer time / mmfuse time (log scale; right of the line = mmfuse faster)")
+    fig.suptitle(f"mmfuse {meta['mmfuse']} @ {meta['commit']} on {meta['device_name']} ({meta['threads']} threads), "
+                 f"torch {meta['torch']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [ax for ax in axes[:, 0]]
+
+
+def _short_case(case: str) -> str:
+    """A case label that fits a row: the shape parameters that are the same in every case of a
+    suite (B=8 H=8 D=64) dropped, long lists kept."""
+    for fixed in (" B=8 H=8 D=64",):
+        case = case.replace(fixed, "")
+    return case if len(case) <= 60 else case[:57] + "..."
 
 
 def _meta(device: torch.device) -> dict:

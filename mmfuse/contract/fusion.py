@@ -18,11 +18,10 @@ def fake_fused_concat_linear_bwd(grad_out, xs, weight, preact, activation, has_b
 
 
 def fake_combine_modalities(projected, mode, weights, gate_logits, activation):
-    out = projected[0].new_empty(projected[0].shape)
-    return out, (projected[0].new_empty(0) if activation == "none" else torch.empty_like(out))
+    return projected[0].new_empty(projected[0].shape)
 
 
-def fake_combine_modalities_bwd(grad_out, projected, mode, weights, gate_logits, preact, activation):
+def fake_combine_modalities_bwd(grad_out, projected, mode, weights, gate_logits, activation):
     grad_weights = weights.new_empty(weights.shape) if mode == "sum" else projected[0].new_empty(0)
     grad_gates = [p.new_empty(p.shape) for p in projected] if mode == "gated" else []
     return [p.new_empty(p.shape) for p in projected], grad_weights, grad_gates
@@ -47,14 +46,15 @@ def register_fusion_autograd(linear_op, linear_bwd_op, combine_op, combine_bwd_o
     def combine_setup(ctx, inputs, output):
         projected, mode, weights, gate_logits, activation = inputs
         ctx.num, ctx.mode, ctx.activation, ctx.num_gates = len(projected), mode, activation, len(gate_logits)
-        ctx.save_for_backward(*projected, *gate_logits, weights, output[1])
+        # no pre-activation is saved: the backward recomputes it from the inputs it reads anyway
+        ctx.save_for_backward(*projected, *gate_logits, weights)
 
-    def combine_backward(ctx, grad_out, _grad_preact):
+    def combine_backward(ctx, grad_out):
         saved = ctx.saved_tensors
         projected, gates = list(saved[: ctx.num]), list(saved[ctx.num : ctx.num + ctx.num_gates])
-        weights, preact = saved[-2], saved[-1]
+        weights = saved[-1]
         grads, grad_weights, grad_gates = combine_bwd_op(
-            grad_out.contiguous(), projected, ctx.mode, weights, gates, preact, ctx.activation
+            grad_out.contiguous(), projected, ctx.mode, weights, gates, ctx.activation
         )
         return (list(grads), None, grad_weights if ctx.mode == "sum" else None,
                 list(grad_gates) if ctx.mode == "gated" else [], None)

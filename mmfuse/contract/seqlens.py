@@ -48,6 +48,4 @@ def total_seqlen(cu_seqlens: torch.Tensor) -> int:
 
 def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:
     """``(B,)`` lengths → int32 ``(B+1,)`` prefix sum starting at 0 (FlashAttention's layout)."""
-    cu = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=seqlens.device)
-    cu[1:] = torch.cumsum(seqlens, 0, dtype=torch.int32)
-    return cu
+    return torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))

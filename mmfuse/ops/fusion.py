@@ -129,8 +129,7 @@ def combine_modalities(
     projected = [p.contiguous() for p in projected]
     gates = [g.contiguous() for g in gate_logits] if mode == "gated" else []
     fn = _triton().combine_modalities_triton if backend == "triton" else torch.ops.mmfuse.combine_modalities
-    out, _ = fn(projected, mode, weights, gates, activation or "none")
-    return out
+    return fn(projected, mode, weights, gates, activation or "none")
 
 
 def _limits(backend: str, xs: list[torch.Tensor], combine: bool) -> str | None:

@@ -512,8 +512,9 @@ _DTYPES = ((torch.float16, False), (torch.bfloat16, False), (torch.float32, Fals
 def aot_cases() -> list:
     """What the launchers above launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and
     tile width BLOCK_D 64 and 128 (one head dim per width: smaller ones only mask columns), every
-    autotune config with the key padding mask, the causal mask, the attention mask and dropout on
-    (the most code; each kernel regenerates its dropout mask with Philox in registers); BLOCK_D
+    autotune config with both the key padding mask and the causal mask on (the most code), with and
+    without the attention mask and dropout (whose autotuner keeps only tiles up to 64 x 64; each
+    kernel regenerates its dropout mask with Philox in registers); BLOCK_D
     16 and 32, the same program on narrower tiles, at one config; the other mask/causal
     combinations, which change elementwise code only, at one config; bfloat16, whose tiles, MMA
     shapes and shared memory are float16's, at one config per BLOCK_D."""
@@ -530,7 +531,7 @@ def aot_cases() -> list:
                             PRECISION=_precision(dtype, allow_tf32), UPCAST=False, HAS_BIAS=extra, DROPOUT=extra)
                 for kernel, pointers in _attention_pointers(dtype, has_mask, extra).items():
                     configs = tuned_configs(kernel, pointers, meta)
-                    if not (has_mask and causal and extra):
+                    if not (has_mask and causal):
                         configs = configs[:1] if block_d == 64 else []
                     elif dtype == torch.bfloat16:  # fp16's tiles, instructions and shared memory
                         configs = configs[:1]

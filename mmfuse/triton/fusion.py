@@ -253,11 +253,18 @@ def fused_concat_linear_bwd_triton(
 
 
 @triton.jit
-def _combine_fwd_kernel(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, out_ptr, pre_ptr, numel,
-                        NUM: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _combine_fwd_kernel(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, out_ptr, numel,
+                        NUM: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
+    out_ty = out_ptr.dtype.element_ty
+    pre = _combine_preact(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, offs, mask, out_ty, NUM, MODE)
+    tl.store(out_ptr + offs, _activate(pre, ACT).to(out_ty), mask=mask)
+
+
+@triton.jit
+def _combine_preact(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, offs, mask, out_ty, NUM: tl.constexpr, MODE: tl.constexpr):
+    # the combination in fp32, rounded to the output dtype as a stored pre-activation would be
     y = _combine_term(p0, z0, w_ptr, 0, offs, mask, MODE)
     if NUM > 1:
         y = _combine_step(y, _combine_term(p1, z1, w_ptr, 1, offs, mask, MODE), MODE)
@@ -265,11 +272,7 @@ def _combine_fwd_kernel(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, out_ptr, pre_ptr,
         y = _combine_step(y, _combine_term(p2, z2, w_ptr, 2, offs, mask, MODE), MODE)
     if NUM > 3:
         y = _combine_step(y, _combine_term(p3, z3, w_ptr, 3, offs, mask, MODE), MODE)
-    out_ty = out_ptr.dtype.element_ty
-    pre = y.to(out_ty).to(tl.float32)
-    if STORE_PRE:
-        tl.store(pre_ptr + offs, pre.to(out_ty), mask=mask)
-    tl.store(out_ptr + offs, _activate(pre, ACT).to(out_ty), mask=mask)
+    return y.to(out_ty).to(tl.float32)
 
 
 @triton.jit
@@ -298,29 +301,31 @@ def _sources(ts, fill):
 def combine_modalities_triton(
     projected: list[torch.Tensor], mode: str, weights: torch.Tensor | None, gate_logits: list[torch.Tensor],
     activation: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Triton twin of ``torch.ops.mmfuse.combine_modalities`` (at most four modalities)."""
     out = torch.empty_like(projected[0])
-    preact = projected[0].new_empty(0) if activation == "none" else torch.empty_like(out)
     numel = out.numel()
     if numel:
         launch(_combine_fwd_kernel)[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
             *_sources(projected, projected[0]), *_sources(gate_logits, projected[0]),
-            weights if weights is not None else out, out, preact if activation != "none" else out, numel,
-            NUM=len(projected), MODE=MODE_CODES[mode], ACT=ACTIVATION_CODES[activation],
-            STORE_PRE=activation != "none", BLOCK=ELEMENTWISE_BLOCK)
-    return out, preact
+            weights if weights is not None else out, out, numel,
+            NUM=len(projected), MODE=MODE_CODES[mode], ACT=ACTIVATION_CODES[activation], BLOCK=ELEMENTWISE_BLOCK)
+    return out
 
 
 @triton.jit
 def _combine_bwd_kernel(g_ptr, p0, p1, p2, p3, z0, z1, z2, z3, w_ptr,
                         gp0, gp1, gp2, gp3, gz0, gz1, gz2, gz3, partial_ptr, numel,
-                        NUM: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
-    # partial_ptr: (programs, 4) fp32 per-program sums of g * p_m ("sum" mode), reduced on the host
+                        NUM: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # g_ptr: grad_out; partial_ptr: (programs, 4) fp32 per-program sums of g * p_m ("sum" mode),
+    # reduced on the host. The pre-activation is recomputed from the inputs read here anyway.
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        pre = _combine_preact(p0, p1, p2, p3, z0, z1, z2, z3, w_ptr, offs, mask, gp0.dtype.element_ty, NUM, MODE)
+        g = g * _activate_grad(pre, ACT)
     _combine_bwd_one(g, p0, p1, p2, p3, z0, w_ptr, gp0, gz0, partial_ptr, pid, 0, offs, mask, NUM, MODE)
     if NUM > 1:
         _combine_bwd_one(g, p1, p0, p2, p3, z1, w_ptr, gp1, gz1, partial_ptr, pid, 1, offs, mask, NUM, MODE)
@@ -357,10 +362,10 @@ def _combine_bwd_one(g, p_ptr, o1, o2, o3, z_ptr, w_ptr, gp_ptr, gz_ptr, partial
 @triton_custom_op("mmfuse::combine_modalities_bwd_triton", fake=fake_combine_modalities_bwd)
 def combine_modalities_bwd_triton(
     grad_out: torch.Tensor, projected: list[torch.Tensor], mode: str, weights: torch.Tensor | None,
-    gate_logits: list[torch.Tensor], preact: torch.Tensor, activation: str,
+    gate_logits: list[torch.Tensor], activation: str,
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
     """Triton twin of ``torch.ops.mmfuse.combine_modalities_bwd``; deterministic (no atomics)."""
-    g = _activation_backward(grad_out, preact, activation)
+    g = grad_out.contiguous()
     num, numel = len(projected), g.numel()
     grads = [torch.empty_like(p) for p in projected]
     grad_z = [torch.empty_like(p) for p in projected] if mode == "gated" else []
@@ -371,7 +376,7 @@ def combine_modalities_bwd_triton(
             g, *_sources(projected, projected[0]), *_sources(gate_logits, projected[0]),
             weights if weights is not None else g, *_sources(grads, grads[0]),
             *_sources(grad_z or grads, grads[0]), partial, numel,
-            NUM=num, MODE=MODE_CODES[mode], BLOCK=ELEMENTWISE_BLOCK)
+            NUM=num, MODE=MODE_CODES[mode], ACT=ACTIVATION_CODES[activation], BLOCK=ELEMENTWISE_BLOCK)
     grad_w = partial[:, :num].sum(0).to(weights.dtype) if mode == "sum" else projected[0].new_empty(0)
     return grads, grad_w, grad_z
 
@@ -437,17 +442,22 @@ def _combine_cases(dtype, label) -> list:
     sources = [f"{pz}{m}" for m in range(MAX_SOURCES) for pz in "pz"]
     cases = []
     for mode_name, mode in MODE_CODES.items():
-        forward = dict.fromkeys(sources + ["w_ptr", "out_ptr", "pre_ptr"], dtype)
+        forward = dict.fromkeys(sources + ["w_ptr", "out_ptr"], dtype)
         activations = ACTIVATION_CODES.values() if mode_name == "sum" else [ACTIVATION_CODES["gelu"]]
         cases += [kernel_case(_combine_fwd_kernel, label, forward,
-                              dict(NUM=MAX_SOURCES, MODE=mode, ACT=code, STORE_PRE=code != 0, BLOCK=ELEMENTWISE_BLOCK))
+                              dict(NUM=MAX_SOURCES, MODE=mode, ACT=code, BLOCK=ELEMENTWISE_BLOCK))
                   for code in activations]
-        # the weights are read in "sum" mode only; otherwise the fp32 gradient stands in
+        # the weights are read in "sum" mode only; otherwise grad_out stands in
         backward = dict.fromkeys(sources + [f"g{pz}{m}" for m in range(MAX_SOURCES) for pz in "pz"], dtype)
-        backward.update(g_ptr=torch.float32, partial_ptr=torch.float32,
-                        w_ptr=dtype if mode_name == "sum" else torch.float32)
-        cases += [kernel_case(_combine_bwd_kernel, label, backward, dict(NUM=num, MODE=mode, BLOCK=ELEMENTWISE_BLOCK))
+        backward.update(g_ptr=dtype, partial_ptr=torch.float32,
+                        w_ptr=dtype)
+        cases += [kernel_case(_combine_bwd_kernel, label, backward,
+                              dict(NUM=num, MODE=mode, ACT=ACTIVATION_CODES["none" if num < MAX_SOURCES else "gelu"],
+                                   BLOCK=ELEMENTWISE_BLOCK))
                   for num in range(1, MAX_SOURCES + 1)]
+        cases += [kernel_case(_combine_bwd_kernel, label, backward, dict(NUM=MAX_SOURCES, MODE=mode, ACT=code,
+                                                                         BLOCK=ELEMENTWISE_BLOCK))
+                  for code in activations if code not in (ACTIVATION_CODES["none"], ACTIVATION_CODES["gelu"])]
     return cases
 
 

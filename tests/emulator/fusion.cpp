@@ -17,8 +17,7 @@ using AccOf = typename fc::Acc<T>::type;
 // room for grid.x * M doubles (the caller sizes it for ceil(numel / 256) blocks).
 template <typename T>
 int combine(int64_t backward, int64_t mode, int64_t act, const int64_t* projected, const int64_t* gate_logits,
-            const void* weights, void* out, void* preact, const void* grad_out, const void* saved_preact,
-            const int64_t* grad_projected, const int64_t* grad_gate_logits, double* partials, double* grad_weights,
+            const void* weights, void* out, const void* grad_out, const int64_t* grad_projected, const int64_t* grad_gate_logits, double* partials, double* grad_weights,
             int64_t numel, int64_t num_modalities, int64_t max_blocks, int64_t* launch_info) {
   return harness::run([&] {
     fc::CombineParams<T> p{};
@@ -33,9 +32,7 @@ int combine(int64_t backward, int64_t mode, int64_t act, const int64_t* projecte
     }
     p.weights = static_cast<const AccOf<T>*>(weights);
     p.out = static_cast<T*>(out);
-    p.preact = static_cast<T*>(preact);
     p.grad_out = static_cast<const T*>(grad_out);
-    p.saved_preact = static_cast<const T*>(saved_preact);
     p.numel = numel;
     p.num_modalities = num;
     p.mode = static_cast<fc::CombineMode>(mode);
@@ -119,11 +116,11 @@ int linear_grad(const void* grad_out, const void* preact, void* grad, void* grad
 
 #define FUSION_ENTRIES(suffix, T)                                                                                   \
   extern "C" int combine_##suffix(int64_t backward, int64_t mode, int64_t act, const int64_t* projected,             \
-                                  const int64_t* gate_logits, const void* weights, void* out, void* preact,           \
-                                  const void* grad_out, const void* saved_preact, const int64_t* grad_projected,     \
+                                  const int64_t* gate_logits, const void* weights, void* out,                         \
+                                  const void* grad_out, const int64_t* grad_projected,                               \
                                   const int64_t* grad_gate_logits, double* partials, double* grad_weights,           \
                                   int64_t numel, int64_t num_modalities, int64_t max_blocks, int64_t* launch_info) { \
-    return combine<T>(backward, mode, act, projected, gate_logits, weights, out, preact, grad_out, saved_preact,     \
+    return combine<T>(backward, mode, act, projected, gate_logits, weights, out, grad_out,                           \
                       grad_projected, grad_gate_logits, partials, grad_weights, numel, num_modalities, max_blocks,   \
                       launch_info);                                                                                  \
   }                                                                                                                  \
