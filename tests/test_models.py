@@ -114,8 +114,8 @@ def test_training_example_quick_mode_needs_every_modality():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     accuracy = example.main(["--quick", "--seed", "0"])
-    # measured (seed 0): full 0.998; image, text, audio alone 0.771, 0.730, 0.746 (a majority
-    # of three cues caps one modality at 0.75 in expectation)
+    # measured (seed 0, attention dropout 0.1 on the fused kernel): full 0.998; image, text, audio
+    # alone 0.771, 0.732, 0.746 (a majority of three cues caps one modality at 0.75 in expectation)
     assert accuracy["full"] >= 0.95
     for modality in ("image", "text", "audio"):
         assert accuracy[modality] <= 0.85, modality
