@@ -394,3 +394,21 @@ def test_cpu_backward_both_schedules_with_mask_and_dropout(batch, heads_kv, thre
     torch.testing.assert_close(out.double(), out64, atol=2e-5, rtol=1e-4)
     for a, b in zip(args, args64):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=5e-5, rtol=3e-4)
+
+
+def test_layer_with_dropout_compiles_fullgraph_on_the_cpu_kernel():
+    import mmfuse.nn
+
+    torch._dynamo.reset()
+    layer = mmfuse.nn.CrossModalAttention(40, 4, dropout=0.2, kdim=24, vdim=24, backend="cpu").train()
+    query, memory = torch.randn(3, 7, 40), torch.randn(3, 13, 24)
+    mask = torch.rand(7, 13) < 0.3
+
+    def step(query, memory):
+        return layer(query, memory, memory, attn_mask=mask, need_weights=False)[0]
+
+    out = torch.compile(step, fullgraph=True)(query, memory)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(layer.in_proj_bias.grad).all()
+    layer.eval()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(query, memory), step(query, memory))
