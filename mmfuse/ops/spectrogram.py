@@ -583,7 +583,7 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
         if backend == "reference":
             return None
         if window.requires_grad or mel_fb.requires_grad or (dct is not None and dct.requires_grad):
-            return ("gradients w.r.t. the window, the filterbank or the DCT matrix are computed by the 'reference' "
+            return ("gradients w.r.t. the window or the filterbank (or the DCT matrix) are computed by the 'reference' "
                     "backend only")
         if backend == "cuda":
             if dct is not None or top_db is not None:
