@@ -7,6 +7,14 @@
 // butterfly is a short loop over frames that the compiler vectorises. A second, light pass per
 // item does Whisper's clamp at the item's max - 8.
 //
+// MFCC (torchaudio.transforms.MFCC): the dB or offset log, then, because top_db's clamp needs the
+// max over a whole group of items, two phases: the first writes the log-mel values of the valid
+// frames to a (B, n_mels, frames) scratch and keeps per-block maxima; the second clamps at the
+// group max - top_db and applies the (n_mels, n_mfcc) DCT per frame into the output. The backward
+// runs the same steps' adjoints: DCT^T, the clamp's gradient (ties and the max's share as
+// autograd splits them), then the log's. The complex spectrum (complex_out) writes X itself as
+// (B, n_bins, frames, 2) and back-propagates dL/dRe X, dL/dIm X through the same adjoint FFT.
+//
 // FFT: Stockham autosort mixed-radix Cooley-Tukey for any size (radix 4, 2, 3 and 5
 // butterflies, a plain p-point DFT butterfly for other prime factors, O(N * sum of factors);
 // e.g. 400 = 2^4 5^2, 512, 2048), twiddles precomputed in double. A real FFT of even size N is a complex FFT of N/2 (even
