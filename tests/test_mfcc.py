@@ -58,6 +58,7 @@ CASES = [
     dict(n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=40, mel_scale="slaney", norm="slaney")),
     dict(n_mfcc=23, melkwargs=dict(n_fft=257, win_length=200, hop_length=101, n_mels=31, f_min=50.0, f_max=7000.0,
                                   power=1.0, center=False)),
+    dict(n_mfcc=37, melkwargs=dict(n_fft=512, hop_length=256, n_mels=150)),  # Triton: 256-mel tile, DCT in 16s
     dict(log_mels=True, n_mfcc=7, melkwargs=dict(n_fft=128, hop_length=48, n_mels=11, pad=5, pad_mode="constant",
                                                  normalized=True, window_fn=torch.hamming_window)),
 ]
