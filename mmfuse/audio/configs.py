@@ -92,6 +92,10 @@ def check_spectrogram_args(
     return win_length, hop_length
 
 
+# torchaudio.transforms.MelSpectrogram's arguments after sample_rate, with its defaults
+MEL_DEFAULTS = dict(n_fft=400, win_length=None, hop_length=None, f_min=0.0, f_max=None, pad=0, n_mels=128,
+                    window_fn=torch.hann_window, power=2.0, normalized=False, wkwargs=None, center=True,
+                    pad_mode="reflect", onesided=None, norm=None, mel_scale="htk")
 DCT_TYPES = (2,)
 DCT_NORMS = (None, "ortho")
 # torchaudio.transforms.MFCC's AmplitudeToDB(stype="power", top_db=80.0)
@@ -101,8 +105,6 @@ MFCC_TOP_DB = 80.0
 def check_mfcc_args(op, sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs) -> dict:
     """Validate ``MFCC``'s arguments; return the ``MelSpectrogram`` arguments (torchaudio's
     defaults, updated by ``melkwargs``) after checking them and ``n_mfcc <= n_mels``."""
-    import inspect
-
     check_positive(op, "sample_rate", sample_rate)
     check_int(op, "n_mfcc", n_mfcc)
     if dct_type not in DCT_TYPES or isinstance(dct_type, bool):
@@ -113,11 +115,10 @@ def check_mfcc_args(op, sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs
     if melkwargs is not None and not isinstance(melkwargs, dict):
         raise TypeError(f"{op}: melkwargs must be a dict of MelSpectrogram arguments or None, got "
                         f"{type(melkwargs).__name__}")
-    names = [n for n in inspect.signature(_mel_defaults).parameters]
-    mel = {n: p.default for n, p in inspect.signature(_mel_defaults).parameters.items()}
-    unknown = sorted(set(melkwargs or {}) - set(names))
+    mel = dict(MEL_DEFAULTS)
+    unknown = sorted(set(melkwargs or {}) - set(mel))
     if unknown:
-        raise TypeError(f"{op}: melkwargs has unknown MelSpectrogram arguments {unknown}; known: {sorted(names)} "
+        raise TypeError(f"{op}: melkwargs has unknown MelSpectrogram arguments {unknown}; known: {sorted(mel)} "
                         "(sample_rate is MFCC's own argument)")
     mel.update(melkwargs or {})
     if mel.get("onesided") is not None:
@@ -133,12 +134,6 @@ def check_mfcc_args(op, sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs
         raise ValueError(f"{op}: n_mfcc must be <= n_mels ({mel['n_mels']}): cannot select more MFCC coefficients "
                          f"than mel bins, got {n_mfcc}")
     return mel
-
-
-def _mel_defaults(n_fft=400, win_length=None, hop_length=None, f_min=0.0, f_max=None, pad=0, n_mels=128,
-                  window_fn=torch.hann_window, power=2.0, normalized=False, wkwargs=None, center=True,
-                  pad_mode="reflect", onesided=None, norm=None, mel_scale="htk"):
-    """torchaudio.transforms.MelSpectrogram's arguments after sample_rate, with its defaults."""
 
 
 def whisper_mel_filters(n_mels: int) -> torch.Tensor:

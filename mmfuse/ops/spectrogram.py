@@ -453,8 +453,7 @@ def spectrogram_op(
     spec, frame_lengths = out if lengths is not None else (out, None)
     if not onesided:
         # X[n_fft - k] = conj(X[k]) for real input
-        mirror = torch.arange(n_fft - n_bins, 0, -1, device=spec.device) if n_fft % 2 else \
-            torch.arange(n_bins - 2, 0, -1, device=spec.device)
+        mirror = torch.arange(n_fft - n_bins, 0, -1, device=spec.device)  # bins n_bins .. n_fft - 1
         tail = spec.index_select(-2, mirror)
         spec = torch.cat([spec, tail.conj() if spec.is_complex() else tail], dim=-2)
     if lengths is not None:
