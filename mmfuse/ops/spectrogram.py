@@ -21,7 +21,11 @@ Compatibility targets:
 Backends: "cpu" and "cuda" are the fused C++ and CUDA kernels of ``mmfuse::mel_spectrogram``
 (float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
 products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
-kernels take one op for all three front ends (its arguments: ``mmfuse.contract.spectrogram``).
+kernels take one op for all the front ends (its arguments: ``mmfuse.contract.spectrogram``):
+``spectrogram`` is that op with an identity filterbank (``|X|^power``) or its complex output
+(``power=None``: C++ and Triton), ``mfcc`` adds the dB/offset log, the 80 dB clamp and the DCT
+(C++ forward and backward, Triton forward); the CUDA kernel has neither MFCC nor the complex
+spectrum yet, and asking it for them raises with that reason.
 
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
 item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
