@@ -34,6 +34,9 @@ from mmfuse.triton._launch import launch, triton_custom_op
 BLOCK_F = 16  # frames per program: tl.dot needs >= 16 rows
 BLOCK_K = 32  # frame samples per step of the DFT product
 BLOCK_N = 32  # frequency bins per step of the mel product
+# DCT coefficients per step of the MFCC product: with 32, the (BLOCK_M, BLOCK_C) DCT tile next
+# to the (BLOCK_F, BLOCK_M) mel tile spilled registers past 128 mel bins (make triton-check)
+BLOCK_C = 16
 
 
 
@@ -304,7 +307,7 @@ def mel_spectrogram_triton(
             ENERGY_LAST=energy_last, FLOOR_ENERGY=energy_floor > 0.0,
             FRAMES_MAJOR=frames_major and not two_phase and not complex_out, HAS_DCT=fused_dct,
             COMPLEX_OUT=complex_out, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=_block_m(n_mels),
-            BLOCK_C=_block_c(n_mels),
+            BLOCK_C=BLOCK_C,
         )
     if log_mode == LOG_WHISPER:
         out = _whisper_clamp(out, frame_lengths, frames_major)
@@ -347,7 +350,7 @@ def _clamp_dct(logs, dct, frame_lengths, top_db, group, frames_major):
         has_lengths = frame_lengths is not None
         launch(_clamp_dct_kernel)[(batch, triton.cdiv(num_frames, BLOCK_F))](
             logs, floor, dct, frame_lengths if has_lengths else logs, out, num_frames, n_mels, dct.shape[1],
-            HAS_LENGTHS=has_lengths, BLOCK_F=BLOCK_F, BLOCK_M=_block_m(n_mels), BLOCK_C=_block_c(n_mels),
+            HAS_LENGTHS=has_lengths, BLOCK_F=BLOCK_F, BLOCK_M=_block_m(n_mels), BLOCK_C=BLOCK_C,
         )
     return out.transpose(1, 2).contiguous() if frames_major else out
 
@@ -357,30 +360,30 @@ def _block_m(n_mels: int) -> int:
     return max(16, triton.next_power_of_2(n_mels))
 
 
-def _block_c(n_mels: int) -> int:
-    """DCT coefficients per step of the MFCC product: 32, or 16 past 128 mel bins, where the
-    (BLOCK_M, BLOCK_C) DCT tile next to the (BLOCK_F, BLOCK_M) mel tile spills registers."""
-    return 32 if _block_m(n_mels) <= 128 else 16
-
-
 def aot_cases() -> list:
     """What the launcher above launches on a GPU, for ``mmfuse.triton.aot_check``: float32, with
     every optional step on (Kaldi padding, lengths, DC removal, pre-emphasis, |X|^power, log,
-    windowed energy first and floored, frames-major, the fused DCT) at every BLOCK_M up to
-    TRITON_MAX_N_MELS bins; then each other value of each flag (the dB and offset logs, the
-    complex spectrum among them), one at a time, at 128 bins; then MFCC's clamp + DCT kernel at
-    every BLOCK_M. The flags change elementwise code only, the tiles are fixed but for BLOCK_M
-    (and BLOCK_C, which follows it)."""
+    windowed energy first and floored, frames-major) at every BLOCK_M up to TRITON_MAX_N_MELS
+    bins; then each other value of each flag (the dB and offset logs and the complex spectrum
+    among them), one at a time, at 128 bins; MFCC with the fused DCT at every BLOCK_M; then
+    MFCC's clamp + DCT kernel at every BLOCK_M. The flags change elementwise code only, the
+    tiles are fixed but for BLOCK_M."""
     from mmfuse.triton._aot import kernel_case
 
     full = dict(PAD_MODE=3, HAS_LENGTHS=True, REMOVE_DC=True, PREEMPH=True, POWER_MODE=2, LOG_MODE=1,
-                ENERGY_MODE=2, ENERGY_LAST=False, FLOOR_ENERGY=True, FRAMES_MAJOR=True, HAS_DCT=True,
+                ENERGY_MODE=2, ENERGY_LAST=False, FLOOR_ENERGY=True, FRAMES_MAJOR=True, HAS_DCT=False,
                 COMPLEX_OUT=False)
     others = dict(PAD_MODE=(0, 1, 2), HAS_LENGTHS=(False,), REMOVE_DC=(False,), PREEMPH=(False,), POWER_MODE=(0, 1),
                   LOG_MODE=(0, LOG_WHISPER, LOG_DB, LOG_OFFSET), ENERGY_MODE=(0, 1), ENERGY_LAST=(True,),
-                  FLOOR_ENERGY=(False,), FRAMES_MAJOR=(False,), HAS_DCT=(False,), COMPLEX_OUT=(True,))
+                  FLOOR_ENERGY=(False,), FRAMES_MAJOR=(False,), COMPLEX_OUT=(True,))
+    # MFCC as mfcc() launches it: reflect padding, lengths, |X|^2, the dB log and the fused DCT
+    mfcc = dict(PAD_MODE=1, HAS_LENGTHS=True, REMOVE_DC=False, PREEMPH=False, POWER_MODE=0, LOG_MODE=LOG_DB,
+                ENERGY_MODE=0, ENERGY_LAST=False, FLOOR_ENERGY=False, FRAMES_MAJOR=False, HAS_DCT=True,
+                COMPLEX_OUT=False)
     variants = [(full, block_m) for block_m in sorted({_block_m(n) for n in range(1, TRITON_MAX_N_MELS + 1)})]
     variants += [(dict(full, **{flag: value}), 128) for flag, values in others.items() for value in values]
+    variants += [(mfcc, block_m) for block_m in sorted({_block_m(n) for n in range(1, TRITON_MAX_N_MELS + 1)})]
+    variants += [(dict(mfcc, LOG_MODE=LOG_OFFSET), 128)]
     cases = []
     for flags, block_m in variants:
         # without lengths the waveform stands in for the two int64 length vectors
@@ -390,7 +393,7 @@ def aot_cases() -> list:
                         out_ptr=torch.float32)
         cases.append(kernel_case(_mel_spectrogram_kernel, "float32", pointers,
                                  dict(flags, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=block_m,
-                                      BLOCK_C=_block_c(block_m)),
+                                      BLOCK_C=BLOCK_C),
                                  floats=("preemph", "power", "log_floor", "log_energy_floor")))
     for has_lengths in (True, False):
         for block_m in sorted({_block_m(n) for n in range(1, TRITON_MAX_N_MELS + 1)}):
@@ -399,7 +402,7 @@ def aot_cases() -> list:
                             frame_lengths_ptr=lengths, out_ptr=torch.float32)
             cases.append(kernel_case(_clamp_dct_kernel, "float32", pointers,
                                      dict(HAS_LENGTHS=has_lengths, BLOCK_F=BLOCK_F, BLOCK_M=block_m,
-                                          BLOCK_C=_block_c(block_m))))
+                                          BLOCK_C=BLOCK_C)))
     return cases
 
 
