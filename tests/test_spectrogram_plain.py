@@ -244,3 +244,26 @@ def test_cuda_backend_is_routed_away_from_complex_spectrum():
     reason = spec_ops._kernel_limits(x, window, x.new_zeros(33, 0), complex_out=True)("cuda")
     assert reason is not None and "complex" in reason
     assert spec_ops._kernel_limits(x, window, torch.eye(33))("cuda") is None
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectrogram_cuda_power_and_refusals(dtype, backend):
+    """On a GPU: the power spectrogram runs on the CUDA mel kernel (identity filterbank); the
+    complex spectrum and MFCC are refused by name with the reason, and the C++ launcher's
+    TORCH_CHECK refuses them if called directly."""
+    x64 = speech(3, 4001)
+    kw = dict(n_fft=400, hop_length=160, power=2.0)
+    ref = np.stack([stft64(x64[b].numpy(), **kw) for b in range(3)])
+    out = mmfuse.spectrogram(x64.to(dtype).cuda(), backend=backend, **kw)
+    check_close(out.cpu(), ref, dtype)
+    with pytest.raises(ValueError, match="complex"):
+        mmfuse.spectrogram(x64.to(dtype).cuda(), power=None, backend=backend)
+    with pytest.raises(ValueError, match="MFCC"):
+        mmfuse.mfcc(x64.to(dtype).cuda(), backend=backend)
+    x = x64.to(dtype).cuda()
+    window = torch.hann_window(400, dtype=dtype, device="cuda")
+    args = (x, window, x.new_zeros(201, 0), None, None, 26, 400, 160, -200, 0, 1, False, 0.0, 2.0, 0, 0.0, 0, 0.0,
+            False, False, None, -1.0, 1, True)
+    with pytest.raises(RuntimeError, match="complex"):
+        torch.ops.mmfuse.mel_spectrogram(*args)
