@@ -32,7 +32,7 @@ triton-check: install
 
 bench: install
 	mkdir -p bench-out
-	$(PYTHON) -m mmfuse.bench.cli --json bench-out/results.json --plot bench-out/results.png $(BENCH_ARGS)
+	$(PYTHON) -m mmfuse.bench.cli --json bench-out/results.json --plot bench-out/results.png --markdown bench-out/results.md $(BENCH_ARGS)
 
 # compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
 cuda-check: install

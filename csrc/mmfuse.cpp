@@ -55,8 +55,10 @@ TORCH_LIBRARY(mmfuse, m) {
   m.def("cross_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal) -> (Tensor out, Tensor lse)");
   // Gradients of cross_attention_varlen_fwd w.r.t. q, k, v.
   m.def("cross_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
-  // Log-mel front ends (torchaudio/librosa, Whisper, Kaldi) in one pass from (B, T); codes in mmfuse/contract/spectrogram.py.
-  m.def("mel_spectrogram(Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major) -> Tensor");
+  // Log-mel front ends (torchaudio/librosa, Whisper, Kaldi), MFCC (log then dct (n_mels, n_mfcc), dB clamped top_db
+  // below the max of each top_db_group items; top_db < 0: none) and the plain or complex (B, n_bins, frames, 2)
+  // spectrogram, in one pass from (B, T); codes in mmfuse/contract/spectrogram.py.
+  m.def("mel_spectrogram(Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major, Tensor? dct=None, float top_db=-1., int top_db_group=1, bool complex_out=False) -> Tensor");
   // Gradient of mel_spectrogram w.r.t. the waveform: (B, T).
-  m.def("mel_spectrogram_backward(Tensor grad, Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major) -> Tensor");
+  m.def("mel_spectrogram_backward(Tensor grad, Tensor waveform, Tensor window, Tensor mel_fb, Tensor? lengths, Tensor? frame_lengths, SymInt num_frames, int n_fft, int hop, int frame_offset, int pad, int pad_mode, bool remove_dc, float preemphasis, float power, int log_mode, float log_floor, int energy_mode, float energy_floor, bool energy_last, bool frames_major, Tensor? dct=None, float top_db=-1., int top_db_group=1, bool complex_out=False) -> Tensor");
 }

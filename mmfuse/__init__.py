@@ -10,7 +10,14 @@ from mmfuse.backends import available_backends
 from mmfuse.ops.attention import cross_attention, cross_attention_varlen
 from mmfuse.ops.fusion import combine_modalities, fused_concat_linear
 from mmfuse.ops.packing import PackedModalities, pack_modalities, unpack_modalities
-from mmfuse.ops.spectrogram import amplitude_to_db, kaldi_fbank, mel_spectrogram, whisper_log_mel
+from mmfuse.ops.spectrogram import (
+    amplitude_to_db,
+    kaldi_fbank,
+    mel_spectrogram,
+    mfcc,
+    spectrogram,
+    whisper_log_mel,
+)
 from mmfuse import nn  # layers last: they build on the ops above
 from mmfuse import models  # models after the layers they build on
 
@@ -19,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "build_info", "combine_modalities", "cross_attention", "cross_attention_varlen",
     "fused_concat_linear", "pack_modalities", "unpack_modalities", "PackedModalities", "amplitude_to_db",
-    "kaldi_fbank", "mel_spectrogram", "whisper_log_mel", "nn", "models",
+    "kaldi_fbank", "mel_spectrogram", "mfcc", "spectrogram", "whisper_log_mel", "nn", "models",
 ]

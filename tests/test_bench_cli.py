@@ -79,3 +79,14 @@ def test_fusion_cases_have_a_compiled_peer():
     for runs in peers.values():
         assert set(runs) == {"fwd", "fwd+bwd"}
         runs["fwd+bwd"]()
+
+
+def test_markdown_lists_every_case_and_the_losses():
+    rows = [_row("combine_modalities", "fwd sum", "cpu", 2.0, peer="eager", peer_ms=4.0),
+            _row("combine_modalities", "fwd sum", "cpu", 2.0, peer="compiled", peer_ms=1.0),
+            _row("combine_modalities", "fwd gated", "cpu", 1.0, peer="eager", peer_ms=3.0)]
+    meta = {"mmfuse": "0", "commit": "x", "device_name": "cpu", "threads": 2, "torch": "t", "command": "c"}
+    text = cli.markdown(rows, meta, [])
+    assert "| fwd sum | cpu | 2.000 | 4.000, **2.00×** | 1.000, **0.50×** |" in text
+    assert "| fwd gated | cpu | 1.000 | 3.000, **3.00×** | — |" in text
+    assert "1 of 3 (case, peer) pairs" in text and "- combine_modalities | fwd sum | cpu vs compiled: 0.50×" in text

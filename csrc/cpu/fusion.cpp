@@ -2,7 +2,8 @@
 //   fused_concat_linear: act(sum_i x_i @ W_i^T + b), W_i the column block of W for input i, so
 //     the concatenation cat(x_1..x_M) is never built. Accumulation in fp32 (fp64 for double).
 //   combine_modalities: the elementwise modes sum / product / gated in one pass over the
-//     projected tensors, forward and backward.
+//     projected tensors, forward and backward, the activation fused; the backward recomputes
+//     the pre-activation instead of reading a stored one.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -7,6 +7,14 @@
 // butterfly is a short loop over frames that the compiler vectorises. A second, light pass per
 // item does Whisper's clamp at the item's max - 8.
 //
+// MFCC (torchaudio.transforms.MFCC): the dB or offset log, then, because top_db's clamp needs the
+// max over a whole group of items, two phases: the first writes the log-mel values of the valid
+// frames to a (B, n_mels, frames) scratch and keeps per-block maxima; the second clamps at the
+// group max - top_db and applies the (n_mels, n_mfcc) DCT per frame into the output. The backward
+// runs the same steps' adjoints: DCT^T, the clamp's gradient (ties and the max's share as
+// autograd splits them), then the log's. The complex spectrum (complex_out) writes X itself as
+// (B, n_bins, frames, 2) and back-propagates dL/dRe X, dL/dIm X through the same adjoint FFT.
+//
 // FFT: Stockham autosort mixed-radix Cooley-Tukey for any size (radix 4, 2, 3 and 5
 // butterflies, a plain p-point DFT butterfly for other prime factors, O(N * sum of factors);
 // e.g. 400 = 2^4 5^2, 512, 2048), twiddles precomputed in double. A real FFT of even size N is a complex FFT of N/2 (even
@@ -37,7 +45,10 @@ namespace {
 constexpr int64_t FB = 8;  // frames per block: two SSE (one AVX) registers of floats per FFT element
 
 enum PadMode : int64_t { kConstant = 0, kReflect = 1, kReplicate = 2, kKaldiReflect = 3 };
-enum LogMode : int64_t { kNoLog = 0, kNaturalLog = 1, kWhisperLog = 2 };
+// kDbLog: 10 log10(max(x, log_floor)) (torchaudio's AmplitudeToDB, stype "power"), clamped at the
+// max of its group of top_db_group items minus top_db when top_db >= 0; kOffsetLog: ln(x + log_floor)
+// (torchaudio's MFCC with log_mels=True).
+enum LogMode : int64_t { kNoLog = 0, kNaturalLog = 1, kWhisperLog = 2, kDbLog = 3, kOffsetLog = 4 };
 enum EnergyMode : int64_t { kNoEnergy = 0, kRawEnergy = 1, kWindowedEnergy = 2 };
 
 struct Options {
@@ -50,6 +61,10 @@ struct Options {
   int64_t energy_mode;
   double energy_floor;
   bool energy_last, frames_major;
+  int64_t n_mfcc;         // columns of dct (the output features when dct is given), else 0
+  double top_db;          // kDbLog's clamp below the group max; < 0: none
+  int64_t top_db_group;   // items [g G, (g + 1) G) share the clamp's max
+  bool complex_out;       // output (B, n_bins, frames, 2): the one-sided spectrum X itself
   const int64_t* lengths;        // (B,) samples per item, or null: every item has num_samples
   const int64_t* frame_lengths;  // (B,) valid frames per item, or null: num_frames
 
@@ -57,6 +72,14 @@ struct Options {
   int64_t item_frames(int64_t b) const { return frame_lengths ? frame_lengths[b] : num_frames; }
   int64_t mel_column(int64_t m) const { return m + (energy_mode != kNoEnergy && !energy_last ? 1 : 0); }
   int64_t energy_column() const { return energy_last ? n_mels : 0; }
+  bool clamps() const { return log_mode == kDbLog && top_db >= 0.0; }
+  // Layout of the log-mel values before the DCT: (B, n_mels, frames).
+  Options logs_layout() const {
+    Options l = *this;
+    l.n_feats = n_mels;
+    l.frames_major = false;
+    return l;
+  }
   // Element (b, feature, frame) of the (B, frames, n_feats) or (B, n_feats, frames) output.
   int64_t out_index(int64_t b, int64_t feat, int64_t frame) const {
     return frames_major ? (b * num_frames + frame) * n_feats + feat : (b * n_feats + feat) * num_frames + frame;
@@ -371,13 +394,14 @@ struct Plan {
   Options opt;
   const T* waveform;  // (B, T)
   const T* window;    // (win,)
+  const T* dct;       // (n_mels, n_mfcc) or null
   std::vector<int64_t> mel_lo, mel_hi, mel_offset;  // mel m is nonzero on bins [lo, hi)
   std::vector<T> mel_weights;                       // packed fb[lo..hi, m] per m
   BlockFft<T> fft;                                  // n_fft / 2 points (even n_fft) or n_fft
   std::vector<T> split_re, split_im;                // (n_fft / 2 + 1,): exp(-2 pi i k / n_fft)
 
-  Plan(const Options& o, const T* wave, const T* win, const T* fb)
-      : opt(o), waveform(wave), window(win), fft(o.n_fft % 2 == 0 ? o.n_fft / 2 : o.n_fft) {
+  Plan(const Options& o, const T* wave, const T* win, const T* fb, const T* dct_matrix)
+      : opt(o), waveform(wave), window(win), dct(dct_matrix), fft(o.n_fft % 2 == 0 ? o.n_fft / 2 : o.n_fft) {
     int64_t offset = 0;
     for (int64_t m = 0; m < o.n_mels; ++m) {
       int64_t lo = 0, hi = 0;
@@ -586,7 +610,14 @@ template <typename T>
 void log_features(const Options& o, T* values, int64_t n) {
   if (o.log_mode == kNoLog) return;
   const T floor = static_cast<T>(std::max(o.log_floor, static_cast<double>(std::numeric_limits<T>::min())));
-  const T scale = o.log_mode == kWhisperLog ? static_cast<T>(1.0 / M_LN10) : T(1);
+  if (o.log_mode == kOffsetLog) {
+    const T offset = static_cast<T>(o.log_floor);
+    for (int64_t i = 0; i < n; ++i) values[i] = vector_log(values[i] + offset);
+    return;
+  }
+  const T scale = o.log_mode == kWhisperLog ? static_cast<T>(1.0 / M_LN10)
+                  : o.log_mode == kDbLog    ? static_cast<T>(10.0 / M_LN10)
+                                            : T(1);
   for (int64_t i = 0; i < n; ++i) values[i] = vector_log(values[i] > floor ? values[i] : floor) * scale;
 }
 
@@ -628,11 +659,12 @@ void for_each_valid_mel(const Options& o, int64_t b, const Fn& fn) {
   }
 }
 
-// First pass: every valid frame's features, logs not yet clamped for Whisper. Returns each
-// item's largest mel feature (Whisper's clamp reference), from per-block lane-wise maxima.
+// First pass: every valid frame's features in layout `lo` (the output's, or logs_layout()),
+// logs not yet clamped (Whisper, top_db). Returns each item's largest mel feature (the clamps'
+// reference), from per-block lane-wise maxima.
 template <typename T>
-std::vector<T> write_features(const Plan<T>& plan, T* out) {
-  const Options& o = plan.opt;
+std::vector<T> write_features(const Plan<T>& plan, const Options& lo, T* out) {
+  const Options& o = lo;
   const int64_t blocks_per_item = (o.num_frames + FB - 1) / FB;
   constexpr T lowest = -std::numeric_limits<T>::infinity();
   std::vector<T> block_max(o.batch * blocks_per_item, lowest);
@@ -670,19 +702,100 @@ void zero_invalid_frames(const Options& o, T* out) {
   }
 }
 
+// The clamps' reference per item: Whisper's item max, or top_db's max over the item's group
+// (torchaudio's amplitude_to_DB takes it over (channel, freq, time) per leading index).
+template <typename T>
+std::vector<T> clamp_reference(const Options& o, std::vector<T> best) {
+  if (o.log_mode != kDbLog) return best;
+  const int64_t g = o.top_db_group;
+  for (int64_t b0 = 0; b0 < o.batch; b0 += g) {
+    T top = best[b0];
+    for (int64_t b = b0; b < b0 + g; ++b) top = std::max(top, best[b]);
+    for (int64_t b = b0; b < b0 + g; ++b) best[b] = top;
+  }
+  return best;
+}
+
+// Distance of the clamp below the reference: 8 (Whisper) or top_db.
+inline double clamp_depth(const Options& o) { return o.log_mode == kWhisperLog ? 8.0 : o.top_db; }
+
+// out (layout lo) = clamp(out) in place on valid mel columns: Whisper's (max(l, ref - 8) + 4) / 4
+// or top_db's max(l, ref - top_db).
+template <typename T>
+void apply_clamp(const Options& lo, const std::vector<T>& ref, T* out) {
+  const bool whisper = lo.log_mode == kWhisperLog;
+  at::parallel_for(0, lo.batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T floor = ref[b] - static_cast<T>(clamp_depth(lo));
+      if (whisper)
+        for_each_valid_mel(lo, b, [&](int64_t i) { out[i] = ((out[i] > floor ? out[i] : floor) + T(4)) * T(0.25); });
+      else
+        for_each_valid_mel(lo, b, [&](int64_t i) { out[i] = out[i] > floor ? out[i] : floor; });
+    }
+  });
+}
+
+// out[b, c, f] = sum_m dct[m, c] logs[b, m, f] on valid frames (torchaudio MFCC's matmul by its
+// create_dct matrix, (n_mels, n_mfcc)); logs in logs_layout().
+template <typename T>
+void apply_dct(const Plan<T>& plan, const T* logs, T* out) {
+  const Options& o = plan.opt;
+  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t frames = o.item_frames(b);
+      acc.assign(frames, T(0));
+      for (int64_t c = 0; c < o.n_mfcc; ++c) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t m = 0; m < o.n_mels; ++m) {
+          const T w = plan.dct[m * o.n_mfcc + c];
+          const T* row = logs + (b * o.n_mels + m) * o.num_frames;
+          for (int64_t f = 0; f < frames; ++f) acc[f] += w * row[f];
+        }
+        for (int64_t f = 0; f < frames; ++f) out[o.out_index(b, c, f)] = acc[f];
+      }
+    }
+  });
+}
+
+// The complex one-sided spectrum, (B, n_bins, frames, 2), frames past an item's end 0.
+template <typename T>
+void forward_complex(const Plan<T>& plan, T* out) {
+  const Options& o = plan.opt;
+  for (int64_t b = 0; b < o.batch; ++b)
+    for (int64_t k = 0; k < o.n_bins; ++k) {
+      T* row = out + (b * o.n_bins + k) * o.num_frames * 2;
+      std::fill(row + 2 * o.item_frames(b), row + 2 * o.num_frames, T(0));
+    }
+  for_each_block(plan, [&](Block<T>& blk, int64_t b, int64_t f0, int64_t count) {
+    analyse_block(plan, blk, b, f0, count);
+    for (int64_t k = 0; k < o.n_bins; ++k) {
+      T* row = out + ((b * o.n_bins + k) * o.num_frames + f0) * 2;
+      for (int64_t f = 0; f < count; ++f) {
+        row[2 * f] = blk.spec_re[k * FB + f];
+        row[2 * f + 1] = blk.spec_im[k * FB + f];
+      }
+    }
+  });
+}
+
 template <typename T>
 void forward(const Plan<T>& plan, T* out) {
   const Options& o = plan.opt;
+  if (o.complex_out) return forward_complex(plan, out);
   zero_invalid_frames(o, out);
-  const std::vector<T> best = write_features(plan, out);
-  if (o.log_mode == kWhisperLog) {
-    at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const T floor = best[b] - T(8);
-        for_each_valid_mel(o, b, [&](int64_t i) { out[i] = ((out[i] > floor ? out[i] : floor) + T(4)) * T(0.25); });
-      }
-    });
+  if (plan.dct == nullptr) {
+    const std::vector<T> best = write_features(plan, o, out);
+    if (o.log_mode == kWhisperLog || o.clamps()) apply_clamp(o, clamp_reference(o, best), out);
+    return;
   }
+  // MFCC: log-mel values of the valid frames, the clamp at the group max (which needs every
+  // frame of the group first), then the DCT.
+  const Options lo = o.logs_layout();
+  std::vector<T> logs(o.batch * o.n_mels * o.num_frames, T(0));
+  const std::vector<T> best = write_features(plan, lo, logs.data());
+  if (o.clamps()) apply_clamp(lo, clamp_reference(o, best), logs.data());
+  apply_dct(plan, logs.data(), out);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -690,34 +803,53 @@ void forward(const Plan<T>& plan, T* out) {
 // -> window, pre-emphasis, energy, DC removal -> per-frame sample gradients, overlap-added per
 // item through the same padding index arithmetic.
 
-// Whisper: the gradient w.r.t. the log10 values l (before the max - 8 clamp and the affine
-// map), as autograd gives it for torch.maximum(l, amax(l) - 8): ties split evenly.
+// The gradient w.r.t. the log values l (layout lo) before a clamp at ref - depth, given the
+// gradient `grad` after it (Whisper: also after the affine map), as autograd gives it for
+// torch.maximum(l, amax(l) - depth) with amax over the clamp's group: ties split evenly.
 template <typename T>
-std::vector<T> whisper_log_grad(const Plan<T>& plan, const T* grad) {
-  const Options& o = plan.opt;
-  const int64_t total = o.batch * o.n_feats * o.num_frames;
+std::vector<T> clamp_grad(const Plan<T>& plan, const Options& lo, const T* grad) {
+  const int64_t total = lo.batch * lo.n_feats * lo.num_frames;
   std::vector<T> logs(total, T(0));
-  const std::vector<T> best = write_features(plan, logs.data());
+  const std::vector<T> ref = clamp_reference(lo, write_features(plan, lo, logs.data()));
   std::vector<T> dlog(total, T(0));
-  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T floor = best[b] - T(8);
+  const T scale = lo.log_mode == kWhisperLog ? T(0.25) : T(1);
+  const T depth = static_cast<T>(clamp_depth(lo));
+  const int64_t group = lo.log_mode == kDbLog ? lo.top_db_group : 1;
+  at::parallel_for(0, lo.batch / group, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
       T to_max = 0;
       int64_t ties = 0;
-      for (int64_t m = 0; m < o.n_mels; ++m)
-        for (int64_t f = 0; f < o.item_frames(b); ++f) {
-          const int64_t i = o.out_index(b, m, f);
-          const T g = grad[i] / T(4), l = logs[i];
-          dlog[i] = l > floor ? g : l == floor ? g / T(2) : T(0);
-          to_max += l < floor ? g : l == floor ? g / T(2) : T(0);
-          ties += l == best[b];
-        }
-      for (int64_t m = 0; m < o.n_mels; ++m)
-        for (int64_t f = 0; f < o.item_frames(b); ++f) {
-          const int64_t i = o.out_index(b, m, f);
-          if (logs[i] == best[b]) dlog[i] += to_max / static_cast<T>(ties);
-        }
+      for (int64_t b = g * group; b < (g + 1) * group; ++b) {
+        const T floor = ref[b] - depth;
+        for_each_valid_mel(lo, b, [&](int64_t i) {
+          const T gi = grad[i] * scale, l = logs[i];
+          dlog[i] = l > floor ? gi : l == floor ? gi / T(2) : T(0);
+          to_max += l < floor ? gi : l == floor ? gi / T(2) : T(0);
+          ties += l == ref[b];
+        });
+      }
+      for (int64_t b = g * group; b < (g + 1) * group; ++b)
+        for_each_valid_mel(lo, b, [&](int64_t i) {
+          if (logs[i] == ref[b]) dlog[i] += to_max / static_cast<T>(ties);
+        });
     }
+  });
+  return dlog;
+}
+
+// DCT^T: the gradient w.r.t. the log-mel values (logs_layout()) from the output's.
+template <typename T>
+std::vector<T> dct_grad(const Plan<T>& plan, const T* grad) {
+  const Options& o = plan.opt;
+  std::vector<T> dlog(o.batch * o.n_mels * o.num_frames, T(0));
+  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t c = 0; c < o.n_mfcc; ++c)
+        for (int64_t m = 0; m < o.n_mels; ++m) {
+          const T w = plan.dct[m * o.n_mfcc + c];
+          T* row = dlog.data() + (b * o.n_mels + m) * o.num_frames;
+          for (int64_t f = 0; f < o.item_frames(b); ++f) row[f] += w * grad[o.out_index(b, c, f)];
+        }
   });
   return dlog;
 }
@@ -725,11 +857,18 @@ std::vector<T> whisper_log_grad(const Plan<T>& plan, const T* grad) {
 template <typename T>
 void backward(const Plan<T>& plan, const T* grad_out, T* grad_wave) {
   const Options& o = plan.opt;
-  std::vector<T> whisper_grad;
+  // gl: the layout of `grad`, the gradient w.r.t. the (unclamped) log features
+  Options gl = o;
+  std::vector<T> dct_g, clamp_g;
   const T* grad = grad_out;
-  if (o.log_mode == kWhisperLog) {
-    whisper_grad = whisper_log_grad(plan, grad_out);
-    grad = whisper_grad.data();
+  if (!o.complex_out && plan.dct != nullptr) {
+    gl = o.logs_layout();
+    dct_g = dct_grad(plan, grad_out);
+    grad = dct_g.data();
+  }
+  if (!o.complex_out && (o.log_mode == kWhisperLog || o.clamps())) {
+    clamp_g = clamp_grad(plan, gl, grad);
+    grad = clamp_g.data();
   }
   // (B, frames, win): gradient w.r.t. each frame's samples, and where each was read from
   std::vector<T> frame_grad(o.batch * o.num_frames * o.win, T(0));
@@ -738,31 +877,45 @@ void backward(const Plan<T>& plan, const T* grad_out, T* grad_wave) {
   for_each_block(plan, [&](Block<T>& blk, int64_t b, int64_t f0, int64_t count) {
     analyse_block(plan, blk, b, f0, count);
     const int64_t n = o.n_fft;
-    std::vector<T> dmag(o.n_bins * FB, T(0));
-    for (int64_t m = 0; m < o.n_mels; ++m) {
-      const T* w = plan.mel_weights.data() + plan.mel_offset[m];
-      for (int64_t f = 0; f < count; ++f) {
-        const T mel = blk.mel[m * FB + f];
-        T g = grad[o.out_index(b, o.mel_column(m), f0 + f)];
-        if (o.log_mode == kNaturalLog) g = mel >= static_cast<T>(o.log_floor) ? g / mel : T(0);
-        if (o.log_mode == kWhisperLog) g = mel >= static_cast<T>(o.log_floor) ? g / (mel * static_cast<T>(M_LN10)) : T(0);
-        for (int64_t k = plan.mel_lo[m]; k < plan.mel_hi[m]; ++k) dmag[k * FB + f] += w[k - plan.mel_lo[m]] * g;
-      }
-    }
-    // d|X|^p / dX: p |X|^(p-2) (re, im); taken as 0 where X = 0 for p < 2
     std::vector<T> c_re(n * FB, T(0)), c_im(n * FB, T(0)), work_re(n * FB), work_im(n * FB);
-    for (int64_t k = 0; k < o.n_bins; ++k)
-      for (int64_t f = 0; f < FB; ++f) {
-        const int64_t i = k * FB + f;
-        const T xr = blk.spec_re[i], xi = blk.spec_im[i], p = xr * xr + xi * xi;
-        T scale;
-        if (o.power == 2.0) scale = T(2);
-        else if (p == T(0)) scale = T(0);
-        else scale = static_cast<T>(o.power) * std::pow(p, static_cast<T>(o.power / 2.0 - 1.0));
-        // dy[n] = Re sum_k conj(G_k) e^(-2 pi i k n / N), G = dRe + i dIm
-        c_re[i] = dmag[i] * scale * xr;
-        c_im[i] = -dmag[i] * scale * xi;
+    if (o.complex_out) {
+      // dy[n] = Re sum_k conj(G_k) e^(-2 pi i k n / N), G = dL/dRe X + i dL/dIm X
+      for (int64_t k = 0; k < o.n_bins; ++k) {
+        const T* g = grad + ((b * o.n_bins + k) * o.num_frames + f0) * 2;
+        for (int64_t f = 0; f < count; ++f) {
+          c_re[k * FB + f] = g[2 * f];
+          c_im[k * FB + f] = -g[2 * f + 1];
+        }
       }
+    } else {
+      std::vector<T> dmag(o.n_bins * FB, T(0));
+      for (int64_t m = 0; m < o.n_mels; ++m) {
+        const T* w = plan.mel_weights.data() + plan.mel_offset[m];
+        for (int64_t f = 0; f < count; ++f) {
+          const T mel = blk.mel[m * FB + f];
+          T g = grad[gl.out_index(b, gl.mel_column(m), f0 + f)];
+          const bool above = mel >= static_cast<T>(o.log_floor);
+          if (o.log_mode == kNaturalLog) g = above ? g / mel : T(0);
+          if (o.log_mode == kWhisperLog) g = above ? g / (mel * static_cast<T>(M_LN10)) : T(0);
+          if (o.log_mode == kDbLog) g = above ? g * static_cast<T>(10.0 / M_LN10) / mel : T(0);
+          if (o.log_mode == kOffsetLog) g = g / (mel + static_cast<T>(o.log_floor));
+          for (int64_t k = plan.mel_lo[m]; k < plan.mel_hi[m]; ++k) dmag[k * FB + f] += w[k - plan.mel_lo[m]] * g;
+        }
+      }
+      // d|X|^p / dX: p |X|^(p-2) (re, im); taken as 0 where X = 0 for p < 2
+      for (int64_t k = 0; k < o.n_bins; ++k)
+        for (int64_t f = 0; f < FB; ++f) {
+          const int64_t i = k * FB + f;
+          const T xr = blk.spec_re[i], xi = blk.spec_im[i], p = xr * xr + xi * xi;
+          T scale;
+          if (o.power == 2.0) scale = T(2);
+          else if (p == T(0)) scale = T(0);
+          else scale = static_cast<T>(o.power) * std::pow(p, static_cast<T>(o.power / 2.0 - 1.0));
+          // dy[n] = Re sum_k conj(G_k) e^(-2 pi i k n / N), G = dRe + i dIm
+          c_re[i] = dmag[i] * scale * xr;
+          c_im[i] = -dmag[i] * scale * xi;
+        }
+    }
     inverse.run(c_re.data(), c_im.data(), work_re.data(), work_im.data());
     std::vector<T> dy(o.win), draw(o.win);
     const T c = static_cast<T>(o.preemphasis);
@@ -820,7 +973,8 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
                       int64_t num_frames, int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad,
                       int64_t pad_mode, bool remove_dc, double preemphasis, double power, int64_t log_mode,
                       double log_floor, int64_t energy_mode, double energy_floor, bool energy_last,
-                      bool frames_major) {
+                      bool frames_major, const std::optional<at::Tensor>& dct, double top_db, int64_t top_db_group,
+                      bool complex_out) {
   TORCH_CHECK(waveform.dim() == 2 && waveform.is_contiguous() && waveform.device().is_cpu(),
               "mel_spectrogram: waveform must be a contiguous CPU (B, T) tensor, got ", waveform.sizes());
   TORCH_CHECK(waveform.scalar_type() == at::kFloat || waveform.scalar_type() == at::kDouble,
@@ -836,7 +990,22 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
   TORCH_CHECK(hop >= 1 && pad >= 0 && num_frames >= 0, "mel_spectrogram: hop must be >= 1, pad and num_frames >= 0");
   TORCH_CHECK(pad_mode >= kConstant && pad_mode <= kKaldiReflect, "mel_spectrogram: pad_mode code must be 0..3, got ",
               pad_mode);
-  TORCH_CHECK(log_mode >= kNoLog && log_mode <= kWhisperLog, "mel_spectrogram: log_mode code must be 0..2, got ", log_mode);
+  TORCH_CHECK(log_mode >= kNoLog && log_mode <= kOffsetLog, "mel_spectrogram: log_mode code must be 0..4, got ", log_mode);
+  TORCH_CHECK(top_db < 0.0 || log_mode == kDbLog, "mel_spectrogram: top_db >= 0 needs log_mode 3 (dB), got log_mode ",
+              log_mode);
+  TORCH_CHECK(top_db_group >= 1 && waveform.size(0) % top_db_group == 0,
+              "mel_spectrogram: top_db_group must be >= 1 and divide the batch (", waveform.size(0), "), got ",
+              top_db_group);
+  TORCH_CHECK(energy_mode == kNoEnergy || (log_mode <= kWhisperLog && !dct && !complex_out),
+              "mel_spectrogram: Kaldi's energy column is not combined with the dB/offset logs, dct or complex_out");
+  TORCH_CHECK(!complex_out || (!dct && log_mode == kNoLog && !frames_major),
+              "mel_spectrogram: complex_out takes no log, no dct and frames_major=False");
+  if (dct) {
+    TORCH_CHECK(dct->dim() == 2 && dct->size(0) == mel_fb.size(1) && dct->is_contiguous() &&
+                    dct->scalar_type() == waveform.scalar_type() && dct->device().is_cpu(),
+                "mel_spectrogram: dct must be a contiguous CPU (n_mels=", mel_fb.size(1),
+                ", n_mfcc) tensor in the waveform's dtype, got ", dct->sizes(), " ", dct->scalar_type());
+  }
   TORCH_CHECK(energy_mode >= kNoEnergy && energy_mode <= kWindowedEnergy,
               "mel_spectrogram: energy_mode code must be 0..2, got ", energy_mode);
   TORCH_CHECK(power > 0.0, "mel_spectrogram: power must be > 0, got ", power);
@@ -851,7 +1020,11 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
   o.win = window.size(0);
   o.n_bins = n_fft / 2 + 1;
   o.n_mels = mel_fb.size(1);
-  o.n_feats = o.n_mels + (energy_mode != kNoEnergy ? 1 : 0);
+  o.n_feats = complex_out ? o.n_bins : dct ? dct->size(1) : o.n_mels + (energy_mode != kNoEnergy ? 1 : 0);
+  o.n_mfcc = dct ? dct->size(1) : 0;
+  o.top_db = top_db;
+  o.top_db_group = top_db_group;
+  o.complex_out = complex_out;
   o.hop = hop;
   o.frame_offset = frame_offset;
   o.pad = pad;
@@ -888,18 +1061,27 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
       const std::optional<at::Tensor>&lengths, const std::optional<at::Tensor>&frame_lengths, int64_t num_frames, \
       int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad, int64_t pad_mode, bool remove_dc,          \
       double preemphasis, double power, int64_t log_mode, double log_floor, int64_t energy_mode,               \
-      double energy_floor, bool energy_last, bool frames_major
+      double energy_floor, bool energy_last, bool frames_major, const std::optional<at::Tensor>&dct, double top_db, \
+      int64_t top_db_group, bool complex_out
 #define MMFUSE_MEL_ARGS                                                                                       \
   waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode,      \
-      remove_dc, preemphasis, power, log_mode, log_floor, energy_mode, energy_floor, energy_last, frames_major
+      remove_dc, preemphasis, power, log_mode, log_floor, energy_mode, energy_floor, energy_last, frames_major, dct, \
+      top_db, top_db_group, complex_out
+
+// (B, frames, feats) frames-major, (B, n_bins, frames, 2) complex, else (B, feats, frames).
+std::vector<int64_t> output_shape(const Options& o) {
+  if (o.complex_out) return {o.batch, o.n_bins, o.num_frames, 2};
+  if (o.frames_major) return {o.batch, o.num_frames, o.n_feats};
+  return {o.batch, o.n_feats, o.num_frames};
+}
 
 at::Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
-  at::Tensor out = o.frames_major ? at::empty({o.batch, o.num_frames, o.n_feats}, waveform.options())
-                                  : at::empty({o.batch, o.n_feats, o.num_frames}, waveform.options());
+  at::Tensor out = at::empty(output_shape(o), waveform.options());
   AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_cpu", [&] {
     const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
-                              mel_fb.data_ptr<scalar_t>());
+                              mel_fb.data_ptr<scalar_t>(),
+                              dct ? dct->data_ptr<scalar_t>() : nullptr);
     forward(plan, out.data_ptr<scalar_t>());
   });
   return out;
@@ -907,8 +1089,7 @@ at::Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
 
 at::Tensor mel_spectrogram_backward_cpu(const at::Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
-  const std::vector<int64_t> out_shape =
-      o.frames_major ? std::vector<int64_t>{o.batch, o.num_frames, o.n_feats} : std::vector<int64_t>{o.batch, o.n_feats, o.num_frames};
+  const std::vector<int64_t> out_shape = output_shape(o);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape) && grad.scalar_type() == waveform.scalar_type(),
               "mel_spectrogram_backward: grad must match the forward output ", at::IntArrayRef(out_shape), ", got ",
               grad.sizes());
@@ -916,7 +1097,8 @@ at::Tensor mel_spectrogram_backward_cpu(const at::Tensor& grad, MMFUSE_MEL_ARGS_
   at::Tensor grad_wave = at::zeros_like(waveform);
   AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_backward_cpu", [&] {
     const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
-                              mel_fb.data_ptr<scalar_t>());
+                              mel_fb.data_ptr<scalar_t>(),
+                              dct ? dct->data_ptr<scalar_t>() : nullptr);
     backward(plan, g.data_ptr<scalar_t>(), grad_wave.data_ptr<scalar_t>());
   });
   return grad_wave;

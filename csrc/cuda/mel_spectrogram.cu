@@ -56,7 +56,9 @@ void check_arguments(const at::Tensor& waveform, const at::Tensor& window, const
   TORCH_CHECK(hop >= 1 && pad >= 0 && num_frames >= 0, kOp, ": hop must be >= 1, pad and num_frames >= 0");
   TORCH_CHECK(num_frames <= std::numeric_limits<int>::max(), kOp, ": too many frames: ", num_frames);
   TORCH_CHECK(pad_mode >= 0 && pad_mode <= 3, kOp, ": pad_mode code must be 0..3, got ", pad_mode);
-  TORCH_CHECK(log_mode >= 0 && log_mode <= 2, kOp, ": log_mode code must be 0..2, got ", log_mode);
+  TORCH_CHECK(log_mode >= 0 && log_mode <= 2, kOp, ": the CUDA kernel implements log_mode 0..2 (none, natural, "
+              "Whisper), not the dB (3) or offset (4) logs of MFCC; use backend='cpu', 'triton' or 'reference'; got ",
+              log_mode);
   TORCH_CHECK(energy_mode >= 0 && energy_mode <= 2, kOp, ": energy_mode code must be 0..2, got ", energy_mode);
   TORCH_CHECK(power > 0.0, kOp, ": power must be > 0, got ", power);
   TORCH_CHECK(lengths.has_value() == frame_lengths.has_value(), kOp,
@@ -77,6 +79,17 @@ void check_arguments(const at::Tensor& waveform, const at::Tensor& window, const
     TORCH_CHECK(ok[0].item<bool>(), kOp, ": lengths must lie in [0, ", waveform.size(1), "]");
     TORCH_CHECK(ok[1].item<bool>(), kOp, ": frame_lengths must lie in [0, num_frames=", num_frames, "]");
   }
+}
+
+// The CPU kernel's MFCC and complex-spectrum modes are not in the CUDA kernel body yet
+// (mmfuse.ops.spectrogram routes those cases away from backend="cuda" with this reason).
+void refuse_unimplemented(const std::optional<at::Tensor>& dct, double top_db, bool complex_out) {
+  TORCH_CHECK(!dct.has_value(), kOp, ": the CUDA kernel does not implement the MFCC DCT (dct); use backend='cpu', "
+              "'triton' or 'reference'");
+  TORCH_CHECK(top_db < 0.0, kOp, ": the CUDA kernel does not implement the top_db clamp; use backend='cpu', 'triton' "
+              "or 'reference'");
+  TORCH_CHECK(!complex_out, kOp, ": the CUDA kernel does not implement the complex spectrum (complex_out); use "
+              "backend='cpu', 'triton' or 'reference'");
 }
 
 size_t max_shared_bytes(const at::Tensor& like) {
@@ -123,7 +136,8 @@ MelWorkspace<T> allocate(const MelWorkspaceSizes& n, const at::Tensor& like, std
       const std::optional<at::Tensor>&lengths, const std::optional<at::Tensor>&frame_lengths, int64_t num_frames, \
       int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad, int64_t pad_mode, bool remove_dc,          \
       double preemphasis, double power, int64_t log_mode, double log_floor, int64_t energy_mode,               \
-      double energy_floor, bool energy_last, bool frames_major
+      double energy_floor, bool energy_last, bool frames_major, const std::optional<at::Tensor>&dct, double top_db, \
+      int64_t top_db_group, bool complex_out
 
 template <typename T>
 MelParams<T> params(MMFUSE_MEL_ARGS_DECL) {
@@ -137,7 +151,8 @@ MelParams<T> params(MMFUSE_MEL_ARGS_DECL) {
 
 #define MMFUSE_MEL_ARGS                                                                                       \
   waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode,      \
-      remove_dc, preemphasis, power, log_mode, log_floor, energy_mode, energy_floor, energy_last, frames_major
+      remove_dc, preemphasis, power, log_mode, log_floor, energy_mode, energy_floor, energy_last, frames_major, dct, \
+      top_db, top_db_group, complex_out
 
 template <typename T>
 void plan(MelParams<T>& p, const at::Tensor& waveform, bool backward, MelWorkspaceSizes* sizes) {
@@ -149,6 +164,7 @@ void plan(MelParams<T>& p, const at::Tensor& waveform, bool backward, MelWorkspa
 at::Tensor mel_spectrogram_cuda(MMFUSE_MEL_ARGS_DECL) {
   check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, pad, pad_mode, power,
                   log_mode, energy_mode);
+  refuse_unimplemented(dct, top_db, complex_out);
   const c10::cuda::CUDAGuard guard(waveform.device());
   const int64_t n_feats = mel_fb.size(1) + (energy_mode != 0 ? 1 : 0);
   at::Tensor out = frames_major ? at::empty({waveform.size(0), num_frames, n_feats}, waveform.options())
@@ -169,6 +185,7 @@ at::Tensor mel_spectrogram_cuda(MMFUSE_MEL_ARGS_DECL) {
 at::Tensor mel_spectrogram_backward_cuda(const at::Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
   check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, pad, pad_mode, power,
                   log_mode, energy_mode);
+  refuse_unimplemented(dct, top_db, complex_out);
   check_on_device(grad, waveform, "grad");
   const int64_t n_feats = mel_fb.size(1) + (energy_mode != 0 ? 1 : 0);
   const std::vector<int64_t> out_shape = frames_major ? std::vector<int64_t>{waveform.size(0), num_frames, n_feats}

@@ -63,6 +63,79 @@ def check_stft_args(
     return win_length, hop_length, float(f_max)
 
 
+def check_spectrogram_args(
+    op, n_fft, win_length, hop_length, pad, window_fn, power, normalized, center, pad_mode, onesided,
+) -> tuple[int, int]:
+    """Validate ``Spectrogram``'s arguments (``power=None``: the complex spectrum); return
+    (win_length, hop_length) with torchaudio's defaults filled in."""
+    check_int(op, "n_fft", n_fft)
+    if win_length is None:
+        win_length = n_fft
+    check_int(op, "win_length", win_length)
+    if win_length > n_fft:
+        raise ValueError(f"{op}: win_length must be <= n_fft ({n_fft}), got {win_length}")
+    if hop_length is None:
+        hop_length = win_length // 2
+    check_int(op, "hop_length", hop_length)
+    check_int(op, "pad", pad, allow_zero=True)
+    if not callable(window_fn):
+        raise TypeError(f"{op}: window_fn must be callable like torch.hann_window, got {type(window_fn).__name__}")
+    if power is not None:
+        check_positive(op, "power", power)
+    if not (isinstance(normalized, bool) or normalized in ("window", "frame_length")):
+        raise ValueError(f"{op}: normalized must be one of [False, True, 'window', 'frame_length'], got {normalized!r}")
+    if not isinstance(center, bool):
+        raise TypeError(f"{op}: center must be a bool, got {type(center).__name__}")
+    if not isinstance(onesided, bool):
+        raise TypeError(f"{op}: onesided must be a bool, got {type(onesided).__name__}")
+    check_choice(op, "pad_mode", pad_mode, PAD_MODES)
+    return win_length, hop_length
+
+
+# torchaudio.transforms.MelSpectrogram's arguments after sample_rate, with its defaults
+MEL_DEFAULTS = dict(n_fft=400, win_length=None, hop_length=None, f_min=0.0, f_max=None, pad=0, n_mels=128,
+                    window_fn=torch.hann_window, power=2.0, normalized=False, wkwargs=None, center=True,
+                    pad_mode="reflect", onesided=None, norm=None, mel_scale="htk")
+DCT_TYPES = (2,)
+DCT_NORMS = (None, "ortho")
+# torchaudio.transforms.MFCC's AmplitudeToDB(stype="power", top_db=80.0)
+MFCC_TOP_DB = 80.0
+
+
+def check_mfcc_args(op, sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs) -> dict:
+    """Validate ``MFCC``'s arguments; return the ``MelSpectrogram`` arguments (torchaudio's
+    defaults, updated by ``melkwargs``) after checking them and ``n_mfcc <= n_mels``."""
+    check_positive(op, "sample_rate", sample_rate)
+    check_int(op, "n_mfcc", n_mfcc)
+    if dct_type not in DCT_TYPES or isinstance(dct_type, bool):
+        raise ValueError(f"{op}: dct_type must be 2 (torchaudio supports only DCT-II), got {dct_type!r}")
+    check_choice(op, "norm", norm, DCT_NORMS)
+    if not isinstance(log_mels, bool):
+        raise TypeError(f"{op}: log_mels must be a bool, got {type(log_mels).__name__}")
+    if melkwargs is not None and not isinstance(melkwargs, dict):
+        raise TypeError(f"{op}: melkwargs must be a dict of MelSpectrogram arguments or None, got "
+                        f"{type(melkwargs).__name__}")
+    mel = dict(MEL_DEFAULTS)
+    unknown = sorted(set(melkwargs or {}) - set(mel))
+    if unknown:
+        raise TypeError(f"{op}: melkwargs has unknown MelSpectrogram arguments {unknown}; known: {sorted(mel)} "
+                        "(sample_rate is MFCC's own argument)")
+    mel.update(melkwargs or {})
+    if mel.get("onesided") is not None:
+        raise ValueError(f"{op}: melkwargs['onesided'] is deprecated in torchaudio and unused; leave it None")
+    mel.pop("onesided")
+    win_length, hop_length, f_max = check_stft_args(
+        op, sample_rate, mel["n_fft"], mel["win_length"], mel["hop_length"], mel["f_min"], mel["f_max"], mel["pad"],
+        mel["n_mels"], mel["window_fn"], mel["power"], mel["normalized"], mel["center"], mel["pad_mode"],
+        mel["norm"], mel["mel_scale"],
+    )
+    mel.update(win_length=win_length, hop_length=hop_length, f_max=f_max)
+    if n_mfcc > mel["n_mels"]:
+        raise ValueError(f"{op}: n_mfcc must be <= n_mels ({mel['n_mels']}): cannot select more MFCC coefficients "
+                         f"than mel bins, got {n_mfcc}")
+    return mel
+
+
 def whisper_mel_filters(n_mels: int) -> torch.Tensor:
     """float64 ``(201, n_mels)``: ``librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels).T``,
     the filters Whisper ships in ``mel_filters.npz`` (Slaney scale and normalisation)."""

@@ -142,3 +142,19 @@ def _kaldi_mel_banks(num_bins, padded_size, sample_frequency, low_freq, high_fre
     falling = (edges[2:] - fft_mels.unsqueeze(1)) / delta
     bins = torch.clamp(torch.minimum(rising, falling), min=0.0)
     return torch.nn.functional.pad(bins, (0, 0, 0, 1))
+
+
+def create_dct(n_mfcc: int, n_mels: int, norm: str | None) -> torch.Tensor:
+    """DCT-II matrix, float64 ``(n_mels, n_mfcc)``, as ``torchaudio.functional.create_dct``:
+    ``cos(pi / n_mels * (n + 0.5) * k)``, times 2 for ``norm=None`` (scipy's unnormalised
+    DCT-II) or scaled to an orthonormal basis for ``norm="ortho"`` (row ``k = 0`` by
+    ``sqrt(1 / n_mels)``, the others by ``sqrt(2 / n_mels)``)."""
+    n = torch.arange(n_mels, dtype=torch.float64)
+    k = torch.arange(n_mfcc, dtype=torch.float64).unsqueeze(1)
+    dct = torch.cos(math.pi / n_mels * (n + 0.5) * k)  # (n_mfcc, n_mels)
+    if norm is None:
+        dct = dct * 2.0
+    else:
+        dct[0] *= 1.0 / math.sqrt(2.0)
+        dct = dct * math.sqrt(2.0 / n_mels)
+    return dct.t().contiguous()

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small shape per op, few repeats")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the speedups (needs matplotlib)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="write every case as a Markdown table (one row per case and backend, a column per peer) "
+                             "with the losses listed, for the README")
     parser.add_argument("--with-reference", action="store_true",
                         help="also plot the pure-PyTorch reference backend against the peers")
     args = parser.parse_args(argv)
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "slower_than_reference": slower}, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(rows, meta, slower))
+        print(f"wrote {args.markdown}", file=sys.stderr)
     if args.plot:
         _plot(rows, meta, args.plot, with_reference=args.with_reference)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -92,6 +99,41 @@ def _print_checks(rows: list[dict], slower: list[dict]) -> None:
         if r.get("of_copy") is not None and r["backend"] != "reference" and r["peer"] == _first_peer(rows, r):
             print(f"  bandwidth {r['op']} | {r['case']} | {r['backend']}: {r['tflops_or_gbps']:.1f} GB/s = "
                   f"{100 * r['of_copy']:.0f}% of copy_ ({r['copy_gbps']:.1f} GB/s)")
+
+
+def markdown(rows: list[dict], meta: dict, slower: list[dict]) -> str:
+    """Every (op, case, backend) as one table row: our time, then each peer's time and the
+    speedup against it; then the losses (speedup < 1) and the kernel-slower-than-reference flags."""
+    lines = [f"mmfuse {meta['mmfuse']} @ {meta['commit']}, {meta['device_name']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}; `{meta.get('command', '')}`", ""]
+    by_op: dict[str, list[dict]] = {}
+    for r in rows:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, op_rows in by_op.items():
+        peers = list(dict.fromkeys(r["peer"] for r in op_rows if r["peer"]))
+        lines += [f"**{op}**", "", "| case | backend | ms | " + " | ".join(f"{p} (ms, speedup)" for p in peers) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in peers) + " |"]
+        seen = dict.fromkeys((r["case"], r["backend"]) for r in op_rows)
+        for case, backend in seen:
+            cells = {r["peer"]: r for r in op_rows if r["case"] == case and r["backend"] == backend}
+            ms = next(iter(cells.values()))["median_ms"]
+            extra = ""
+            first = next(iter(cells.values()))
+            if first.get("of_copy") is not None:
+                extra = f" ({first['tflops_or_gbps']:.1f} GB/s, {100 * first['of_copy']:.0f}% of copy_)"
+            cols = [f"{cells[p]['peer_ms']:.3f}, **{cells[p]['speedup']:.2f}×**" if p in cells and cells[p]["speedup"]
+                    else "—" for p in peers]
+            lines.append(f"| {case} | {backend} | {ms:.3f}{extra} | " + " | ".join(cols) + " |")
+        lines.append("")
+    losses = [r for r in rows if r["backend"] != "reference" and r["speedup"] is not None and r["speedup"] < 1]
+    timed = [r for r in rows if r["backend"] != "reference" and r["speedup"] is not None]
+    lines.append(f"Losses (kernel backends, speedup < 1): {len(losses)} of {len(timed)} (case, peer) pairs.")
+    lines += [f"- {r['op']} | {r['case']} | {r['backend']} vs {r['peer']}: {r['speedup']:.2f}×" for r in losses]
+    lines.append("")
+    lines.append(f"Kernel slower than the mmfuse reference: {len(slower)}.")
+    lines += [f"- {f['op']} | {f['case']} | {f['backend']}: {f['median_ms']:.3f} ms vs {f['reference_ms']:.3f} ms"
+              for f in slower]
+    return "\n".join(lines) + "\n"
 
 
 def _first_peer(rows: list[dict], row: dict):

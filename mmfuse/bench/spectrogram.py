@@ -1,4 +1,5 @@
-"""Benchmark cases: the log-mel front ends against torch.stft, librosa, kaldi-native-fbank, torchaudio."""
+"""Benchmark cases: the log-mel, spectrogram and MFCC front ends against torch.stft, librosa,
+kaldi-native-fbank, torchaudio."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,6 +20,22 @@ def _whisper_stft_path(audio, filters, window):
     log_spec = torch.clamp(filters @ power, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def _stft_spectrogram(audio, window, power):
+    """torchaudio.functional.spectrogram's definition in plain torch (defaults: n_fft 400, hop 200)."""
+    spec = torch.stft(audio, 400, 200, window=window, center=True, pad_mode="reflect", return_complex=True)
+    return spec if power is None else spec.abs().pow(power)
+
+
+def _stft_mfcc(audio, window, fb, dct):
+    """torchaudio.transforms.MFCC's definition in plain torch: the power mel spectrogram,
+    AmplitudeToDB("power", top_db=80) with the max over the whole (C, n_mels, frames) tensor,
+    then the DCT matrix."""
+    mel = (fb.t() @ _stft_spectrogram(audio, window, 2.0))
+    db = 10.0 * torch.clamp(mel, min=1e-10).log10()
+    db = torch.maximum(db, db.amax() - 80.0)
+    return (db.transpose(-1, -2) @ dct).transpose(-1, -2)
 
 
 def _installed(name: str) -> bool:
@@ -52,6 +69,31 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
 
     defaults = {b: (lambda b=b: mmfuse.mel_spectrogram(audio, backend=b)) for b in backends}
     yield Case("mel_spectrogram", f"torchaudio defaults B={batch} x 30 s", "float32", defaults, {}, moved, "GB/s")
+
+    # torchaudio's Spectrogram and MFCC defaults (n_fft 400, hop 200, 128 mels, 40 coefficients);
+    # the CUDA kernel has neither MFCC nor the complex spectrum, so they are not asked of it
+    from mmfuse.audio.filterbanks import create_dct, melscale_fbanks
+
+    fb = melscale_fbanks(201, 0.0, SAMPLE_RATE / 2, 128, SAMPLE_RATE, None, "htk").float().to(device)
+    dct = create_dct(40, 128, "ortho").float().to(device)
+    frames = 1 + audio.shape[-1] // 200
+    spec_peers = {"torch.stft path": lambda: _stft_spectrogram(audio, window, 2.0)}
+    spec = {b: (lambda b=b: mmfuse.spectrogram(audio, backend=b)) for b in backends}
+    yield Case("spectrogram", f"power=2 B={batch} x 30 s", "float32", spec, spec_peers,
+               audio.numel() * 4 + batch * 201 * frames * 4, "GB/s")
+    complex_peers = {"torch.stft path": lambda: _stft_spectrogram(audio, window, None)}
+    complex_spec = {b: (lambda b=b: mmfuse.spectrogram(audio, power=None, backend=b)) for b in backends if b != "cuda"}
+    yield Case("spectrogram", f"power=None (complex) B={batch} x 30 s", "float32", complex_spec, complex_peers,
+               audio.numel() * 4 + batch * 201 * frames * 8, "GB/s")
+    mfcc_peers = {"torch.stft path": lambda: _stft_mfcc(audio, window, fb, dct)}
+    if _installed("torchaudio"):
+        import torchaudio
+
+        ta_mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE).to(device)
+        mfcc_peers["torchaudio MFCC"] = lambda: ta_mfcc(audio)
+    mfcc_ours = {b: (lambda b=b: mmfuse.mfcc(audio, backend=b)) for b in backends if b != "cuda"}
+    yield Case("mfcc", f"torchaudio defaults B={batch} x 30 s", "float32", mfcc_ours, mfcc_peers,
+               audio.numel() * 4 + batch * 40 * frames * 4, "GB/s")
 
     clip = (torch.randn(30 * SAMPLE_RATE, device=device) * 3000).round()
     kaldi_peers = {}

@@ -17,7 +17,18 @@ spectrum's power, the log and the output layout, all passed as numbers. Its argu
   energy_mode: ENERGY_NONE, ENERGY_RAW (after DC removal) or ENERGY_WINDOWED, as
       max(ln(max(E, log_floor)), ln(energy_floor)) (energy_floor > 0) in the first column,
       or the last with energy_last;
-  frames_major: output (B, frames, feats) (Kaldi) instead of (B, feats, frames).
+  frames_major: output (B, frames, feats) (Kaldi) instead of (B, feats, frames);
+  dct: None or (n_mels, n_mfcc), applied after the log and the clamp (MFCC): output
+      (B, n_mfcc, frames); log_mode LOG_DB is 10 log10(max(x, log_floor)) (torchaudio's
+      AmplitudeToDB(stype="power")), LOG_OFFSET ln(x + log_floor) (MFCC's log_mels);
+  top_db: >= 0 clamps LOG_DB values from below at the max over each group of top_db_group
+      consecutive items minus top_db (torchaudio's amplitude_to_DB on (channel, freq, time));
+      < 0: no clamp. Kernels take the max in a first pass over the group's valid frames, then
+      clamp (and apply the DCT) in a second;
+  complex_out: output the one-sided spectrum X itself as (B, n_bins, frames, 2) real/imag pairs
+      (torch.view_as_complex gives torchaudio's power=None spectrogram); takes no log, no
+      dct, an (n_bins, 0) mel_fb (unused) and frames_major=False. The power spectrogram
+      is the plain op with an identity mel_fb (the C++ kernel skips its zeros).
 """
 from __future__ import annotations
 
@@ -29,14 +40,19 @@ PAD_MODE_CODES = {"constant": 0, "reflect": 1, "replicate": 2, "kaldi": 3}
 # the most mel bins the Triton kernel takes (one tile of them per program; `make triton-check`
 # compiles every tile size up to it)
 TRITON_MAX_N_MELS = 512
-LOG_NONE, LOG_NATURAL, LOG_WHISPER = 0, 1, 2
+LOG_NONE, LOG_NATURAL, LOG_WHISPER, LOG_DB, LOG_OFFSET = 0, 1, 2, 3, 4
+# torchaudio MFCC's log_mels offset and AmplitudeToDB's amin
+MFCC_LOG_OFFSET, DB_AMIN = 1e-6, 1e-10
 ENERGY_NONE, ENERGY_RAW, ENERGY_WINDOWED = 0, 1, 2
 
 
 def fake_mel_spectrogram(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset,
                          pad, pad_mode, remove_dc, preemphasis, power, log_mode, log_floor, energy_mode,
-                         energy_floor, energy_last, frames_major):
-    n_feats = mel_fb.shape[1] + int(energy_mode != ENERGY_NONE)
+                         energy_floor, energy_last, frames_major, dct=None, top_db=-1.0, top_db_group=1,
+                         complex_out=False):
+    if complex_out:
+        return waveform.new_empty((waveform.shape[0], mel_fb.shape[0], num_frames, 2))
+    n_feats = dct.shape[1] if dct is not None else mel_fb.shape[1] + int(energy_mode != ENERGY_NONE)
     shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
     return waveform.new_empty(shape)
 
@@ -51,13 +67,16 @@ def register_mel_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         waveform, window, mel_fb, lengths, frame_lengths = inputs[:5]
-        ctx.save_for_backward(waveform, window, mel_fb, lengths, frame_lengths)
-        ctx.numbers = inputs[5:]
+        dct = inputs[20] if len(inputs) > 20 else None
+        ctx.save_for_backward(waveform, window, mel_fb, lengths, frame_lengths, dct)
+        ctx.numbers, ctx.extra = inputs[5:20], inputs[21:]
+        ctx.n_inputs = len(inputs)
 
     def backward(ctx, grad):
-        waveform, window, mel_fb, lengths, frame_lengths = ctx.saved_tensors
-        grad_waveform = backward_op(grad.contiguous(), waveform, window, mel_fb, lengths, frame_lengths, *ctx.numbers)
-        return (grad_waveform,) + (None,) * (4 + len(ctx.numbers))
+        waveform, window, mel_fb, lengths, frame_lengths, dct = ctx.saved_tensors
+        grad_waveform = backward_op(grad.contiguous(), waveform, window, mel_fb, lengths, frame_lengths, *ctx.numbers,
+                                    dct, *ctx.extra)
+        return (grad_waveform,) + (None,) * (ctx.n_inputs - 1)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -1,4 +1,5 @@
-"""Audio front-end layers: drop-in for torchaudio's ``MelSpectrogram`` and ``AmplitudeToDB``,
+"""Audio front-end layers: drop-in for torchaudio's ``Spectrogram``, ``MelSpectrogram``, ``MFCC``
+and ``AmplitudeToDB``,
 plus log-mel, Whisper and Kaldi fbank layers.
 
 Each layer builds its window and filterbank once (float64, stored in the default dtype as
@@ -10,6 +11,7 @@ batch) where the function does and then returns ``(features, frame_lengths)``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -17,13 +19,70 @@ from torch import nn
 
 from mmfuse._checks import check_choice, check_int, check_positive, check_tensor
 from mmfuse.audio import configs
-from mmfuse.audio.filterbanks import build_window, melscale_fbanks
+from mmfuse.audio.filterbanks import build_window, create_dct, melscale_fbanks
 from mmfuse.ops import spectrogram as ops
 
 
+class Spectrogram(nn.Module):
+    """``torchaudio.transforms.Spectrogram`` (same constructor arguments); see
+    ``mmfuse.spectrogram``. ``return_complex`` (deprecated in torchaudio) is accepted only as
+    None or True with ``power=None`` (the output is complex then); False, the old real
+    ``(..., 2)`` layout, is refused.
+
+    Input float32/float64 ``(..., time)``; output ``(..., freq, frames)``, complex for
+    ``power=None``. Buffer: ``window`` ``(win_length,)``.
+    """
+
+    def __init__(
+        self,
+        n_fft: int = 400,
+        win_length: int | None = None,
+        hop_length: int | None = None,
+        pad: int = 0,
+        window_fn: Callable[..., torch.Tensor] = torch.hann_window,
+        power: float | None = 2.0,
+        normalized: bool | str = False,
+        wkwargs: dict | None = None,
+        center: bool = True,
+        pad_mode: str = "reflect",
+        onesided: bool = True,
+        return_complex: bool | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        op = "Spectrogram"
+        if return_complex is not None:
+            if return_complex is not True or power is not None:
+                raise ValueError(
+                    f"{op}: return_complex is deprecated in torchaudio; mmfuse accepts only None, or True with "
+                    f"power=None (a complex output); got return_complex={return_complex!r}, power={power!r}"
+                )
+            warnings.warn("Spectrogram: return_complex is deprecated (torchaudio); power=None returns a complex "
+                          "tensor", DeprecationWarning, stacklevel=2)
+        self.win_length, self.hop_length = configs.check_spectrogram_args(
+            op, n_fft, win_length, hop_length, pad, window_fn, power, normalized, center, pad_mode, onesided,
+        )
+        self.n_fft, self.pad, self.power, self.normalized = n_fft, pad, power, normalized
+        self.center, self.pad_mode, self.onesided, self.backend = center, pad_mode, onesided, backend
+        dtype = torch.get_default_dtype()
+        self.register_buffer("window", build_window(window_fn, self.win_length, wkwargs).to(dtype))
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
+        check_tensor("Spectrogram", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
+        return ops.spectrogram_op(
+            waveform, self.window.to(waveform.dtype), n_fft=self.n_fft, hop_length=self.hop_length, pad=self.pad,
+            power=self.power, normalized=self.normalized, center=self.center, pad_mode=self.pad_mode,
+            onesided=self.onesided, lengths=lengths, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"n_fft={self.n_fft}, hop_length={self.hop_length}, power={self.power}, onesided={self.onesided}"
+
+
 class MelSpectrogram(nn.Module):
-    """``torchaudio.transforms.MelSpectrogram`` (same constructor arguments, minus the
-    deprecated ``onesided``); see ``mmfuse.mel_spectrogram``.
+    """``torchaudio.transforms.MelSpectrogram`` (every constructor argument; ``onesided``,
+    deprecated and unused there, must stay None); see ``mmfuse.mel_spectrogram``.
 
     Input float32/float64 ``(..., time)``; output ``(..., n_mels, frames)``.
     Buffers: ``window`` ``(win_length,)``, ``mel_fb`` ``(n_fft // 2 + 1, n_mels)``.
@@ -45,12 +104,18 @@ class MelSpectrogram(nn.Module):
         wkwargs: dict | None = None,
         center: bool = True,
         pad_mode: str = "reflect",
+        onesided: bool | None = None,
         norm: str | None = None,
         mel_scale: str = "htk",
         *,
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        if onesided is not None:
+            raise ValueError(
+                "MelSpectrogram: onesided is deprecated in torchaudio and has no effect there (a mel spectrogram is "
+                f"always one-sided); leave it None, got {onesided!r}"
+            )
         self.win_length, self.hop_length, self.f_max = configs.check_stft_args(
             "MelSpectrogram", sample_rate, n_fft, win_length, hop_length, f_min, f_max, pad, n_mels,
             window_fn, power, normalized, center, pad_mode, norm, mel_scale,
@@ -77,6 +142,53 @@ class MelSpectrogram(nn.Module):
             f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
             f"n_mels={self.n_mels}, mel_scale={self.mel_scale!r}, norm={self.norm!r}"
         )
+
+
+class MFCC(nn.Module):
+    """``torchaudio.transforms.MFCC`` (same constructor arguments); see ``mmfuse.mfcc`` (the
+    80 dB clamp's max is taken as torchaudio takes it).
+
+    Input float32/float64 ``(..., time)``; output ``(..., n_mfcc, frames)``.
+    Buffers: ``window`` ``(win_length,)``, ``mel_fb`` ``(n_fft // 2 + 1, n_mels)``, ``dct_mat``
+    ``(n_mels, n_mfcc)`` (torchaudio's name).
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_mfcc: int = 40,
+        dct_type: int = 2,
+        norm: str | None = "ortho",
+        log_mels: bool = False,
+        melkwargs: dict | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        mel = configs.check_mfcc_args("MFCC", sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs)
+        self.sample_rate, self.n_mfcc, self.dct_type, self.norm, self.log_mels = (
+            sample_rate, n_mfcc, dct_type, norm, log_mels)
+        self.mel, self.backend, self.top_db = mel, backend, configs.MFCC_TOP_DB
+        dtype = torch.get_default_dtype()
+        self.register_buffer("window", build_window(mel["window_fn"], mel["win_length"], mel["wkwargs"]).to(dtype))
+        fb = melscale_fbanks(mel["n_fft"] // 2 + 1, mel["f_min"], mel["f_max"], mel["n_mels"], sample_rate,
+                             mel["norm"], mel["mel_scale"])
+        self.register_buffer("mel_fb", fb.to(dtype))
+        self.register_buffer("dct_mat", create_dct(n_mfcc, mel["n_mels"], norm).to(dtype))
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
+        check_tensor("MFCC", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
+        m = self.mel
+        return ops.mfcc_op(
+            waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype),
+            self.dct_mat.to(waveform.dtype), n_fft=m["n_fft"], hop_length=m["hop_length"], pad=m["pad"],
+            power=m["power"], normalized=m["normalized"], center=m["center"], pad_mode=m["pad_mode"],
+            log_mels=self.log_mels, top_db=self.top_db, lengths=lengths, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"sample_rate={self.sample_rate}, n_mfcc={self.n_mfcc}, n_mels={self.mel['n_mels']}, "
+                f"norm={self.norm!r}, log_mels={self.log_mels}")
 
 
 class AmplitudeToDB(nn.Module):

@@ -1,4 +1,4 @@
-"""Audio front ends: mel spectrogram, dB conversion, Whisper log-mel, Kaldi fbank.
+"""Audio front ends: spectrogram, mel spectrogram, MFCC, dB conversion, Whisper log-mel, Kaldi fbank.
 
 Each public function validates its arguments, builds the analysis window and the filterbank
 once in Python (float64, then cast to the waveform's dtype), chooses a backend and calls the
@@ -10,6 +10,10 @@ Compatibility targets:
 
 - ``mel_spectrogram``: ``torchaudio.transforms.MelSpectrogram`` (``functional.spectrogram`` +
   ``functional.melscale_fbanks``), which follows ``librosa.feature.melspectrogram``.
+- ``spectrogram``: ``torchaudio.transforms.Spectrogram`` (``functional.spectrogram``),
+  ``power=None`` giving the complex STFT.
+- ``mfcc``: ``torchaudio.transforms.MFCC``: ``MelSpectrogram``, ``AmplitudeToDB("power",
+  top_db=80)`` (or ``ln(mel + 1e-6)`` with ``log_mels``), then ``create_dct``'s DCT-II.
 - ``amplitude_to_db``: ``torchaudio.transforms.AmplitudeToDB`` / ``functional.amplitude_to_DB``.
 - ``whisper_log_mel``: ``whisper.audio.log_mel_spectrogram`` (openai/whisper).
 - ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
@@ -17,7 +21,11 @@ Compatibility targets:
 Backends: "cpu" and "cuda" are the fused C++ and CUDA kernels of ``mmfuse::mel_spectrogram``
 (float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
 products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
-kernels take one op for all three front ends (its arguments: ``mmfuse.contract.spectrogram``).
+kernels take one op for all the front ends (its arguments: ``mmfuse.contract.spectrogram``):
+``spectrogram`` is that op with an identity filterbank (``|X|^power``) or its complex output
+(``power=None``: C++ and Triton), ``mfcc`` adds the dB/offset log, the 80 dB clamp and the DCT
+(C++ forward and backward, Triton forward); the CUDA kernel has neither MFCC nor the complex
+spectrum yet, and asking it for them raises with that reason.
 
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
 item, integer ``(B,)``). Each item is then computed as if it were alone (edge padding at its
@@ -41,17 +49,24 @@ from mmfuse.audio.configs import (
     WHISPER_HOP,
     WHISPER_N_FFT,
     KaldiFbankConfig,
+    MFCC_TOP_DB,
+    check_mfcc_args,
+    check_spectrogram_args,
     check_stft_args,
     kaldi_fbank_config,
     whisper_mel_filters,
 )
-from mmfuse.audio.filterbanks import build_window, melscale_fbanks
+from mmfuse.audio.filterbanks import build_window, create_dct, melscale_fbanks
 from mmfuse.backends import choose_backend
 from mmfuse.contract.spectrogram import (
     ENERGY_NONE,
     ENERGY_RAW,
     ENERGY_WINDOWED,
+    LOG_DB,
     LOG_NATURAL,
+    LOG_OFFSET,
+    MFCC_LOG_OFFSET,
+    DB_AMIN,
     LOG_NONE,
     LOG_WHISPER,
     PAD_MODE_CODES,
@@ -80,6 +95,7 @@ def mel_spectrogram(
     norm: str | None = None,
     mel_scale: str = "htk",
     *,
+    wkwargs: dict | None = None,
     lengths: torch.Tensor | None = None,
     backend: str = "auto",
 ):
@@ -114,12 +130,114 @@ def mel_spectrogram(
         power, normalized, center, pad_mode, norm, mel_scale,
     )
     check_tensor(op, "waveform", waveform, dtypes=WAVE_DTYPES)
-    window = build_window(window_fn, win_length).to(device=waveform.device, dtype=waveform.dtype)
+    window = build_window(window_fn, win_length, wkwargs).to(device=waveform.device, dtype=waveform.dtype)
     mel_fb = melscale_fbanks(n_fft // 2 + 1, f_min, f_max, n_mels, sample_rate, norm, mel_scale)
     mel_fb = mel_fb.to(device=waveform.device, dtype=waveform.dtype)
     return mel_spectrogram_op(
         waveform, window, mel_fb, n_fft=n_fft, hop_length=hop_length, pad=pad, power=power,
         normalized=normalized, center=center, pad_mode=pad_mode, lengths=lengths, backend=backend,
+    )
+
+
+def spectrogram(
+    waveform: torch.Tensor,
+    n_fft: int = 400,
+    win_length: int | None = None,
+    hop_length: int | None = None,
+    pad: int = 0,
+    window_fn: Callable[..., torch.Tensor] = torch.hann_window,
+    power: float | None = 2.0,
+    normalized: bool | str = False,
+    wkwargs: dict | None = None,
+    center: bool = True,
+    pad_mode: str = "reflect",
+    onesided: bool = True,
+    *,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Spectrogram, as ``torchaudio.transforms.Spectrogram`` with the same arguments.
+
+    The STFT of ``mel_spectrogram`` (same framing, window, padding and ``normalized``), then
+    ``|X| ** power``, or the complex ``X`` itself for ``power=None``. ``onesided=False``
+    appends bins ``n_fft // 2 + 1 .. n_fft - 1`` (conjugates of the one-sided bins, as
+    ``torch.stft`` gives them for real input).
+
+    Backends: the power spectrogram is the fused mel op with an identity filterbank (C++,
+    CUDA, Triton); the complex spectrum is its ``complex_out`` mode (C++ and Triton; the CUDA
+    kernel does not have it). Gradients w.r.t. the waveform in both (C++ backward).
+
+    Args:
+        waveform: float32 or float64 ``(..., time)``; ``(B, T)`` when ``lengths`` is given.
+        power: > 0, or None for the complex spectrum (complex64 / complex128).
+        lengths: optional int ``(B,)``, samples per item of a zero-padded ``(B, T)`` batch.
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    Returns:
+        ``(..., freq, frames)`` with ``freq = n_fft // 2 + 1`` (``n_fft`` if not onesided). With
+        ``lengths``: ``(spec (B, freq, frames), frame_lengths int64 (B,))``, frames past an
+        item's end 0.
+    """
+    op = "spectrogram"
+    win_length, hop_length = check_spectrogram_args(
+        op, n_fft, win_length, hop_length, pad, window_fn, power, normalized, center, pad_mode, onesided,
+    )
+    check_tensor(op, "waveform", waveform, dtypes=WAVE_DTYPES)
+    window = build_window(window_fn, win_length, wkwargs).to(device=waveform.device, dtype=waveform.dtype)
+    return spectrogram_op(
+        waveform, window, n_fft=n_fft, hop_length=hop_length, pad=pad, power=power, normalized=normalized,
+        center=center, pad_mode=pad_mode, onesided=onesided, lengths=lengths, backend=backend,
+    )
+
+
+def mfcc(
+    waveform: torch.Tensor,
+    sample_rate: int = 16000,
+    n_mfcc: int = 40,
+    dct_type: int = 2,
+    norm: str | None = "ortho",
+    log_mels: bool = False,
+    melkwargs: dict | None = None,
+    *,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """MFCC, as ``torchaudio.transforms.MFCC`` with the same arguments.
+
+    ``MelSpectrogram(sample_rate, **melkwargs)`` (torchaudio's defaults: n_fft 400, 128 mels,
+    power 2), then ``10 log10(max(mel, 1e-10))`` clamped from below at ``max - 80`` dB
+    (``AmplitudeToDB("power", top_db=80)``), or ``ln(mel + 1e-6)`` with ``log_mels``, then the
+    DCT-II of ``create_dct(n_mfcc, n_mels, norm)`` over the mel axis. The log, the clamp and
+    the DCT run inside the fused kernel (C++: forward and backward; Triton: forward).
+
+    The 80 dB clamp's max is taken as torchaudio takes it: over the whole ``(n_mels, frames)``
+    of a ``(T,)`` input, over all channels of a ``(C, T)`` input (torchaudio reads the leading
+    dimension of a 3-D spectrogram as channels of one clip), and per leading index over
+    ``(C, n_mels, frames)`` for ``(..., C, T)``. With ``lengths`` each item of the ``(B, T)``
+    batch takes its own max over its valid frames (as if computed alone), and frames past its
+    end are 0.
+
+    Args:
+        waveform: float32 or float64 ``(..., time)``; ``(B, T)`` when ``lengths`` is given.
+        n_mfcc: coefficients kept, <= n_mels. dct_type: 2. norm: "ortho" or None.
+        melkwargs: ``MelSpectrogram`` arguments (not ``sample_rate``).
+        lengths: optional int ``(B,)``, samples per item.
+
+    Returns:
+        ``(..., n_mfcc, frames)``; with ``lengths``, ``(mfcc, frame_lengths int64 (B,))``.
+    """
+    op = "mfcc"
+    mel = check_mfcc_args(op, sample_rate, n_mfcc, dct_type, norm, log_mels, melkwargs)
+    check_tensor(op, "waveform", waveform, dtypes=WAVE_DTYPES)
+    window = build_window(mel["window_fn"], mel["win_length"], mel["wkwargs"]).to(
+        device=waveform.device, dtype=waveform.dtype)
+    mel_fb = melscale_fbanks(mel["n_fft"] // 2 + 1, mel["f_min"], mel["f_max"], mel["n_mels"], sample_rate,
+                             mel["norm"], mel["mel_scale"]).to(device=waveform.device, dtype=waveform.dtype)
+    dct = create_dct(n_mfcc, mel["n_mels"], norm).to(device=waveform.device, dtype=waveform.dtype)
+    return mfcc_op(
+        waveform, window, mel_fb, dct, n_fft=mel["n_fft"], hop_length=mel["hop_length"], pad=mel["pad"],
+        power=mel["power"], normalized=mel["normalized"], center=mel["center"], pad_mode=mel["pad_mode"],
+        log_mels=log_mels, top_db=MFCC_TOP_DB, lengths=lengths, backend=backend,
     )
 
 
@@ -303,6 +421,95 @@ def mel_spectrogram_op(
     return out.reshape(waveform.shape[:-1] + out.shape[-2:])
 
 
+def spectrogram_op(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    *,
+    n_fft: int,
+    hop_length: int,
+    pad: int,
+    power: float | None,
+    normalized: bool | str,
+    center: bool,
+    pad_mode: str,
+    onesided: bool,
+    lengths: torch.Tensor | None,
+    backend: str,
+):
+    """``spectrogram`` from a ``(win_length,)`` window: checks, the chosen backend, then the
+    two-sided extension (``onesided=False``) and the leading shape."""
+    op = "spectrogram"
+    _check_waveform(op, "waveform", waveform, lengths)
+    check_tensor(op, "window", window, ndim=1, dtypes=(waveform.dtype,), device=waveform.device)
+    _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
+    analysis_window = _analysis_window(op, window, n_fft, normalized)
+    flat = waveform.reshape(-1, waveform.shape[-1])
+    n_bins = n_fft // 2 + 1
+    # the power spectrum is the mel op with an identity filterbank; the complex one takes none
+    mel_fb = (torch.eye(n_bins, dtype=waveform.dtype, device=waveform.device) if power is not None
+              else waveform.new_zeros(n_bins, 0))
+    limits = _kernel_limits(waveform, window, mel_fb, complex_out=power is None)
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED, limits)
+    out = _SPECTROGRAM[chosen](
+        flat, analysis_window, mel_fb, hop_length=hop_length, pad=pad, power=power, center=center,
+        pad_mode=pad_mode, lengths=lengths,
+    )
+    spec, frame_lengths = out if lengths is not None else (out, None)
+    if not onesided:
+        # X[n_fft - k] = conj(X[k]) for real input
+        mirror = torch.arange(n_fft - n_bins, 0, -1, device=spec.device)  # bins n_bins .. n_fft - 1
+        tail = spec.index_select(-2, mirror)
+        spec = torch.cat([spec, tail.conj() if spec.is_complex() else tail], dim=-2)
+    if lengths is not None:
+        return spec, frame_lengths
+    return spec.reshape(waveform.shape[:-1] + spec.shape[-2:])
+
+
+def mfcc_op(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    mel_fb: torch.Tensor,
+    dct: torch.Tensor,
+    *,
+    n_fft: int,
+    hop_length: int,
+    pad: int,
+    power: float,
+    normalized: bool | str,
+    center: bool,
+    pad_mode: str,
+    log_mels: bool,
+    top_db: float | None,
+    lengths: torch.Tensor | None,
+    backend: str,
+):
+    """``mfcc`` from a ``(win_length,)`` window, an ``(n_fft // 2 + 1, n_mels)`` filterbank and an
+    ``(n_mels, n_mfcc)`` DCT matrix; ``top_db`` applies to the dB log (not ``log_mels``)."""
+    op = "mfcc"
+    _check_waveform(op, "waveform", waveform, lengths)
+    check_tensor(op, "window", window, ndim=1, dtypes=(waveform.dtype,), device=waveform.device)
+    check_tensor(op, "mel_fb", mel_fb, ndim=2, dtypes=(waveform.dtype,), device=waveform.device,
+                 shape=(n_fft // 2 + 1, None))
+    check_tensor(op, "dct", dct, ndim=2, dtypes=(waveform.dtype,), device=waveform.device,
+                 shape=(mel_fb.shape[1], None))
+    _check_stft_length(op, "waveform", waveform, lengths, n_fft=n_fft, pad=pad, center=center, pad_mode=pad_mode)
+    analysis_window = _analysis_window(op, window, n_fft, normalized)
+    flat = waveform.reshape(-1, waveform.shape[-1])
+    # torchaudio's amplitude_to_DB max: the whole tensor for a (C, T) input (C channels of one
+    # clip), per leading index for (..., C, T); per item with lengths
+    group = 1 if (waveform.dim() == 1 or lengths is not None) else waveform.shape[-2]
+    top_db = None if log_mels else top_db
+    chosen = choose_backend(op, backend, waveform.device, _IMPLEMENTED,
+                            _kernel_limits(waveform, window, mel_fb, dct=dct, top_db=top_db))
+    out = _MFCC[chosen](
+        flat, analysis_window, mel_fb, dct, hop_length=hop_length, pad=pad, power=power, center=center,
+        pad_mode=pad_mode, log_mels=log_mels, top_db=top_db, top_db_group=group, lengths=lengths,
+    )
+    if lengths is not None:
+        return out
+    return out.reshape(waveform.shape[:-1] + out.shape[-2:])
+
+
 def whisper_log_mel_op(
     audio: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor, *, lengths: torch.Tensor | None, backend: str
 ):
@@ -367,22 +574,32 @@ def kaldi_fbank_op(
     return out[0] if single else out
 
 
-def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor):
+def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor, *,
+                   dct: torch.Tensor | None = None, top_db: float | None = None, complex_out: bool = False):
     """Why a kernel backend cannot take this case. The kernels differentiate w.r.t. the waveform
-    only (a window or filterbank that needs a gradient goes to the reference); the Triton kernel
-    computes in float32 and has no backward yet; the CUDA kernel takes at most 65535 items (its
-    grid's second dimension) and needs one frame's DFT tables in shared memory."""
+    only (a window, filterbank or DCT matrix that needs a gradient goes to the reference); the
+    Triton kernel computes in float32 and has no backward yet; the CUDA kernel takes at most
+    65535 items (its grid's second dimension), needs one frame's DFT tables in shared memory and
+    has neither the MFCC steps (dB/offset log, top_db clamp, DCT) nor the complex spectrum."""
 
     def unsupported(backend: str) -> str | None:
         if backend == "reference":
             return None
-        if window.requires_grad or mel_fb.requires_grad:
-            return "gradients w.r.t. the window or the filterbank are computed by the 'reference' backend only"
+        if window.requires_grad or mel_fb.requires_grad or (dct is not None and dct.requires_grad):
+            return ("gradients w.r.t. the window or the filterbank (or the DCT matrix) are computed by the 'reference' "
+                    "backend only")
+        if backend == "cuda":
+            if dct is not None or top_db is not None:
+                return "the CUDA kernel does not implement MFCC (the dB/offset log, top_db clamp and DCT) yet"
+            if complex_out:
+                return "the CUDA kernel does not implement the complex spectrum (power=None) yet"
         if backend == "triton":
             if waveform.dtype != torch.float32:
                 return f"the Triton kernel computes in float32, got {waveform.dtype}"
             if mel_fb.shape[1] > TRITON_MAX_N_MELS:
                 return f"the Triton kernel takes at most {TRITON_MAX_N_MELS} mel bins, got {mel_fb.shape[1]}"
+            if dct is not None and dct.shape[1] > TRITON_MAX_N_MELS:
+                return f"the Triton kernel takes at most {TRITON_MAX_N_MELS} coefficients, got {dct.shape[1]}"
             if waveform.requires_grad and torch.is_grad_enabled():
                 return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
         if backend == "cuda":
@@ -493,6 +710,57 @@ def _kaldi_fbank_kernel(
     return feats if lengths is None else (feats, frame_lengths)
 
 
+def _spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths):
+    """``ref.spectrogram``'s contract on the fused op: an identity ``mel_fb`` for ``|X|^power``,
+    ``complex_out`` (real/imag pairs viewed as complex) for ``power=None``."""
+    n_fft = window.shape[0]
+
+    def count(n):
+        return ref.stft_num_frames(n, n_fft, hop_length, pad=pad, center=center)
+
+    lengths, frame_lengths = _frame_lengths(lengths, count)
+    out = op()(
+        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
+        count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
+        PAD_MODE_CODES[pad_mode], False, 0.0, 2.0 if power is None else float(power), LOG_NONE, 0.0, ENERGY_NONE, 0.0,
+        False, False, None, -1.0, 1, power is None,
+    )
+    if power is None:
+        out = torch.view_as_complex(out)
+    return out if lengths is None else (out, frame_lengths)
+
+
+def _mfcc_kernel(op, waveform, window, mel_fb, dct, *, hop_length, pad, power, center, pad_mode, log_mels, top_db,
+                 top_db_group, lengths):
+    """``ref.mfcc``'s contract on the fused op: LOG_OFFSET or LOG_DB (+ top_db), then ``dct``."""
+    n_fft = window.shape[0]
+
+    def count(n):
+        return ref.stft_num_frames(n, n_fft, hop_length, pad=pad, center=center)
+
+    lengths, frame_lengths = _frame_lengths(lengths, count)
+    out = op()(
+        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
+        count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
+        PAD_MODE_CODES[pad_mode], False, 0.0, float(power), LOG_OFFSET if log_mels else LOG_DB,
+        MFCC_LOG_OFFSET if log_mels else DB_AMIN, ENERGY_NONE, 0.0, False, False, dct.contiguous(),
+        -1.0 if top_db is None else float(top_db), top_db_group, False,
+    )
+    return out if lengths is None else (out, frame_lengths)
+
+
+_SPECTROGRAM = {
+    "reference": lambda waveform, window, mel_fb, **kw: ref.spectrogram(waveform, window, **kw),
+    "cpu": functools.partial(_spectrogram_kernel, _compiled_op),
+    "cuda": functools.partial(_spectrogram_kernel, _compiled_op),
+    "triton": functools.partial(_spectrogram_kernel, _triton_op),
+}
+_MFCC = {
+    "reference": ref.mfcc,
+    "cpu": functools.partial(_mfcc_kernel, _compiled_op),
+    "cuda": functools.partial(_mfcc_kernel, _compiled_op),
+    "triton": functools.partial(_mfcc_kernel, _triton_op),
+}
 _MEL_SPECTROGRAM = {
     "reference": ref.mel_spectrogram,
     "cpu": functools.partial(_mel_spectrogram_kernel, _compiled_op),

@@ -54,6 +54,95 @@ def mel_spectrogram(
     return _per_item(compute, waveform, lengths, frame_lengths, out), frame_lengths
 
 
+def spectrogram(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    *,
+    hop_length: int,
+    pad: int,
+    power: float | None,
+    center: bool,
+    pad_mode: str,
+    lengths: torch.Tensor | None,
+):
+    """torchaudio's ``Spectrogram`` (one-sided): ``|STFT|^power``, or the complex STFT for
+    ``power=None``.
+
+    Args:
+        waveform: ``(B, T)``. window: ``(n_fft,)``, already zero-padded and scaled.
+
+    Returns:
+        ``(B, n_fft // 2 + 1, frames)`` real, or complex for ``power=None``; with ``lengths``,
+        ``(spec, frame_lengths)``.
+    """
+    n_fft = window.shape[0]
+
+    def compute(x):
+        if pad > 0:
+            x = F.pad(x, (pad, pad))
+        spec = torch.stft(x, n_fft, hop_length=hop_length, window=window, center=center, pad_mode=pad_mode,
+                          return_complex=True)
+        if power is None:
+            return spec
+        return _power(spec) if power == 2.0 else spec.abs().pow(power)
+
+    if lengths is None:
+        return compute(waveform)
+    frame_lengths = stft_num_frames(lengths.long(), n_fft, hop_length, pad=pad, center=center)
+    n_frames = stft_num_frames(waveform.shape[-1], n_fft, hop_length, pad=pad, center=center)
+    dtype = waveform.dtype if power is not None else (torch.complex64 if waveform.dtype == torch.float32
+                                                       else torch.complex128)
+    out = torch.zeros(waveform.shape[0], n_fft // 2 + 1, n_frames, dtype=dtype, device=waveform.device)
+    return _per_item(compute, waveform, lengths, frame_lengths, out), frame_lengths
+
+
+def mfcc(
+    waveform: torch.Tensor,
+    window: torch.Tensor,
+    mel_fb: torch.Tensor,
+    dct: torch.Tensor,
+    *,
+    hop_length: int,
+    pad: int,
+    power: float,
+    center: bool,
+    pad_mode: str,
+    log_mels: bool,
+    top_db: float | None,
+    top_db_group: int,
+    lengths: torch.Tensor | None,
+):
+    """torchaudio's ``MFCC``: the mel spectrogram, then ``ln(mel + 1e-6)`` (``log_mels``) or
+    ``10 log10(max(mel, 1e-10))`` clamped at the max over each group of ``top_db_group``
+    consecutive items minus ``top_db``, then ``dct`` ``(n_mels, n_mfcc)`` over the mel axis.
+    With ``lengths`` each item is computed alone (its own max).
+
+    Returns:
+        ``(B, n_mfcc, frames)``; with ``lengths``, ``(mfcc, frame_lengths)``.
+    """
+    n_fft = window.shape[0]
+
+    def compute(x, group):
+        mel = _mel_power(x, window, mel_fb, hop_length=hop_length, pad=pad, power=power,
+                         center=center, pad_mode=pad_mode)
+        if log_mels:
+            logs = torch.log(mel + 1e-6)
+        else:
+            logs = 10.0 * torch.clamp(mel, min=1e-10).log10()
+            if top_db is not None:
+                grouped = logs.reshape(-1, group, *logs.shape[-2:])
+                top = grouped.amax(dim=(-3, -2, -1), keepdim=True)
+                logs = torch.maximum(grouped, top - top_db).reshape(logs.shape)
+        return (logs.transpose(-1, -2) @ dct).transpose(-1, -2)
+
+    if lengths is None:
+        return compute(waveform, top_db_group)
+    frame_lengths = stft_num_frames(lengths.long(), n_fft, hop_length, pad=pad, center=center)
+    n_frames = stft_num_frames(waveform.shape[-1], n_fft, hop_length, pad=pad, center=center)
+    out = waveform.new_zeros(waveform.shape[0], dct.shape[1], n_frames)
+    return _per_item(lambda x: compute(x, 1), waveform, lengths, frame_lengths, out), frame_lengths
+
+
 def whisper_log_mel(
     audio: torch.Tensor, window: torch.Tensor, mel_fb: torch.Tensor, *, hop_length: int, lengths: torch.Tensor | None
 ):

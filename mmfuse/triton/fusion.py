@@ -5,7 +5,8 @@ own pointers and strides, ``C = act(Σ_s A_s @ B_s^T + bias)``: the forward pass
 ``(x_i, W[:, block i])`` so no concatenation is built, and the backward reuses the same kernel
 for ``dX_i = g @ W_i`` and ``dW_i = g^T @ x_i`` through transposed views (no activation there),
 after one elementwise pass ``g = grad_out * act'(preact)``. ``combine_modalities`` is one
-elementwise pass over up to four modalities, forward and backward. Accumulation is fp32; fp32
+elementwise pass over up to four modalities, forward and backward; the backward recomputes the
+pre-activation from the inputs it reads anyway, so none is stored. Accumulation is fp32; fp32
 inputs use exact fp32 products (``input_precision="ieee"``) unless ``allow_tf32``.
 """
 from __future__ import annotations
