@@ -17,7 +17,7 @@ import torch
 
 import mmfuse
 from mmfuse.bench import attention, fusion, packing, spectrogram
-from mmfuse.bench.timing import median_ms
+from mmfuse.bench.timing import interleaved_median_ms
 
 SUITES = {"attention": attention, "spectrogram": spectrogram, "fusion": fusion, "packing": packing}
 
@@ -142,15 +142,14 @@ def _first_peer(rows: list[dict], row: dict):
 
 def _run_case(case, device, quick, meta) -> list[dict]:
     repeat = 5 if quick else 15
-    timings = {}
-    for name, fn in {**case.ours, **case.peers}.items():
-        try:
-            timings[name] = median_ms(fn, device, warmup=1 if quick else 3, repeat=repeat)
-        except NotImplementedError as exc:  # a backend without a kernel for this op yet
-            print(f"  skip {name}: {exc}", file=sys.stderr)
-    copy_gbps = None
-    if case.copy is not None and case.work:
-        copy_gbps = case.work / (median_ms(case.copy, device, warmup=1 if quick else 3, repeat=repeat) * 1e-3) / 1e9
+    fns = {**case.ours, **case.peers}
+    if case.copy is not None:
+        fns["\0copy"] = case.copy
+    timings = interleaved_median_ms(fns, device, warmup=1 if quick else 3, repeat=repeat)
+    for name in fns.keys() - timings.keys():  # a backend without a kernel for this op
+        print(f"  skip {name}: not implemented", file=sys.stderr)
+    copy_ms = timings.pop("\0copy", None)
+    copy_gbps = case.work / (copy_ms * 1e-3) / 1e9 if copy_ms and case.work else None
     rows = []
     for backend in case.ours:
         if backend not in timings:
