@@ -100,7 +100,7 @@ def pack_modalities(
             out_len = _max_seqlen_op(cu_seqlens) if padded else int(cu_seqlens[-1])
         tokens, ids = _triton().pack_modalities_triton(features, lengths_mb, cu_seqlens, type_embedding, padded, out_len)
     else:
-        tokens, ids = torch.ops.mmfuse.pack_modalities(features, lengths_mb, cu_seqlens, type_embedding, padded, out_len)
+        tokens, ids = torch.ops.mmfuse.pack_modalities.default(features, lengths_mb, cu_seqlens, type_embedding, padded, out_len)
 
     if padded:
         max_seqlen = tokens.shape[1]
@@ -155,7 +155,7 @@ def unpack_modalities(
         return reference.unpack_modalities(tokens, lengths_mb, sizes)
     if backend == "triton":
         return _triton().unpack_modalities_triton(tokens, lengths_mb, cu_seqlens, sizes)
-    return torch.ops.mmfuse.unpack_modalities(tokens, lengths_mb, cu_seqlens, sizes)
+    return torch.ops.mmfuse.unpack_modalities.default(tokens, lengths_mb, cu_seqlens, sizes)
 
 
 def _check_pack(op, features, lengths, type_embedding):
