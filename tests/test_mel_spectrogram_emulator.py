@@ -3,7 +3,7 @@
 The harness (tests/emulator/mel_spectrogram.cpp) runs mel_forward / mel_backward, the launch
 sequences of the CUDA launcher, and takes mmfuse::mel_spectrogram's arguments. It stands in for
 the compiled op inside mmfuse.ops.spectrogram (its "reference" entry of each front end's table is
-swapped for the kernel contract ``_mel_spectrogram_kernel`` / ``_whisper_log_mel_kernel`` /
+swapped for the kernel contract ``_spectrogram_kernel`` / ``_whisper_log_mel_kernel`` /
 ``_kaldi_fbank_kernel`` called with the emulated op), so the public functions' validation and
 argument mapping run exactly as for backend="cuda". Forward and waveform gradient are compared
 with the float64 reference and its autograd: float32 at DESIGN.md's spectrogram tolerance (log
@@ -64,7 +64,12 @@ class EmulatedMelSpectrogram(torch.autograd.Function):
     w.r.t. the waveform from the emulated ``mel_spectrogram_backward``."""
 
     @staticmethod
-    def forward(ctx, waveform, window, mel_fb, lengths, frame_lengths, *numbers):
+    def forward(ctx, waveform, window, mel_fb, lengths, frame_lengths, *all_numbers):
+        # the schema's trailing (dct, top_db, top_db_group, complex_out) are MFCC's and the complex
+        # spectrum's, which the CUDA kernel does not have: they must be at their defaults here
+        numbers, extra = all_numbers[:15], tuple(all_numbers[15:])
+        assert extra in ((), (None, -1.0, 1, False)), f"the CUDA kernel takes no dct/top_db/complex_out, got {extra}"
+        ctx.extra = len(extra)
         num_frames, frames_major = numbers[0], numbers[-1]
         n_feats = mel_fb.shape[1] + int(numbers[11] != 0)
         shape = (waveform.shape[0], num_frames, n_feats) if frames_major else (waveform.shape[0], n_feats, num_frames)
@@ -81,7 +86,7 @@ class EmulatedMelSpectrogram(torch.autograd.Function):
         grad_wave = torch.full_like(waveform, float("nan"))
         getattr(harness(), f"mel_backward_{_suffix(waveform.dtype)}")(
             grad_wave, grad.contiguous(), *_harness_args(waveform, window, mel_fb, lengths, frame_lengths, ctx.numbers))
-        return (grad_wave,) + (None,) * (4 + len(ctx.numbers))
+        return (grad_wave,) + (None,) * (4 + len(ctx.numbers) + ctx.extra)
 
 
 def _emulated_op():
@@ -96,7 +101,7 @@ def emulated(monkeypatch):
     def run(fn, *args, **kwargs):
         with monkeypatch.context() as m:
             m.setitem(spec_ops._MEL_SPECTROGRAM, "reference",
-                      functools.partial(spec_ops._mel_spectrogram_kernel, _emulated_op))
+                      functools.partial(spec_ops._spectrogram_kernel, _emulated_op))
             m.setitem(spec_ops._WHISPER_LOG_MEL, "reference",
                       functools.partial(spec_ops._whisper_log_mel_kernel, _emulated_op))
             m.setitem(spec_ops._KALDI_FBANK, "reference", functools.partial(spec_ops._kaldi_fbank_kernel, _emulated_op))

@@ -33,16 +33,10 @@ def check_stft_args(
     """Validate ``MelSpectrogram``'s arguments; return (win_length, hop_length, f_max) with
     torchaudio's defaults filled in."""
     check_positive(op, "sample_rate", sample_rate)
-    check_int(op, "n_fft", n_fft)
-    if win_length is None:
-        win_length = n_fft
-    check_int(op, "win_length", win_length)
-    if win_length > n_fft:
-        raise ValueError(f"{op}: win_length must be <= n_fft ({n_fft}), got {win_length}")
-    if hop_length is None:
-        hop_length = win_length // 2
-    check_int(op, "hop_length", hop_length)
-    check_int(op, "pad", pad, allow_zero=True)
+    check_positive(op, "power", power)  # the mel spectrogram has no complex form
+    win_length, hop_length = check_spectrogram_args(
+        op, n_fft, win_length, hop_length, pad, window_fn, power, normalized, center, pad_mode, True,
+    )
     check_int(op, "n_mels", n_mels)
     check_positive(op, "f_min", f_min, allow_zero=True)
     if f_max is None:
@@ -50,14 +44,6 @@ def check_stft_args(
     check_positive(op, "f_max", f_max)
     if f_min >= f_max:
         raise ValueError(f"{op}: f_min must be < f_max ({f_max}), got {f_min}")
-    if not callable(window_fn):
-        raise TypeError(f"{op}: window_fn must be callable like torch.hann_window, got {type(window_fn).__name__}")
-    check_positive(op, "power", power)
-    if not (isinstance(normalized, bool) or normalized in ("window", "frame_length")):
-        raise ValueError(f"{op}: normalized must be one of [False, True, 'window', 'frame_length'], got {normalized!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"{op}: center must be a bool, got {type(center).__name__}")
-    check_choice(op, "pad_mode", pad_mode, PAD_MODES)
     check_choice(op, "norm", norm, MEL_NORMS)
     check_choice(op, "mel_scale", mel_scale, MEL_SCALES)
     return win_length, hop_length, float(f_max)

@@ -650,22 +650,6 @@ def _frame_lengths(lengths: torch.Tensor | None, count: Callable) -> tuple[torch
     return lengths, count(lengths).to(torch.int64).contiguous()
 
 
-def _mel_spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths):
-    """``ref.mel_spectrogram``'s contract on the fused op."""
-    n_fft = window.shape[0]
-
-    def count(n):
-        return ref.stft_num_frames(n, n_fft, hop_length, pad=pad, center=center)
-
-    lengths, frame_lengths = _frame_lengths(lengths, count)
-    out = op()(
-        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
-        count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
-        PAD_MODE_CODES[pad_mode], False, 0.0, float(power), LOG_NONE, 0.0, ENERGY_NONE, 0.0, False, False,
-    )
-    return out if lengths is None else (out, frame_lengths)
-
-
 def _whisper_log_mel_kernel(op, audio, window, mel_fb, *, hop_length, lengths):
     """``ref.whisper_log_mel``'s contract on the fused op: Whisper drops the last STFT frame,
     leaving ``T // hop`` frames."""
@@ -713,8 +697,9 @@ def _kaldi_fbank_kernel(
 
 
 def _spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths):
-    """``ref.spectrogram``'s contract on the fused op: an identity ``mel_fb`` for ``|X|^power``,
-    ``complex_out`` (real/imag pairs viewed as complex) for ``power=None``."""
+    """``ref.mel_spectrogram``'s and ``ref.spectrogram``'s contract on the fused op: ``mel_fb``
+    (an identity for the plain spectrogram's ``|X|^power``), or ``complex_out`` (real/imag pairs
+    viewed as complex) for ``power=None``."""
     n_fft = window.shape[0]
 
     def count(n):
@@ -777,9 +762,9 @@ _MFCC = {
 }
 _MEL_SPECTROGRAM = {
     "reference": ref.mel_spectrogram,
-    "cpu": functools.partial(_mel_spectrogram_kernel, _compiled_op),
-    "cuda": functools.partial(_mel_spectrogram_kernel, _compiled_op),
-    "triton": functools.partial(_mel_spectrogram_kernel, _triton_op),
+    "cpu": functools.partial(_spectrogram_kernel, _compiled_op),
+    "cuda": functools.partial(_spectrogram_kernel, _compiled_op),
+    "triton": functools.partial(_spectrogram_kernel, _triton_op),
 }
 _WHISPER_LOG_MEL = {
     "reference": ref.whisper_log_mel,
