@@ -436,6 +436,31 @@ void softmax_backward(int64_t rows, int64_t cols, const T* P, T* dP, const T* de
     for (int64_t c = 0; c < cols; ++c) dP[r * cols + c] = P[r * cols + c] * (dP[r * cols + c] - delta[r]);
 }
 
+// One (rows, cols) tile of the backward, shared by both schedules: recompute P, then
+// dV += P_vᵀ dO (P_v: P after dropout, as the forward multiplied V by it), dS = P ∘ (dP - delta)
+// left in dP (dP = dO Vᵀ, with the same dropout mask), and dK += scale dSᵀ Q. The caller adds
+// dQ += scale dS K where it owns dQ. dk/dv point at the tile's first key row (leading dim D).
+template <typename T>
+void tile_dk_dv(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
+                const T* q_blk, const T* g_blk, const T* k_blk, const T* v_blk, const T* lse_blk, const T* delta_blk,
+                T* dk, T* dv, T* P, T* P_drop, T* dP) {
+  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse_blk, P);
+  // dP (rows, cols) = dO Vᵀ
+  gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP, cols);
+  const T* P_v = P;  // the probabilities the forward multiplied V by
+  if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
+    std::copy(P, P + rows * cols, P_drop);
+    dropout_tile(p, s, h, i0, rows, kb, cols, P_drop, dP);
+    P_v = P_drop;
+  }
+  // dV (cols, D) += P_vᵀ dO
+  gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv, D);
+  softmax_backward(rows, cols, P, dP, delta_blk);
+  // dK (cols, D) += scale dSᵀ Q
+  gemm<T>(true, false, cols, D, rows, T(p.scale), dP, cols, q_blk, qs, T(1), dk, D);
+}
+
 // With enough (sample, kv head) pairs to keep every thread busy, the backward runs as one pass:
 // a task owns a (sample, kv head) and every query head of its group, so it accumulates dK and dV
 // over all its query blocks and finishes each query block's dQ in the same sweep over the keys.
@@ -473,21 +498,9 @@ void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, 
             const int64_t cols = std::min(kBlockK, end - kb);
             const T* k_blk = k_head + kb * ks;
             const T* v_blk = v_head + kb * ks;
-            recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
-            // dP (rows, cols) = dO Vᵀ
-            gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
-            const T* P_v = P.data();  // the probabilities the forward multiplied V by
-            if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
-              std::copy(P.begin(), P.begin() + rows * cols, P_drop.begin());
-              dropout_tile(p, s, h, i0, rows, kb, cols, P_drop.data(), dP.data());
-              P_v = P_drop.data();
-            }
-            // dV (cols, D) += P_vᵀ dO
-            gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv_acc.data() + kb * D, D);
-            // dS = P ∘ (dP - delta)
-            softmax_backward(rows, cols, P.data(), dP.data(), delta + lse_at);
-            // dK (cols, D) += scale dSᵀ Q;  dQ (rows, D) += scale dS K
-            gemm<T>(true, false, cols, D, rows, T(p.scale), dP.data(), cols, q_blk, qs, T(1), dk_acc.data() + kb * D, D);
+            tile_dk_dv(p, s, h, i0, rows, kb, cols, q_blk, g_blk, k_blk, v_blk, lse + lse_at, delta + lse_at,
+                       dk_acc.data() + kb * D, dv_acc.data() + kb * D, P.data(), P_drop.data(), dP.data());
+            // dQ (rows, D) += scale dS K
             gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
           }
           for (int64_t r = 0; r < rows; ++r)
@@ -558,20 +571,8 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
           const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
-          recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
-          // dP (rows, cols) = dO Vᵀ
-          gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
-          const T* P_v = P.data();  // the probabilities the forward multiplied V by
-          if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
-            std::copy(P.begin(), P.begin() + rows * cols, P_drop.begin());
-            dropout_tile(p, s, h, i0, rows, kb, cols, P_drop.data(), dP.data());
-            P_v = P_drop.data();
-          }
-          // dV (cols, D) += P_vᵀ dO
-          gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv_acc.data(), D);
-          softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
-          // dK (cols, D) += scale dSᵀ Q
-          gemm<T>(true, false, cols, D, rows, T(p.scale), dP.data(), cols, q_blk, qs, T(1), dk_acc.data(), D);
+          tile_dk_dv(p, s, h, i0, rows, kb, cols, q_blk, g_blk, k_blk, v_blk, lse + lse_at, delta.data() + lse_at,
+                     dk_acc.data(), dv_acc.data(), P.data(), P_drop.data(), dP.data());
         }
       }
       for (int64_t c = 0; c < cols; ++c)

@@ -696,10 +696,10 @@ def _kaldi_fbank_kernel(
     return feats if lengths is None else (feats, frame_lengths)
 
 
-def _spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths):
-    """``ref.mel_spectrogram``'s and ``ref.spectrogram``'s contract on the fused op: ``mel_fb``
-    (an identity for the plain spectrogram's ``|X|^power``), or ``complex_out`` (real/imag pairs
-    viewed as complex) for ``power=None``."""
+def _fused_front_end(op, waveform, window, mel_fb, *, hop_length, pad, power, center, pad_mode, lengths,
+                     log_mode=LOG_NONE, log_floor=0.0, dct=None, top_db=None, top_db_group=1, complex_out=False):
+    """The fused mel op on ``(B, T)`` with framing from ``window`` (``n_fft`` long), no DC
+    removal, pre-emphasis or energy; returns ``(out, frame_lengths)`` (None without lengths)."""
     n_fft = window.shape[0]
 
     def count(n):
@@ -709,29 +709,29 @@ def _spectrogram_kernel(op, waveform, window, mel_fb, *, hop_length, pad, power,
     out = op()(
         waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
         count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
-        PAD_MODE_CODES[pad_mode], False, 0.0, 2.0 if power is None else float(power), LOG_NONE, 0.0, ENERGY_NONE, 0.0,
-        False, False, None, -1.0, 1, power is None,
+        PAD_MODE_CODES[pad_mode], False, 0.0, float(power), log_mode, log_floor, ENERGY_NONE, 0.0, False, False,
+        None if dct is None else dct.contiguous(), -1.0 if top_db is None else float(top_db), top_db_group,
+        complex_out,
     )
+    return out, frame_lengths
+
+
+def _spectrogram_kernel(op, waveform, window, mel_fb, *, power, lengths, **kw):
+    """``ref.mel_spectrogram``'s and ``ref.spectrogram``'s contract on the fused op: ``mel_fb``
+    (an identity for the plain spectrogram's ``|X|^power``), or ``complex_out`` (real/imag pairs
+    viewed as complex) for ``power=None``."""
+    out, frame_lengths = _fused_front_end(op, waveform, window, mel_fb, power=2.0 if power is None else power,
+                                          lengths=lengths, complex_out=power is None, **kw)
     if power is None:
         out = torch.view_as_complex(out)
     return out if lengths is None else (out, frame_lengths)
 
 
-def _mfcc_kernel(op, waveform, window, mel_fb, dct, *, hop_length, pad, power, center, pad_mode, log_mels, top_db,
-                 top_db_group, lengths):
+def _mfcc_kernel(op, waveform, window, mel_fb, dct, *, log_mels, lengths, **kw):
     """``ref.mfcc``'s contract on the fused op: LOG_OFFSET or LOG_DB (+ top_db), then ``dct``."""
-    n_fft = window.shape[0]
-
-    def count(n):
-        return ref.stft_num_frames(n, n_fft, hop_length, pad=pad, center=center)
-
-    lengths, frame_lengths = _frame_lengths(lengths, count)
-    out = op()(
-        waveform.contiguous(), window.contiguous(), mel_fb.contiguous(), lengths, frame_lengths,
-        count(waveform.shape[-1]), n_fft, hop_length, -(n_fft // 2) if center else 0, pad,
-        PAD_MODE_CODES[pad_mode], False, 0.0, float(power), LOG_OFFSET if log_mels else LOG_DB,
-        MFCC_LOG_OFFSET if log_mels else DB_AMIN, ENERGY_NONE, 0.0, False, False, dct.contiguous(),
-        -1.0 if top_db is None else float(top_db), top_db_group, False,
+    out, frame_lengths = _fused_front_end(
+        op, waveform, window, mel_fb, lengths=lengths, log_mode=LOG_OFFSET if log_mels else LOG_DB,
+        log_floor=MFCC_LOG_OFFSET if log_mels else DB_AMIN, dct=dct, **kw,
     )
     return out if lengths is None else (out, frame_lengths)
 
