@@ -6,12 +6,14 @@ value problems raise ``ValueError``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+MAX_INT64 = 2**63 - 1
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -94,10 +96,12 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
 
 
 def check_positive(op: str, name: str, value, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    """A finite int or float > 0 (>= 0 with ``allow_zero``); inf and NaN are refused."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{op}: {name} must be a number {bound}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be a finite number {bound}, got {value!r}")
 
 
 def check_same_device(op: str, named: dict[str, torch.Tensor | None]) -> torch.device:
@@ -107,6 +111,8 @@ def check_same_device(op: str, named: dict[str, torch.Tensor | None]) -> torch.d
     for name, t in named.items():
         if t is None:
             continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if device is None:
             device, first = t.device, name
         elif t.device != device:
@@ -116,6 +122,11 @@ def check_same_device(op: str, named: dict[str, torch.Tensor | None]) -> torch.d
 
 def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def check_bool(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
 
 
 def check_int(op: str, name: str, value, *, allow_zero: bool = False) -> None:

@@ -164,6 +164,15 @@ struct Problem {
   int64_t k_stride() const { return heads_kv * dim; }
 };
 
+// row += bias, except where the bias is -inf: there the score becomes -inf whatever q·k gave
+// (NaN or inf included), so a hidden key never reaches the softmax.
+template <typename T>
+void add_mask(T* row, const T* bias, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec neg_inf(-std::numeric_limits<T>::infinity());
+  at::vec::map2<T>([&neg_inf](Vec x, Vec b) { return Vec::blendv(x + b, b, b == neg_inf); }, row, row, bias, n);
+}
+
 // Keys [0, n) of the score tile row for query i with keys from kb on: hide the masked and the
 // causally future ones (query i sees key j iff j <= i + k_len - q_len).
 template <typename T>
@@ -174,16 +183,9 @@ void mask_row(const Problem& p, const Sample& s, int64_t h, int64_t i, int64_t k
     std::fill(row + visible, row + n, neg_inf);
     n = visible;
   }
-  if (s.bias != nullptr) {
-    using Vec = at::vec::Vectorized<T>;
-    const T* bias = static_cast<const T*>(s.bias) + kb;
-    at::vec::map2<T>([](Vec x, Vec b) { return x + b; }, row, row, bias, n);
-  }
-  if (s.attn_bias != nullptr) {  // the in-kernel (Lq, Lk) mask row of head h
-    using Vec = at::vec::Vectorized<T>;
-    const T* bias = static_cast<const T*>(s.attn_bias) + h * p.attn_bias_head + i * p.attn_bias_row + kb;
-    at::vec::map2<T>([](Vec x, Vec b) { return x + b; }, row, row, bias, n);
-  }
+  if (s.bias != nullptr) add_mask(row, static_cast<const T*>(s.bias) + kb, n);
+  if (s.attn_bias != nullptr)  // the in-kernel (Lq, Lk) mask row of head h
+    add_mask(row, static_cast<const T*>(s.attn_bias) + h * p.attn_bias_head + i * p.attn_bias_row + kb, n);
 }
 
 // ----------------------------------------------------------------------------- dropout
@@ -387,7 +389,11 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
         for (int64_t r = 0; r < rows; ++r) {
           T* row = S + r * cols;
           mask_row(p, s, h, i0 + r, kb, row, cols);
-          const T m_new = std::max(row_m[r], row_max(row, cols));
+          // a NaN score (from a visible key or the query) must reach the output as NaN, so the
+          // max propagates it rather than std::max's silent pick of the other operand
+          const T m_tile = row_max(row, cols);
+          const T m_new = std::isnan(m_tile) || std::isnan(row_m[r]) ? std::numeric_limits<T>::quiet_NaN()
+                                                                     : std::max(row_m[r], m_tile);
           if (m_new == neg_inf) {  // nothing visible yet: the row of P is 0
             std::fill(row, row + cols, T(0));
             continue;
@@ -404,7 +410,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* o = out + (s.q_row + i0 + r) * qs + h * D;
-        const bool any = row_l[r] > T(0);
+        const bool any = !(row_l[r] <= T(0));  // a NaN sum (NaN in a visible score) keeps its NaN
         const T inv = any ? T(1) / row_l[r] : T(0);
         for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
         lse[blk.lse_offset(p) + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
@@ -620,7 +626,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                 ": q, k, v must be CPU tensors of rank ", ndim, " and one dtype, got ", t->sizes(), " ",
                 t->scalar_type());
   }
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-1) > 0 && k.size(-2) > 0 &&
+                  q.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
               " k ", k.sizes(), " v ", v.sizes());
 }
@@ -637,8 +644,10 @@ Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   Problem p{batch, q.size(2), k.size(2), q.size(3), len_q, len_q, scale, causal, {}};
   at::Tensor lens;
   if (kv_lens) {
-    TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->device().is_cpu(), op,
-                ": kv_lens must be a CPU (B=", batch, ",) tensor, got ", kv_lens->sizes());
+    TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->device().is_cpu() &&
+                    at::isIntegralType(kv_lens->scalar_type(), /*includeBool=*/false),
+                op, ": kv_lens must be a CPU integer (B=", batch, ",) tensor, got ", kv_lens->sizes(), " ",
+                kv_lens->scalar_type());
     lens = kv_lens->to(at::kLong).contiguous();
   }
   const char* bias_rows = bias.defined() ? static_cast<const char*>(bias.data_ptr()) : nullptr;
@@ -713,7 +722,7 @@ void add_mask_and_dropout(const char* op, Problem& p, const at::Tensor& bias, do
 }
 
 Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
-                       const at::Tensor& cu_k, int64_t max_q, double scale, bool causal) {
+                       const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal) {
   for (const at::Tensor* cu : {&cu_q, &cu_k})
     TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt && cu->device().is_cpu(), op,
                 ": cu_seqlens must be CPU int32 (B+1,) tensors, got ", cu->sizes(), " ", cu->scalar_type());
@@ -724,19 +733,56 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   const int32_t* a = cq.data_ptr<int32_t>();
   const int32_t* c = ck.data_ptr<int32_t>();
   TORCH_CHECK(a[0] == 0 && c[0] == 0 && a[batch] == total_q && c[batch] == k.size(0), op,
-              ": cu_seqlens must run from 0 to the packed row counts");
+              ": cu_seqlens_q and cu_seqlens_k must run from 0 to q's and k's row counts (", total_q, ", ", k.size(0),
+              "), got [", a[0], ", ", a[batch], "] and [", c[0], ", ", c[batch], "]");
+  // the task grid is sized by the longest real sequence, never by the caller's upper bound
+  p.max_q = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b] && a[b + 1] - a[b] <= max_q, op,
-                ": cu_seqlens must be non-decreasing with query steps <= max_seqlen_q at sample ", b);
-    p.samples.push_back({a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b], nullptr, a[b], nullptr, b});
+    TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b], op, ": cu_seqlens_q and cu_seqlens_k must be non-decreasing, ",
+                "got a decrease at sample ", b);
+    const int64_t len_q = a[b + 1] - a[b], len_k = c[b + 1] - c[b];
+    TORCH_CHECK(len_q <= max_q, op, ": max_seqlen_q must be >= the longest query sequence, got ", max_q,
+                " < ", len_q, " (sample ", b, ")");
+    TORCH_CHECK(len_k <= max_k, op, ": max_seqlen_k must be >= the longest key sequence, got ", max_k,
+                " < ", len_k, " (sample ", b, ")");
+    p.max_q = std::max(p.max_q, len_q);
+    p.samples.push_back({a[b], len_q, c[b], len_k, nullptr, a[b], nullptr, b});
   }
   return p;
 }
 
+// k, v (B, Lk, Hkv, D) in the compute type, contiguous, with the rows of keys that no query can
+// see (hidden: (B or 1, Lk) bool, or undefined) zeroed in a copy: a score tile or a product with
+// V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
+at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hidden) {
+  const at::Tensor c = t.to(ct).contiguous();
+  if (!hidden.defined()) return c;
+  return c.masked_fill(hidden.expand({t.size(0), t.size(1)}).view({t.size(0), t.size(1), 1, 1}), 0);
+}
+
+// (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
+// form, -inf where hidden); undefined when neither can hide a key.
+at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias) {
+  at::Tensor hidden;
+  if (key_padding_mask) hidden = *key_padding_mask;
+  if (attn_bias.defined()) {
+    const at::Tensor all = (attn_bias == -std::numeric_limits<double>::infinity()).flatten(1, 2).all(1);
+    hidden = hidden.defined() ? hidden.logical_or(all) : all;
+  }
+  return hidden;
+}
+
+void check_lse(const char* op, const at::Tensor& lse, at::IntArrayRef lse_shape) {
+  TORCH_CHECK(lse.sizes() == lse_shape && at::isFloatingType(lse.scalar_type()) && lse.device().is_cpu(), op,
+              ": lse must be a CPU float tensor of shape ", lse_shape, " (the forward's), got ", lse.sizes(), " ",
+              lse.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& v, at::IntArrayRef lse_shape) {
+                                               const at::Tensor& v, at::IntArrayRef lse_shape,
+                                               const at::Tensor& hidden = at::Tensor()) {
   const auto ct = compute_type(q);
-  const at::Tensor qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  const at::Tensor qc = q.to(ct).contiguous(), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden);
   at::Tensor out = at::empty(qc.sizes(), qc.options());
   at::Tensor lse = at::empty(lse_shape, qc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_fwd_cpu", [&] {
@@ -750,13 +796,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
                                                             const std::optional<at::Tensor>& grad_lse,
                                                             const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& out,
-                                                            const at::Tensor& lse) {
+                                                            const at::Tensor& lse, const char* op,
+                                                            at::IntArrayRef lse_shape,
+                                                            const at::Tensor& hidden = at::Tensor()) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}})
+    TORCH_CHECK(t->sizes() == q.sizes() && t->device().is_cpu() && at::isFloatingType(t->scalar_type()), op, ": ", name,
+                " must be a CPU float tensor of q's shape ", q.sizes(), ", got ", t->sizes(), " ", t->scalar_type());
+  check_lse(op, lse, lse_shape);
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse_shape && at::isFloatingType(grad_lse->scalar_type()) &&
+                    grad_lse->device().is_cpu(),
+                op, ": grad_lse must be a CPU float tensor of lse's shape ", lse_shape, ", got ", grad_lse->sizes());
+  }
   const auto ct = compute_type(q);
   auto prep = [ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
-  const at::Tensor g = prep(grad_out), qc = prep(q), kc = prep(k), vc = prep(v), oc = prep(out), lc = prep(lse);
-  TORCH_CHECK(g.sizes() == qc.sizes() && oc.sizes() == qc.sizes(), "cross_attention_bwd: grad_out and out must have q's shape");
+  const at::Tensor g = prep(grad_out), qc = prep(q), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden),
+                   oc = prep(out), lc = prep(lse);
   at::Tensor dl = grad_lse ? prep(*grad_lse) : at::Tensor();
-  TORCH_CHECK(!dl.defined() || dl.sizes() == lc.sizes(), "cross_attention_bwd: grad_lse must have lse's shape");
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   // keys past a sample's length get no gradient and are not visited by the kernel
   dk.zero_();
@@ -783,7 +839,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, 
   const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
   Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
-  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)});
+  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
@@ -797,7 +853,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
   Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
-  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
+  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)},
+                      hidden_keys(key_padding_mask, attn_bias));
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -806,7 +863,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(const at::Tens
                                                                   int64_t max_seqlen_k, double scale, bool causal) {
   const char* op = "cross_attention_varlen_fwd";
   check_qkv(op, q, k, v, 3);
-  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal);
+  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
   return run_forward(p, q, k, v, {q.size(1), q.size(0)});
 }
 
@@ -816,8 +873,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal) {
   const char* op = "cross_attention_varlen_bwd";
   check_qkv(op, q, k, v, 3);
-  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal);
-  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse);
+  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
+  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)});
 }
 
 }  // namespace

@@ -27,12 +27,21 @@ void check_inputs(const std::vector<at::Tensor>& xs, const char* what) {
   TORCH_CHECK(!xs.empty(), what, ": needs at least one input");
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && x.size(0) == xs[0].size(0) &&
-                    x.scalar_type() == xs[0].scalar_type(),
+                    x.scalar_type() == xs[0].scalar_type() && at::isFloatingType(x.scalar_type()),
                 what, ": inputs must be contiguous CPU (N, D_i) tensors of one dtype, got ", x.sizes());
   }
 }
 
 // ---- fused_concat_linear -------------------------------------------------------------------
+
+void check_weight(const char* op, const std::vector<at::Tensor>& xs, const at::Tensor& weight) {
+  int64_t width = 0;
+  for (const auto& x : xs) width += x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == width && weight.device().is_cpu() &&
+                  weight.scalar_type() == xs[0].scalar_type(),
+              op, ": weight must be a CPU (out, ", width, ") tensor of the inputs' dtype ", xs[0].scalar_type(),
+              ", got ", weight.sizes(), " ", weight.scalar_type());
+}
 
 // The activation through ATen's vectorised CPU kernels (Sleef transcendental functions).
 at::Tensor apply_activation(const at::Tensor& z, Activation act) {
@@ -71,11 +80,13 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at:
                                                            c10::string_view activation) {
   check_inputs(xs, "fused_concat_linear");
   const Activation act = parse_activation(activation);
-  const int64_t n = xs[0].size(0), out_features = weight.size(0);
-  int64_t width = 0;
-  for (const auto& x : xs) width += x.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == width, "fused_concat_linear: weight must be (out, ", width,
-              "), got ", weight.sizes());
+  check_weight("fused_concat_linear", xs, weight);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu() &&
+                    bias->scalar_type() == xs[0].scalar_type(),
+                "fused_concat_linear: bias must be a CPU (out=", weight.size(0), ",) tensor of the inputs' dtype, got ",
+                bias->sizes(), " ", bias->scalar_type());
+  }
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
   const at::Tensor w = weight.to(acc);  // no copy for fp32/fp64
@@ -99,8 +110,21 @@ std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at:
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_bwd_cpu(
     const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight, const at::Tensor& preact,
     c10::string_view activation, bool has_bias) {
-  check_inputs(xs, "fused_concat_linear_bwd");
+  const char* op = "fused_concat_linear_bwd";
+  check_inputs(xs, op);
   const Activation act = parse_activation(activation);
+  check_weight(op, xs, weight);
+  const int64_t n = xs[0].size(0), out_features = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == n && grad_out.size(1) == out_features &&
+                  grad_out.device().is_cpu() && at::isFloatingType(grad_out.scalar_type()),
+              op, ": grad_out must be a CPU float (N=", n, ", out=", out_features, ") tensor, got ", grad_out.sizes(),
+              " ", grad_out.scalar_type());
+  if (act != Activation::kNone) {
+    TORCH_CHECK(preact.sizes() == grad_out.sizes() && preact.device().is_cpu() &&
+                    at::isFloatingType(preact.scalar_type()),
+                op, ": preact must be a CPU float (N=", n, ", out=", out_features, ") tensor for activation ",
+                std::string(activation), ", got ", preact.sizes(), " ", preact.scalar_type());
+  }
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
   const at::Tensor g = activation_backward(grad_out, preact, act).to(acc);  // (N, out)
@@ -146,14 +170,21 @@ void check_combine(const std::vector<at::Tensor>& projected, Mode mode, const st
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.sizes() == projected[0].sizes() &&
                     p.scalar_type() == projected[0].scalar_type(),
                 "combine_modalities: projected tensors must be contiguous CPU tensors of one shape and dtype");
+  TORCH_CHECK(at::isFloatingType(projected[0].scalar_type()), "combine_modalities: projected must be float, got ",
+              projected[0].scalar_type());
   if (mode == Mode::kSum)
-    TORCH_CHECK(weights && weights->numel() == static_cast<int64_t>(projected.size()),
-                "combine_modalities: mode sum needs weights of shape (M,)");
+    TORCH_CHECK(weights && weights->dim() == 1 && weights->numel() == static_cast<int64_t>(projected.size()) &&
+                    weights->device().is_cpu() && at::isFloatingType(weights->scalar_type()),
+                "combine_modalities: mode sum needs weights, a CPU float tensor of shape (M=", projected.size(),
+                ",), got ", weights ? weights->sizes() : at::IntArrayRef{}, weights ? "" : "none");
   if (mode == Mode::kGated) {
-    TORCH_CHECK(gate_logits.size() == projected.size(), "combine_modalities: mode gated needs M gate_logits");
+    TORCH_CHECK(gate_logits.size() == projected.size(), "combine_modalities: mode gated needs M=", projected.size(),
+                " gate_logits, got ", gate_logits.size());
     for (const auto& g : gate_logits)
-      TORCH_CHECK(g.is_contiguous() && g.sizes() == projected[0].sizes() && g.scalar_type() == projected[0].scalar_type(),
-                  "combine_modalities: gate_logits must be contiguous and shaped like projected");
+      TORCH_CHECK(g.is_contiguous() && g.device().is_cpu() && g.sizes() == projected[0].sizes() &&
+                      g.scalar_type() == projected[0].scalar_type(),
+                  "combine_modalities: gate_logits must be contiguous CPU tensors shaped like projected ",
+                  projected[0].sizes(), " in its dtype, got ", g.sizes(), " ", g.scalar_type());
   }
 }
 

@@ -968,6 +968,23 @@ void backward(const Plan<T>& plan, const T* grad_out, T* grad_wave) {
 // ------------------------------------------------------------------------------------------
 // Bindings.
 
+// torch.stft's rule for center padding, checked here so that it holds however the op is called
+// (eagerly, or from a compiled graph whose Python checks could not see the lengths): a reflected
+// edge needs more samples than it reflects, a replicated one at least one sample.
+void check_edge_padding(const Options& o, int64_t length, int64_t item) {
+  if (o.frame_offset >= 0 || (o.pad_mode != kReflect && o.pad_mode != kReplicate)) return;
+  const int64_t padded = length + 2 * o.pad;
+  const int64_t need = o.pad_mode == kReflect ? -o.frame_offset + 1 : 1;
+  if (padded >= need) return;
+  if (item < 0)
+    TORCH_CHECK(false, "mel_spectrogram: waveform: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
+                " with center padding of ", -o.frame_offset, " needs at least ", need - 2 * o.pad,
+                " samples per item, got ", length);
+  TORCH_CHECK(false, "mel_spectrogram: lengths[", item, "]: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
+              " with center padding of ", -o.frame_offset, " needs at least ", need - 2 * o.pad,
+              " samples per item, got ", length);
+}
+
 Options check_options(const at::Tensor& waveform, const at::Tensor& window, const at::Tensor& mel_fb,
                       const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& frame_lengths,
                       int64_t num_frames, int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad,
@@ -1008,7 +1025,16 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
   }
   TORCH_CHECK(energy_mode >= kNoEnergy && energy_mode <= kWindowedEnergy,
               "mel_spectrogram: energy_mode code must be 0..2, got ", energy_mode);
-  TORCH_CHECK(power > 0.0, "mel_spectrogram: power must be > 0, got ", power);
+  TORCH_CHECK(power > 0.0 && std::isfinite(power), "mel_spectrogram: power must be a finite number > 0, got ", power);
+  TORCH_CHECK(window.device().is_cpu() && mel_fb.device().is_cpu(),
+              "mel_spectrogram: window and mel_fb must be CPU tensors like the waveform, got ", window.device(), " and ",
+              mel_fb.device());
+  // every sample index below is frame * hop + frame_offset + [0, n_fft) or length + 2 pad: keep them in int64
+  constexpr int64_t kIndexLimit = int64_t(1) << 60;
+  TORCH_CHECK(hop < kIndexLimit / std::max<int64_t>(num_frames, 1) && pad < kIndexLimit && n_fft < kIndexLimit &&
+                  frame_offset > -kIndexLimit && frame_offset < kIndexLimit,
+              "mel_spectrogram: hop * num_frames, pad, n_fft and frame_offset must stay below 2**60, got hop ", hop,
+              ", num_frames ", num_frames, ", pad ", pad, ", n_fft ", n_fft, ", frame_offset ", frame_offset);
   TORCH_CHECK(lengths.has_value() == frame_lengths.has_value(),
               "mel_spectrogram: lengths and frame_lengths must be given together");
   const int64_t batch = waveform.size(0);
@@ -1049,10 +1075,12 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
     for (int64_t b = 0; b < batch; ++b) {
       TORCH_CHECK(o.lengths[b] >= 0 && o.lengths[b] <= o.num_samples, "mel_spectrogram: lengths[", b,
                   "] must lie in [0, ", o.num_samples, "], got ", o.lengths[b]);
+      check_edge_padding(o, o.lengths[b], b);
       TORCH_CHECK(o.frame_lengths[b] >= 0 && o.frame_lengths[b] <= num_frames, "mel_spectrogram: frame_lengths[", b,
                   "] must lie in [0, num_frames=", num_frames, "], got ", o.frame_lengths[b]);
     }
   }
+  if (!lengths) check_edge_padding(o, o.num_samples, -1);
   return o;
 }
 

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Ten
 
   const int64_t needed = padded ? max_seqlen(layout) : layout.cu_seqlens[layout.batch];
   const int64_t rows_per = out_len.value_or(needed);
-  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, "pack_modalities: out_len must be ",
+  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, "pack_modalities: out_len (pack_modalities' max_seqlen when padded, its total when packed) must be ",
               padded ? "at least the longest packed sequence, " : "the total token count, ", needed, ", got ",
               rows_per);
   at::Tensor tokens, ids;
@@ -147,7 +147,8 @@ std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at
                 "unpack_modalities: padded tokens must be (B, L >= longest sequence, D), got ", tokens.sizes());
   } else {
     TORCH_CHECK(tokens.size(0) == layout.cu_seqlens[layout.batch],
-                "unpack_modalities: tokens must have cu_seqlens[-1] rows, got ", tokens.size(0));
+                "unpack_modalities: packed tokens must have sum(lengths) = cu_seqlens[-1] = ",
+                layout.cu_seqlens[layout.batch], " rows, got ", tokens.size(0));
   }
   for (int64_t m = 0; m < num_modalities; ++m)
     for (int64_t b = 0; b < layout.batch; ++b)

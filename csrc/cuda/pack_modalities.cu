@@ -127,8 +127,9 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cuda(const std::vector<at::Te
   const auto [needed, ok] = layout_summary(lengths, cu_seqlens, sizes, padded);
   TORCH_CHECK(ok, op, ": lengths must lie in [0, L_m] per modality and sum per sample to cu_seqlens' steps");
   const int64_t rows_per = out_len.value_or(needed);
-  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, op, ": out_len must be ",
-              padded ? "at least the longest packed sequence, " : "the total token count, ", needed, ", got ", rows_per);
+  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, op, ": out_len (pack_modalities' max_seqlen when padded, its total when packed) must be ",
+              padded ? "at least the longest packed sequence, " : "the total token count, ", needed, ", got ",
+              rows_per);
 
   const int64_t batch = lengths.size(1);
   // padded rows are written by the kernel (zeros, id -1), so no fill is needed

@@ -39,6 +39,8 @@ import math
 import torch
 
 from mmfuse._checks import (
+    check_bool,
+    MAX_INT64,
     FLOAT_DTYPES,
     is_tracing,
     check_lengths,
@@ -152,8 +154,8 @@ def cross_attention(
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     check_attn_mask_and_dropout(op, q, k, attn_mask, dropout_p)
     dropout_p = float(dropout_p)
-    _check_bool(op, "return_lse", return_lse)
-    _check_bool(op, "allow_tf32", allow_tf32)
+    check_bool(op, "return_lse", return_lse)
+    check_bool(op, "allow_tf32", allow_tf32)
     backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], attn_mask, dropout_p))
     philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
@@ -266,18 +268,21 @@ def cross_attention_varlen(
     """
     op = "cross_attention_varlen"
     scale = _check_qkv(op, q, k, v, packed=True, scale=scale)
-    _check_bool(op, "causal", causal)
-    _check_bool(op, "return_lse", return_lse)
-    _check_bool(op, "allow_tf32", allow_tf32)
+    check_bool(op, "causal", causal)
+    check_bool(op, "return_lse", return_lse)
+    check_bool(op, "allow_tf32", allow_tf32)
     check_same_device(op, {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
-    _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
-    _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
+    longest_q = _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
+    longest_k = _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
     backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1))
+    # work is sized by the real lengths where they are known (eager); max_seqlen is only a bound
+    if longest_q is not None:
+        max_seqlen_q, max_seqlen_k = longest_q, longest_k
     if max_seqlen_q is None:
         max_seqlen_q = max_seqlen(cu_seqlens_q)
     if max_seqlen_k is None:
@@ -315,7 +320,7 @@ def check_cross_attention_inputs(
     reference directly.
     """
     scale = _check_qkv(op, q, k, v, packed=False, scale=scale)
-    _check_bool(op, "causal", causal)
+    check_bool(op, "causal", causal)
     batch, len_k = k.shape[0], k.shape[1]
     check_same_device(op, {"q": q, "kv_lens": kv_lens, "key_padding_mask": key_padding_mask})
     if kv_lens is not None:
@@ -355,24 +360,22 @@ def _check_qkv(op: str, q, k, v, *, packed: bool, scale: float | None) -> float:
     return float(scale)
 
 
-def _check_bool(op: str, name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-
-
 def _check_cu_seqlens(
     op: str, packed_name: str, packed: torch.Tensor, name: str, cu_seqlens, max_seqlen_name: str, max_seqlen
-) -> None:
-    """int32 (B + 1,) prefix sums from 0 to ``packed``'s row count, steps within ``max_seqlen``."""
+) -> int | None:
+    """int32 (B + 1,) prefix sums from 0 to ``packed``'s row count, steps within ``max_seqlen``.
+
+    Returns the longest sequence, or None while tracing (the values are unknown there)."""
     check_tensor(op, name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.shape[0] == 0:
         raise ValueError(f"{op}: {name} must have shape (batch_size + 1,) with at least one entry (0), got shape (0,)")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))):
         raise TypeError(f"{op}: {max_seqlen_name} must be an int or None, got {type(max_seqlen).__name__}")
     if is_tracing():
-        return
-    if max_seqlen is not None and max_seqlen < 0:
-        raise ValueError(f"{op}: {max_seqlen_name} must be >= 0, got {max_seqlen}")
+        return None
+    if max_seqlen is not None and not 0 <= max_seqlen <= MAX_INT64:
+        raise ValueError(f"{op}: {max_seqlen_name} must lie in [0, 2**63 - 1] (an upper bound of the lengths), "
+                         f"got {max_seqlen}")
     values = cu_seqlens.cpu()
     lengths = values.diff()
     if values[0] != 0 or (lengths < 0).any():
@@ -386,6 +389,7 @@ def _check_cu_seqlens(
         raise ValueError(
             f"{op}: {max_seqlen_name} must be >= the longest sequence in {name} ({longest}), got {max_seqlen}"
         )
+    return longest
 
 
 def _triton():

@@ -5,6 +5,8 @@ materialises the concatenation; the fused kernels read each modality through its
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mmfuse._checks import FLOAT_DTYPES, check_choice, check_tensor
@@ -63,7 +65,8 @@ def fused_concat_linear(
     if not isinstance(allow_tf32, bool):
         raise TypeError(f"{op}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
     backend = choose_backend(op, backend, xs[0].device, IMPLEMENTED, lambda b: _limits(b, xs, combine=False))
-    flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+    rows = math.prod(lead)  # not reshape(-1, D): a zero-width input (D = 0) leaves -1 ambiguous
+    flat = [x.reshape(rows, x.shape[-1]) for x in xs]
     if backend == "reference":
         out = reference.fused_concat_linear(flat, weight, bias, activation)
     else:

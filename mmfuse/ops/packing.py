@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from mmfuse._checks import FLOAT_DTYPES, INT_DTYPES, check_lengths, check_stacked_lengths, check_tensor
+from mmfuse._checks import FLOAT_DTYPES, INT_DTYPES, check_bool, check_lengths, check_stacked_lengths, check_tensor
 from mmfuse.backends import choose_backend
 from mmfuse.contract import packing as _contract  # noqa: F401  (registers the compiled ops' fake kernels and autograd)
 from mmfuse.contract.seqlens import cu_seqlens_from_lengths, max_seqlen as _max_seqlen_op
@@ -80,6 +80,7 @@ def pack_modalities(
         :class:`PackedModalities`. Differentiable w.r.t. ``features`` and ``type_embedding``.
     """
     op = "pack_modalities"
+    check_bool(op, "padded", padded)
     features, lengths_mb, type_embedding = _check_pack(op, features, lengths, type_embedding)
     batch = features[0].shape[0]
     sizes = [x.shape[1] for x in features]
@@ -179,9 +180,11 @@ def _check_pack(op, features, lengths, type_embedding):
             )
         for m, n in enumerate(lengths):
             check_tensor(op, f"lengths[{m}]", n, ndim=1, dtypes=INT_DTYPES, device=first.device, shape=(batch,))
-        # one stack and one cast (the per-call overhead is most of a small batch's cost)
-        lengths_mb = torch.stack(list(lengths)).to(torch.int32)
-        check_stacked_lengths(op, "lengths", lengths_mb, [x.shape[1] for x in features])
+        # one stack and one cast (the per-call overhead is most of a small batch's cost); the
+        # range check runs on the given dtype, before the narrowing to int32
+        stacked = torch.stack(list(lengths))
+        check_stacked_lengths(op, "lengths", stacked, [x.shape[1] for x in features])
+        lengths_mb = stacked.to(torch.int32)
     if type_embedding is not None:
         check_tensor(op, "type_embedding", type_embedding, ndim=2, shape=(len(features), dim), device=first.device)
         if type_embedding.dtype != first.dtype:

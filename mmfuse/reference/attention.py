@@ -78,18 +78,25 @@ def cross_attention(
     kh = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
     vh = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
 
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     visible = visible_keys(
         batch, len_q, len_k, q.device, causal=causal, kv_lens=kv_lens,
         key_padding_mask=key_padding_mask, q_lens=q_lens,
     )
     visible = visible[:, None, None]
+    bias = None
     if attn_bias is not None:
         # (B', H', Lq, Lk) -> (B', Hkv or 1, group or 1, Lq, Lk), the layout of the scores
         bias = attn_bias.to(compute)
         bias = bias.unflatten(1, (heads_kv, group)) if bias.shape[1] == heads_q else bias.unsqueeze(2)
-        scores = scores + bias
         visible = visible & (bias != float("-inf"))
+    # A key that no query sees never influences anything, whatever it holds: its k and v rows are
+    # zeroed before the products (0 · NaN in `probs @ v` would otherwise let its NaN through).
+    seen = visible.flatten(1, 3).any(dim=1)  # (B or 1, Lk)
+    kh = kh.masked_fill(~seen[:, None, None, :, None], 0.0)
+    vh = vh.masked_fill(~seen[:, None, None, :, None], 0.0)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
     probs, lse = masked_softmax(scores, visible)
     if dropout_p > 0.0 and philox is not None:
         keep = philox_keep(philox, dropout_p, batch, heads_q, len_q, len_k, q.device)

@@ -84,7 +84,7 @@ def spectrogram(
                           return_complex=True)
         if power is None:
             return spec
-        return _power(spec) if power == 2.0 else spec.abs().pow(power)
+        return _magnitude(spec, power)
 
     if lengths is None:
         return compute(waveform)
@@ -279,8 +279,19 @@ def _mel_power(x, window, mel_fb, *, hop_length, pad, power, center, pad_mode):
     n_fft = window.shape[0]
     spec = torch.stft(x, n_fft, hop_length=hop_length, window=window, center=center, pad_mode=pad_mode,
                       return_complex=True)  # (B, n_fft // 2 + 1, frames)
-    magnitude = _power(spec) if power == 2.0 else spec.abs().pow(power)
+    magnitude = _magnitude(spec, power)
     return (magnitude.transpose(-1, -2) @ mel_fb).transpose(-1, -2)
+
+
+def _magnitude(spec: torch.Tensor, power: float) -> torch.Tensor:
+    """``|spec| ** power`` with the kernels' gradient: 0 where the spectrum is 0 (``abs().pow(p)``
+    gives inf · 0 = NaN there for p < 1)."""
+    if power == 2.0:
+        return _power(spec)
+    squared = _power(spec)
+    nonzero = squared > 0
+    # the inner where keeps pow's gradient finite at 0, the outer one sets it to 0 there
+    return torch.where(nonzero, torch.where(nonzero, squared, 1.0).pow(power / 2), 0.0)
 
 
 def _power(spec: torch.Tensor) -> torch.Tensor:
