@@ -209,7 +209,7 @@ def test_bad_input_raises_naming_the_argument(call, match):
 
 def test_wrong_total_is_caught_by_the_kernel():
     features = [torch.randn(2, 3, 6)]
-    with pytest.raises(RuntimeError, match="total when packed) must be the total token count, 5"):
+    with pytest.raises(RuntimeError, match=r"total when packed\) must be the total token count, 5"):
         mmfuse.pack_modalities(features, [torch.tensor([3, 2])], total=4, backend="cpu")
 
 

@@ -245,7 +245,7 @@ inline V act_value(V z) {
 template <Activation kAct, typename V>
 inline V act_grad(V z) {
   const V one(1), half(0.5), zero(0), inv_sqrt2(0.70710678118654752440), inv_sqrt_2pi(0.39894228040143267794);
-  if constexpr (kAct == Activation::kRelu) return V::blendv(zero, one, z > zero);
+  if constexpr (kAct == Activation::kRelu) return V::blendv(one, zero, z <= zero);  // NaN: 1, as torch
   if constexpr (kAct == Activation::kGelu) return half * (one + (z * inv_sqrt2).erf()) + z * inv_sqrt_2pi * vexp(z * z * V(-0.5));
   if constexpr (kAct == Activation::kSilu) {
     const V s = one / (one + vexp(z.neg()));
@@ -264,7 +264,7 @@ inline V act_grad(V z) {
 
 template <Activation kAct, typename A>
 inline A act_value_scalar(A z) {
-  if constexpr (kAct == Activation::kRelu) return z > A(0) ? z : A(0);
+  if constexpr (kAct == Activation::kRelu) return z < A(0) ? A(0) : z;  // NaN passes, as in torch.relu
   if constexpr (kAct == Activation::kGelu) return A(0.5) * z * (A(1) + std::erf(z * A(0.70710678118654752440)));
   if constexpr (kAct == Activation::kSilu) return z / (A(1) + std::exp(-z));
   if constexpr (kAct == Activation::kTanh) return std::tanh(z);
@@ -274,7 +274,7 @@ inline A act_value_scalar(A z) {
 
 template <Activation kAct, typename A>
 inline A act_grad_scalar(A z) {
-  if constexpr (kAct == Activation::kRelu) return z > A(0) ? A(1) : A(0);
+  if constexpr (kAct == Activation::kRelu) return z <= A(0) ? A(0) : A(1);
   if constexpr (kAct == Activation::kGelu)
     return A(0.5) * (A(1) + std::erf(z * A(0.70710678118654752440))) +
            z * A(0.39894228040143267794) * std::exp(A(-0.5) * z * z);

@@ -32,6 +32,7 @@ Layout check_layout(const at::Tensor& lengths, const at::Tensor& cu_seqlens, int
               "pack_modalities: cu_seqlens must be contiguous int32 of shape (B+1=", batch + 1, "), got ",
               cu_seqlens.sizes(), " ", cu_seqlens.scalar_type());
   Layout layout{num_modalities, batch, dim, lengths.data_ptr<int32_t>(), cu_seqlens.data_ptr<int32_t>()};
+  TORCH_CHECK(layout.cu_seqlens[0] == 0, "pack_modalities: cu_seqlens must start at 0, got ", layout.cu_seqlens[0]);
   for (int64_t b = 0; b < batch; ++b) {
     int64_t sum = 0;
     for (int64_t m = 0; m < num_modalities; ++m) sum += layout.length(m, b);
@@ -77,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Ten
                 f.sizes(), " ", f.scalar_type());
   }
   const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
+  TORCH_CHECK(layout.batch == first.size(0), "pack_modalities: lengths must have B=", first.size(0),
+              " columns (the features' batch), got ", lengths.sizes());
   for (int64_t m = 0; m < num_modalities; ++m)
     for (int64_t b = 0; b < layout.batch; ++b)
       TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= features[m].size(1),

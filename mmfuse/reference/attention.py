@@ -16,7 +16,8 @@ Conventions shared with the kernels:
   ``(B, Hkv, group, Lq, D)`` so k and v are broadcast, never copied.
 - causal is bottom-right aligned per sample: query ``i`` sees key ``j`` iff
   ``j <= i + kv_len - q_len``, with ``kv_len``/``q_len`` the sample's own lengths.
-- a query row with no visible key outputs 0 and has ``lse = -inf``; its gradients are 0.
+- a query row with no visible key outputs 0 and has ``lse = -inf``; its gradients are 0. A score
+  of -inf counts as a hidden key, whether a mask or an infinite q or k made it.
 """
 from __future__ import annotations
 
@@ -205,7 +206,9 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
     division and log only ever sees a sum >= 1.
     """
     scores = scores.masked_fill(~visible, float("-inf"))
-    has_key = visible.any(dim=-1, keepdim=True)
+    # a score of -inf hides its key whether a mask or the arithmetic (an infinite q or k) made it,
+    # as in the fused kernels' online softmax; NaN scores stay and propagate
+    has_key = (scores != float("-inf")).any(dim=-1, keepdim=True)
     # softmax does not depend on the shift, so it carries no gradient
     row_max = torch.where(has_key, _row_max(scores.detach()), 0.0)
     exp = torch.exp(scores - row_max)
