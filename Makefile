@@ -10,7 +10,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test triton-check cuda-check bench wheel clean
+.PHONY: install test triton-check cuda-check cpu-sanitize fuzz bench wheel clean
 
 install: $(STAMP)
 
@@ -33,6 +33,15 @@ triton-check: install
 bench: install
 	mkdir -p bench-out
 	$(PYTHON) -m mmfuse.bench.cli --json bench-out/results.json --plot bench-out/results.png --markdown bench-out/results.md $(BENCH_ARGS)
+
+# the C++ CPU kernels under ASan/UBSan, running the op tests and the fuzz suite's small cases
+cpu-sanitize: install
+	PYTHON=$(PYTHON) tools/cpu_sanitize.sh
+
+# the fuzz suite at a longer budget, random seeds (CI runs 40 examples per property, derandomized)
+fuzz: install
+	MMFUSE_FUZZ_EXAMPLES=1000 MMFUSE_FUZZ_RANDOM=1 MMFUSE_FUZZ_RAW_CASES=12000 MMFUSE_FUZZ_SEED=$$RANDOM \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 # compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
 cuda-check: install

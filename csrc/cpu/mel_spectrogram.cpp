@@ -1035,6 +1035,11 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
                   frame_offset > -kIndexLimit && frame_offset < kIndexLimit,
               "mel_spectrogram: hop * num_frames, pad, n_fft and frame_offset must stay below 2**60, got hop ", hop,
               ", num_frames ", num_frames, ", pad ", pad, ", n_fft ", n_fft, ", frame_offset ", frame_offset);
+  // work is sized by the signal: a frame that starts past the padded signal's end holds no sample
+  const int64_t frame_bound = (waveform.size(1) + 2 * pad - std::min<int64_t>(frame_offset, 0)) / hop + 2;
+  TORCH_CHECK(num_frames <= frame_bound, "mel_spectrogram: num_frames must be at most ", frame_bound,
+              " for ", waveform.size(1), " samples (hop ", hop, ", pad ", pad, ", frame_offset ", frame_offset,
+              "), got ", num_frames);
   TORCH_CHECK(lengths.has_value() == frame_lengths.has_value(),
               "mel_spectrogram: lengths and frame_lengths must be given together");
   const int64_t batch = waveform.size(0);

@@ -120,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Ten
           const scalar_t* in = src[m] + b * features[m].size(1) * dim;
           scalar_t* out = dst + row * dim;
           if (emb == nullptr) {
-            std::memcpy(out, in, sizeof(scalar_t) * n * dim);
+            // an empty tensor's data pointer may be null, and memcpy from null is undefined even for 0 bytes
+            if (n * dim > 0) std::memcpy(out, in, sizeof(scalar_t) * n * dim);
           } else {
             const scalar_t* e = emb + m * dim;
             for (int64_t t = 0; t < n; ++t)
@@ -168,8 +169,12 @@ std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at
         int64_t row = first_row(layout, b, padded, padded_len);
         for (int64_t m = 0; m < num_modalities; ++m) {
           const int64_t n = layout.length(m, b);
+          if (sizes[m] * dim == 0) {  // an empty output (its data pointer may be null): nothing to write
+            row += n;
+            continue;
+          }
           scalar_t* out = outs[m].data_ptr<scalar_t>() + b * sizes[m] * dim;
-          std::memcpy(out, src + row * dim, sizeof(scalar_t) * n * dim);
+          if (n * dim > 0) std::memcpy(out, src + row * dim, sizeof(scalar_t) * n * dim);
           std::memset(static_cast<void*>(out + n * dim), 0, sizeof(scalar_t) * (sizes[m] - n) * dim);
           row += n;
         }
