@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "cross_attention_kernel.cuh"
 
@@ -110,24 +111,30 @@ att::AttentionParams padded_params(const PaddedInputs& in, double scale, bool ca
 
 struct VarlenInputs {
   at::Tensor q, k, v, cu_q, cu_k;
+  int64_t max_q, max_k;  // the longest real sequences: the grid's size (max_seqlen is only a bound)
 };
 
 // The kernels index q/k/out through cu_seqlens and size their grid by max_seqlen, so a bad
 // prefix sum would read or write out of bounds and a short max_seqlen would leave rows
 // unwritten. Checked on the device like the CPU kernel checks them, read back in one sync.
-void check_cu_seqlens(const char* op, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t rows_q, int64_t rows_k,
-                      int64_t max_q, int64_t max_k) {
+// Returns the longest real query and key sequences, read back in the same sync.
+std::pair<int64_t, int64_t> check_cu_seqlens(const char* op, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                             int64_t rows_q, int64_t rows_k, int64_t max_q, int64_t max_k) {
   const c10::cuda::CUDAGuard guard(cu_q.device());
   auto valid = [](const at::Tensor& cu, int64_t rows, int64_t max_len) {
     const at::Tensor c = cu.to(at::kLong);
     const at::Tensor steps = c.slice(0, 1) - c.slice(0, 0, -1);
-    return c[0].eq(0) & c[-1].eq(rows) & steps.ge(0).all() & steps.le(max_len).all();
+    const at::Tensor ok = c[0].eq(0) & c[-1].eq(rows) & steps.ge(0).all() & steps.le(max_len).all();
+    const at::Tensor longest = steps.numel() > 0 ? steps.max() : at::zeros({}, c.options());
+    return at::stack({ok.to(at::kLong), longest});
   };
-  const at::Tensor ok = at::stack({valid(cu_q, rows_q, max_q), valid(cu_k, rows_k, max_k)}).cpu();
-  TORCH_CHECK(ok[0].item<bool>(), op, ": cu_seqlens_q must start at 0, be non-decreasing with steps <= max_seqlen_q (",
-              max_q, ") and end at q's ", rows_q, " rows");
-  TORCH_CHECK(ok[1].item<bool>(), op, ": cu_seqlens_k must start at 0, be non-decreasing with steps <= max_seqlen_k (",
-              max_k, ") and end at k's ", rows_k, " rows");
+  const at::Tensor got = at::stack({valid(cu_q, rows_q, max_q), valid(cu_k, rows_k, max_k)}).cpu();
+  const int64_t* g = got.data_ptr<int64_t>();
+  TORCH_CHECK(g[0] != 0, op, ": cu_seqlens_q must start at 0, be non-decreasing with steps <= max_seqlen_q (", max_q,
+              ") and end at q's ", rows_q, " rows");
+  TORCH_CHECK(g[2] != 0, op, ": cu_seqlens_k must start at 0, be non-decreasing with steps <= max_seqlen_k (", max_k,
+              ") and end at k's ", rows_k, " rows");
+  return {g[1], g[3]};
 }
 
 VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -140,15 +147,15 @@ VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor
   }
   TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
   TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, ", ", max_k);
-  check_cu_seqlens(op, cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
-  return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous()};
+  const auto [longest_q, longest_k] = check_cu_seqlens(op, cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous(), longest_q, longest_k};
 }
 
-att::AttentionParams varlen_params(const VarlenInputs& in, int64_t max_q, int64_t max_k, double scale, bool causal) {
+att::AttentionParams varlen_params(const VarlenInputs& in, double scale, bool causal) {
   att::AttentionParams p = base_params(in.q, in.k, in.v, scale, causal);
   p.batch = static_cast<int>(in.cu_q.size(0) - 1);
-  p.len_q = max_q;
-  p.len_k = max_k;
+  p.len_q = in.max_q;
+  p.len_k = in.max_k;
   p.lse_len = in.q.size(0);
   p.q_rows = in.q.size(0);
   p.cu_seqlens_q = in.cu_q.data_ptr<int32_t>();
@@ -259,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cuda(const at::Ten
                                                                    int64_t max_seqlen_k, double scale, bool causal) {
   const char* op = "cross_attention_varlen_fwd";
   const VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return run_forward(op, varlen_params(in, max_seqlen_q, max_seqlen_k, scale, causal), in.q, {q.size(1), q.size(0)});
+  return run_forward(op, varlen_params(in, scale, causal), in.q, {q.size(1), q.size(0)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cuda(
@@ -268,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cuda(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal) {
   const char* op = "cross_attention_varlen_bwd";
   const VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return run_backward(op, varlen_params(in, max_seqlen_q, max_seqlen_k, scale, causal), grad_out, grad_lse, in.q,
+  return run_backward(op, varlen_params(in, scale, causal), grad_out, grad_lse, in.q,
                       in.k, in.v, out, lse, {q.size(1), q.size(0)});
 }
 

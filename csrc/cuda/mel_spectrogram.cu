@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -35,8 +37,8 @@ void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* na
 
 void check_arguments(const at::Tensor& waveform, const at::Tensor& window, const at::Tensor& mel_fb,
                      const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& frame_lengths,
-                     int64_t num_frames, int64_t n_fft, int64_t hop, int64_t pad, int64_t pad_mode, double power,
-                     int64_t log_mode, int64_t energy_mode) {
+                     int64_t num_frames, int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad,
+                     int64_t pad_mode, double power, int64_t log_mode, int64_t energy_mode) {
   TORCH_CHECK(waveform.is_cuda() && waveform.dim() == 2 && waveform.is_contiguous(), kOp,
               ": waveform must be a contiguous CUDA (B, T) tensor, got ", waveform.sizes(), " on ", waveform.device());
   TORCH_CHECK(waveform.scalar_type() == at::kFloat || waveform.scalar_type() == at::kDouble, kOp,
@@ -60,7 +62,20 @@ void check_arguments(const at::Tensor& waveform, const at::Tensor& window, const
               "Whisper), not the dB (3) or offset (4) logs of MFCC; use backend='cpu', 'triton' or 'reference'; got ",
               log_mode);
   TORCH_CHECK(energy_mode >= 0 && energy_mode <= 2, kOp, ": energy_mode code must be 0..2, got ", energy_mode);
-  TORCH_CHECK(power > 0.0, kOp, ": power must be > 0, got ", power);
+  TORCH_CHECK(power > 0.0 && std::isfinite(power), kOp, ": power must be a finite number > 0, got ", power);
+  constexpr int64_t kIndexLimit = int64_t(1) << 60;
+  TORCH_CHECK(pad < kIndexLimit && frame_offset > -kIndexLimit && frame_offset < kIndexLimit, kOp,
+              ": pad and frame_offset must stay below 2**60, got ", pad, ", ", frame_offset);
+  // work is sized by the signal, as on the CPU: a frame past the padded signal's end holds no sample
+  const int64_t frame_bound = (waveform.size(1) + 2 * pad - std::min<int64_t>(frame_offset, 0)) / hop + 2;
+  TORCH_CHECK(num_frames <= frame_bound, kOp, ": num_frames must be at most ", frame_bound, " for ", waveform.size(1),
+              " samples (hop ", hop, ", pad ", pad, ", frame_offset ", frame_offset, "), got ", num_frames);
+  // torch.stft's rule for center padding (the CPU kernel's check_edge_padding)
+  const bool edge = frame_offset < 0 && (pad_mode == 1 || pad_mode == 2);
+  const int64_t edge_need = pad_mode == 1 ? -frame_offset + 1 : 1;
+  TORCH_CHECK(!edge || lengths.has_value() || waveform.size(1) + 2 * pad >= edge_need, kOp, ": waveform: pad_mode ",
+              pad_mode == 1 ? "reflect" : "replicate", " with center padding of ", -frame_offset, " needs at least ",
+              edge_need - 2 * pad, " samples per item, got ", waveform.size(1));
   TORCH_CHECK(lengths.has_value() == frame_lengths.has_value(), kOp,
               ": lengths and frame_lengths must be given together");
   TORCH_CHECK(waveform.size(0) <= 65535, kOp, ": the CUDA kernel takes at most 65535 items, got ", waveform.size(0));
@@ -72,12 +87,17 @@ void check_arguments(const at::Tensor& waveform, const at::Tensor& window, const
                   kOp, ": ", name, " must be contiguous int64 (B=", waveform.size(0), "), got ", t->sizes(), " ",
                   t->scalar_type());
     }
-    // one read-back: {lengths in [0, T], frame_lengths in [0, num_frames]}
+    // one read-back: {lengths in [0, T], frame_lengths in [0, num_frames], every item long enough for its edges}
     const at::Tensor ok = at::stack({(lengths->ge(0) & lengths->le(waveform.size(1))).all(),
-                                     (frame_lengths->ge(0) & frame_lengths->le(num_frames)).all()})
+                                     (frame_lengths->ge(0) & frame_lengths->le(num_frames)).all(),
+                                     edge ? lengths->ge(edge_need - 2 * pad).all() : at::ones({}, lengths->options())
+                                                                                        .to(at::kBool)})
                               .cpu();
     TORCH_CHECK(ok[0].item<bool>(), kOp, ": lengths must lie in [0, ", waveform.size(1), "]");
     TORCH_CHECK(ok[1].item<bool>(), kOp, ": frame_lengths must lie in [0, num_frames=", num_frames, "]");
+    TORCH_CHECK(ok[2].item<bool>(), kOp, ": lengths: pad_mode ", pad_mode == 1 ? "reflect" : "replicate",
+                " with center padding of ", -frame_offset, " needs at least ", edge_need - 2 * pad,
+                " samples per item");
   }
 }
 
@@ -162,7 +182,7 @@ void plan(MelParams<T>& p, const at::Tensor& waveform, bool backward, MelWorkspa
 }
 
 at::Tensor mel_spectrogram_cuda(MMFUSE_MEL_ARGS_DECL) {
-  check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, pad, pad_mode, power,
+  check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode, power,
                   log_mode, energy_mode);
   refuse_unimplemented(dct, top_db, complex_out);
   const c10::cuda::CUDAGuard guard(waveform.device());
@@ -183,7 +203,7 @@ at::Tensor mel_spectrogram_cuda(MMFUSE_MEL_ARGS_DECL) {
 }
 
 at::Tensor mel_spectrogram_backward_cuda(const at::Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
-  check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, pad, pad_mode, power,
+  check_arguments(waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode, power,
                   log_mode, energy_mode);
   refuse_unimplemented(dct, top_db, complex_out);
   check_on_device(grad, waveform, "grad");

@@ -226,7 +226,7 @@ def _forward_kernel(
             p = tl.where(_keep(Philox, prob_row0, offs_m, start_n, seq_k, keep_thr, BLOCK_M, BLOCK_N), p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
         m_i = m_new
-    has_key = l_i > 0.0
+    has_key = (l_i > 0.0) | (l_i != l_i)  # a NaN sum (a NaN visible score) keeps its NaN
     out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
     tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=q_ok)
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
@@ -447,6 +447,20 @@ class _Extras:
         return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0)
 
 
+def _zero_hidden_keys(k, v, key_padding_mask, extras):
+    """k, v with the rows of keys that no query sees (the padding mask, or an attention mask that
+    hides them from every query) zeroed: a tile product multiplies every key of the tile, and
+    0 · NaN would let a hidden key's NaN or inf through (the C++ kernel's ``key_rows``)."""
+    hidden = key_padding_mask
+    if extras.bias is not None:
+        all_hidden = (extras.bias == float("-inf")).flatten(1, 2).all(1)
+        hidden = all_hidden if hidden is None else hidden | all_hidden
+    if hidden is None:
+        return k, v
+    hidden = hidden.expand(k.shape[0], k.shape[1])[:, :, None, None]
+    return k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
+
+
 def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32, extras=None):
     extras = extras or _Extras()
     heads_q, heads_kv, dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -571,6 +585,7 @@ def cross_attention_fwd_triton(
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
     extras = _Extras(q, k, attn_mask, dropout_p, philox)
+    k, v = _zero_hidden_keys(k, v, key_padding_mask, extras)
     return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32,
                     (q.shape[0], q.shape[2], q.shape[1]), extras)
 
@@ -585,6 +600,7 @@ def cross_attention_bwd_triton(
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
     extras = _Extras(q, k, attn_mask, dropout_p, philox)
+    k, v = _zero_hidden_keys(k, v, key_padding_mask, extras)
     return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32,
                      extras)
 
