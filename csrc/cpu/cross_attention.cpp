@@ -754,10 +754,30 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
 // k, v (B, Lk, Hkv, D) in the compute type, contiguous, with the rows of keys that no query can
 // see (hidden: (B or 1, Lk) bool, or undefined) zeroed in a copy: a score tile or a product with
 // V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
+// The copy is made only when a hidden row holds a non-finite value: finding that out reads the
+// hidden rows once, where zeroing every call would read and write all of k and v.
 at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hidden) {
   const at::Tensor c = t.to(ct).contiguous();
   if (!hidden.defined()) return c;
-  return c.masked_fill(hidden.expand({t.size(0), t.size(1)}).view({t.size(0), t.size(1), 1, 1}), 0);
+  const at::Tensor mask = hidden.expand({t.size(0), t.size(1)}).contiguous();
+  const bool* h = mask.data_ptr<bool>();
+  const int64_t rows = mask.numel(), row_size = t.size(2) * t.size(3);
+  std::atomic<bool> dirty{false};
+  AT_DISPATCH_FLOATING_TYPES(ct, "key_rows", [&] {
+    const scalar_t* data = c.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1 && !dirty.load(std::memory_order_relaxed); ++r) {
+        if (!h[r]) continue;
+        const scalar_t* row = data + r * row_size;
+        for (int64_t e = 0; e < row_size; ++e)
+          if (!std::isfinite(row[e])) {
+            dirty = true;
+            break;
+          }
+      }
+    });
+  });
+  return dirty ? c.masked_fill(mask.view({t.size(0), t.size(1), 1, 1}), 0) : c;
 }
 
 // (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
