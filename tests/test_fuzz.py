@@ -379,6 +379,65 @@ def test_fuzz_spectrograms(case):
                   defect, rtol=tol, atol=atol)
 
 
+@st.composite
+def front_end_case(draw):
+    """mfcc, whisper_log_mel, kaldi_fbank and amplitude_to_db: presets whose few free arguments
+    are drawn, with silent stretches and per-item lengths."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    fn = draw(st.sampled_from(["mfcc", "whisper_log_mel", "kaldi_fbank", "amplitude_to_db"]))
+    batch = draw(st.integers(1, 3))
+    samples = draw(st.integers(401, 1700))
+    wave = tensor_of(draw, (batch, samples), dtype)
+    if draw(st.booleans()):
+        wave[:, : samples // 3] = 0
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    lengths = torch.randint(401, samples + 1, (batch,), generator=gen) if draw(st.booleans()) else None
+    kw = dict(lengths=lengths)
+    if fn == "mfcc":
+        kw.update(sample_rate=8000, n_mfcc=draw(st.integers(2, 13)), log_mels=draw(st.booleans()),
+                  melkwargs=dict(n_fft=draw(st.sampled_from([64, 100])), n_mels=20, f_max=3900.0))
+    elif fn == "whisper_log_mel":
+        kw.update(n_mels=draw(st.sampled_from([80, 128])))
+    elif fn == "kaldi_fbank":
+        kw.update(num_mel_bins=draw(st.integers(5, 23)), snip_edges=draw(st.booleans()),
+                  use_energy=draw(st.booleans()), sample_frequency=8000.0)
+    else:
+        kw = dict(stype=draw(st.sampled_from(["power", "magnitude"])), top_db=draw(st.sampled_from([None, 80.0])))
+        wave = wave.abs()
+    defect = draw(st.sampled_from([None, None, "lengths", "waveform"]))
+    if fn == "amplitude_to_db" and defect is not None:
+        defect, kw["top_db"] = "top_db", draw(st.sampled_from([-1.0, math.inf, math.nan]))
+    elif defect == "lengths":
+        kw["lengths"] = draw(st.sampled_from([torch.full((batch,), samples + 1), torch.full((batch,), -1),
+                                              torch.ones(batch)]))
+    elif defect == "waveform":
+        wave = wave.int()
+        defect = "audio" if fn == "whisper_log_mel" else "waveform"
+    return fn, wave, kw, defect
+
+
+@FUZZ
+@given(case=front_end_case())
+def test_fuzz_front_ends(case):
+    fn, wave, kw, defect = case
+    tol = 1e-8 if wave.dtype == torch.float64 else 2e-3
+    if fn == "amplitude_to_db":  # no backend argument: one implementation, checked against its formula
+        call = lambda: mmfuse.amplitude_to_db(wave, **kw)  # noqa: E731
+        scale = 10.0 if kw.get("stype") == "power" else 20.0
+
+        def reference():
+            x = scale * torch.log10(wave.clamp_min(1e-10))
+            if kw.get("top_db") is not None:
+                x = torch.maximum(x, x.amax(dim=(-2, -1), keepdim=True) - kw["top_db"])
+            return x
+
+        check_outcome(call, call if defect else reference, defect, rtol=tol, atol=tol)
+        return
+    f = getattr(mmfuse, fn)
+    check_outcome(lambda: f(wave, backend="cpu", **kw), lambda: f(wave, backend="reference", **kw),
+                  defect, rtol=tol, atol=50 * tol)
+
+
 # ----------------------------------------------------------------------------- registered ops, in child processes
 
 RAW_CASES = int(os.environ.get("MMFUSE_FUZZ_RAW_CASES", "1200"))
