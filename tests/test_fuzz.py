@@ -46,6 +46,12 @@ def layout(t: torch.Tensor, how: str) -> torch.Tensor:
     return t
 
 
+def check_backends(fn, *args, defect, rtol, atol, **kw):
+    """``fn(*args, **kw)`` on the C++ backend against the reference (see :func:`check_outcome`)."""
+    check_outcome(lambda: fn(*args, backend="cpu", **kw), lambda: fn(*args, backend="reference", **kw),
+                  defect, rtol=rtol, atol=atol)
+
+
 def check_outcome(call, reference, defect, *, rtol, atol):
     """``call()`` against ``reference()``: both raise naming ``defect``, or both agree."""
     if defect is not None:
@@ -141,9 +147,7 @@ def attention_case(draw):
 def test_fuzz_cross_attention(case):
     q, k, v, kw, defect = case
     tol = 1e-10 if q.dtype == torch.float64 else 2e-5
-    check_outcome(lambda: mmfuse.cross_attention(q, k, v, return_lse=True, backend="cpu", **kw),
-                  lambda: mmfuse.cross_attention(q, k, v, return_lse=True, backend="reference", **kw),
-                  defect, rtol=tol, atol=tol)
+    check_backends(mmfuse.cross_attention, q, k, v, return_lse=True, defect=defect, rtol=tol, atol=tol, **kw)
 
 
 @st.composite
@@ -181,11 +185,8 @@ def test_fuzz_cross_attention_varlen(case):
     q, k, v, cu_q, cu_k, max_q, max_k, causal, defect = case
     tol = 1e-10 if q.dtype == torch.float64 else 2e-5
 
-    def run(backend):
-        return lambda: mmfuse.cross_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
-                                                     return_lse=True, backend=backend)
-
-    check_outcome(run("cpu"), run("reference"), defect, rtol=tol, atol=tol)
+    check_backends(mmfuse.cross_attention_varlen, q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_lse=True,
+                   defect=defect, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -285,9 +286,7 @@ def fusion_case(draw):
 def test_fuzz_fused_concat_linear(case):
     xs, weight, bias, activation, defect = case
     tol = 1e-12 if weight.dtype == torch.float64 else 1e-5
-    check_outcome(lambda: mmfuse.fused_concat_linear(xs, weight, bias, activation, backend="cpu"),
-                  lambda: mmfuse.fused_concat_linear(xs, weight, bias, activation, backend="reference"),
-                  defect, rtol=tol, atol=tol)
+    check_backends(mmfuse.fused_concat_linear, xs, weight, bias, activation, defect=defect, rtol=tol, atol=tol)
 
 
 @st.composite
@@ -322,9 +321,7 @@ def combine_case(draw):
 def test_fuzz_combine_modalities(case):
     projected, mode, kw, defect = case
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[projected[0].dtype]
-    check_outcome(lambda: mmfuse.combine_modalities(projected, mode, backend="cpu", **kw),
-                  lambda: mmfuse.combine_modalities(projected, mode, backend="reference", **kw),
-                  defect, rtol=tol, atol=tol)
+    check_backends(mmfuse.combine_modalities, projected, mode, defect=defect, rtol=tol, atol=tol, **kw)
 
 
 # ----------------------------------------------------------------------------- spectrograms
@@ -375,8 +372,7 @@ def test_fuzz_spectrograms(case):
     # |X| ** p for p < 1 magnifies the DFT's rounding near |X| = 0 (d/dx x^p is unbounded there):
     # an error e in |X|² becomes e ** (p / 2) in the output
     atol = tol ** (kw["power"] / 2) if isinstance(kw["power"], float) and 0 < kw["power"] < 2 else tol
-    check_outcome(lambda: fn(wave, backend="cpu", **kw), lambda: fn(wave, backend="reference", **kw),
-                  defect, rtol=tol, atol=atol)
+    check_backends(fn, wave, defect=defect, rtol=tol, atol=atol, **kw)
 
 
 @st.composite
@@ -434,8 +430,7 @@ def test_fuzz_front_ends(case):
         check_outcome(call, call if defect else reference, defect, rtol=tol, atol=tol)
         return
     f = getattr(mmfuse, fn)
-    check_outcome(lambda: f(wave, backend="cpu", **kw), lambda: f(wave, backend="reference", **kw),
-                  defect, rtol=tol, atol=50 * tol)
+    check_backends(f, wave, defect=defect, rtol=tol, atol=50 * tol, **kw)
 
 
 # ----------------------------------------------------------------------------- registered ops, in child processes
