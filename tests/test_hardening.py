@@ -159,21 +159,52 @@ def test_nan_in_a_query_or_a_visible_key_propagates(backend):
     q, k, v = (t.to(device_for(backend)) for t in (q, k, v))
     causal_k = 11
     q[1, 3, 2, 5] = NAN  # query row (1, 3, head 2)
-    k[2, 4, 0, 1] = NAN  # key 4 of sample 2, kv head 0 (query heads 0, 1)
+    k[2, 9, 0, 1] = NAN  # key 9 of sample 2, kv head 0 (query heads 0, 1): causally seen by queries 5, 6 only
     out, lse = mmfuse.cross_attention(q, k, v, causal=True, return_lse=True, backend=backend)
     ref_out, ref_lse = mmfuse.cross_attention(q, k, v, causal=True, return_lse=True, backend="reference")
     out, lse = out.cpu(), lse.cpu()
     ref_out, ref_lse = ref_out.cpu(), ref_lse.cpu()
     nan_rows = torch.zeros(3, 7, 4, dtype=torch.bool)
     nan_rows[1, 3, 2] = True
-    # causal, bottom-right: query i of sample 2 sees key 4 iff 4 <= i + 11 - 7
+    # causal, bottom-right: query i of sample 2 sees key 9 iff 9 <= i + 11 - 7
     for i in range(7):
-        if 4 <= i + causal_k - 7:
+        if 9 <= i + causal_k - 7:
             nan_rows[2, i, :2] = True
+    assert nan_rows[2, :, 0].sum() == 2
     assert out.isnan().any(-1).eq(nan_rows).all()
     assert lse.isnan().eq(nan_rows.permute(0, 2, 1)).all()
     torch.testing.assert_close(out, ref_out, equal_nan=True, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse, ref_lse, equal_nan=True, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_keys_hidden_by_causal_and_attn_mask_together_never_influence_anything(backend):
+    """Key 3 is causally visible only to the last query, and the mask hides it from that one."""
+    q, k, v = _on(backend, *_attention_inputs(11, batch=2, len_q=4, len_k=4))
+    mask = torch.zeros(4, 4, dtype=torch.bool, device=q.device)
+    mask[3, 3] = True
+    clean = _grads(backend, q, k, v, causal=True, attn_mask=mask)
+    k[:, 3], v[:, 3] = NAN, INF
+    dirty = _grads(backend, q, k, v, causal=True, attn_mask=mask)
+    for name, want, got in zip(("out", "dq", "dk", "dv"), clean, dirty):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_hidden_keys_get_zero_gradient_in_a_nan_row(backend):
+    """A NaN query row is NaN, but the keys it cannot see still get exactly 0 gradient from it."""
+    q, k, v = _on(backend, *_attention_inputs(5, batch=1, len_q=5, len_k=9))
+    q[0, 2, :, 3] = NAN
+    kpm = torch.zeros(1, 9, dtype=torch.bool, device=q.device)
+    kpm[0, [1, 6]] = True
+    out, dq, dk, dv = _grads(backend, q, k, v, key_padding_mask=kpm, causal=True)
+    ref = _grads("reference", q, k, v, key_padding_mask=kpm, causal=True)
+    assert out[0, 2].isnan().all() and torch.isfinite(out[0, :2]).all()
+    assert (dk[0, [1, 6]] == 0).all() and (dv[0, [1, 6]] == 0).all()
+    for name, want, got in zip(("out", "dq", "dk", "dv"), ref, (out, dq, dk, dv)):
+        assert torch.equal(got.isnan(), want.isnan()), name
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

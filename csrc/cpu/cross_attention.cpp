@@ -92,6 +92,13 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
   using Vec = at::vec::Vectorized<T>;
   T sum = 0;
   int64_t i = 0;
+  if (std::isnan(shift)) {  // a NaN row (NaN q, or a NaN visible score): hidden keys still get exactly 0
+    for (; i < n; ++i) {
+      x[i] = x[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::numeric_limits<T>::quiet_NaN();
+      sum += x[i];
+    }
+    return sum;
+  }
   if constexpr (std::is_same_v<T, float>) {
     // fp32: a 20-ulp polynomial exp, well inside the 1e-4 relative budget
     Vec acc(0.f);
@@ -435,11 +442,15 @@ void recompute_probs(const Problem& p, const Sample& s, int64_t h, int64_t i0, i
   }
 }
 
-// dS = P ∘ (dP - delta) in place of dP, per row.
+// dS = P ∘ (dP - delta) in place of dP, per row; 0 where P is 0 (a hidden key), also when a NaN
+// row's delta is NaN: a hidden key's gradient is exactly 0, as the reference's.
 template <typename T>
 void softmax_backward(int64_t rows, int64_t cols, const T* P, T* dP, const T* delta) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dP[r * cols + c] = P[r * cols + c] * (dP[r * cols + c] - delta[r]);
+    for (int64_t c = 0; c < cols; ++c) {
+      const T p = P[r * cols + c];
+      dP[r * cols + c] = p == T(0) ? T(0) : p * (dP[r * cols + c] - delta[r]);
+    }
 }
 
 // One (rows, cols) tile of the backward, shared by both schedules: recompute P, then
@@ -626,6 +637,10 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                 ": q, k, v must be CPU tensors of rank ", ndim, " and one dtype, got ", t->sizes(), " ",
                 t->scalar_type());
   }
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q, k, v must be floating point, got ", q.scalar_type());
+  // the BLAS takes int sizes and leading dimensions: a token row (Hq * D elements) must fit
+  TORCH_CHECK(q.size(-2) * q.size(-1) <= std::numeric_limits<int>::max(), op,
+              ": q's heads * head dim must be at most 2**31 - 1, got ", q.size(-2) * q.size(-1));
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-1) > 0 && k.size(-2) > 0 &&
                   q.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
@@ -782,11 +797,24 @@ at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hi
 
 // (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
 // form, -inf where hidden); undefined when neither can hide a key.
-at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias) {
+// With causal, a key the attention mask hides from every query the causal rule lets see it is hidden
+// too: query i of sample b sees key j causally iff j <= i + kv_len[b] - Lq.
+at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias, bool causal,
+                       const Problem& p) {
   at::Tensor hidden;
   if (key_padding_mask) hidden = *key_padding_mask;
   if (attn_bias.defined()) {
-    const at::Tensor all = (attn_bias == -std::numeric_limits<double>::infinity()).flatten(1, 2).all(1);
+    at::Tensor masked = attn_bias == -std::numeric_limits<double>::infinity();  // (B or 1, Hq or 1, Lq, Lk)
+    if (causal) {
+      const int64_t len_q = attn_bias.size(2), len_k = attn_bias.size(3);
+      std::vector<int64_t> k_lens;
+      for (const Sample& s : p.samples) k_lens.push_back(s.k_len);
+      const auto opts = attn_bias.options().dtype(at::kLong);
+      const at::Tensor kv = at::tensor(k_lens, opts).view({-1, 1, 1, 1});
+      const at::Tensor i = at::arange(len_q, opts).view({1, 1, -1, 1}), j = at::arange(len_k, opts).view({1, 1, 1, -1});
+      masked = masked.logical_or(j > i + kv - len_q);  // (B, Hq or 1, Lq, Lk)
+    }
+    const at::Tensor all = masked.flatten(1, 2).all(1);
     hidden = hidden.defined() ? hidden.logical_or(all) : all;
   }
   return hidden;
@@ -843,6 +871,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
                        oc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), lc.numel(), dq.data_ptr<scalar_t>(),
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
+  if (hidden.defined()) {  // exactly 0 for keys no query sees, also when a NaN query row multiplies their dS = 0
+    const at::Tensor rows = hidden.expand({k.size(0), k.size(1)}).view({k.size(0), k.size(1), 1, 1});
+    dk.masked_fill_(rows, 0);
+    dv.masked_fill_(rows, 0);
+  }
   const auto st = q.scalar_type();
   return {dq.to(st), dk.to(st), dv.to(st)};
 }
@@ -859,7 +892,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, 
   const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
   Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
-  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias));
+  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias, causal, p));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
@@ -874,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
   Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
   add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)},
-                      hidden_keys(key_padding_mask, attn_bias));
+                      hidden_keys(key_padding_mask, attn_bias, causal, p));
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,

@@ -1017,8 +1017,11 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
               "mel_spectrogram: Kaldi's energy column is not combined with the dB/offset logs, dct or complex_out");
   TORCH_CHECK(!complex_out || (!dct && log_mode == kNoLog && !frames_major),
               "mel_spectrogram: complex_out takes no log, no dct and frames_major=False");
+  TORCH_CHECK(mel_fb.size(1) >= 1, "mel_spectrogram: mel_fb must have at least one filter, got ", mel_fb.sizes());
   if (dct) {
-    TORCH_CHECK(dct->dim() == 2 && dct->size(0) == mel_fb.size(1) && dct->is_contiguous() &&
+    TORCH_CHECK(log_mode == kDbLog || log_mode == kOffsetLog, "mel_spectrogram: dct takes log_mode 3 (dB) or 4 ",
+                "(offset), got ", log_mode);
+    TORCH_CHECK(dct->dim() == 2 && dct->size(1) >= 1 && dct->size(0) == mel_fb.size(1) && dct->is_contiguous() &&
                     dct->scalar_type() == waveform.scalar_type() && dct->device().is_cpu(),
                 "mel_spectrogram: dct must be a contiguous CPU (n_mels=", mel_fb.size(1),
                 ", n_mfcc) tensor in the waveform's dtype, got ", dct->sizes(), " ", dct->scalar_type());
@@ -1111,6 +1114,7 @@ std::vector<int64_t> output_shape(const Options& o) {
 at::Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
   at::Tensor out = at::empty(output_shape(o), waveform.options());
+  if (out.numel() == 0) return out;  // no plan (its FFT tables are sized by n_fft) for no output
   AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_cpu", [&] {
     const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
                               mel_fb.data_ptr<scalar_t>(),
@@ -1128,6 +1132,7 @@ at::Tensor mel_spectrogram_backward_cpu(const at::Tensor& grad, MMFUSE_MEL_ARGS_
               grad.sizes());
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_wave = at::zeros_like(waveform);
+  if (g.numel() == 0) return grad_wave;
   AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_backward_cpu", [&] {
     const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
                               mel_fb.data_ptr<scalar_t>(),

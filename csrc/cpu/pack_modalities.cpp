@@ -17,7 +17,7 @@ struct Layout {
   const int32_t* lengths;     // (M, B)
   const int32_t* cu_seqlens;  // (B + 1)
   int32_t length(int64_t m, int64_t b) const { return lengths[m * batch + b]; }
-  int32_t seqlen(int64_t b) const { return cu_seqlens[b + 1] - cu_seqlens[b]; }
+  int64_t seqlen(int64_t b) const { return int64_t(cu_seqlens[b + 1]) - cu_seqlens[b]; }  // no int32 overflow
 };
 
 Layout check_layout(const at::Tensor& lengths, const at::Tensor& cu_seqlens, int64_t num_modalities,

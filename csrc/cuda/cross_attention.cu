@@ -81,10 +81,13 @@ PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor
   PaddedInputs in{dense(q), dense(k), dense(v), {}, {}};
   if (kv_lens) {
     TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == q.size(0) && kv_lens->device() == q.device() &&
-                    !at::isFloatingType(kv_lens->scalar_type()),
+                    at::isIntegralType(kv_lens->scalar_type(), /*includeBool=*/false),
                 op, ": kv_lens must be an integer (B=", q.size(0), ",) tensor on ", q.device(), ", got ",
                 kv_lens->sizes(), " ", kv_lens->scalar_type(), " on ", kv_lens->device());
-    in.kv_lens = kv_lens->to(at::kInt).contiguous();  // the kernel clamps each to [0, Lk]
+    // range-checked before the narrowing to int32 (one read-back), as on the CPU
+    TORCH_CHECK((kv_lens->ge(0) & kv_lens->le(k.size(1))).all().item<bool>(), op, ": kv_lens must lie in [0, ",
+                k.size(1), "]");
+    in.kv_lens = kv_lens->to(at::kInt).contiguous();
   }
   if (key_padding_mask) {
     TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
@@ -93,6 +96,11 @@ PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor
                 op, ": key_padding_mask must be a bool (B, Lk) = (", k.size(0), ", ", k.size(1), ") tensor on ",
                 q.device(), ", got ", key_padding_mask->sizes(), " ", key_padding_mask->scalar_type());
     in.mask = key_padding_mask->contiguous();
+    // a hidden key never influences anything, whatever it holds: the tile products multiply every
+    // key of a tile, and 0 · NaN would let a masked key's NaN or inf through (as on the CPU and Triton)
+    const at::Tensor hidden = in.mask.view({k.size(0), k.size(1), 1, 1});
+    in.k = in.k.masked_fill(hidden, 0);
+    in.v = in.v.masked_fill(hidden, 0);
   }
   return in;
 }

@@ -213,7 +213,9 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
     row_max = torch.where(has_key, _row_max(scores.detach()), 0.0)
     exp = torch.exp(scores - row_max)
     row_sum = torch.where(has_key, exp.sum(dim=-1, keepdim=True), 1.0)
-    probs = exp / row_sum
+    # 0 where the score is -inf even when the row's shift and sum are NaN (a NaN query or visible
+    # score): a hidden key's probability, and so its gradient, is exactly 0 on every row
+    probs = torch.where(scores == float("-inf"), 0.0, exp / row_sum)
     lse = torch.where(has_key, row_max + torch.log(row_sum), float("-inf"))
     return probs, lse.squeeze(-1)
 

@@ -140,8 +140,10 @@ def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head,
     """(BLOCK_M, BLOCK_N) scaled scores (+ the attention mask tile), -inf where the key is hidden."""
     s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale
     visible = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
-    if HAS_BIAS:  # bias_head: this (sample, head)'s (Lq, Lk) float32 mask
-        s += tl.load(bias_head + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], mask=visible, other=0.0)
+    if HAS_BIAS:  # bias_head: this (sample, head)'s (Lq, Lk) float32 mask; -inf hides whatever q·k gave
+        bias = tl.load(bias_head + offs_m[:, None].to(tl.int64) * seq_k + offs_n[None, :], mask=visible, other=0.0)
+        s += bias
+        visible = visible & (bias != float("-inf"))
     if HAS_MASK:
         ignored = tl.load(mask_row + offs_n, mask=offs_n < k_len, other=1)
         visible = visible & (ignored == 0)[None, :]
@@ -219,7 +221,7 @@ def _forward_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - shift[:, None])
+        p = tl.where(s == float("-inf"), 0.0, tl.exp(s - shift[:, None]))  # 0 for hidden keys, also in a NaN row
         alpha = tl.exp(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the row sums use the undropped P, the PV product P ∘ keep / (1 - p)
@@ -239,7 +241,7 @@ def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_h
     """P = exp(s - lse); rows with lse = -inf (no visible key) give 0."""
     s = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, seq_k,
                 HAS_MASK, CAUSAL, PRECISION, HAS_BIAS)
-    return tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
+    return tl.where(s == float("-inf"), 0.0, tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None]))
 
 
 _DELTA_BLOCK_M, _DELTA_BLOCK_M_INTERPRETED = 64, 16
@@ -328,7 +330,7 @@ def _dkdv_kernel(
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # hidden: exactly 0
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dK + kv_off, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
     tl.store(dV + kv_off, dv.to(dV.dtype.element_ty), mask=kv_ok)
@@ -375,7 +377,7 @@ def _dq_kernel(
         dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
         if DROPOUT:
             dp = tl.where(_keep(Philox, prob_row0, offs_m, start_n, seq_k, keep_thr, BLOCK_M, BLOCK_N), dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # hidden: exactly 0
         dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
     tl.store(dQ + q_off, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
 
@@ -447,18 +449,29 @@ class _Extras:
         return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0)
 
 
-def _zero_hidden_keys(k, v, key_padding_mask, extras):
-    """k, v with the rows of keys that no query sees (the padding mask, or an attention mask that
-    hides them from every query) zeroed: a tile product multiplies every key of the tile, and
-    0 · NaN would let a hidden key's NaN or inf through (the C++ kernel's ``key_rows``)."""
+def _zero_rows(hidden, *tensors):
+    """The (B, Lk, H, D) tensors with the rows of hidden keys zeroed (unchanged when None): a tile
+    product multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf
+    through (the C++ kernel's ``key_rows``)."""
+    if hidden is None:
+        return tensors
+    return tuple(t.masked_fill(hidden, 0) for t in tensors)
+
+
+def _hidden_keys(k, key_padding_mask, extras, causal, samples):
+    """Bool (B, Lk, 1, 1): keys no query sees (the padding mask, or an attention mask that hides
+    them from every query the causal rule lets see them), or None."""
     hidden = key_padding_mask
     if extras.bias is not None:
-        all_hidden = (extras.bias == float("-inf")).flatten(1, 2).all(1)
+        masked = extras.bias == float("-inf")
+        if causal:  # keys the mask hides from every query that causally sees them
+            len_q, len_k = masked.shape[-2:]
+            i, j = torch.arange(len_q, device=k.device)[:, None], torch.arange(len_k, device=k.device)
+            kv_len = samples.vectors[3].long()[:, None, None, None]
+            masked = masked | (j > i + kv_len - len_q)
+        all_hidden = masked.flatten(1, 2).all(1)
         hidden = all_hidden if hidden is None else hidden | all_hidden
-    if hidden is None:
-        return k, v
-    hidden = hidden.expand(k.shape[0], k.shape[1])[:, :, None, None]
-    return k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
+    return None if hidden is None else hidden.expand(k.shape[0], k.shape[1])[:, :, None, None]
 
 
 def _common_args(q, k, samples, key_padding_mask, scale, causal, allow_tf32, extras=None):
@@ -585,7 +598,7 @@ def cross_attention_fwd_triton(
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
     extras = _Extras(q, k, attn_mask, dropout_p, philox)
-    k, v = _zero_hidden_keys(k, v, key_padding_mask, extras)
+    k, v = _zero_rows(_hidden_keys(k, key_padding_mask, extras, causal, samples), k, v)
     return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32,
                     (q.shape[0], q.shape[2], q.shape[1]), extras)
 
@@ -600,9 +613,13 @@ def cross_attention_bwd_triton(
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``)."""
     samples = _padded_samples(q, k, kv_lens)
     extras = _Extras(q, k, attn_mask, dropout_p, philox)
-    k, v = _zero_hidden_keys(k, v, key_padding_mask, extras)
-    return _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal, allow_tf32,
-                     extras)
+    hidden = _hidden_keys(k, key_padding_mask, extras, causal, samples)
+    k, v = _zero_rows(hidden, k, v)
+    dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal,
+                           allow_tf32, extras)
+    # exactly 0 for keys no query sees, also when a NaN query row multiplies their dS = 0
+    dk, dv = _zero_rows(hidden, dk, dv)
+    return dq, dk, dv
 
 
 @triton_custom_op("mmfuse::cross_attention_varlen_fwd_triton", fake=fake_varlen_fwd, triton_only_args=1)
