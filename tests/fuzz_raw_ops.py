@@ -27,7 +27,8 @@ def attention_args(r: random.Random):
     q, k, v = torch.randn(b, lq, hkv * g, d), torch.randn(b, lk, hkv, d), torch.randn(b, lk, hkv, d)
     kv_lens = torch.randint(0, lk + 1, (b,)) if r.random() < 0.5 else None
     kpm = torch.rand(b, lk) < 0.3 if r.random() < 0.5 else None
-    mask = torch.rand(lq, lk) < 0.3 if r.random() < 0.3 else None
+    mask = r.choice([torch.rand(lq, lk) < 0.3, torch.randn(b, hkv * g, lq, lk), torch.randn(1, 1, lq, lk)]) \
+        if r.random() < 0.3 else None
     p = 0.25 if r.random() < 0.3 else 0.0
     philox = torch.tensor([r.randint(0, 2**40), r.randint(0, 2**20)]) if p else None
     fwd = [q, k, v, kv_lens, kpm, 0.3, r.random() < 0.5, mask, p, philox]
@@ -100,8 +101,13 @@ def mel_args(r: random.Random):
     use_lengths = r.random() < 0.5
     lengths = torch.randint(n_fft // 2 + 1, t + 1, (b,)) if use_lengths else None
     frame_lengths = 1 + lengths // hop if use_lengths else None
+    log_mode = r.choice([0, 1, 2, 3, 4])
+    dct = torch.randn(n_mels, r.randint(1, n_mels)) if log_mode >= 3 and r.random() < 0.5 else None
+    top_db = 80.0 if log_mode == 3 and r.random() < 0.5 else -1.0
+    complex_out = log_mode == 0 and r.random() < 0.2
     args = [wave, window, fb, lengths, frame_lengths, frames, n_fft, hop, -(n_fft // 2), 0, r.choice([0, 1, 2, 3]),
-            False, 0.0, r.choice([1.0, 2.0, 0.5]), r.choice([0, 1, 2]), 1e-10, 0, 0.0, False, r.random() < 0.5]
+            False, 0.0, r.choice([1.0, 2.0, 0.5]), log_mode, 1e-10, 0, 0.0, False,
+            r.random() < 0.5 and not complex_out, dct, top_db, 1, complex_out]
     if r.random() < 0.5:
         return "mel_spectrogram", args
     out = OPS.mel_spectrogram(*args)
@@ -166,7 +172,7 @@ def mutate(r: random.Random, args: list) -> str:
 
 
 def main(seed: int, first: int, end: int) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 + (first // 300) % 2)  # every other batch on two threads (parallel_for's split paths)
     counts: dict[str, list[int]] = {}
     for case in range(first, end):
         r = random.Random(seed * 1_000_003 + case)
