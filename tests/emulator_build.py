@@ -33,9 +33,27 @@ BUILD_DIR = ROOT / "build" / "emu"
 LINKER_SCRIPT = CSRC / "emu" / "shared_memory.ld"
 
 # -fdata-sections + the linker script gather static __shared__ variables for per-block poisoning;
-# CUDA's `#pragma unroll` is unknown to g++ and harmless.
+# CUDA's `#pragma unroll` is unknown to g++ and harmless. -fno-gnu-unique: the emulator's inline
+# variables stay private to each harness library (GNU-unique symbols are merged across every
+# library in the process, RTLD_LOCAL or not).
 EMULATOR_FLAGS = ("-x", "c++", "-std=c++20", "-O1", "-g0", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-                  "-fPIC", "-shared", "-fdata-sections", f"-Wl,-T,{LINKER_SCRIPT}")
+                  "-fPIC", "-shared", "-fdata-sections", "-fno-gnu-unique", f"-Wl,-T,{LINKER_SCRIPT}")
+# The sanitizer (csrc/emu/cuda_emu.h, EMU_SANITIZE): g++'s ThreadSanitizer instrumentation routes
+# every load and store to the emulator's own __tsan_* entry points, so the objects are linked
+# without libtsan (a separate link step); line tables name the accesses in reports.
+SANITIZE_FLAGS = ("-DEMU_SANITIZE", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-g1")
+# MMFUSE_EMU_SANITIZE=1: every harness built with the sanitizer (make cuda-sanitize); the random
+# warp order's seed, MMFUSE_EMU_SEED, is read at each launch.
+SANITIZE = os.environ.get("MMFUSE_EMU_SANITIZE", "") == "1"
+
+
+def source_line(path: Path, text: str, occurrence: int = 1) -> int:
+    """The line number of the ``occurrence``-th line of ``path`` containing ``text``: tests name
+    the lines that sanitizer reports must point at without hard-coding numbers."""
+    hits = [n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+    if len(hits) < occurrence:
+        raise LookupError(f"{text!r} occurs {len(hits)} times in {path.name}")
+    return hits[occurrence - 1]
 
 
 class EmulatorError(RuntimeError):
@@ -54,11 +72,23 @@ def cuda_include_dir() -> Path:
     raise FileNotFoundError("CUDA toolkit headers not found (set CUDA_HOME)")
 
 
-def load_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = ()) -> "Harness":
-    """Compile ``source`` (a path, or the text of a harness) for the host emulator and load it."""
+def load_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = (), sanitize: bool | None = None,
+                 include_first: Path | None = None) -> "Harness":
+    """Compile ``source`` (a path, or the text of a harness) for the host emulator and load it.
+
+    ``sanitize`` (default: ``MMFUSE_EMU_SANITIZE``) builds it with the emulator's race, bounds,
+    alignment and initcheck sanitizer; ``include_first``: a directory searched before ``csrc``
+    (mutated copies of kernel bodies).
+    """
     text = Path(source).read_text() if isinstance(source, Path) else source
-    flags = (*EMULATOR_FLAGS, f"-I{CSRC}", f"-I{HARNESS_DIR}", f"-I{cuda_include_dir()}", *extra_flags)
-    return _load(name, text, ("g++", *flags))
+    sanitize = SANITIZE if sanitize is None else sanitize
+    first = (f"-I{include_first}",) if include_first is not None else ()
+    flags = (*EMULATOR_FLAGS, *first, f"-I{CSRC}", f"-I{HARNESS_DIR}", f"-I{cuda_include_dir()}", *extra_flags)
+    if sanitize:
+        flags = (*(f for f in flags if f != "-g0"), *SANITIZE_FLAGS)
+    headers = tuple(sorted(include_first.rglob("*"))) if include_first is not None else ()
+    return _load(f"{name}-san" if sanitize else name, text, ("g++", *flags),
+                 tuple(p.read_text() for p in headers if p.is_file()))
 
 
 def load_gpu_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = ()) -> "Harness":
@@ -72,8 +102,8 @@ def load_gpu_harness(name: str, source: str | Path, extra_flags: tuple[str, ...]
 
 
 @functools.cache
-def _load(name: str, text: str, command: tuple[str, ...]) -> "Harness":
-    digest = hashlib.sha256("\0".join((text, *command)).encode())
+def _load(name: str, text: str, command: tuple[str, ...], extra_texts: tuple[str, ...] = ()) -> "Harness":
+    digest = hashlib.sha256("\0".join((text, *command, *extra_texts)).encode())
     for header in sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *CSRC.rglob("*.ld"), *HARNESS_DIR.glob("*.h")]):
         digest.update(header.read_bytes())
     library = BUILD_DIR / f"{name}-{digest.hexdigest()[:16]}.so"
@@ -82,18 +112,30 @@ def _load(name: str, text: str, command: tuple[str, ...]) -> "Harness":
         unit = library.with_suffix(".cu")
         unit.write_text(text)
         partial = library.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([*command, str(unit), "-o", str(partial)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"building harness {name} failed:\n{' '.join(command)}\n{result.stderr}")
+        for step in _build_steps(command, unit, partial):
+            result = subprocess.run(step, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building harness {name} failed:\n{' '.join(step)}\n{result.stderr}")
         os.replace(partial, library)  # atomic: a concurrent run never loads a half-written library
-    return Harness(ctypes.CDLL(str(library)))
+    return Harness(ctypes.CDLL(str(library)), sanitized="-DEMU_SANITIZE" in command)
+
+
+def _build_steps(command: tuple[str, ...], unit: Path, output: Path) -> list[list[str]]:
+    """One compile-and-link command; with the sanitizer, compile then link without libtsan."""
+    if "-fsanitize=thread" not in command:
+        return [[*command, str(unit), "-o", str(output)]]
+    link_only = {"-shared", f"-Wl,-T,{LINKER_SCRIPT}"}
+    obj = output.with_suffix(".o")
+    compile_step = [*(f for f in command if f not in link_only), "-c", str(unit), "-o", str(obj)]
+    return [compile_step, [command[0], "-shared", "-fPIC", f"-Wl,-T,{LINKER_SCRIPT}", str(obj), "-o", str(output)]]
 
 
 class Harness:
     """A loaded harness: ``harness.entry(*args)`` calls ``extern "C" int entry(...)``."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, sanitized: bool = False):
         self._library = library
+        self.sanitized = sanitized
         library.harness_last_error.restype = ctypes.c_char_p
 
     def __getattr__(self, entry: str):

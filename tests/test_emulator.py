@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from emulator_build import HARNESS_DIR, EmulatorError, load_gpu_harness, load_harness
+from emulator_build import HARNESS_DIR, EmulatorError, load_gpu_harness, load_harness, source_line
 
 pytestmark = pytest.mark.emulator
 
@@ -40,7 +40,14 @@ def test_block_reduction_over_shared_memory(n, block):
 
 def test_missing_barrier_gives_a_wrong_sum():
     x = torch.randn(389)
-    sums = block_sum(primitives("-DEMU_TEST_DROP_BARRIER"), x, 33)
+    prims = primitives("-DEMU_TEST_DROP_BARRIER")
+    if prims.sanitized:  # thread 0 reads partial[1]: before thread 1 writes it, or unordered after
+        line = source_line(SOURCE, "partial[tid] += partial[tid + stride]")
+        with pytest.raises(EmulatorError, match=rf"(race on shared memory|initcheck: read of shared memory never "
+                                                rf"written).* in kernel block_sum_kernel.*primitives[^ ]*:{line} "):
+            block_sum(prims, x, 33)
+        return
+    sums = block_sum(prims, x, 33)
     assert sums.isnan().all()  # thread 0 adds partial[1] before thread 1 has written it: poison
 
 
@@ -102,7 +109,14 @@ def test_every_block_starts_with_poisoned_shared_memory():
     blocks = 3
     static_seen = torch.zeros(blocks * 64, dtype=torch.int32)
     dynamic_seen = torch.zeros(blocks * 64, dtype=torch.int32)
-    primitives().shared_poison(static_seen, dynamic_seen, blocks)
+    prims = primitives()
+    if prims.sanitized:  # the read of never-written shared memory is itself the finding
+        with pytest.raises(EmulatorError, match=r"initcheck: read of shared memory never written in this block, in "
+                                                r"kernel shared_poison_kernel, block \(0,0,0\), by thread \d+ .*"
+                                                rf"primitives[^ ]*:{source_line(SOURCE, 'static_seen[i] = words')} \(shared_poison_kernel\)"):
+            prims.shared_poison(static_seen, dynamic_seen, blocks)
+        return
+    prims.shared_poison(static_seen, dynamic_seen, blocks)
     assert (static_seen == -1).all() and (dynamic_seen == -1).all()
 
 
@@ -164,6 +178,11 @@ def run_cp_async(prims):
 
 
 def test_cp_async_moves_a_tile_by_commit_group():
+    if primitives().sanitized:  # the kernel's early read races with its own copy: see the next test
+        src, early, mid, last = run_cp_async(primitives("-DEMU_TEST_NO_EARLY_READ"))
+        assert torch.equal(last, src)
+        assert torch.equal(mid[:COPY_THREADS], src[:COPY_THREADS])
+        return
     src, early, mid, last = run_cp_async(primitives())
     assert torch.equal(last, src)
     assert torch.equal(mid[:COPY_THREADS], src[:COPY_THREADS])  # wait<1> retired the first group
@@ -171,7 +190,16 @@ def test_cp_async_moves_a_tile_by_commit_group():
 
 
 def test_reading_before_cp_async_wait_reads_poison():
-    _, early, _, _ = run_cp_async(primitives())
+    prims = primitives()
+    if prims.sanitized:
+        with pytest.raises(EmulatorError, match=r"race on shared memory in kernel cp_async_kernel, block \(0,0,0\): "
+                                                rf"read by thread (\d+) .* at primitives[^ ]*:{source_line(SOURCE, 'early[tid] = tile')} .* "
+                                                rf"conflicts with the cp.async write still in flight by thread \1 .*"
+                                                rf"primitives[^ ]*:{source_line(SOURCE, 'cp_async_16(&tile[tid]')} .*"
+                                                r"not been retired by cp_async_wait"):
+            run_cp_async(prims)
+        return
+    _, early, _, _ = run_cp_async(prims)
     assert (early == -1).all()
 
 
@@ -188,7 +216,7 @@ def test_divergent_barrier_raises():
 
 def test_shuffle_from_a_missing_lane_raises():
     out = torch.zeros(40, dtype=torch.int32)
-    with pytest.raises(EmulatorError, match="lane 0 of warp 1 reads lane 16, which is not in the mask or has exited"):
+    with pytest.raises(EmulatorError, match=r"lane [0-7] of warp 1 reads lane (1[6-9]|2[0-3]), which is not in the mask or has exited"):
         primitives().shuffle_past_block(out)
 
 

@@ -4,7 +4,7 @@
 //
 // Negative-test switches (-D): EMU_TEST_DROP_BARRIER removes the reduction's __syncthreads;
 // EMU_TEST_WRONG_FRAGMENT swaps A-fragment registers 1 and 2 (rows + 8 vs cols + 8), a classic
-// layout bug.
+// layout bug; EMU_TEST_NO_EARLY_READ leaves out cp_async_kernel's deliberately racy reads.
 #include "harness.h"
 
 #include <cstdint>
@@ -152,10 +152,17 @@ __global__ void cp_async_kernel(const uint4* src, uint4* early, uint4* mid, uint
   mmfuse::cuda::cp_async_commit();
   mmfuse::cuda::cp_async_16(&tile[kCopyThreads + tid], &src[kCopyThreads + tid]);
   mmfuse::cuda::cp_async_commit();
+#ifndef EMU_TEST_NO_EARLY_READ
   early[tid] = tile[tid];
+#endif
   mmfuse::cuda::cp_async_wait<1>();
   __syncthreads();
+#ifdef EMU_TEST_NO_EARLY_READ  // the sanitizer: only what the wait and the barrier made visible
+  (void)early;
+  mid[tid] = tile[tid];
+#else
   for (int k = tid; k < 2 * kCopyThreads; k += kCopyThreads) mid[k] = tile[k];
+#endif
   mmfuse::cuda::cp_async_wait<0>();
   __syncthreads();
   for (int k = tid; k < 2 * kCopyThreads; k += kCopyThreads) last[k] = tile[k];
