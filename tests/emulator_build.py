@@ -143,10 +143,45 @@ class Harness:
         function.restype = ctypes.c_int
 
         def call(*args):
-            if function(*map(_c_argument, args)) != 0:
+            guarded = [_Guarded(a) if self.sanitized and isinstance(a, torch.Tensor) and a.numel() else a for a in args]
+            for g in guarded:
+                if isinstance(g, _Guarded):
+                    g.register(self._library)
+            try:
+                status = function(*map(_c_argument, (g.inner if isinstance(g, _Guarded) else g for g in guarded)))
+            finally:
+                if self.sanitized:
+                    self._library.emu_clear_redzones()
+                for g in guarded:
+                    if isinstance(g, _Guarded):
+                        g.copy_back()
+            if status != 0:
                 raise EmulatorError(f"{entry}: {self._library.harness_last_error().decode()}")
 
         return call
+
+
+class _Guarded:
+    """A tensor argument copied between two redzones that the sanitizer watches (global bounds):
+    the kernel gets the copy, and the tensor gets the copy's bytes back after the call."""
+
+    REDZONE = 4096
+
+    def __init__(self, tensor: torch.Tensor):
+        if not tensor.is_contiguous():
+            raise ValueError("harness arguments must be contiguous tensors")
+        self.tensor = tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        self.buffer = torch.full((nbytes + 2 * self.REDZONE,), 0xFF, dtype=torch.uint8)
+        self.buffer[self.REDZONE:self.REDZONE + nbytes] = tensor.view(-1).view(torch.uint8)
+        self.inner = self.buffer[self.REDZONE:self.REDZONE + nbytes]
+
+    def register(self, library: ctypes.CDLL):
+        for start in (self.buffer.data_ptr(), self.inner.data_ptr() + self.inner.numel()):
+            library.emu_add_redzone(ctypes.c_void_p(start), ctypes.c_int64(self.REDZONE))
+
+    def copy_back(self):
+        self.tensor.view(-1).view(torch.uint8).copy_(self.inner)
 
 
 def _c_argument(value):

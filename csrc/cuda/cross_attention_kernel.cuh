@@ -161,13 +161,15 @@ struct Tile {
 };
 
 // Rows [0, kRows) of a tile from global rows first_row.. (row stride `stride` elements, `src`
-// already at the head's column); rows at or past `valid` are zero-filled and never read.
+// already at the head's column); rows at or past `valid` are zero-filled (the mma's read them;
+// V's must be finite, as P = 0 there and 0 * NaN is NaN).
 template <typename T, int kHeadDim, int kRows>
 __device__ __forceinline__ void load_rows(T* tile, const T* src, int64_t stride, int64_t first_row, int64_t valid) {
   using Tl = Tile<kHeadDim>;
   for (int c = threadIdx.x; c < kRows * Tl::kChunks; c += kThreads) {
     const int r = c / Tl::kChunks, col = (c % Tl::kChunks) * 8;
     T* dst = tile + r * Tl::kStride + col;
+    MMFUSE_SHARED_DEAD(dst, 16);  // the previous tile of this stage
     if (r < valid) {
       cp_async_16(dst, src + (first_row + r) * stride + col);
     } else {

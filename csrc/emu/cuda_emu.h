@@ -929,6 +929,21 @@ inline void shared_operand(const char* op, const void* address, san::Kind kind, 
 
 }  // namespace detail
 
+// MMFUSE_SHARED_DEAD (csrc/cuda/shared_memory.cuh): poisons [p, p + bytes) and, under the
+// sanitizer, checks it as a write (the refill must be ordered after the old contents' last
+// reads) and then marks it never written.
+__attribute__((noinline)) inline void shared_dead(void* p, size_t bytes) {
+  const void* pc = __builtin_return_address(0);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  san::Region* r = san::g_enabled ? san::region_of(a) : nullptr;
+  if (r != nullptr && san::in_kernel()) {
+    san::shared_access(*r, a, bytes, san::Kind::kStore, true, pc);
+    for (size_t i = 0; i < bytes; ++i) r->cells[a + i - r->lo] = san::Cell{};
+  }
+  const detail::InternalScope internal;
+  std::memset(p, kPoisonByte, bytes);
+}
+
 // cp.async under the emulator: the source is read at issue, the destination written only when
 // a wait retires the copy's commit group, so a read before the wait sees the old (poisoned)
 // bytes; the sanitizer reports any access to those bytes before then.
