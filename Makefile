@@ -2,6 +2,8 @@
 # in their own process when no GPU is present). `make bench`: run the benchmark suite.
 # `make triton-check`: compile every Triton kernel, dtype and autotune config for sm_80 and sm_90
 # (no GPU needed); fails on a compile error or shared memory over the device limit, reports spills.
+# `make cuda-sanitize`: the emulator tests with the emulator's sanitizer (races, shared/global
+# bounds, alignment, initcheck, cp.async groups) in seeded random warp orders.
 PYTHON ?= python3
 # the torch to install when none is present (a CPU wheel here; on a GPU machine install your CUDA torch first)
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +12,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test triton-check cuda-check bench wheel clean
+.PHONY: install test triton-check cuda-check cuda-sanitize bench wheel clean
 
 install: $(STAMP)
 
@@ -37,6 +39,16 @@ bench: install
 # compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
+
+# every emulator test under the sanitizer with one seed; then the quick ones (primitives, pack,
+# fusion, mutations, a few attention and mel cases) with more seeds
+SANITIZE_QUICK := test_emulator or pack_modalities or fusion or mutation or attention_forward_lengths or \
+	attention_backward_masks or whisper
+cuda-sanitize: install
+	MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=1 $(PYTHON) -m pytest -q -m emulator
+	for seed in 2 3; do \
+		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "$(SANITIZE_QUICK)" || exit 1; \
+	done
 
 wheel: install
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
