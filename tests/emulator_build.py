@@ -17,6 +17,7 @@ CUDA tensors.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -138,6 +139,19 @@ class Harness:
         self.sanitized = sanitized
         library.harness_last_error.restype = ctypes.c_char_p
 
+    def count_requests(self, on: bool = True):
+        """Counting of bank passes and sectors per warp-wide request on (a sanitized harness)."""
+        self._library.emu_set_counting(ctypes.c_int(int(on)))
+
+    def request_counts(self) -> list["RequestCount"]:
+        """What was counted since count_requests(), per (kernel, code site, shared or global)."""
+        self._library.emu_counts.restype = ctypes.c_char_p
+        rows = []
+        for line in self._library.emu_counts().decode().splitlines():
+            kernel, site, space, requests, passes, ideal = line.split("\t")
+            rows.append(RequestCount(kernel, site, space, int(requests), int(passes), int(ideal)))
+        return rows
+
     def __getattr__(self, entry: str):
         function = getattr(self._library, entry)
         function.restype = ctypes.c_int
@@ -161,6 +175,24 @@ class Harness:
         return call
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestCount:
+    """Warp-wide requests of one code site of a kernel: for shared memory, passes through the 32
+    banks (ideal: one per 128 bytes requested); for global memory, 32-byte sectors touched (ideal:
+    the bytes requested / 32)."""
+
+    kernel: str
+    site: str      # "file:line (function) <- ..." innermost first
+    space: str     # "shared" or "global"
+    requests: int
+    passes: int    # shared: bank passes; global: sectors
+    ideal: int
+
+    @property
+    def ratio(self) -> float:
+        return self.passes / self.ideal if self.ideal else 1.0
+
+
 class _Guarded:
     """A tensor argument copied between two redzones that the sanitizer watches (global bounds):
     the kernel gets the copy, and the tensor gets the copy's bytes back after the call if they
@@ -180,6 +212,7 @@ class _Guarded:
     def register(self, library: ctypes.CDLL):
         for start in (self.buffer.data_ptr(), self.inner.data_ptr() + self.inner.numel()):
             library.emu_add_redzone(ctypes.c_void_p(start), ctypes.c_int64(self.REDZONE))
+        library.emu_add_tensor(ctypes.c_void_p(self.inner.data_ptr()), ctypes.c_int64(self.inner.numel()))
 
     def copy_back(self):
         original = self.tensor.view(-1).view(torch.uint8)

@@ -33,12 +33,14 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
 #include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #define MMFUSE_CUDA_EMULATOR 1
@@ -143,6 +145,7 @@ inline thread_local Thread* g_thread = nullptr;
 inline thread_local std::vector<std::unique_ptr<Stack>> g_stacks;  // reused by every launch
 inline thread_local std::string g_last_error;
 inline thread_local int g_internal = 0;  // > 0 while the emulator itself touches shared memory
+inline thread_local bool g_in_fiber = false;  // a CUDA thread runs (not the scheduler)
 
 // Marks the emulator's own accesses (copies landing, ldmatrix gathering rows) as not the kernel's.
 struct InternalScope {
@@ -424,19 +427,18 @@ struct Request {
   std::vector<std::pair<uintptr_t, uint32_t>> accesses;  // (address, bytes)
 };
 
+inline uint64_t request_key(uint32_t site, bool shared) { return uint64_t{site} * 2 + shared; }
+
 inline bool g_counting = false;
-inline std::vector<std::pair<std::string, std::vector<std::pair<uint32_t, SiteCounts>>>> g_counts;  // per kernel
-inline std::vector<std::vector<Request>> g_pending;       // per warp: requests still collecting lanes
-inline std::vector<std::vector<std::pair<uint32_t, uint32_t>>> g_seen;  // per thread: (site, executions)
+inline std::map<std::string, std::map<uint64_t, SiteCounts>> g_counts;  // kernel -> request key -> counts
+inline std::map<uint64_t, SiteCounts>* g_kernel_counts = nullptr;     // the running kernel's
+inline std::vector<std::unordered_map<uint64_t, std::vector<Request>>> g_pending;  // per warp: by key, in order
+inline std::vector<std::unordered_map<uint64_t, uint32_t>> g_seen;                 // per thread: executions by key
 
 inline SiteCounts& counts_for(uint32_t site, bool shared) {
-  auto& sites = g_counts.back().second;
-  for (auto& [s, c] : sites) {
-    if (s == site && c.shared == shared) return c;
-  }
-  sites.emplace_back(site, SiteCounts{});
-  sites.back().second.shared = shared;
-  return sites.back().second;
+  SiteCounts& c = (*g_kernel_counts)[request_key(site, shared)];
+  c.shared = shared;
+  return c;
 }
 
 // Shared memory: 32 banks of 4 bytes; a request is served in wavefronts of at most 128 bytes
@@ -444,13 +446,25 @@ inline SiteCounts& counts_for(uint32_t site, bool shared) {
 // (the same word is broadcast). So: passes = max over banks of distinct words, summed over the
 // 128-byte phases that the request's width implies (16-byte accesses: 8 lanes per phase).
 // Global: distinct 32-byte sectors against the minimum for the bytes requested.
+// Distinct bytes a request touches (lanes reading the same word are served once).
+inline uint64_t distinct_bytes(std::vector<std::pair<uintptr_t, uint32_t>> accesses) {
+  std::sort(accesses.begin(), accesses.end());
+  uint64_t bytes = 0;
+  uintptr_t covered = 0;
+  for (const auto& [a, n] : accesses) {
+    const uintptr_t lo = std::max(a, covered), hi = a + n;
+    if (hi > lo) bytes += hi - lo;
+    covered = std::max(covered, hi);
+  }
+  return bytes;
+}
+
 inline void retire(const Request& q) {
   SiteCounts& c = counts_for(q.site, q.shared);
   ++c.requests;
   if (q.accesses.empty()) return;
+  const uint64_t bytes = distinct_bytes(q.accesses);
   if (q.shared) {
-    uint64_t bytes = 0;
-    for (const auto& acc : q.accesses) bytes += acc.second;
     const size_t per_phase = std::max<size_t>(1, 128 / std::max<uint32_t>(1, q.accesses.front().second));
     uint64_t passes = 0;
     for (size_t p0 = 0; p0 < q.accesses.size(); p0 += per_phase) {
@@ -470,9 +484,7 @@ inline void retire(const Request& q) {
     c.ideal += std::max<uint64_t>(1, (bytes + 127) / 128);
   } else {
     std::vector<uintptr_t> sectors;
-    uint64_t bytes = 0;
     for (const auto& [a, n] : q.accesses) {
-      bytes += n;
       for (uintptr_t s = a / 32; s <= (a + n - 1) / 32; ++s) {
         if (std::find(sectors.begin(), sectors.end(), s) == sectors.end()) sectors.push_back(s);
       }
@@ -484,7 +496,9 @@ inline void retire(const Request& q) {
 
 inline void retire_warp(int warp) {
   if (!g_counting || warp >= static_cast<int>(g_pending.size())) return;
-  for (const Request& q : g_pending[warp]) retire(q);
+  for (const auto& [key, requests] : g_pending[warp]) {
+    for (const Request& q : requests) retire(q);
+  }
   g_pending[warp].clear();
   const detail::Launch& l = *detail::g_launch;
   for (int i = warp * kWarpSize; i < std::min<int>(l.threads.size(), (warp + 1) * kWarpSize); ++i) g_seen[i].clear();
@@ -493,29 +507,18 @@ inline void retire_warp(int warp) {
 inline void count(uintptr_t a, size_t n, bool shared, const void* pc) {
   const detail::Thread& t = *detail::g_thread;
   const uint32_t site = site_of(pc);
-  uint32_t k = 0;
-  const uint32_t key = site * 2 + shared;
-  for (auto& [s, executions] : g_seen[t.linear]) {
-    if (s == key) {
-      k = ++executions;
-      break;
-    }
-  }
-  if (k == 0) g_seen[t.linear].emplace_back(key, 1u), k = 1;
-  uint32_t found = 0;
-  for (Request& q : g_pending[t.warp()]) {
-    if (q.site == site && q.shared == shared && ++found == k) {
-      q.accesses.emplace_back(a, static_cast<uint32_t>(n));
-      return;
-    }
-  }
-  g_pending[t.warp()].push_back(Request{site, shared, {{a, static_cast<uint32_t>(n)}}});
+  const uint64_t key = request_key(site, shared);
+  const uint32_t k = g_seen[t.linear][key]++;
+  std::vector<Request>& requests = g_pending[t.warp()][key];
+  if (requests.size() <= k) requests.resize(k + 1, Request{site, shared, {}});
+  requests[k].accesses.emplace_back(a, static_cast<uint32_t>(n));
 }
 
 // Global memory that the harness registered (tensors with redzones around them): any access
 // inside a redzone is out of bounds.
 inline std::vector<std::pair<uintptr_t, uintptr_t>> g_redzones;  // [lo, hi)
 inline uintptr_t g_redzone_lo = 0, g_redzone_hi = 0;             // their hull
+inline std::vector<std::pair<uintptr_t, uintptr_t>> g_tensors;  // (start, bytes) of the tensors between them
 
 inline void global_access(uintptr_t a, size_t n, Kind kind, bool write, const void* pc) {
   if (a + n <= g_redzone_lo || a >= g_redzone_hi) return;
@@ -528,13 +531,7 @@ inline void global_access(uintptr_t a, size_t n, Kind kind, bool write, const vo
   }
 }
 
-inline bool in_kernel() { return g_enabled && detail::g_launch != nullptr && detail::g_thread != nullptr && detail::g_internal == 0; }
-
-inline bool on_fiber_stack(uintptr_t a) {
-  const detail::Thread& t = *detail::g_thread;
-  const uintptr_t base = reinterpret_cast<uintptr_t>(t.context.uc_stack.ss_sp);
-  return a - base < t.context.uc_stack.ss_size;
-}
+inline bool in_kernel() { return g_enabled && detail::g_in_fiber && detail::g_internal == 0; }
 
 // Every instrumented load and store of the harness.
 inline void access(const void* p, size_t n, bool write, const void* pc) {
@@ -547,7 +544,10 @@ inline void access(const void* p, size_t n, bool write, const void* pc) {
     return;
   }
   global_access(a, n, write ? Kind::kStore : Kind::kLoad, write, pc);
-  if (g_counting && n >= 4 && !on_fiber_stack(a)) count(a, n, false, pc);
+  // global requests: those into the harness's tensor arguments
+  if (g_counting && std::any_of(g_tensors.begin(), g_tensors.end(), [&](auto t) { return a - t.first < t.second; })) {
+    count(a, n, false, pc);
+  }
 }
 
 }  // namespace san
@@ -735,7 +735,9 @@ inline void run_warp(Launch& l, int warp) {
     Thread& t = l.threads[order[k]];
     if (t.wait != Wait::kRunnable) continue;
     g_thread = &t;
+    g_in_fiber = true;
     swapcontext(&l.scheduler, &t.context);
+    g_in_fiber = false;
     if (l.error) std::rethrow_exception(l.error);
   }
 }
@@ -855,7 +857,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     d.data_lo = reinterpret_cast<uintptr_t>(l.dynamic_base);
     d.data_hi = d.data_lo + shared_bytes;
     d.cells.assign(d.hi - d.lo, san::Cell{});
-    if (san::g_counting) san::g_counts.emplace_back(detail::kernel_name(l), std::vector<std::pair<uint32_t, san::SiteCounts>>{});
+    if (san::g_counting) san::g_kernel_counts = &san::g_counts[detail::kernel_name(l)];
   }
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
@@ -900,7 +902,10 @@ auto warp_exchange(unsigned mask, const T& mine, const char* op, Read&& read) {
   self.published = &mine;
   detail::warp_wait(mask, op);
   auto value_of = [&](int lane) -> const T& { return *static_cast<const T*>(detail::published_by(mask, lane, op)); };
-  auto result = read(value_of);
+  auto result = [&] {
+    const detail::InternalScope internal;  // operands, not memory the kernel addresses
+    return read(value_of);
+  }();
   detail::warp_wait(mask, op);
   self.published = nullptr;
   return result;
@@ -995,7 +1000,7 @@ inline bool g_in_hook = false;  // the runtime's own accesses (instrumented too)
 __attribute__((no_sanitize_thread, always_inline)) inline void hook(void* p, size_t n, bool write, const void* pc) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   if (g_in_hook || !g_enabled) return;
-  if (!g_counting && a - g_dynamic.lo >= g_dynamic.hi - g_dynamic.lo && a - g_static.lo >= g_static.hi - g_static.lo &&
+  if (a - g_dynamic.lo >= g_dynamic.hi - g_dynamic.lo && a - g_static.lo >= g_static.hi - g_static.lo &&
       (a + n <= g_redzone_lo || a >= g_redzone_hi)) {
     return;
   }
@@ -1079,14 +1084,31 @@ extern "C" void emu_set_counting(int on) {
   emu::san::g_counting = on != 0;
   emu::san::g_counts.clear();
 }
-// One line per (kernel, code address): "kernel\tsite\tshared|global\trequests\tpasses\tideal".
+// One line per (kernel, code address, shared or global) of the kernels' own code:
+// "kernel\tsite\tshared|global\trequests\tpasses or sectors\tideal".
+// (Namespace-scope, not function-local statics: those are gathered with the static __shared__
+// variables by csrc/emu/shared_memory.ld and poisoned before every block.)
+namespace emu::san {
+inline std::string g_counts_text;
+inline std::unordered_map<uint32_t, std::string> g_site_names;  // addr2line once per site
+}  // namespace emu::san
 extern "C" const char* emu_counts() {
-  static std::string text;
+  std::string& text = emu::san::g_counts_text;
+  auto& names = emu::san::g_site_names;
   text.clear();
   for (const auto& [kernel, sites] : emu::san::g_counts) {
-    for (const auto& [site, c] : sites) {
-      const std::string where = emu::detail::site_name(emu::san::pc_of(site));
-      text += kernel + "\t" + where + "\t" + (c.shared ? "shared" : "global") + "\t" + std::to_string(c.requests) +
+    for (const auto& [key, c] : sites) {
+      const uint32_t site = static_cast<uint32_t>(key / 2);
+      if (!names.contains(site)) {
+        // the kernel's own accesses only: not the emulator's bookkeeping or the C++ library's
+        const auto frames = emu::detail::source_frames(emu::san::pc_of(site));
+        const std::string inner = frames.empty() ? "" : frames.front().second;
+        const std::string file = inner.substr(0, inner.rfind(':'));
+        const bool ours = file != "cuda_emu.h" && (file.ends_with(".cuh") || file.ends_with(".cu") || file.ends_with(".cpp"));
+        names[site] = ours ? emu::detail::site_name(emu::san::pc_of(site)) : "";
+      }
+      if (names[site].empty()) continue;
+      text += kernel + "\t" + names[site] + "\t" + (c.shared ? "shared" : "global") + "\t" + std::to_string(c.requests) +
               "\t" + std::to_string(c.shared ? c.wavefronts : c.sectors) + "\t" +
               std::to_string(c.shared ? c.ideal : c.ideal_sectors) + "\n";
     }
@@ -1099,8 +1121,12 @@ extern "C" void emu_add_redzone(const void* lo, int64_t bytes) {
   emu::san::g_redzone_lo = emu::san::g_redzone_lo == 0 ? a : std::min(emu::san::g_redzone_lo, a);
   emu::san::g_redzone_hi = std::max(emu::san::g_redzone_hi, a + static_cast<uintptr_t>(bytes));
 }
+extern "C" void emu_add_tensor(const void* start, int64_t bytes) {
+  emu::san::g_tensors.emplace_back(reinterpret_cast<uintptr_t>(start), static_cast<uintptr_t>(bytes));
+}
 extern "C" void emu_clear_redzones() {
   emu::san::g_redzones.clear();
+  emu::san::g_tensors.clear();
   emu::san::g_redzone_lo = emu::san::g_redzone_hi = 0;
 }
 #endif
