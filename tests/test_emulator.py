@@ -226,6 +226,61 @@ def test_the_emulator_recovers_after_a_fault():
     test_block_reduction_over_shared_memory(100, 33)
 
 
+def sanitizer_check(variant):
+    src = torch.randint(0, 2**31 - 1, (16, 4), dtype=torch.int32)
+    out = torch.zeros(64, dtype=torch.int32)
+    load_harness("primitives", SOURCE, sanitize=True).sanitizer_check(variant, src, out)
+    return out
+
+
+def test_sanitizer_reports_an_exit_before_a_barrier():
+    with pytest.raises(EmulatorError, match=r"kernel sanitizer_kernel, block \(0,0,0\): threads 32-63 exited while "
+                                            rf"the others wait at __syncthreads primitives[^ ]*:{source_line(SOURCE, 'if (tid >= 32) return;') + 1}"):
+        sanitizer_check(0)
+
+
+def test_sanitizer_tells_apart_two_inlined_calls_of_one_barrier():
+    line = source_line(SOURCE, "void barrier_in_helper() { __syncthreads(); }")
+    with pytest.raises(EmulatorError, match=rf"waits at __syncthreads primitives[^ ]*:{line} .* while thread 32 waits at "
+                                            rf"__syncthreads primitives[^ ]*:{line} .*\(divergent barrier\)"):
+        sanitizer_check(1)
+
+
+def test_sanitizer_bounds_dynamic_shared_memory_exactly():
+    line = source_line(SOURCE, "chunk[tid + 1] = tid;")
+    with pytest.raises(EmulatorError, match=rf"out-of-bounds write of 4 bytes in kernel sanitizer_kernel, block \(0,0,0\) "
+                                            rf"by thread 63 .* primitives[^ ]*:{line} .*dynamic shared byte 256 \(of 256\)"):
+        sanitizer_check(2)
+
+
+def test_sanitizer_asserts_ldmatrix_alignment():
+    with pytest.raises(EmulatorError, match=r"ldmatrix: shared address 0x[0-9a-f]+ is not 16-byte aligned, in kernel "
+                                            rf"sanitizer_kernel.*primitives[^ ]*:{source_line(SOURCE, 'ldmatrix_x1(r, &rows')}"):
+        sanitizer_check(3)
+
+
+def test_sanitizer_reports_a_wait_on_an_uncommitted_copy():
+    with pytest.raises(EmulatorError, match=r"cp_async_wait<0> with 1 cp.async not committed to any group, in kernel "
+                                            rf"sanitizer_kernel.*primitives[^ ]*:{source_line(SOURCE, 'cp_async_wait<0>();', 2)}"):
+        sanitizer_check(4)
+
+
+def test_sanitizer_orders_lanes_by_syncwarp_but_not_by_a_shuffle():
+    out = sanitizer_check(5)
+    assert out[1::32].tolist() == [0, 32]  # lane 1 of each warp read lane 0's word
+    write, read = source_line(SOURCE, "if (lane == 0) words[tid / 32] = tid;"), source_line(SOURCE, "if (lane == 1) out[tid] = words")
+    with pytest.raises(EmulatorError, match=rf"race on shared memory in kernel sanitizer_kernel, block \(0,0,0\): read by "
+                                            rf"thread \d+ \(warp \d, lane 1\) at primitives[^ ]*:{read} .* conflicts with "
+                                            rf"the write by thread \d+ \(warp \d, lane 0\) at primitives[^ ]*:{write} "):
+        sanitizer_check(6)
+
+
+def test_sanitizer_reports_a_global_read_past_a_tensor():
+    with pytest.raises(EmulatorError, match=r"out-of-bounds global read of 4 bytes in kernel sanitizer_kernel.* thread 0 "
+                                            rf".*primitives[^ ]*:{source_line(SOURCE, 'out[0] = out[blockDim.x]')} .*redzone"):
+        sanitizer_check(7)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or shutil.which("nvcc") is None, reason="needs a CUDA GPU and nvcc")
 def test_gpu_agrees_with_the_emulator():

@@ -4,11 +4,21 @@
 // emu::launch(kernel, grid, block, shared_bytes, args...) on small cases.
 //
 // Execution model: every CUDA thread of a block is a fiber (ucontext) with its own stack; blocks
-// run one after another. The scheduler resumes the runnable fibers in linear thread order, each
-// until it waits (at __syncthreads or a warp collective) or exits, then releases whatever barrier
-// is complete. So a thread that reads shared memory which a higher thread writes without a
-// barrier in between reads the poison (0xFF bytes: NaN for floating types) that every block
-// starts with, deterministically. A wait that can never complete throws emu::Error.
+// run one after another. The scheduler runs one warp at a time: each runnable lane of it until
+// it waits (at __syncthreads or a warp collective) or exits, then releases the warp's collective
+// as soon as its lanes all wait there, so a warp runs ahead through its own collectives up to the
+// next block barrier. The next warp is the lowest runnable one, or with MMFUSE_EMU_SEED=n a
+// seeded random one, lanes in a seeded random order too. Every block's shared memory starts
+// poisoned (0xFF bytes: NaN for floating types, -1 for integers); dynamic shared memory is an
+// allocation of exactly the launch's size between poisoned redzones. A wait that can never
+// complete, divergent barriers (told apart by source line and inlined call site) and a thread
+// that exits while others wait at __syncthreads throw emu::Error.
+//
+// Built with -DEMU_SANITIZE and g++'s -fsanitize=thread instrumentation (tests/emulator_build.py,
+// MMFUSE_EMU_SANITIZE=1), the emulator also reports races on shared memory, out-of-bounds shared
+// and global accesses, misaligned cp.async/ldmatrix operands, reads of shared memory never
+// written, cp.async group misuse, and counts bank passes and sectors per warp-wide request: see
+// "sanitizer" below.
 //
 // Fibers switch only inside barriers and warp collectives, so atomics are plain read-modify-write
 // and nothing else needs a lock. The toolkit's cuda_fp16.h / cuda_bf16.h work under g++ and are
