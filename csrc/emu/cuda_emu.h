@@ -431,10 +431,17 @@ inline void shared_access(Region& r, uintptr_t a, size_t n, Kind kind, bool writ
 
 // The addresses one warp-wide request touches: lane i's k-th execution of an instruction joins
 // the warp's k-th request of it (lanes of a warp run the same code between collectives).
+struct Access {
+  uintptr_t address;
+  uint32_t bytes;
+  int lane;
+  bool operator<(const Access& o) const { return address < o.address; }
+};
+
 struct Request {
   uint32_t site;
   bool shared;
-  std::vector<std::pair<uintptr_t, uint32_t>> accesses;  // (address, bytes)
+  std::vector<Access> accesses;
 };
 
 inline uint64_t request_key(uint32_t site, bool shared) { return uint64_t{site} * 2 + shared; }
@@ -450,7 +457,7 @@ inline std::vector<std::unordered_map<uint64_t, uint32_t>> g_seen;              
 struct LastAccess {
   uint32_t site = 0;
   uintptr_t start = 0, end = 0;
-  std::pair<uintptr_t, uint32_t>* access = nullptr;
+  Access* access = nullptr;
 };
 inline std::vector<LastAccess> g_last;  // per thread
 
@@ -466,11 +473,11 @@ inline SiteCounts& counts_for(uint32_t site, bool shared) {
 // 128-byte phases that the request's width implies (16-byte accesses: 8 lanes per phase).
 // Global: distinct 32-byte sectors against the minimum for the bytes requested.
 // Distinct bytes a request touches (lanes reading the same word are served once).
-inline uint64_t distinct_bytes(std::vector<std::pair<uintptr_t, uint32_t>> accesses) {
+inline uint64_t distinct_bytes(std::vector<Access> accesses) {
   std::sort(accesses.begin(), accesses.end());
   uint64_t bytes = 0;
   uintptr_t covered = 0;
-  for (const auto& [a, n] : accesses) {
+  for (const auto& [a, n, lane] : accesses) {
     const uintptr_t lo = std::max(a, covered), hi = a + n;
     if (hi > lo) bytes += hi - lo;
     covered = std::max(covered, hi);
@@ -478,18 +485,20 @@ inline uint64_t distinct_bytes(std::vector<std::pair<uintptr_t, uint32_t>> acces
   return bytes;
 }
 
-inline void retire(const Request& q) {
+inline void retire(Request& q) {
+  // phases are formed by lane (lanes 0-7 first for 16-byte accesses), whatever order they ran in
+  std::sort(q.accesses.begin(), q.accesses.end(), [](const Access& a, const Access& b) { return a.lane < b.lane; });
   SiteCounts& c = counts_for(q.site, q.shared);
   ++c.requests;
   if (q.accesses.empty()) return;
   const uint64_t bytes = distinct_bytes(q.accesses);
   if (q.shared) {
-    const size_t per_phase = std::max<size_t>(1, 128 / std::max<uint32_t>(1, q.accesses.front().second));
+    const size_t per_phase = std::max<size_t>(1, 128 / std::max<uint32_t>(1, q.accesses.front().bytes));
     uint64_t passes = 0;
     for (size_t p0 = 0; p0 < q.accesses.size(); p0 += per_phase) {
       std::vector<uintptr_t> words[32];
       for (size_t i = p0; i < std::min(q.accesses.size(), p0 + per_phase); ++i) {
-        const auto [a, n] = q.accesses[i];
+        const auto [a, n, lane] = q.accesses[i];
         for (uintptr_t w = a / 4; w <= (a + n - 1) / 4; ++w) {
           auto& bank = words[w % 32];
           if (std::find(bank.begin(), bank.end(), w) == bank.end()) bank.push_back(w);
@@ -503,7 +512,7 @@ inline void retire(const Request& q) {
     c.ideal += std::max<uint64_t>(1, (bytes + 127) / 128);
   } else {
     std::vector<uintptr_t> sectors;
-    for (const auto& [a, n] : q.accesses) {
+    for (const auto& [a, n, lane] : q.accesses) {
       for (uintptr_t s = a / 32; s <= (a + n - 1) / 32; ++s) {
         if (std::find(sectors.begin(), sectors.end(), s) == sectors.end()) sectors.push_back(s);
       }
@@ -515,8 +524,8 @@ inline void retire(const Request& q) {
 
 inline void retire_warp(int warp) {
   if (!g_counting || warp >= static_cast<int>(g_pending.size())) return;
-  for (const auto& [key, requests] : g_pending[warp]) {
-    for (const Request& q : requests) retire(q);
+  for (auto& [key, requests] : g_pending[warp]) {
+    for (Request& q : requests) retire(q);
   }
   g_pending[warp].clear();
   const detail::Launch& l = *detail::g_launch;
@@ -532,7 +541,7 @@ inline void count(uintptr_t a, size_t n, bool shared, const void* pc) {
   LastAccess& last = g_last[t.linear];
   if (last.access != nullptr && site > last.site && site - last.site < 48 && a == last.end &&
       last.end + n - last.start <= 16 && last.start % 16 == 0) {
-    last.access->second += static_cast<uint32_t>(n);
+    last.access->bytes += static_cast<uint32_t>(n);
     last.end += n;
     last.site = site;
     return;
@@ -541,7 +550,7 @@ inline void count(uintptr_t a, size_t n, bool shared, const void* pc) {
   const uint32_t k = g_seen[t.linear][key]++;
   std::vector<Request>& requests = g_pending[t.warp()][key];
   if (requests.size() <= k) requests.resize(k + 1, Request{site, shared, {}});
-  requests[k].accesses.emplace_back(a, static_cast<uint32_t>(n));
+  requests[k].accesses.push_back(Access{a, static_cast<uint32_t>(n), t.lane()});
   last = {site, a, a + n, &requests[k].accesses.back()};
 }
 
