@@ -23,9 +23,9 @@ $(STAMP): $(SOURCES)
 
 test: install
 ifeq ($(HAS_GPU),1)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not sanitize"
 else
-	$(PYTHON) -m pytest -q -m "not triton"
+	$(PYTHON) -m pytest -q -m "not triton and not sanitize"
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
 endif
 
@@ -40,14 +40,16 @@ bench: install
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
 
-# every emulator test under the sanitizer with one seed; then the quick ones (primitives, pack,
-# fusion, mutations, a few attention and mel cases) with more seeds
+# every emulator test under the sanitizer with one seed (the `sanitize`-marked mutation and
+# counter tests too, which make test leaves to this target); then the quick ones (primitives,
+# pack, fusion, mutations, a few attention and mel cases; the counters do not depend on the
+# order) with more seeds
 SANITIZE_QUICK := test_emulator or pack_modalities or fusion or mutation or attention_forward_lengths or \
 	attention_backward_masks or whisper
 cuda-sanitize: install
 	MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=1 $(PYTHON) -m pytest -q -m emulator
 	for seed in 2 3; do \
-		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "$(SANITIZE_QUICK)" || exit 1; \
+		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
 	done
 
 wheel: install

@@ -20,7 +20,7 @@ from emulator_build import HARNESS_DIR, load_harness
 from mmfuse.ops import spectrogram as spec_ops
 from test_cross_attention_emulator import backward, forward, padded_sizes
 
-pytestmark = pytest.mark.emulator
+pytestmark = [pytest.mark.emulator, pytest.mark.sanitize]
 
 TWIDDLE_RESYNC = 17  # mel::kTwiddleResync
 

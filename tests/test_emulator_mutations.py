@@ -24,7 +24,7 @@ from emulator_build import CSRC, HARNESS_DIR, EmulatorError, load_harness, sourc
 from mmfuse.ops import spectrogram as spec_ops
 from test_cross_attention_emulator import backward, forward, padded_sizes
 
-pytestmark = pytest.mark.emulator
+pytestmark = [pytest.mark.emulator, pytest.mark.sanitize]
 
 ATTENTION = CSRC / "cuda" / "cross_attention_kernel.cuh"
 MEL = CSRC / "cuda" / "mel_spectrogram_kernel.cuh"
