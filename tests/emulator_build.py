@@ -88,8 +88,9 @@ def load_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = (
     if sanitize:
         flags = (*(f for f in flags if f != "-g0"), *SANITIZE_FLAGS)
     headers = tuple(sorted(include_first.rglob("*"))) if include_first is not None else ()
+    # the copy's contents, not its (temporary) directory, name the build
     return _load(f"{name}-san" if sanitize else name, text, ("g++", *flags),
-                 tuple(p.read_text() for p in headers if p.is_file()))
+                 tuple(p.read_text() for p in headers if p.is_file()), first)
 
 
 def load_gpu_harness(name: str, source: str | Path, extra_flags: tuple[str, ...] = ()) -> "Harness":
@@ -103,8 +104,9 @@ def load_gpu_harness(name: str, source: str | Path, extra_flags: tuple[str, ...]
 
 
 @functools.cache
-def _load(name: str, text: str, command: tuple[str, ...], extra_texts: tuple[str, ...] = ()) -> "Harness":
-    digest = hashlib.sha256("\0".join((text, *command, *extra_texts)).encode())
+def _load(name: str, text: str, command: tuple[str, ...], extra_texts: tuple[str, ...] = (),
+          unhashed: tuple[str, ...] = ()) -> "Harness":
+    digest = hashlib.sha256("\0".join((text, *(c for c in command if c not in unhashed), *extra_texts)).encode())
     for header in sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *CSRC.rglob("*.ld"), *HARNESS_DIR.glob("*.h")]):
         digest.update(header.read_bytes())
     library = BUILD_DIR / f"{name}-{digest.hexdigest()[:16]}.so"
