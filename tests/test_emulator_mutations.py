@@ -59,13 +59,13 @@ class Mutation:
         return [[f"{self.file.name}:{source_line(self.file, text, n)}" for text, n in group] for group in self.lines]
 
 
-def attention_case(lib, case):
-    """(Lq, Lk) = (77, 200): a ragged query tile, four key tiles (both stages reused), the last
-    ragged; one sample, so a row past the last is past the tensor (global redzone)."""
-    len_q, len_k, head_dim = 77, 200, 64
+def attention_case(lib, case, len_q=77, len_k=200, causal=False):
+    """By default (Lq, Lk) = (77, 200): a ragged query tile, four key tiles (both stages reused),
+    the last ragged; one sample, so a row past the last is past the tensor (global redzone)."""
+    head_dim = 64
     q = torch.randn(1, len_q, 2, head_dim).half()
     k, v = (torch.randn(1, len_k, 1, head_dim).half() for _ in range(2))
-    args = padded_sizes(q, k, None, None, 1 / math.sqrt(head_dim), False)
+    args = padded_sizes(q, k, None, None, 1 / math.sqrt(head_dim), causal)
     out, lse = forward(q, k, v, (1, 2, len_q), args, lib)
     if case == "backward":
         backward(torch.randn_like(q), None, q, k, v, out, lse, args, lib)
@@ -160,3 +160,15 @@ def test_mutation_is_reported(mutation, tmp_path, monkeypatch):
     assert re.search(mutation.report, message), message
     for alternatives in mutation.expected_lines():
         assert any(line in message for line in alternatives), f"none of {alternatives} named in: {message}"
+
+
+# the shapes at which removing a forward barrier used to leave the output bit-identical
+@pytest.mark.parametrize("len_q, len_k, causal", [(77, 200, False), (130, 300, False), (77, 130, True)], ids=str)
+@pytest.mark.parametrize("mutation", [m for m in MUTATIONS if "barrier" in m.name and m.case == "forward"],
+                         ids=lambda m: m.name)
+def test_forward_barrier_mutations_are_reported_at_every_shape(mutation, len_q, len_k, causal, tmp_path):
+    source = HARNESS_DIR / "cross_attention.cpp"
+    lib = load_harness(f"{source.stem}-mutated", source, sanitize=True, include_first=mutation.apply(tmp_path))
+    with pytest.raises(EmulatorError) as error:
+        attention_case(lib, "forward", len_q, len_k, causal)
+    assert re.search(mutation.report, str(error.value)), str(error.value)
