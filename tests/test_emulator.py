@@ -2,8 +2,12 @@
 
 Every primitive runs in a small kernel of tests/emulator/primitives.cu against plain torch on
 fresh random data; negative tests prove that the emulator catches a missing barrier, a wrong
-fragment index, a read before cp.async's wait and a deadlock. The ``cuda`` test runs the same
-kernels on a GPU and compares with the emulator, so the first GPU run checks the emulator.
+fragment index, a read before cp.async's wait and a deadlock; the ``sanitizer`` tests prove each
+check of the sanitizer build (an exit before a barrier, two inlined calls of one barrier, exact
+dynamic shared bounds, ldmatrix alignment, an uncommitted cp.async at a wait, __syncwarp and
+not a shuffle ordering lanes, a global read past a tensor). Under ``MMFUSE_EMU_SANITIZE=1`` the
+kernels' deliberately racy reads are expected as reports instead. The ``cuda`` test runs the
+same kernels on a GPU and compares with the emulator, so the first GPU run checks the emulator.
 """
 import shutil
 
