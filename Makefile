@@ -2,6 +2,8 @@
 # in their own process when no GPU is present). `make bench`: run the benchmark suite.
 # `make triton-check`: compile every Triton kernel, dtype and autotune config for sm_80 and sm_90
 # (no GPU needed); fails on a compile error or shared memory over the device limit, reports spills.
+# `make cuda-sanitize`: the emulator tests with the emulator's sanitizer (races, shared/global
+# bounds, alignment, initcheck, cp.async groups) in seeded random warp orders.
 PYTHON ?= python3
 # the torch to install when none is present (a CPU wheel here; on a GPU machine install your CUDA torch first)
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +12,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test triton-check cuda-check cpu-sanitize fuzz bench wheel clean
+.PHONY: install test triton-check cuda-check cpu-sanitize cuda-sanitize fuzz bench wheel clean
 
 install: $(STAMP)
 
@@ -21,9 +23,9 @@ $(STAMP): $(SOURCES)
 
 test: install
 ifeq ($(HAS_GPU),1)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not sanitize"
 else
-	$(PYTHON) -m pytest -q -m "not triton"
+	$(PYTHON) -m pytest -q -m "not triton and not sanitize"
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
 endif
 
@@ -46,6 +48,17 @@ fuzz: install
 # compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
+
+# every emulator test under the sanitizer with one seed (the `sanitize`-marked mutation and
+# counter tests too, which make test leaves to this target); then, with two more seeds, the
+# primitives, the mutations and a few attention and mel cases (the counters do not depend on
+# the order)
+SANITIZE_QUICK := test_emulator or mutation or attention_forward_lengths or attention_backward_masks or whisper
+cuda-sanitize: install
+	MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=1 $(PYTHON) -m pytest -q -m emulator
+	for seed in 2 3; do \
+		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
+	done
 
 wheel: install
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .

@@ -2,15 +2,19 @@
 
 Every primitive runs in a small kernel of tests/emulator/primitives.cu against plain torch on
 fresh random data; negative tests prove that the emulator catches a missing barrier, a wrong
-fragment index, a read before cp.async's wait and a deadlock. The ``cuda`` test runs the same
-kernels on a GPU and compares with the emulator, so the first GPU run checks the emulator.
+fragment index, a read before cp.async's wait and a deadlock; the ``sanitizer`` tests prove each
+check of the sanitizer build (an exit before a barrier, two inlined calls of one barrier, exact
+dynamic shared bounds, ldmatrix alignment, an uncommitted cp.async at a wait, __syncwarp and
+not a shuffle ordering lanes, a global read past a tensor). Under ``MMFUSE_EMU_SANITIZE=1`` the
+kernels' deliberately racy reads are expected as reports instead. The ``cuda`` test runs the
+same kernels on a GPU and compares with the emulator, so the first GPU run checks the emulator.
 """
 import shutil
 
 import pytest
 import torch
 
-from emulator_build import HARNESS_DIR, EmulatorError, load_gpu_harness, load_harness
+from emulator_build import HARNESS_DIR, EmulatorError, load_gpu_harness, load_harness, source_line
 
 pytestmark = pytest.mark.emulator
 
@@ -40,7 +44,14 @@ def test_block_reduction_over_shared_memory(n, block):
 
 def test_missing_barrier_gives_a_wrong_sum():
     x = torch.randn(389)
-    sums = block_sum(primitives("-DEMU_TEST_DROP_BARRIER"), x, 33)
+    prims = primitives("-DEMU_TEST_DROP_BARRIER")
+    if prims.sanitized:  # thread 0 reads partial[1]: before thread 1 writes it, or unordered after
+        line = source_line(SOURCE, "partial[tid] += partial[tid + stride]")
+        with pytest.raises(EmulatorError, match=rf"(race on shared memory|initcheck: read of shared memory never "
+                                                rf"written).* in kernel block_sum_kernel.*primitives[^ ]*:{line} "):
+            block_sum(prims, x, 33)
+        return
+    sums = block_sum(prims, x, 33)
     assert sums.isnan().all()  # thread 0 adds partial[1] before thread 1 has written it: poison
 
 
@@ -102,7 +113,14 @@ def test_every_block_starts_with_poisoned_shared_memory():
     blocks = 3
     static_seen = torch.zeros(blocks * 64, dtype=torch.int32)
     dynamic_seen = torch.zeros(blocks * 64, dtype=torch.int32)
-    primitives().shared_poison(static_seen, dynamic_seen, blocks)
+    prims = primitives()
+    if prims.sanitized:  # the read of never-written shared memory is itself the finding
+        with pytest.raises(EmulatorError, match=r"initcheck: read of shared memory never written in this block, in "
+                                                r"kernel shared_poison_kernel, block \(0,0,0\), by thread \d+ .*"
+                                                rf"primitives[^ ]*:{source_line(SOURCE, 'static_seen[i] = words')} \(shared_poison_kernel\)"):
+            prims.shared_poison(static_seen, dynamic_seen, blocks)
+        return
+    prims.shared_poison(static_seen, dynamic_seen, blocks)
     assert (static_seen == -1).all() and (dynamic_seen == -1).all()
 
 
@@ -164,6 +182,11 @@ def run_cp_async(prims):
 
 
 def test_cp_async_moves_a_tile_by_commit_group():
+    if primitives().sanitized:  # the kernel's early read races with its own copy: see the next test
+        src, early, mid, last = run_cp_async(primitives("-DEMU_TEST_NO_EARLY_READ"))
+        assert torch.equal(last, src)
+        assert torch.equal(mid[:COPY_THREADS], src[:COPY_THREADS])
+        return
     src, early, mid, last = run_cp_async(primitives())
     assert torch.equal(last, src)
     assert torch.equal(mid[:COPY_THREADS], src[:COPY_THREADS])  # wait<1> retired the first group
@@ -171,7 +194,16 @@ def test_cp_async_moves_a_tile_by_commit_group():
 
 
 def test_reading_before_cp_async_wait_reads_poison():
-    _, early, _, _ = run_cp_async(primitives())
+    prims = primitives()
+    if prims.sanitized:
+        with pytest.raises(EmulatorError, match=r"race on shared memory in kernel cp_async_kernel, block \(0,0,0\): "
+                                                rf"read by thread (\d+) .* at primitives[^ ]*:{source_line(SOURCE, 'early[tid] = tile')} .* "
+                                                rf"conflicts with the cp.async write still in flight by thread \1 .*"
+                                                rf"primitives[^ ]*:{source_line(SOURCE, 'cp_async_16(&tile[tid]')} .*"
+                                                r"not been retired by cp_async_wait"):
+            run_cp_async(prims)
+        return
+    _, early, _, _ = run_cp_async(prims)
     assert (early == -1).all()
 
 
@@ -188,7 +220,7 @@ def test_divergent_barrier_raises():
 
 def test_shuffle_from_a_missing_lane_raises():
     out = torch.zeros(40, dtype=torch.int32)
-    with pytest.raises(EmulatorError, match="lane 0 of warp 1 reads lane 16, which is not in the mask or has exited"):
+    with pytest.raises(EmulatorError, match=r"lane [0-7] of warp 1 reads lane (1[6-9]|2[0-3]), which is not in the mask or has exited"):
         primitives().shuffle_past_block(out)
 
 
@@ -196,6 +228,61 @@ def test_the_emulator_recovers_after_a_fault():
     with pytest.raises(EmulatorError):
         primitives().divergent_barrier()
     test_block_reduction_over_shared_memory(100, 33)
+
+
+def sanitizer_check(variant):
+    src = torch.randint(0, 2**31 - 1, (16, 4), dtype=torch.int32)
+    out = torch.zeros(64, dtype=torch.int32)
+    load_harness("primitives", SOURCE, sanitize=True).sanitizer_check(variant, src, out)
+    return out
+
+
+def test_sanitizer_reports_an_exit_before_a_barrier():
+    with pytest.raises(EmulatorError, match=r"kernel sanitizer_kernel, block \(0,0,0\): threads 32-63 exited while "
+                                            rf"the others wait at __syncthreads primitives[^ ]*:{source_line(SOURCE, 'if (tid >= 32) return;') + 1}"):
+        sanitizer_check(0)
+
+
+def test_sanitizer_tells_apart_two_inlined_calls_of_one_barrier():
+    line = source_line(SOURCE, "void barrier_in_helper() { __syncthreads(); }")
+    with pytest.raises(EmulatorError, match=rf"waits at __syncthreads primitives[^ ]*:{line} .* while thread 32 waits at "
+                                            rf"__syncthreads primitives[^ ]*:{line} .*\(divergent barrier\)"):
+        sanitizer_check(1)
+
+
+def test_sanitizer_bounds_dynamic_shared_memory_exactly():
+    line = source_line(SOURCE, "chunk[tid + 1] = tid;")
+    with pytest.raises(EmulatorError, match=rf"out-of-bounds write of 4 bytes in kernel sanitizer_kernel, block \(0,0,0\) "
+                                            rf"by thread 63 .* primitives[^ ]*:{line} .*dynamic shared byte 256 \(of 256\)"):
+        sanitizer_check(2)
+
+
+def test_sanitizer_asserts_ldmatrix_alignment():
+    with pytest.raises(EmulatorError, match=r"ldmatrix: shared address 0x[0-9a-f]+ is not 16-byte aligned, in kernel "
+                                            rf"sanitizer_kernel.*primitives[^ ]*:{source_line(SOURCE, 'ldmatrix_x1(r, &rows')}"):
+        sanitizer_check(3)
+
+
+def test_sanitizer_reports_a_wait_on_an_uncommitted_copy():
+    with pytest.raises(EmulatorError, match=r"cp_async_wait<0> with 1 cp.async not committed to any group, in kernel "
+                                            rf"sanitizer_kernel.*primitives[^ ]*:{source_line(SOURCE, 'cp_async_wait<0>();', 2)}"):
+        sanitizer_check(4)
+
+
+def test_sanitizer_orders_lanes_by_syncwarp_but_not_by_a_shuffle():
+    out = sanitizer_check(5)
+    assert out[1::32].tolist() == [0, 32]  # lane 1 of each warp read lane 0's word
+    write, read = source_line(SOURCE, "if (lane == 0) words[tid / 32] = tid;"), source_line(SOURCE, "if (lane == 1) out[tid] = words")
+    with pytest.raises(EmulatorError, match=rf"race on shared memory in kernel sanitizer_kernel, block \(0,0,0\): read by "
+                                            rf"thread \d+ \(warp \d, lane 1\) at primitives[^ ]*:{read} .* conflicts with "
+                                            rf"the write by thread \d+ \(warp \d, lane 0\) at primitives[^ ]*:{write} "):
+        sanitizer_check(6)
+
+
+def test_sanitizer_reports_a_global_read_past_a_tensor():
+    with pytest.raises(EmulatorError, match=r"out-of-bounds global read of 4 bytes in kernel sanitizer_kernel.* thread 0 "
+                                            rf".*primitives[^ ]*:{source_line(SOURCE, 'out[0] = out[blockDim.x]')} .*redzone"):
+        sanitizer_check(7)
 
 
 @pytest.mark.cuda

@@ -161,13 +161,15 @@ struct Tile {
 };
 
 // Rows [0, kRows) of a tile from global rows first_row.. (row stride `stride` elements, `src`
-// already at the head's column); rows at or past `valid` are zero-filled and never read.
+// already at the head's column); rows at or past `valid` are zero-filled (the mma's read them;
+// V's must be finite, as P = 0 there and 0 * NaN is NaN).
 template <typename T, int kHeadDim, int kRows>
 __device__ __forceinline__ void load_rows(T* tile, const T* src, int64_t stride, int64_t first_row, int64_t valid) {
   using Tl = Tile<kHeadDim>;
   for (int c = threadIdx.x; c < kRows * Tl::kChunks; c += kThreads) {
     const int r = c / Tl::kChunks, col = (c % Tl::kChunks) * 8;
     T* dst = tile + r * Tl::kStride + col;
+    MMFUSE_SHARED_DEAD(dst, 16);  // the previous tile of this stage
     if (r < valid) {
       cp_async_16(dst, src + (first_row + r) * stride + col);
     } else {
@@ -496,10 +498,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const int group = p.heads_q / p.heads_kv;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
 
-  // queries before first_q see no key of this tile (causal); none at all if the tile has no valid key
+  // queries before first_q see no key of this tile (causal); none at all if the tile has no valid
+  // key (then no query tile either: first_q = q_len alone would leave the ragged last one)
   const int64_t first_q = key_valid == 0 ? s.q_len : (p.causal ? max64(int64_t(0), key0 - (s.k_len - s.q_len)) : 0);
   const int64_t tile0 = first_q / kBlockMBwd;
-  const int64_t q_tiles = max64(int64_t(0), (s.q_len + kBlockMBwd - 1) / kBlockMBwd - tile0);
+  const int64_t q_tiles = key_valid == 0 ? 0 : max64(int64_t(0), (s.q_len + kBlockMBwd - 1) / kBlockMBwd - tile0);
   const int64_t steps = group * q_tiles;
 
   float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];

@@ -63,6 +63,7 @@ namespace mel {
 
 constexpr int kThreads = 128;      // analysis kernels: 4 warps
 constexpr int kMaxFrames = 8;      // frames per analysis tile (registers per DFT thread)
+constexpr int kTwiddleResync = 17;  // DFT steps between exact twiddles from the table (TwiddleWalk)
 constexpr int kWarps = kThreads / 32;
 constexpr int kElementThreads = 256;  // Whisper and gather kernels
 constexpr int kElementsPerThread = 8;
@@ -309,6 +310,38 @@ __device__ void load_tile(const MelParams<T>& p, const TileShared<T>& s, int64_t
   }
 }
 
+// The twiddles e^(2 pi i j m / n_fft), j = 0, 1, 2, ... of one lane's DFT loop (m its bin or
+// sample): reading the table at j m mod n_fft would make the lanes of a warp (consecutive m)
+// stride through it by j words, 2.6-3.3 passes through the banks per read on average (counted
+// by the emulator, tools/emu_report.py). Instead the walk rotates by e^(2 pi i m / n_fft) (one
+// read, consecutive lanes at consecutive words) and takes the exact value from the table only
+// every kTwiddleResync steps, which bounds the rotation's rounding drift to that many steps.
+// The interval is odd: at step j the lanes read the table j m apart, and an even j (16, say)
+// would put 16 of them in every bank used.
+template <typename T>
+struct TwiddleWalk {
+  T c, s, step_c, step_s;
+  int angle = 0, m, n_fft;
+
+  __device__ TwiddleWalk(const TileShared<T>& t, int m_, int n_fft_)
+      : c(1), s(0), step_c(t.cos_tab[m_]), step_s(t.sin_tab[m_]), m(m_), n_fft(n_fft_) {}
+
+  // The twiddle of step j (steps taken in order from 0).
+  __device__ __forceinline__ void at(const TileShared<T>& t, int j) {
+    if (j % mel::kTwiddleResync == 0) {
+      c = t.cos_tab[angle];
+      s = t.sin_tab[angle];
+    }
+  }
+  __device__ __forceinline__ void next() {
+    const T rotated_c = c * step_c - s * step_s;
+    s = s * step_c + c * step_s;
+    c = rotated_c;
+    angle += m;
+    if (angle >= n_fft) angle -= n_fft;
+  }
+};
+
 // One-sided DFT of the tile's frames into s.re / s.im: X[k] = sum_n y[n] e^(-2 pi i n k / n_fft).
 // Ends with a barrier.
 template <typename T>
@@ -317,9 +350,10 @@ __device__ void dft_tile(const MelParams<T>& p, const TileShared<T>& s, int coun
     T acc_re[mel::kMaxFrames], acc_im[mel::kMaxFrames];
 #pragma unroll
     for (int f = 0; f < mel::kMaxFrames; ++f) acc_re[f] = acc_im[f] = T(0);
-    int angle = 0;  // n k mod n_fft
+    TwiddleWalk<T> w(s, k, p.n_fft);  // e^(2 pi i n k / n_fft)
     for (int n = 0; n < p.win; ++n) {
-      const T c = s.cos_tab[angle], sn = s.sin_tab[angle];
+      w.at(s, n);
+      const T c = w.c, sn = w.s;
 #pragma unroll
       for (int f = 0; f < mel::kMaxFrames; ++f) {
         if (f < count) {
@@ -328,8 +362,7 @@ __device__ void dft_tile(const MelParams<T>& p, const TileShared<T>& s, int coun
           acc_im[f] -= y * sn;
         }
       }
-      angle += k;
-      if (angle >= p.n_fft) angle -= p.n_fft;
+      w.next();
     }
 #pragma unroll
     for (int f = 0; f < mel::kMaxFrames; ++f) {
@@ -619,15 +652,15 @@ __global__ void __launch_bounds__(mel::kThreads) mel_backward_frames_kernel(MelP
     T acc[mel::kMaxFrames];
 #pragma unroll
     for (int f = 0; f < mel::kMaxFrames; ++f) acc[f] = T(0);
-    int angle = 0;  // k n mod n_fft
+    TwiddleWalk<T> w(s, n, p.n_fft);  // e^(2 pi i k n / n_fft)
     for (int k = 0; k < p.n_bins; ++k) {
-      const T c = s.cos_tab[angle], sn = s.sin_tab[angle];
+      w.at(s, k);
+      const T c = w.c, sn = w.s;
 #pragma unroll
       for (int f = 0; f < mel::kMaxFrames; ++f) {
         if (f < count) acc[f] += s.re[f * p.n_bins + k] * c + s.im[f * p.n_bins + k] * sn;
       }
-      angle += n;
-      if (angle >= p.n_fft) angle -= p.n_fft;
+      w.next();
     }
 #pragma unroll
     for (int f = 0; f < mel::kMaxFrames; ++f) {

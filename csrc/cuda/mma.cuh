@@ -108,10 +108,16 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #ifdef MMFUSE_CUDA_EMULATOR
 namespace emulated {
 
+// Not inlined: its return address is the kernel's ldmatrix, for the sanitizer's messages. The
+// lanes that give row addresses (8 per matrix) check and record their 16-byte row.
 template <int kMatrices, bool kTrans>
-void ldmatrix(uint32_t* r, const void* row_address) {
+__attribute__((noinline)) void ldmatrix(uint32_t* r, const void* row_address) {
+  const void* pc = __builtin_return_address(0);
+  const char* op = kTrans ? "ldmatrix.trans" : "ldmatrix";
+  if (emu::lane_id() < 8 * kMatrices) emu::detail::shared_operand(op, row_address, emu::san::Kind::kLdmatrix, pc);
   const unsigned char* mine = static_cast<const unsigned char*>(row_address);
-  emu::warp_exchange(0xffffffffu, mine, kTrans ? "ldmatrix.trans" : "ldmatrix", [&](auto value_of) {
+  emu::warp_exchange(0xffffffffu, mine, op, [&](auto value_of) {
+    const emu::detail::InternalScope internal;
     const int lane = emu::lane_id();
     auto at = [&](int matrix, int row, int col) {
       uint16_t bits;

@@ -4,7 +4,7 @@
 //
 // Negative-test switches (-D): EMU_TEST_DROP_BARRIER removes the reduction's __syncthreads;
 // EMU_TEST_WRONG_FRAGMENT swaps A-fragment registers 1 and 2 (rows + 8 vs cols + 8), a classic
-// layout bug.
+// layout bug; EMU_TEST_NO_EARLY_READ leaves out cp_async_kernel's deliberately racy reads.
 #include "harness.h"
 
 #include <cstdint>
@@ -152,10 +152,17 @@ __global__ void cp_async_kernel(const uint4* src, uint4* early, uint4* mid, uint
   mmfuse::cuda::cp_async_commit();
   mmfuse::cuda::cp_async_16(&tile[kCopyThreads + tid], &src[kCopyThreads + tid]);
   mmfuse::cuda::cp_async_commit();
+#ifndef EMU_TEST_NO_EARLY_READ
   early[tid] = tile[tid];
+#endif
   mmfuse::cuda::cp_async_wait<1>();
   __syncthreads();
+#ifdef EMU_TEST_NO_EARLY_READ  // the sanitizer: only what the wait and the barrier made visible
+  (void)early;
+  mid[tid] = tile[tid];
+#else
   for (int k = tid; k < 2 * kCopyThreads; k += kCopyThreads) mid[k] = tile[k];
+#endif
   mmfuse::cuda::cp_async_wait<0>();
   __syncthreads();
   for (int k = tid; k < 2 * kCopyThreads; k += kCopyThreads) last[k] = tile[k];
@@ -180,6 +187,55 @@ __global__ void divergent_barrier_kernel() {
 
 __global__ void shuffle_past_block_kernel(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(kFullMask, static_cast<int>(threadIdx.x), 16);
+}
+
+// Sanitizer checks (tests/test_emulator.py builds these with EMU_SANITIZE); `variant` picks one.
+__device__ __forceinline__ void barrier_in_helper() { __syncthreads(); }
+
+__global__ void sanitizer_kernel(int variant, const uint4* src, int* out) {
+  __shared__ __align__(16) int words[64];
+  __shared__ __align__(16) uint16_t rows[8 * 8 + 8];
+  MMFUSE_DYNAMIC_SHARED(int, chunk);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32;
+  switch (variant) {
+    case 0:  // a per-warp early return before a barrier
+      if (tid >= 32) return;
+      __syncthreads();
+      break;
+    case 1:  // two inlined calls of one helper's barrier, in divergent branches
+      if (tid < 32) {
+        barrier_in_helper();
+      } else {
+        barrier_in_helper();
+      }
+      break;
+    case 2:  // one past the dynamic allocation (blockDim.x ints)
+      chunk[tid + 1] = tid;
+      break;
+    case 3: {  // ldmatrix row addresses 2 bytes off 16-byte alignment
+      uint32_t r;
+      mmfuse::cuda::ldmatrix_x1(r, &rows[(lane % 8) * 8 + 1]);
+      out[tid] = static_cast<int>(r);
+      break;
+    }
+    case 4:  // a wait with the copy never committed
+      mmfuse::cuda::cp_async_16(&words[4 * (tid % 16)], &src[tid % 16]);
+      mmfuse::cuda::cp_async_wait<0>();
+      break;
+    case 5:  // lane 0 writes, __syncwarp, lane 1 reads: ordered
+    case 6:  // the same through a shuffle, which orders no memory: a race
+      if (lane == 0) words[tid / 32] = tid;
+      if (variant == 5) {
+        __syncwarp();
+      } else {
+        out[tid] = __shfl_sync(kFullMask, tid, 0);
+      }
+      if (lane == 1) out[tid] = words[tid / 32];
+      break;
+    case 7:  // one thread reads global memory one element past `out` (blockDim.x ints)
+      if (tid == 0) out[0] = out[blockDim.x];
+      break;
+  }
 }
 
 unsigned blocks_for(int64_t n, int64_t block) { return static_cast<unsigned>((n + block - 1) / block); }
@@ -236,6 +292,14 @@ int warp_waits_for_barrier() {
 
 int divergent_barrier() {
   return harness::run([&] { harness::launch(divergent_barrier_kernel, dim3(1), dim3(32), 0); });
+}
+
+// src: 16 chunks of 16 bytes; out: 64 ints; 64 threads, 64 ints of dynamic shared memory
+int sanitizer_check(int64_t variant, const void* src, int* out) {
+  return harness::run([&] {
+    harness::launch(sanitizer_kernel, dim3(1), dim3(64), 64 * sizeof(int), static_cast<int>(variant),
+                    static_cast<const uint4*>(src), out);
+  });
 }
 
 // 40 threads: lanes 32..39 of the second warp read lanes 48..55, which do not exist
