@@ -1017,7 +1017,8 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
               "mel_spectrogram: Kaldi's energy column is not combined with the dB/offset logs, dct or complex_out");
   TORCH_CHECK(!complex_out || (!dct && log_mode == kNoLog && !frames_major),
               "mel_spectrogram: complex_out takes no log, no dct and frames_major=False");
-  TORCH_CHECK(mel_fb.size(1) >= 1, "mel_spectrogram: mel_fb must have at least one filter, got ", mel_fb.sizes());
+  TORCH_CHECK(complex_out || mel_fb.size(1) >= 1, "mel_spectrogram: mel_fb must have at least one filter, got ",
+              mel_fb.sizes());
   if (dct) {
     TORCH_CHECK(log_mode == kDbLog || log_mode == kOffsetLog, "mel_spectrogram: dct takes log_mode 3 (dB) or 4 ",
                 "(offset), got ", log_mode);
