@@ -766,20 +766,14 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// k, v (B, Lk, Hkv, D) in the compute type, contiguous, with the rows of keys that no query can
-// see (hidden: (B or 1, Lk) bool, or undefined) zeroed in a copy: a score tile or a product with
-// V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
-// The copy is made only when a hidden row holds a non-finite value: finding that out reads the
-// hidden rows once, where zeroing every call would read and write all of k and v.
-at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hidden) {
-  const at::Tensor c = t.to(ct).contiguous();
-  if (!hidden.defined()) return c;
-  const at::Tensor mask = hidden.expand({t.size(0), t.size(1)}).contiguous();
+// Whether a row of t (B, Lk, ...) that `mask` (B, Lk) marks holds a non-finite value: one read of
+// the marked rows.
+bool hidden_row_not_finite(const at::Tensor& t, const at::Tensor& mask) {
   const bool* h = mask.data_ptr<bool>();
   const int64_t rows = mask.numel(), row_size = t.size(2) * t.size(3);
   std::atomic<bool> dirty{false};
-  AT_DISPATCH_FLOATING_TYPES(ct, "key_rows", [&] {
-    const scalar_t* data = c.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "hidden_row_not_finite", [&] {
+    const scalar_t* data = t.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1 && !dirty.load(std::memory_order_relaxed); ++r) {
         if (!h[r]) continue;
@@ -792,7 +786,24 @@ at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hi
       }
     });
   });
-  return dirty ? c.masked_fill(mask.view({t.size(0), t.size(1), 1, 1}), 0) : c;
+  return dirty;
+}
+
+// (B, Lk) bool contiguous from hidden (B or 1, Lk) for t (B, Lk, ...).
+at::Tensor hidden_rows(const at::Tensor& t, const at::Tensor& hidden) {
+  return hidden.expand({t.size(0), t.size(1)}).contiguous();
+}
+
+// k, v (B, Lk, Hkv, D) in the compute type, contiguous, with the rows of keys that no query can
+// see (hidden: (B or 1, Lk) bool, or undefined) zeroed in a copy: a score tile or a product with
+// V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
+// The copy is made only when a hidden row holds a non-finite value: finding that out reads the
+// hidden rows once, where zeroing every call would read and write all of k and v.
+at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hidden) {
+  const at::Tensor c = t.to(ct).contiguous();
+  if (!hidden.defined()) return c;
+  const at::Tensor mask = hidden_rows(t, hidden);
+  return hidden_row_not_finite(c, mask) ? c.masked_fill(mask.view({t.size(0), t.size(1), 1, 1}), 0) : c;
 }
 
 // (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
@@ -820,10 +831,11 @@ at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const 
   return hidden;
 }
 
-void check_lse(const char* op, const at::Tensor& lse, at::IntArrayRef lse_shape) {
-  TORCH_CHECK(lse.sizes() == lse_shape && at::isFloatingType(lse.scalar_type()) && lse.device().is_cpu(), op,
-              ": lse must be a CPU float tensor of shape ", lse_shape, " (the forward's), got ", lse.sizes(), " ",
-              lse.scalar_type());
+// lse or grad_lse: a CPU float tensor of the forward's lse shape.
+void check_lse(const char* op, const char* name, const at::Tensor& lse, at::IntArrayRef lse_shape) {
+  TORCH_CHECK(lse.sizes() == lse_shape && at::isFloatingType(lse.scalar_type()) && lse.device().is_cpu(), op, ": ",
+              name, " must be a CPU float tensor of shape ", lse_shape, " (the forward's lse), got ", lse.sizes(),
+              " ", lse.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
@@ -850,12 +862,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}})
     TORCH_CHECK(t->sizes() == q.sizes() && t->device().is_cpu() && at::isFloatingType(t->scalar_type()), op, ": ", name,
                 " must be a CPU float tensor of q's shape ", q.sizes(), ", got ", t->sizes(), " ", t->scalar_type());
-  check_lse(op, lse, lse_shape);
-  if (grad_lse) {
-    TORCH_CHECK(grad_lse->sizes() == lse_shape && at::isFloatingType(grad_lse->scalar_type()) &&
-                    grad_lse->device().is_cpu(),
-                op, ": grad_lse must be a CPU float tensor of lse's shape ", lse_shape, ", got ", grad_lse->sizes());
-  }
+  check_lse(op, "lse", lse, lse_shape);
+  if (grad_lse) check_lse(op, "grad_lse", *grad_lse, lse_shape);
   const auto ct = compute_type(q);
   auto prep = [ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
   const at::Tensor g = prep(grad_out), qc = prep(q), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden),
@@ -871,10 +879,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
                        oc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), lc.numel(), dq.data_ptr<scalar_t>(),
                        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
-  if (hidden.defined()) {  // exactly 0 for keys no query sees, also when a NaN query row multiplies their dS = 0
-    const at::Tensor rows = hidden.expand({k.size(0), k.size(1)}).view({k.size(0), k.size(1), 1, 1});
-    dk.masked_fill_(rows, 0);
-    dv.masked_fill_(rows, 0);
+  // exactly 0 for keys no query sees: their dS is 0, so a hidden row of dk/dv is 0 unless a NaN
+  // query row multiplied it; only then is it written (no pass over dk/dv on every masked call)
+  if (hidden.defined()) {
+    const at::Tensor mask = hidden_rows(k, hidden);
+    const at::Tensor rows = mask.view({k.size(0), k.size(1), 1, 1});
+    for (at::Tensor* d : {&dk, &dv})
+      if (hidden_row_not_finite(*d, mask)) d->masked_fill_(rows, 0);
   }
   const auto st = q.scalar_type();
   return {dq.to(st), dk.to(st), dv.to(st)};
