@@ -324,8 +324,7 @@ def cross_attention_varlen_fwd_triton(
     return _forward(q, k, v, samples, None, scale, causal, allow_tf32, (q.shape[1], q.shape[0]), extras)
 
 
-@triton_custom_op("mmfuse::cross_attention_varlen_bwd_triton", fake=getattr(contract, "fake_varlen_bwd",
-                                                                                contract.fake_bwd))
+@triton_custom_op("mmfuse::cross_attention_varlen_bwd_triton", fake=contract.fake_varlen_bwd)
 def cross_attention_varlen_bwd_triton(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -359,7 +358,7 @@ def aot_cases() -> list:
 
 def _register() -> None:
     register_attention_autograd(cross_attention_fwd_triton, cross_attention_bwd_triton)
-    register_attention_autograd(cross_attention_varlen_fwd_triton, cross_attention_varlen_bwd_triton)
+    register_attention_autograd(cross_attention_varlen_fwd_triton, cross_attention_varlen_bwd_triton, varlen=True)
 
 
 _register()
