@@ -54,7 +54,12 @@ def _padded_samples(q, k, kv_lens):
     index = torch.arange(batch, device=q.device, dtype=torch.int32)
     q_len = torch.full_like(index, len_q)
     k_len = torch.full_like(index, len_k) if kv_lens is None else kv_lens
-    seq_lens = lambda: torch.tensor([len_q, len_k], dtype=torch.int32, device=q.device)  # noqa: E731
+
+    def seq_lens():  # filled by kernels, not copied from the host: CUDA-graph safe
+        sizes = torch.empty(2, dtype=torch.int32, device=q.device)
+        sizes[0], sizes[1] = len_q, len_k
+        return sizes
+
     return _Samples(index * len_q, q_len, index * len_k, k_len, index * (heads_q * len_q), len_q, len_q, len_k,
                     seq_lens)
 
