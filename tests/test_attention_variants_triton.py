@@ -283,6 +283,18 @@ def test_bad_inputs():
         ops.cross_attention_fwd_triton(*base, torch.zeros(7, 18), 0.0, None, 0.0, None, False)
     with pytest.raises(ValueError, match="philox"):
         ops.cross_attention_fwd_triton(*base, None, 0.5, torch.zeros(3, dtype=torch.int64), 0.0, None, False)
+    g = torch.zeros(3, 7, 4, 24)
+    with pytest.raises(ValueError, match="mask_grad"):
+        ops.cross_attention_bwd_triton(g, None, *base[:3], g, torch.zeros(3, 4, 7), *base[3:],
+                                       torch.zeros(7, 19, dtype=torch.bool), 0.0, None, 0.0, None, True, False)
+    v = varlen_case()
+    packed = (v["q"], v["k"], v["v"], v["cu_q"], v["cu_k"])
+    with pytest.raises(ValueError, match="attn_mask"):  # W = 12 < the longest key sequence (13)
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 20, 0.3, True, v["attn"][..., :12], 0.0, None, 0.0, None, False)
+    with pytest.raises(ValueError, match="attn_mask"):  # a head count that is neither 1 nor Hq
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, v["attn"][:2], 0.0, None, 0.0, None, False)
+    with pytest.raises(ValueError, match="sinks"):
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, None, 0.0, None, 0.0, torch.zeros(4, 1), False)
 
 
 def teardown_module():

@@ -44,7 +44,7 @@ def choose_splits(batch: int, heads_q: int, max_q, max_k, device: torch.device) 
         return max(1, int(FORCE_SPLITS))
     if device.type != "cuda" or triton_interpreted():
         return 1
-    if not (isinstance(max_q, int) and isinstance(max_k, int)) or max_q > MAX_DECODE_QUERIES:
+    if not all(isinstance(x, int) for x in (batch, max_q, max_k)) or max_q > MAX_DECODE_QUERIES:
         return 1  # symbolic bounds under torch.compile: the one-pass schedule
     programs = batch * heads_q
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
@@ -75,6 +76,10 @@ def _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
                     max_seqlen_q, max_seqlen_k, seq_lens)
 
 
+def _concrete(*values) -> bool:
+    return all(isinstance(x, int) for x in values)
+
+
 def _fail(op, message):
     raise ValueError(f"mmfuse::{op}_triton: {message}")
 
@@ -86,8 +91,10 @@ def _check_extras(op, q, k, samples, attn_mask, dropout_p, philox, sinks, varlen
         if varlen:
             ok = attn_mask.dim() in (2, 3) and attn_mask.shape[-2] == q.shape[0] and (
                 attn_mask.dim() == 2 or attn_mask.shape[0] in (1, heads_q))
-            if ok and not (isinstance(samples.max_k, int) and attn_mask.shape[-1] >= samples.max_k):
-                ok = attn_mask.shape[-1] >= int(samples.vectors[3].max()) if samples.batch else True
+            width, bound, k_len = attn_mask.shape[-1], samples.max_k, samples.vectors[3]
+            if ok and _concrete(width, bound, samples.batch) and width < bound and samples.batch and not (
+                    torch.compiler.is_compiling() or is_fake(k_len)):  # max_seqlen_k is an upper bound: sync
+                ok = width >= int(k_len.max())
             if not ok:
                 _fail(op, f"attn_mask must be (total_q, W) or (Hq or 1, total_q, W) with total_q = {q.shape[0]}, "
                           f"Hq = {heads_q} and W >= the longest key sequence, got {tuple(attn_mask.shape)}")
