@@ -58,7 +58,8 @@ def test_padded_split_matches_one_pass(monkeypatch, len_q, len_k, heads, splits,
     _, ops = _modules()
     dev = device()
     to = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    args = (to(q), to(k), to(v), to(kv_lens), to(kpm), scale, causal, to(bias), p, to(philox), softcap, to(sinks), False)
+    args = (to(q), to(k), to(v), to(kv_lens), to(kpm), scale, causal, to(bias), p, to(philox), softcap, to(sinks),
+            False)
     (out1, lse1), (out_s, lse_s) = both_schedules(monkeypatch, lambda: ops.cross_attention_fwd_triton(*args), splits)
     bias64 = None
     if bias is not None:

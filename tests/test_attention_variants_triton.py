@@ -32,7 +32,8 @@ def oracle(q, k, v, scale, *, q_lens=None, k_lens=None, kpm=None, causal=False, 
     """out (B, Lq, Hq, Dv), lse (B, Hq, Lq) of padded float64 inputs; rows past q_lens are empty."""
     batch, len_q, heads_q, _ = q.shape
     len_k, group = k.shape[1], heads_q // k.shape[2]
-    qh, kh, vh = q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2), v.repeat_interleave(group, 2).transpose(1, 2)
+    qh = q.transpose(1, 2)
+    kh, vh = (t.repeat_interleave(group, 2).transpose(1, 2) for t in (k, v))
     s = scale * qh @ kh.mT
     if softcap:
         s = softcap * torch.tanh(s / softcap)
@@ -82,7 +83,8 @@ def rand(*shape, dtype=torch.float32, gen=None):
 def padded_case(*, dim=24, dim_v=24, softcap=0.0, sinks=False, bias_kind=None, dropout_p=0.0, causal=True,
                 kpm=False, dtype=torch.float32, seed=0, batch=3, len_q=7, len_k=19, heads_q=4, heads_kv=2):
     gen = torch.Generator().manual_seed(seed)
-    q, k = rand(batch, len_q, heads_q, dim, dtype=dtype, gen=gen), rand(batch, len_k, heads_kv, dim, dtype=dtype, gen=gen)
+    q = rand(batch, len_q, heads_q, dim, dtype=dtype, gen=gen)
+    k = rand(batch, len_k, heads_kv, dim, dtype=dtype, gen=gen)
     v = rand(batch, len_k, heads_kv, dim_v, dtype=dtype, gen=gen)
     kv_lens = torch.tensor([0, 11] + [len_k] * (batch - 2), dtype=torch.int32)
     mask = torch.rand(batch, len_k, generator=gen) < 0.2 if kpm else None
@@ -222,7 +224,8 @@ def test_varlen_mask_dropout():
             c["sinks"].to(dev))
     out, lse = ops.cross_attention_varlen_fwd_triton(*args, lq + 6, lk + 20, *rest, False)
     q64, k64, v64 = (to_padded(c[n].double(), c[cu], c[ln], L).requires_grad_(True)
-                     for n, cu, ln, L in (("q", "cu_q", "q_lens", lq), ("k", "cu_k", "k_lens", lk), ("v", "cu_k", "k_lens", lk)))
+                     for n, cu, ln, L in (("q", "cu_q", "q_lens", lq), ("k", "cu_k", "k_lens", lk),
+                                          ("v", "cu_k", "k_lens", lk)))
     bias = to_padded(c["attn"].double().transpose(0, 1), c["cu_q"], c["q_lens"], lq).permute(0, 2, 1, 3)[..., :lk]
     bias = bias.clone().requires_grad_(True)
     keep = philox_keep(c["philox"], c["dropout_p"], 4, 4, lq, lk, torch.device("cpu"))
@@ -290,7 +293,8 @@ def test_bad_inputs():
     v = varlen_case()
     packed = (v["q"], v["k"], v["v"], v["cu_q"], v["cu_k"])
     with pytest.raises(ValueError, match="attn_mask"):  # W = 12 < the longest key sequence (13)
-        ops.cross_attention_varlen_fwd_triton(*packed, 9, 20, 0.3, True, v["attn"][..., :12], 0.0, None, 0.0, None, False)
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 20, 0.3, True, v["attn"][..., :12], 0.0, None, 0.0, None,
+                                              False)
     with pytest.raises(ValueError, match="attn_mask"):  # a head count that is neither 1 nor Hq
         ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, v["attn"][:2], 0.0, None, 0.0, None, False)
     with pytest.raises(ValueError, match="sinks"):

@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
 from mmfuse.contract import attention as contract
-from mmfuse.contract.attention import TRITON_MAX_HEAD_DIM, keep_threshold, register_attention_autograd
+from mmfuse.contract.attention import keep_threshold, register_attention_autograd
 from mmfuse.triton import attention_decode, attention_kernels
 from mmfuse.triton._launch import launch, triton_custom_op
 from mmfuse.triton.attention_kernels import (
@@ -127,7 +127,8 @@ class _Extras:
         if attn_mask is not None:
             mask = attn_mask if attn_mask.dim() == (3 if varlen else 4) else attn_mask[(None,) * (1 if varlen else 2)]
             if mask.dtype == torch.bool:
-                bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask, float("-inf"))
+                bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                bias.masked_fill_(mask, float("-inf"))
             else:
                 bias = mask.to(torch.float32).contiguous()
             self.bias = bias
