@@ -277,6 +277,29 @@ def test_autograd_through_the_op():
         check(f"op {name}", ours.grad, theirs.grad, 3e-5)
 
 
+def test_varlen_key_hidden_by_the_mask_never_influences():
+    """A packed key the mask hides from every query of its sequence: NaN in its k and v rows
+    changes nothing, and its dk, dv are exactly 0 (the hidden-key rule)."""
+    c = varlen_case(causal=False, sinks=True)
+    ops = _ops()
+    hidden_row = int(c["cu_k"][2]) + 4  # sequence 2's key 4 (attn[:, 5:, 4] = -inf)
+
+    def run(k, v):
+        args = (c["q"], k, v, c["cu_q"], c["cu_k"], 9, 13, 0.3, False, c["attn"], 0.0, None, 0.0, c["sinks"])
+        out, lse = ops.cross_attention_varlen_fwd_triton(*args, False)
+        grads = ops.cross_attention_varlen_bwd_triton(torch.ones_like(out), None, *args[:3], out, lse, *args[3:], True,
+                                                      False)
+        return (out, lse) + grads
+
+    clean = run(c["k"], c["v"])
+    k, v = c["k"].clone(), c["v"].clone()
+    k[hidden_row], v[hidden_row] = float("nan"), float("inf")
+    poisoned = run(k, v)
+    for a, b in zip(clean, poisoned):
+        assert torch.equal(a, b)
+    assert (clean[3][hidden_row] == 0).all() and (clean[4][hidden_row] == 0).all()
+
+
 def test_bad_inputs():
     ops, c = _ops(), padded_case()
     base = (c["q"], c["k"], c["v"], c["kv_lens"], None, c["scale"], True)
