@@ -73,7 +73,8 @@ _CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 _FEATURES = {
     "cpu": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                       "varlen_dropout"}),
-    "triton": frozenset({"attn_mask", "dropout"}),
+    "triton": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
+                         "varlen_dropout"}),
     "cuda": frozenset(),
 }
 _FEATURE_NAMES = {
@@ -102,9 +103,11 @@ def _features(q, v, *, varlen: bool, attn_mask=None, dropout_p=0.0, softcap=0.0,
     return need
 
 
-def _unsupported(q: torch.Tensor, batch: int, need: set[str] = frozenset()):
+def _unsupported(q: torch.Tensor, batch: int, need: set[str] = frozenset(), dim_v: int | None = None):
     """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples
-    with the ``need``ed features."""
+    with the ``need``ed features and value head dim ``dim_v`` (default q's)."""
+    dim_v = q.shape[-1] if dim_v is None else dim_v
+
     def reason(backend: str) -> str | None:
         if backend in _FEATURES:
             missing = sorted(need - _FEATURES[backend])
@@ -112,8 +115,8 @@ def _unsupported(q: torch.Tensor, batch: int, need: set[str] = frozenset()):
                 return f"the {backend} kernel does not compute {', '.join(_FEATURE_NAMES[m] for m in missing)}"
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
-        if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
-            return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
+        if backend == "triton" and max(q.shape[-1], dim_v) > TRITON_MAX_HEAD_DIM:
+            return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[-1]} (v: {dim_v})"
         if backend == "cuda":
             if q.dtype not in _CUDA_DTYPES:
                 return f"the CUDA kernel takes float16 and bfloat16 inputs (tensor-core mma), got {q.dtype}"
@@ -201,7 +204,7 @@ def cross_attention(
     check_bool(op, "return_lse", return_lse)
     check_bool(op, "allow_tf32", allow_tf32)
     need = _features(q, v, varlen=False, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], need))
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], need, v.shape[-1]))
     philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
@@ -357,7 +360,7 @@ def cross_attention_varlen(
     dropout_p = float(dropout_p)
     softcap = check_softcap_and_sinks(op, q, softcap, sinks)
     need = _features(q, v, varlen=True, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1, need))
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1, need, v.shape[-1]))
     # work is sized by the real lengths where they are known (eager); max_seqlen is only a bound. The
     # dropout stream is defined at the longest lengths, so with dropout a traced call computes them.
     if longest_q is not None:
