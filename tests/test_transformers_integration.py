@@ -44,7 +44,7 @@ class OpCounter(TorchDispatchMode):
         assert not bad, f"PyTorch attention ran: {bad}"
 
 
-def _pair(model_cls, config, reference: str = "sdpa", how: str = "set"):
+def _pair(model_cls, config, reference: str = "sdpa", how: str = "set", how_cls=None):
     """The same random-init weights under ``reference`` and under "mmfuse" (three ways of asking)."""
     torch.manual_seed(0)
     config._attn_implementation = reference
@@ -52,10 +52,9 @@ def _pair(model_cls, config, reference: str = "sdpa", how: str = "set"):
     if how == "set":
         ours = copy.deepcopy(ref)
         ours.set_attn_implementation("mmfuse")
-    elif how == "from_config":
-        cfg = copy.deepcopy(config)
-        torch.manual_seed(0)
-        ours = model_cls._from_config(cfg, attn_implementation="mmfuse").eval()
+    elif how == "from_config":  # how is the Auto class: AutoModel.from_config(cfg, attn_implementation="mmfuse")
+        ours = how_cls.from_config(copy.deepcopy(config), attn_implementation="mmfuse").eval()
+        assert type(ours) is model_cls
         ours.load_state_dict(ref.state_dict())
     else:  # the config attribute, as a user editing a loaded config would
         ours = copy.deepcopy(ref)
@@ -127,7 +126,7 @@ def test_bert_padding_forms():
     cfg = transformers.BertConfig(vocab_size=97, hidden_size=40, num_hidden_layers=2, num_attention_heads=5,
                                   intermediate_size=56, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
-    ref, ours = _pair(transformers.BertModel, cfg, how="from_config")
+    ref, ours = _pair(transformers.BertModel, cfg, how="from_config", how_cls=transformers.AutoModel)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 97, (3, 11), generator=gen)
     for mask in (torch.tensor([[1] * 11, [1] * 7 + [0] * 4, [1] * 2 + [0] * 9]),          # right padding
@@ -208,7 +207,8 @@ def _llama(**kw):
 
 
 def test_llama_gqa_left_padding():
-    ref, ours = _pair(transformers.LlamaForCausalLM, _llama(), how="from_config")
+    ref, ours = _pair(transformers.LlamaForCausalLM, _llama(), how="from_config",
+                      how_cls=transformers.AutoModelForCausalLM)
     ids, mask = _left_padded(3, 13, 101, pads=(0, 4, 1))
     valid = mask.bool()
 
@@ -287,6 +287,60 @@ def test_t5_position_bias():
 
     _compare(ref, ours, run, n_calls=6)
     assert ours.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad.abs().max() > 0
+
+
+def test_gpt_oss_sinks_sliding_window():
+    """gpt-oss: learned attention sinks (s_aux -> sinks, with their gradient) on a sliding and a full layer."""
+    cfg = transformers.GptOssConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+                                    pad_token_id=0, layer_types=["sliding_attention", "full_attention"],
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    ref, ours = _pair(transformers.GptOssForCausalLM, cfg, reference="eager")
+    for model in (ref, ours):  # sinks start at zero: make them matter
+        for i, mod in enumerate(m for m in model.modules() if hasattr(m, "sinks")):
+            with torch.no_grad():
+                mod.sinks.copy_(torch.linspace(-1.0, 2.0, mod.sinks.numel()) + i)
+    ids, mask = _left_padded(2, 11, 97, pads=(0, 3), seed=13)
+    valid = mask.bool()
+
+    def run(m):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        return logits * valid[..., None], _loss(logits, valid)
+
+    _compare(ref, ours, run, n_calls=2)
+    assert ours.model.layers[0].self_attn.sinks.grad.abs().max() > 0
+
+
+def test_mllama_cross_attention_own_float_masks():
+    """Mllama: the vision encoder's and the text cross-attention's own 4-D float masks go to the
+    kernel as float attn_masks; the causal text layers use mmfuse's mask forms."""
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=28, patch_size=14, max_num_tiles=2, intermediate_layers_indices=[0],
+                  vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2]])
+    text = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=64, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=96)
+    ref, ours = _pair(transformers.MllamaForConditionalGeneration, cfg)
+    gen = torch.Generator().manual_seed(14)
+    pixels = torch.randn(2, 1, 2, 3, 28, 28, generator=gen)
+    ids = torch.randint(3, 90, (2, 9), generator=gen)
+    ids[:, 1] = 96
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    cross = torch.zeros(2, 9, 1, 2, dtype=torch.long)
+    cross[:, 1:, 0, 0] = 1
+    cross[0, 1:, 0, 1] = 1
+    valid = mask.bool()
+
+    def run(m):
+        logits = m(input_ids=ids, attention_mask=mask, pixel_values=pixels, aspect_ratio_ids=torch.tensor([[2], [1]]),
+                   aspect_ratio_mask=torch.tensor([[[1, 1]], [[1, 0]]]), cross_attention_mask=cross).logits
+        return logits * valid[..., None], _loss(logits, valid)
+
+    _compare(ref, ours, run, n_calls=6)  # vision: 2 local + 1 global layers; text: 2 self + 1 cross
 
 
 # ----------------------------------------------------------------------------- padding-free
