@@ -437,3 +437,28 @@ def test_errors_name_the_feature(monkeypatch):
     monkeypatch.setitem(mm_attention._FEATURES, "cpu", mm_attention._FEATURES["cpu"] - {"softcap"})
     with pytest.raises(NotImplementedError, match="softcap=3.0 \\(config.attn_logit_softcapping\\)"):
         ours(input_ids=ids)
+
+
+# ------------------------------------------------------------------------- benchmark peer
+
+
+def test_whisper_feature_extractor_is_a_front_end_peer():
+    """mmfuse-bench: transformers' WhisperFeatureExtractor (what Whisper users call) is a peer of
+    whisper_log_mel and computes the same features; every front-end row has a peer and running
+    our side prints no warning of our own (torchaudio's defaults leave empty mel filters)."""
+    import warnings
+
+    from mmfuse.bench import spectrogram as bench
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cases = list(bench.cases(torch.device("cpu"), True, ["cpu"]))
+        for case in cases:
+            assert case.peers, f"{case.op} {case.case} has no peer"
+            for fn in case.ours.values():
+                fn()
+    whisper = next(c for c in cases if c.op == "whisper_log_mel")
+    ours = whisper.ours["cpu"]()
+    theirs = whisper.peers["transformers WhisperFeatureExtractor"]()
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max() <= 1e-4
