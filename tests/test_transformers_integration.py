@@ -189,7 +189,8 @@ def test_whisper_encoder_decoder_cross():
 
 
 def test_whisper_generate_greedy():
-    ref, ours = _pair(transformers.WhisperForConditionalGeneration, _whisper_config())
+    # init_std 0.2: logits spread enough that greedy decoding does not repeat one token
+    ref, ours = _pair(transformers.WhisperForConditionalGeneration, _whisper_config(init_std=0.2))
     feats = torch.randn(2, 12, 30, generator=torch.Generator().manual_seed(6))
     kw = dict(max_new_tokens=9, do_sample=False, num_beams=1)
     tokens_ref = ref.generate(feats, **kw)
@@ -198,6 +199,7 @@ def test_whisper_generate_greedy():
     counter.assert_no_torch_attention()
     assert counter.count("cross_attention_fwd") > 0
     assert torch.equal(tokens, tokens_ref), (tokens, tokens_ref)
+    assert tokens.shape[1] == 9 and len(set(tokens.flatten().tolist())) > 2
 
 
 def _llama(**kw):
@@ -288,6 +290,8 @@ def test_t5_position_bias():
 
     _compare(ref, ours, run, n_calls=6)
     assert ours.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad.abs().max() > 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=1)  # cached decoding, bias per step
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
 def test_gpt_oss_sinks_sliding_window():
@@ -342,6 +346,36 @@ def test_mllama_cross_attention_own_float_masks():
         return logits * valid[..., None], _loss(logits, valid)
 
     _compare(ref, ours, run, n_calls=6)  # vision: 2 local + 1 global layers; text: 2 self + 1 cross
+
+
+def test_llama_attention_dropout_in_training(monkeypatch):
+    """Training-mode attention dropout runs in-kernel (Philox, seeded from torch's generator): the
+    same seed reproduces it, and mmfuse's reference backend (MMFUSE_BACKEND=reference, asked
+    for explicitly) drops the same elements."""
+    cfg = _llama(attention_dropout=0.3)
+    cfg._attn_implementation = "mmfuse"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ids, mask = _left_padded(2, 13, 101, pads=(0, 3), seed=15)
+    valid = mask.bool()
+
+    def run():
+        torch.manual_seed(5)
+        with OpCounter() as counter:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        counter.assert_no_torch_attention()
+        assert counter.count("cross_attention_fwd") == 2
+        return logits[valid]
+
+    first, again = run(), run()
+    assert torch.equal(first, again)
+    model.eval()
+    assert (first - model(input_ids=ids, attention_mask=mask).logits[valid]).abs().max() > 1e-2
+    model.train()
+    monkeypatch.setenv("MMFUSE_BACKEND", "reference")
+    torch.manual_seed(5)
+    reference = model(input_ids=ids, attention_mask=mask).logits[valid]
+    assert (reference - first).abs().max() <= ATOL
 
 
 # ----------------------------------------------------------------------------- padding-free
