@@ -135,7 +135,7 @@ def test_bert_padding_forms():
         for m in (ref, ours):
             m.zero_grad()
         valid = mask.bool()
-        fwd, bwd, _ = _compare(ref, ours, lambda m: (lambda h: (h * valid[..., None], _loss(h, valid)))(
+        _compare(ref, ours, lambda m: (lambda h: (h * valid[..., None], _loss(h, valid)))(
             m(input_ids=ids, attention_mask=mask).last_hidden_state), n_calls=2)
     form = mmhf.mmfuse_mask(3, 11, 11, mask_function=transformers.masking_utils.bidirectional_mask_function,
                             attention_mask=torch.tensor([[1] * 11, [1] * 7 + [0] * 4, [1] * 2 + [0] * 9]).bool())
@@ -185,7 +185,7 @@ def test_whisper_encoder_decoder_cross():
         logits = m(input_features=feats, decoder_input_ids=dec).logits
         return logits, _loss(logits)
 
-    fwd, bwd, counter = _compare(ref, ours, run, n_calls=6)  # 2 encoder + 2 decoder self + 2 cross
+    _compare(ref, ours, run, n_calls=6)  # 2 encoder + 2 decoder self + 2 cross
 
 
 def test_whisper_generate_greedy():
