@@ -32,6 +32,7 @@ def _sdpa_backends(device: torch.device):
 def cases(device: torch.device, quick: bool, backends: list[str]):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     yield _training_step_case(device, backends, dtype)
+    yield from _decode_cases(device, quick, backends, dtype)
     batch, heads, dim = 8, 8, 64
     grid = [(256, 577)] if quick else [(lq, lk) for lq in (77, 256, 1024) for lk in (32, 257, 577)]
     for lq, lk in grid:
@@ -52,13 +53,8 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
                                             [q, k, v]) for b in backends}
             peers = {}
             for name, ctx in _sdpa_backends(device):
-                def sdpa(t, ctx=ctx, m=sdpa_mask):
-                    with ctx():
-                        return F.scaled_dot_product_attention(
-                            t[0].transpose(1, 2), t[1].transpose(1, 2), t[2].transpose(1, 2), attn_mask=m
-                        ).transpose(1, 2)
                 try:
-                    peers[name] = forward_and_backward(sdpa, [q, k, v])
+                    peers[name] = forward_and_backward(_sdpa(ctx, sdpa_mask), [q, k, v])
                 except RuntimeError:  # this SDPA backend rejects the case (e.g. flash with a mask)
                     continue
             for direction in ("fwd", "fwd+bwd"):
@@ -66,6 +62,40 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
                 yield Case("cross_attention", f"{direction} {variant} Lq={lq} Lk={lk} B={batch} H={heads} D={dim}",
                            str(dtype).replace("torch.", ""), {b: run[direction] for b, run in ours.items()},
                            {name: run[direction] for name, run in peers.items()}, flops, "TFLOP/s")
+
+
+def _sdpa(ctx, mask=None, enable_gqa=False):
+    """SDPA on (B, L, H, D) tensors under ``ctx`` (one SDPA backend)."""
+    def run(t):
+        with ctx():
+            return F.scaled_dot_product_attention(t[0].transpose(1, 2), t[1].transpose(1, 2), t[2].transpose(1, 2),
+                                                  attn_mask=mask, enable_gqa=enable_gqa).transpose(1, 2)
+
+    return run
+
+
+def _decode_cases(device: torch.device, quick: bool, backends: list[str], dtype: torch.dtype):
+    """Decoding: one new query per sample (Lq = 1) against a long key/value cache, B = 8, 8 query
+    heads over 2 kv heads (GQA, as served decoders), forward only: the shape where batch x heads x
+    query tiles leaves most of a GPU idle and the split-KV schedule (FlashDecoding) matters."""
+    batch, heads_q, heads_kv = 8, 8, 2
+    grid = [(577, 64)] if quick else [(lk, dim) for dim in (64, 128) for lk in (577, 1500, 4096)]
+    for len_k, dim in grid:
+        q = torch.randn(batch, 1, heads_q, dim, device=device, dtype=dtype)
+        k = torch.randn(batch, len_k, heads_kv, dim, device=device, dtype=dtype)
+        v = torch.randn(batch, len_k, heads_kv, dim, device=device, dtype=dtype)
+        ours = {b: (lambda b=b: mmfuse.cross_attention(q, k, v, backend=b)) for b in backends}
+        peers = {}
+        for name, ctx in _sdpa_backends(device):
+            run = _sdpa(ctx, enable_gqa=True)
+            try:
+                run([q, k, v])
+            except RuntimeError:  # this SDPA backend rejects the case
+                continue
+            peers[name] = lambda run=run: run([q, k, v])
+        flops = 4.0 * batch * heads_q * len_k * dim
+        yield Case("cross_attention", f"decode fwd Lq=1 Lk={len_k} B={batch} Hq={heads_q} Hkv={heads_kv} D={dim}",
+                   str(dtype).replace("torch.", ""), ours, peers, flops, "TFLOP/s")
 
 
 def _training_step_case(device: torch.device, backends: list[str], dtype: torch.dtype, dropout: float = 0.1):

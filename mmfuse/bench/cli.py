@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--backend", action="append", default=None, help="mmfuse backends to time (default: all available)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op, few repeats")
+    parser.add_argument("--case", action="append", default=None,
+                        help="time only the cases whose name contains this text (repeatable; e.g. 'decode')")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the speedups (needs matplotlib)")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
           f"mmfuse {mmfuse.__version__} @ {meta['commit']}; backends {backends}", file=sys.stderr)
 
     rows = []
-    all_cases = [c for op in ops for c in SUITES[op].cases(device, args.quick, backends)]
+    all_cases = [c for op in ops for c in SUITES[op].cases(device, args.quick, backends)
+                 if not args.case or any(text in c.case for text in args.case)]
     for i, case in enumerate(all_cases, 1):
         print(f"[{i}/{len(all_cases)}] {case.op} {case.case}", file=sys.stderr, flush=True)
         rows += _run_case(case, device, args.quick, meta)
