@@ -28,7 +28,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   }
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(att::head_dim_supported(static_cast<int>(q.size(-1))), op,
+  TORCH_CHECK(att::head_dims_supported(static_cast<int>(q.size(-1)), static_cast<int>(q.size(-1))), op,
               ": the CUDA kernel takes head dim 64 or 128, got ", q.size(-1));
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
               op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
@@ -56,6 +56,7 @@ att::AttentionParams base_params(const at::Tensor& q, const at::Tensor& k, const
   p.heads_q = static_cast<int>(q.size(-2));
   p.heads_kv = static_cast<int>(k.size(-2));
   p.head_dim = static_cast<int>(q.size(-1));
+  p.head_dim_v = static_cast<int>(v.size(-1));
   p.scale = static_cast<float>(scale);
   p.causal = causal;
   return p;
