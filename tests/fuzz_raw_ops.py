@@ -24,33 +24,47 @@ OPS = torch.ops.mmfuse
 
 def attention_args(r: random.Random):
     b, lq, lk, hkv, g, d = r.randint(1, 3), r.randint(1, 9), r.randint(1, 11), r.randint(1, 2), r.randint(1, 2), r.randint(1, 12)
-    q, k, v = torch.randn(b, lq, hkv * g, d), torch.randn(b, lk, hkv, d), torch.randn(b, lk, hkv, d)
+    dv = d if r.random() < 0.7 else r.randint(1, 12)
+    q, k, v = torch.randn(b, lq, hkv * g, d), torch.randn(b, lk, hkv, d), torch.randn(b, lk, hkv, dv)
     kv_lens = torch.randint(0, lk + 1, (b,)) if r.random() < 0.5 else None
     kpm = torch.rand(b, lk) < 0.3 if r.random() < 0.5 else None
     mask = r.choice([torch.rand(lq, lk) < 0.3, torch.randn(b, hkv * g, lq, lk), torch.randn(1, 1, lq, lk)]) \
         if r.random() < 0.3 else None
     p = 0.25 if r.random() < 0.3 else 0.0
     philox = torch.tensor([r.randint(0, 2**40), r.randint(0, 2**20)]) if p else None
-    fwd = [q, k, v, kv_lens, kpm, 0.3, r.random() < 0.5, mask, p, philox]
+    softcap = 2.0 if r.random() < 0.3 else 0.0
+    sinks = torch.randn(hkv * g) if r.random() < 0.3 else None
+    fwd = [q, k, v, kv_lens, kpm, 0.3, r.random() < 0.5, mask, p, philox, softcap, sinks]
     if r.random() < 0.5:
         return "cross_attention_fwd", fwd
     out, lse = OPS.cross_attention_fwd(*fwd)
     grad_lse = torch.randn_like(lse) if r.random() < 0.3 else None
-    return "cross_attention_bwd", [torch.randn_like(out), grad_lse, q, k, v, out, lse, *fwd[3:]]
+    mask_grad = mask is not None and r.random() < 0.5
+    return "cross_attention_bwd", [torch.randn_like(out), grad_lse, q, k, v, out, lse, *fwd[3:], mask_grad]
 
 
 def varlen_args(r: random.Random):
     b = r.randint(0, 3)
     lq, lk = [r.randint(0, 6) for _ in range(b)], [r.randint(0, 8) for _ in range(b)]
     hkv, g, d = r.randint(1, 2), r.randint(1, 2), r.randint(1, 9)
-    q, k, v = torch.randn(sum(lq), hkv * g, d), torch.randn(sum(lk), hkv, d), torch.randn(sum(lk), hkv, d)
+    dv = d if r.random() < 0.7 else r.randint(1, 9)
+    q, k, v = torch.randn(sum(lq), hkv * g, d), torch.randn(sum(lk), hkv, d), torch.randn(sum(lk), hkv, dv)
     cu_q = torch.tensor([0] + lq).cumsum(0).int()
     cu_k = torch.tensor([0] + lk).cumsum(0).int()
-    fwd = [q, k, v, cu_q, cu_k, max(lq, default=0), max(lk, default=0), 0.5, r.random() < 0.5]
+    width = max(lk, default=0) + r.randint(0, 2)
+    mask = r.choice([torch.rand(sum(lq), width) < 0.3, torch.randn(hkv * g, sum(lq), width),
+                     torch.randn(1, sum(lq), width)]) if r.random() < 0.3 else None
+    p = 0.25 if r.random() < 0.3 else 0.0
+    philox = torch.tensor([r.randint(0, 2**40), r.randint(0, 2**20)]) if p else None
+    softcap = 2.0 if r.random() < 0.3 else 0.0
+    sinks = torch.randn(hkv * g) if r.random() < 0.3 else None
+    fwd = [q, k, v, cu_q, cu_k, max(lq, default=0), max(lk, default=0), 0.5, r.random() < 0.5, mask, p, philox,
+           softcap, sinks]
     if r.random() < 0.5:
         return "cross_attention_varlen_fwd", fwd
     out, lse = OPS.cross_attention_varlen_fwd(*fwd)
-    return "cross_attention_varlen_bwd", [torch.randn_like(out), None, q, k, v, out, lse, *fwd[3:]]
+    mask_grad = mask is not None and r.random() < 0.5
+    return "cross_attention_varlen_bwd", [torch.randn_like(out), None, q, k, v, out, lse, *fwd[3:], mask_grad]
 
 
 def pack_args(r: random.Random):

@@ -456,7 +456,7 @@ BAD_INPUTS = {
     "k dtype differs": (dense(k=K.double()), TypeError, "k must have q's dtype"),
     "k on another device": (dense(k=K.to(META), v=V.to(META)), ValueError, "k must be on the same device as q"),
     "headdim differs": (dense(k=K[..., :6], v=V[..., :6]), ValueError, "k must have q's headdim 8"),
-    "v headdim differs": (dense(v=V[..., :6]), ValueError, "v must have k's shape"),
+    "v heads differ": (dense(v=V[:, :, :1]), ValueError, "v must have k's shape"),
     "v length differs": (dense(v=V[:, :4]), ValueError, "v must have k's shape"),
     "batch differs": (dense(k=K[:1], v=V[:1]), ValueError, "k must have q's batch_size"),
     "heads not a multiple": (dense(k=torch.randn(2, 5, 3, 8), v=torch.randn(2, 5, 3, 8)), ValueError, "nheads_k"),

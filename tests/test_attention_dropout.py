@@ -348,26 +348,28 @@ def test_kernel_refuses_missing_philox_and_bad_mask():
         torch.ops.mmfuse.cross_attention_fwd(q, k, v, None, None, 0.3, False, torch.zeros(5, 6), 0.0, None)
 
 
-def test_mask_requiring_grad_goes_to_the_reference_and_gets_its_gradient():
-    q, k, v = qkv(2, 5, 7, 2, 2, 8)
-    bias = torch.randn(5, 7, requires_grad=True)
-    out = mmfuse.cross_attention(q, k, v, attn_mask=bias)
-    out.sum().backward()
-    assert bias.grad is not None and bias.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="no gradient w.r.t. attn_mask"):
-        mmfuse.cross_attention(q, k, v, attn_mask=bias, backend="cpu")
+def test_mask_requiring_grad_gets_its_gradient_from_the_cpu_kernel():
+    q, k, v = qkv(2, 5, 7, 2, 2, 8, dtype=torch.float64)
+    bias = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("cpu", "reference"):
+        out = mmfuse.cross_attention(q, k, v, attn_mask=bias, backend=backend)
+        grads.append(torch.autograd.grad(out.square().sum(), bias)[0])
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-10)
 
 
-def test_cuda_backend_refuses_mask_and_dropout_by_name():
-    q, k, v = qkv(2, 5, 7, 2, 2, 64, dtype=torch.float16)
-    if "cuda" not in mmfuse.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
-        from mmfuse.ops.attention import _unsupported
+def test_a_backend_without_a_feature_is_refused_naming_it():
+    """Every feature a fused kernel lacks (``_FEATURES``) routes a call away with its name."""
+    from mmfuse.ops.attention import _FEATURE_NAMES, _FEATURES, _unsupported
 
-        assert "no attention dropout" in _unsupported(q, 2, None, 0.1)("cuda")
-        assert "no attn_mask" in _unsupported(q, 2, torch.zeros(5, 7), 0.0)("cuda")
-        return
-    with pytest.raises(ValueError, match="no attention dropout"):
-        mmfuse.cross_attention(q.cuda(), k.cuda(), v.cuda(), dropout_p=0.1, backend="cuda")
+    q, _, _ = qkv(2, 5, 7, 2, 2, 64, dtype=torch.float16)
+    for backend, has in _FEATURES.items():
+        for feature in set(_FEATURE_NAMES) - has:
+            assert _FEATURE_NAMES[feature] in _unsupported(q, 2, {feature})(backend)
+        for feature in has:
+            reason = _unsupported(q, 2, {feature})(backend)
+            assert reason is None or _FEATURE_NAMES[feature] not in reason
 
 
 @pytest.mark.parametrize("batch, heads_kv, threads", [(3, 2, 2), (5, 4, 1)], ids=["two-pass", "one-pass"])

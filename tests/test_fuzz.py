@@ -99,9 +99,11 @@ def attention_case(draw):
     heads_kv, group, dim = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 17))
     q = tensor_of(draw, (batch, len_q, heads_kv * group, dim), dtype, poison=draw(st.booleans()))
     k = tensor_of(draw, (batch, len_k, heads_kv, dim), dtype)
-    v = tensor_of(draw, (batch, len_k, heads_kv, dim), dtype)
-    kw = dict(causal=draw(st.booleans()))
+    v = tensor_of(draw, (batch, len_k, heads_kv, draw(st.sampled_from([dim, dim, 1 + dim % 5]))), dtype)
+    kw = dict(causal=draw(st.booleans()), softcap=draw(st.sampled_from([0.0, 0.0, 2.5])))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        kw["sinks"] = torch.randn(heads_kv * group, generator=gen, dtype=dtype)
     hidden = torch.zeros(batch, len_k, dtype=torch.bool)
     if draw(st.booleans()):
         kv_lens = torch.randint(0, len_k + 1, (batch,), generator=gen)
@@ -120,13 +122,19 @@ def attention_case(draw):
     k[hidden], v[hidden] = poison, -poison
     how = draw(st.sampled_from(LAYOUTS))
     q, k, v = layout(q, how), layout(k, how), layout(v, how)
-    defect = draw(st.sampled_from([None, None, None, "q", "k", "v", "kv_lens", "key_padding_mask", "attn_mask", "scale"]))
+    defect = draw(st.sampled_from([None, None, None, "q", "k", "v", "kv_lens", "key_padding_mask", "attn_mask", "scale",
+                                   "softcap", "sinks"]))
     if defect == "q":
         q = draw(st.sampled_from([q.int(), q[0], q[..., :0], q.to("meta")]))
     elif defect == "k":
         k = draw(st.sampled_from([k.unsqueeze(0), k[..., :0], k.to(torch.float16)]))
     elif defect == "v":
-        v = v[:, :, :, :1].expand(batch, len_k, heads_kv, dim + 1)
+        v = v[:, :1].expand(batch, len_k + 1, heads_kv, v.shape[-1])
+    elif defect == "softcap":
+        kw["softcap"] = draw(st.sampled_from([-1.0, math.nan, math.inf, "2"]))
+    elif defect == "sinks":
+        kw["sinks"] = draw(st.sampled_from([torch.zeros(heads_kv * group + 1), torch.zeros(heads_kv * group, dtype=torch.int32),
+                                            torch.zeros(1, heads_kv * group)]))
     elif defect == "kv_lens":
         kw["kv_lens"] = draw(st.sampled_from([torch.full((batch,), len_k + 1), torch.full((batch,), -1),
                                               torch.full((batch + 1,), 1), torch.ones(batch), [1] * batch,
@@ -171,7 +179,14 @@ def varlen_case(draw):
     heads_kv, group, dim = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 13))
     q = tensor_of(draw, (sum(lens_q), heads_kv * group, dim), dtype)
     k = tensor_of(draw, (sum(lens_k), heads_kv, dim), dtype)
-    v = tensor_of(draw, (sum(lens_k), heads_kv, dim), dtype)
+    v = tensor_of(draw, (sum(lens_k), heads_kv, draw(st.sampled_from([dim, 1 + dim % 4]))), dtype)
+    kw = dict(softcap=draw(st.sampled_from([0.0, 0.0, 3.0])))
+    if draw(st.booleans()):
+        width = max(lens_k, default=0) + draw(st.integers(0, 2))
+        mask = torch.rand(draw(st.sampled_from([1, heads_kv * group])), sum(lens_q), width) < 0.3
+        kw["attn_mask"] = mask if draw(st.booleans()) else torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, -math.inf)
+    if draw(st.booleans()):
+        kw["sinks"] = torch.randn(heads_kv * group, dtype=dtype)
     cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     max_q = max(lens_q, default=0) + draw(st.sampled_from([0, 0, 1, 2**40]))
@@ -188,17 +203,17 @@ def varlen_case(draw):
         max_k = draw(st.sampled_from([-1, 2**63, 1.5]))
     else:
         defect = None if defect == "max_seqlen_q" else defect
-    return q, k, v, cu_q, cu_k, max_q, max_k, causal, defect
+    return q, k, v, cu_q, cu_k, max_q, max_k, causal, kw, defect
 
 
 @FUZZ
 @given(case=varlen_case())
 def test_fuzz_cross_attention_varlen(case):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, defect = case
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, kw, defect = case
     tol = 1e-10 if q.dtype == torch.float64 else 2e-5
 
     check_backends(mmfuse.cross_attention_varlen, q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_lse=True,
-                   defect=defect, rtol=tol, atol=tol)
+                   defect=defect, rtol=tol, atol=tol, **kw)
 
 
 # ----------------------------------------------------------------------------- packing

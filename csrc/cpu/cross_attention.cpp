@@ -116,6 +116,14 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
   return sum;
 }
 
+// log(exp(a) + exp(b)), -inf when both are; NaN propagates.
+template <typename T>
+T logaddexp(T a, T b) {
+  const T m = std::isnan(a) ? a : std::max(a, b);
+  if (m == -std::numeric_limits<T>::infinity()) return m;
+  return m + std::log1p(std::exp(-std::abs(a - b)));
+}
+
 template <typename T>
 T row_max(const T* x, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
@@ -148,6 +156,7 @@ struct Sample {
   // in-kernel attention mask and dropout (padded layout only)
   const void* attn_bias = nullptr;  // this sample's (Hq or 1, Lq, Lk) additive mask in the compute type, or null
   int64_t index = 0;                // the batch index b, for the dropout counter
+  void* dmask = nullptr;            // mask_grad: this sample's (Hq, Lq, Lk) rows of dmask, or null
 };
 
 struct Problem {
@@ -165,11 +174,38 @@ struct Problem {
   uint32_t keep_threshold = 0; // keep iff the element's 32-bit draw >= floor(dropout_p * 2^32)
   uint64_t seed = 0, offset = 0;
   int64_t len_q = 0, len_k = 0;  // the padded Lq, Lk of the dropout counter
+  int64_t dim_v = 0;             // v's head dim (out's, dO's, dv's); set by the problem builders
+  double softcap = 0.0;          // > 0: scores become softcap * tanh(s / softcap) before the masks
+  const void* sinks = nullptr;   // (Hq,) logits in the compute type joining each row's denominator, or null
+  int64_t dmask_head = 0, dmask_row = 0;  // strides of Sample::dmask between heads and query rows
 
   int64_t group() const { return heads_q / heads_kv; }
   int64_t q_stride() const { return heads_q * dim; }
   int64_t k_stride() const { return heads_kv * dim; }
+  int64_t v_stride() const { return heads_kv * dim_v; }
+  int64_t o_stride() const { return heads_q * dim_v; }  // out and dO rows
 };
+
+// Soft-capping (Gemma 2; "Gemma 2: Improving Open Language Models at a Practical Size", 2024):
+// x = softcap * tanh(x / softcap) on a (rows, cols) score tile; t, when given, keeps tanh(x / softcap)
+// for the backward's factor 1 - t².
+template <typename T>
+void cap_scores(const Problem& p, T* x, int64_t n, T* t = nullptr) {
+  if (p.softcap <= 0) return;
+  using Vec = at::vec::Vectorized<T>;
+  const T cap = static_cast<T>(p.softcap), inv = T(1) / cap;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec th = (Vec::loadu(x + i) * Vec(inv)).tanh();
+    (th * Vec(cap)).store(x + i);
+    if (t != nullptr) th.store(t + i);
+  }
+  for (; i < n; ++i) {
+    const T th = std::tanh(x[i] * inv);
+    x[i] = cap * th;
+    if (t != nullptr) t[i] = th;
+  }
+}
 
 // row += bias, except where the bias is -inf: there the score becomes -inf whatever q·k gave
 // (NaN or inf included), so a hidden key never reaches the softmax.
@@ -373,10 +409,11 @@ int64_t forward_block_q(const Problem& p) {
 template <typename T>
 void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* lse) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  const int64_t D = p.dim, Dv = p.dim_v, qs = p.q_stride(), ks = p.k_stride(), vs = p.v_stride(), os = p.o_stride();
   const int64_t block_q = forward_block_q(p);
+  const T* sinks = static_cast<const T*>(p.sinks);
   parallel_tasks(p.batch * p.heads_q * query_blocks(p, block_q), [&](const auto& claim) {
-    std::vector<T> scores(block_q * kBlockK), acc(block_q * D), row_m(block_q), row_l(block_q);
+    std::vector<T> scores(block_q * kBlockK), acc(block_q * Dv), row_m(block_q), row_l(block_q);
     QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
       if (!query_block(p, t, blk, block_q)) continue;
@@ -384,8 +421,8 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
       const int64_t h = blk.h, hk = blk.hk, i0 = blk.i0, rows = blk.rows;
       const T* q_blk = q + blk.q_offset(p);
       const T* k_head = k + s.k_row * ks + hk * D;
-      const T* v_head = v + s.k_row * ks + hk * D;
-      std::fill(acc.begin(), acc.begin() + rows * D, T(0));
+      const T* v_head = v + s.k_row * vs + hk * Dv;
+      std::fill(acc.begin(), acc.begin() + rows * Dv, T(0));
       std::fill(row_m.begin(), row_m.end(), neg_inf);
       std::fill(row_l.begin(), row_l.end(), T(0));
       const int64_t end = key_end(p, s, i0 + rows);
@@ -393,6 +430,7 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
         const int64_t cols = std::min(kBlockK, end - kb);
         T* S = scores.data();  // (rows, cols), leading dimension cols
         gemm<T>(false, true, rows, cols, D, T(p.scale), q_blk, qs, k_head + kb * ks, ks, T(0), S, cols);
+        cap_scores(p, S, rows * cols);
         for (int64_t r = 0; r < rows; ++r) {
           T* row = S + r * cols;
           mask_row(p, s, h, i0 + r, kb, row, cols);
@@ -409,28 +447,36 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
           row_l[r] = row_l[r] * correction + exp_shifted_sum(row, cols, m_new);
           row_m[r] = m_new;
           if (correction != T(1))
-            for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= correction;
+            for (int64_t d = 0; d < Dv; ++d) acc[r * Dv + d] *= correction;
         }
         // row sums above use the undropped P; the PV product uses P ∘ keep / (1 - p)
         if (p.dropout_p > 0) dropout_tile(p, s, h, i0, rows, kb, cols, S);
-        gemm<T>(false, false, rows, D, cols, T(1), S, cols, v_head + kb * ks, ks, T(1), acc.data(), D);
+        gemm<T>(false, false, rows, Dv, cols, T(1), S, cols, v_head + kb * vs, vs, T(1), acc.data(), Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        T* o = out + (s.q_row + i0 + r) * qs + h * D;
+        T* o = out + (s.q_row + i0 + r) * os + h * Dv;
         const bool any = !(row_l[r] <= T(0));  // a NaN sum (NaN in a visible score) keeps its NaN
-        const T inv = any ? T(1) / row_l[r] : T(0);
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[r * D + d] * inv;
-        lse[blk.lse_offset(p) + r] = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
+        T inv = any ? T(1) / row_l[r] : T(0);
+        T row_lse = any ? row_m[r] + std::log(row_l[r]) : neg_inf;
+        if (sinks != nullptr) {  // the sink joins the denominator: lse' = logaddexp(lse, sink), out ∘= exp(lse - lse')
+          const T with_sink = logaddexp(row_lse, sinks[h]);
+          if (any) inv *= std::exp(row_lse - with_sink);
+          row_lse = with_sink;
+        }
+        for (int64_t d = 0; d < Dv; ++d) o[d] = acc[r * Dv + d] * inv;
+        lse[blk.lse_offset(p) + r] = row_lse;
       }
     }
   });
 }
 
-// P = exp(scale * q kᵀ - lse) on a (rows, cols) tile, masked; rows with lse = -inf give 0.
+// P = exp(scale * q kᵀ - lse) on a (rows, cols) tile, masked; rows with lse = -inf give 0. With
+// softcap, capped first, and tanh_buf (rows, cols) keeps tanh(s / softcap) for the backward.
 template <typename T>
 void recompute_probs(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
-                     const T* q_blk, const T* k_blk, const T* lse_blk, T* P) {
+                     const T* q_blk, const T* k_blk, const T* lse_blk, T* P, T* tanh_buf) {
   gemm<T>(false, true, rows, cols, p.dim, T(p.scale), q_blk, p.q_stride(), k_blk, p.k_stride(), T(0), P, cols);
+  cap_scores(p, P, rows * cols, tanh_buf);
   for (int64_t r = 0; r < rows; ++r) {
     T* row = P + r * cols;
     if (lse_blk[r] == -std::numeric_limits<T>::infinity()) {
@@ -453,27 +499,41 @@ void softmax_backward(int64_t rows, int64_t cols, const T* P, T* dP, const T* de
     }
 }
 
+// dS ∘= 1 - t² (t = tanh(s / softcap)): the gradient at the capped score becomes the one at the raw
+// scaled score.
+template <typename T>
+void uncap_grad(const Problem& p, int64_t n, T* dS, const T* t) {
+  if (p.softcap <= 0) return;
+  for (int64_t e = 0; e < n; ++e) dS[e] *= T(1) - t[e] * t[e];
+}
+
 // One (rows, cols) tile of the backward, shared by both schedules: recompute P, then
 // dV += P_vᵀ dO (P_v: P after dropout, as the forward multiplied V by it), dS = P ∘ (dP - delta)
-// left in dP (dP = dO Vᵀ, with the same dropout mask), and dK += scale dSᵀ Q. The caller adds
-// dQ += scale dS K where it owns dQ. dk/dv point at the tile's first key row (leading dim D).
+// (dP = dO Vᵀ, with the same dropout mask; written to dmask when asked, then times the softcap
+// factor) left in dP, and dK += scale dSᵀ Q. The caller adds dQ += scale dS K where it owns dQ.
+// dk/dv point at the tile's first key row (leading dims D, Dv).
 template <typename T>
 void tile_dk_dv(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows, int64_t kb, int64_t cols,
                 const T* q_blk, const T* g_blk, const T* k_blk, const T* v_blk, const T* lse_blk, const T* delta_blk,
-                T* dk, T* dv, T* P, T* P_drop, T* dP) {
-  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
-  recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse_blk, P);
+                T* dk, T* dv, T* P, T* P_drop, T* dP, T* tanh_buf) {
+  const int64_t D = p.dim, Dv = p.dim_v, qs = p.q_stride(), vs = p.v_stride(), os = p.o_stride();
+  recompute_probs(p, s, h, i0, rows, kb, cols, q_blk, k_blk, lse_blk, P, tanh_buf);
   // dP (rows, cols) = dO Vᵀ
-  gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP, cols);
+  gemm<T>(false, true, rows, cols, Dv, T(1), g_blk, os, v_blk, vs, T(0), dP, cols);
   const T* P_v = P;  // the probabilities the forward multiplied V by
   if (p.dropout_p > 0) {  // dV takes the dropped P, dP the same mask: dP ∘= keep / (1 - p)
     std::copy(P, P + rows * cols, P_drop);
     dropout_tile(p, s, h, i0, rows, kb, cols, P_drop, dP);
     P_v = P_drop;
   }
-  // dV (cols, D) += P_vᵀ dO
-  gemm<T>(true, false, cols, D, rows, T(1), P_v, cols, g_blk, qs, T(1), dv, D);
+  // dV (cols, Dv) += P_vᵀ dO
+  gemm<T>(true, false, cols, Dv, rows, T(1), P_v, cols, g_blk, os, T(1), dv, Dv);
   softmax_backward(rows, cols, P, dP, delta_blk);
+  if (s.dmask != nullptr)  // the gradient at the final score is the bias's
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy(dP + r * cols, dP + (r + 1) * cols,
+                static_cast<T*>(s.dmask) + h * p.dmask_head + (i0 + r) * p.dmask_row + kb);
+  uncap_grad(p, rows * cols, dP, tanh_buf);
   // dK (cols, D) += scale dSᵀ Q
   gemm<T>(true, false, cols, D, rows, T(p.scale), dP, cols, q_blk, qs, T(1), dk, D);
 }
@@ -490,33 +550,35 @@ constexpr int64_t kOnePassTasksPerThread = 4;
 template <typename T>
 void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, const T* v, const T* lse,
                        const T* delta, int64_t max_k, T* dq, T* dk, T* dv) {
-  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  const int64_t D = p.dim, Dv = p.dim_v, qs = p.q_stride(), ks = p.k_stride(), vs = p.v_stride(), os = p.o_stride();
   parallel_tasks(p.batch * p.heads_kv, [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
-    std::vector<T> dk_acc(max_k * D), dv_acc(max_k * D);
+    std::vector<T> dk_acc(max_k * D), dv_acc(max_k * Dv);
     std::vector<T> P_drop(p.dropout_p > 0 ? kBlockQ * kBlockK : 0);  // P ∘ keep / (1 - p)
+    std::vector<T> tanh_buf(p.softcap > 0 ? kBlockQ * kBlockK : 0);
     for (int64_t t; (t = claim()) >= 0;) {
       const Sample& s = p.samples[t / p.heads_kv];
       const int64_t hk = t % p.heads_kv;
       if (s.k_len == 0) continue;  // dk, dv stay zero; the queries' dq are zero (written below)
       const T* k_head = k + s.k_row * ks + hk * D;
-      const T* v_head = v + s.k_row * ks + hk * D;
+      const T* v_head = v + s.k_row * vs + hk * Dv;
       std::fill(dk_acc.begin(), dk_acc.begin() + s.k_len * D, T(0));
-      std::fill(dv_acc.begin(), dv_acc.begin() + s.k_len * D, T(0));
+      std::fill(dv_acc.begin(), dv_acc.begin() + s.k_len * Dv, T(0));
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         for (int64_t i0 = 0; i0 < s.q_len; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, s.q_len - i0);
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
-          const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
+          const T* g_blk = dout + (s.q_row + i0) * os + h * Dv;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
           std::fill(dq_acc.begin(), dq_acc.begin() + rows * D, T(0));
           const int64_t end = key_end(p, s, i0 + rows);
           for (int64_t kb = 0; kb < end; kb += kBlockK) {
             const int64_t cols = std::min(kBlockK, end - kb);
             const T* k_blk = k_head + kb * ks;
-            const T* v_blk = v_head + kb * ks;
+            const T* v_blk = v_head + kb * vs;
             tile_dk_dv(p, s, h, i0, rows, kb, cols, q_blk, g_blk, k_blk, v_blk, lse + lse_at, delta + lse_at,
-                       dk_acc.data() + kb * D, dv_acc.data() + kb * D, P.data(), P_drop.data(), dP.data());
+                       dk_acc.data() + kb * D, dv_acc.data() + kb * Dv, P.data(), P_drop.data(), dP.data(),
+                       tanh_buf.data());
             // dQ (rows, D) += scale dS K
             gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
           }
@@ -526,7 +588,7 @@ void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, 
       }
       for (int64_t c = 0; c < s.k_len; ++c) {
         std::copy(dk_acc.data() + c * D, dk_acc.data() + (c + 1) * D, dk + (s.k_row + c) * ks + hk * D);
-        std::copy(dv_acc.data() + c * D, dv_acc.data() + (c + 1) * D, dv + (s.k_row + c) * ks + hk * D);
+        std::copy(dv_acc.data() + c * Dv, dv_acc.data() + (c + 1) * Dv, dv + (s.k_row + c) * vs + hk * Dv);
       }
     }
   });
@@ -543,18 +605,18 @@ void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, 
 template <typename T>
 void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const T* k, const T* v, const T* out,
               const T* lse, int64_t lse_numel, T* dq, T* dk, T* dv) {
-  const int64_t D = p.dim, qs = p.q_stride(), ks = p.k_stride();
+  const int64_t D = p.dim, Dv = p.dim_v, qs = p.q_stride(), ks = p.k_stride(), vs = p.v_stride(), os = p.o_stride();
   std::vector<T> delta(lse_numel, T(0));  // indexed like lse
   at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Sample& s = p.samples[t / p.heads_q];
       const int64_t h = t % p.heads_q;
       for (int64_t i = 0; i < s.q_len; ++i) {
-        const T* o = out + (s.q_row + i) * qs + h * D;
-        const T* g = dout + (s.q_row + i) * qs + h * D;
+        const T* o = out + (s.q_row + i) * os + h * Dv;
+        const T* g = dout + (s.q_row + i) * os + h * Dv;
         using Vec = at::vec::Vectorized<T>;
         const T sum = at::vec::map2_reduce_all<T>([](Vec a, Vec b) { return a * b; },
-                                                  [](Vec a, Vec b) { return a + b; }, o, g, D);
+                                                  [](Vec a, Vec b) { return a + b; }, o, g, Dv);
         const int64_t idx = s.lse_base + h * p.lse_head + i;
         delta[idx] = sum - (dlse != nullptr ? dlse[idx] : T(0));
       }
@@ -569,15 +631,16 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
   }
   const int64_t k_blocks = (max_k + kBlockK - 1) / kBlockK;
   parallel_tasks(p.batch * p.heads_kv * k_blocks, [&](const auto& claim) {
-    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * D);
+    std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dk_acc(kBlockK * D), dv_acc(kBlockK * Dv);
     std::vector<T> P_drop(p.dropout_p > 0 ? kBlockQ * kBlockK : 0);  // P ∘ keep / (1 - p)
+    std::vector<T> tanh_buf(p.softcap > 0 ? kBlockQ * kBlockK : 0);
     for (int64_t t; (t = claim()) >= 0;) {
       const Sample& s = p.samples[t / (p.heads_kv * k_blocks)];
       const int64_t hk = (t / k_blocks) % p.heads_kv, kb = (t % k_blocks) * kBlockK;
       if (kb >= s.k_len) continue;
       const int64_t cols = std::min(kBlockK, s.k_len - kb);
       const T* k_blk = k + (s.k_row + kb) * ks + hk * D;
-      const T* v_blk = v + (s.k_row + kb) * ks + hk * D;
+      const T* v_blk = v + (s.k_row + kb) * vs + hk * Dv;
       std::fill(dk_acc.begin(), dk_acc.end(), T(0));
       std::fill(dv_acc.begin(), dv_acc.end(), T(0));
       // causal: queries before this one see no key of the block
@@ -586,40 +649,41 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
         for (int64_t i0 = (first_q / kBlockQ) * kBlockQ; i0 < s.q_len; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, s.q_len - i0);
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
-          const T* g_blk = dout + (s.q_row + i0) * qs + h * D;
+          const T* g_blk = dout + (s.q_row + i0) * os + h * Dv;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
           tile_dk_dv(p, s, h, i0, rows, kb, cols, q_blk, g_blk, k_blk, v_blk, lse + lse_at, delta.data() + lse_at,
-                     dk_acc.data(), dv_acc.data(), P.data(), P_drop.data(), dP.data());
+                     dk_acc.data(), dv_acc.data(), P.data(), P_drop.data(), dP.data(), tanh_buf.data());
         }
       }
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t d = 0; d < D; ++d) {
-          dk[(s.k_row + kb + c) * ks + hk * D + d] = dk_acc[c * D + d];
-          dv[(s.k_row + kb + c) * ks + hk * D + d] = dv_acc[c * D + d];
-        }
+      for (int64_t c = 0; c < cols; ++c) {
+        for (int64_t d = 0; d < D; ++d) dk[(s.k_row + kb + c) * ks + hk * D + d] = dk_acc[c * D + d];
+        for (int64_t d = 0; d < Dv; ++d) dv[(s.k_row + kb + c) * vs + hk * Dv + d] = dv_acc[c * Dv + d];
+      }
     }
   });
 
   parallel_tasks(p.batch * p.heads_q * query_blocks(p), [&](const auto& claim) {
     std::vector<T> P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dq_acc(kBlockQ * D);
+    std::vector<T> tanh_buf(p.softcap > 0 ? kBlockQ * kBlockK : 0);
     QueryBlock blk;
     for (int64_t t; (t = claim()) >= 0;) {
       if (!query_block(p, t, blk)) continue;
       const Sample& s = *blk.s;
       const int64_t i0 = blk.i0, rows = blk.rows;
       const T* q_blk = q + blk.q_offset(p);
-      const T* g_blk = dout + blk.q_offset(p);
+      const T* g_blk = dout + (s.q_row + i0) * os + blk.h * Dv;
       const int64_t lse_at = blk.lse_offset(p);
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const int64_t end = key_end(p, s, i0 + rows);
       for (int64_t kb = 0; kb < end; kb += kBlockK) {
         const int64_t cols = std::min(kBlockK, end - kb);
         const T* k_blk = k + (s.k_row + kb) * ks + blk.hk * D;
-        const T* v_blk = v + (s.k_row + kb) * ks + blk.hk * D;
-        recompute_probs(p, s, blk.h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data());
-        gemm<T>(false, true, rows, cols, D, T(1), g_blk, qs, v_blk, ks, T(0), dP.data(), cols);
+        const T* v_blk = v + (s.k_row + kb) * vs + blk.hk * Dv;
+        recompute_probs(p, s, blk.h, i0, rows, kb, cols, q_blk, k_blk, lse + lse_at, P.data(), tanh_buf.data());
+        gemm<T>(false, true, rows, cols, Dv, T(1), g_blk, os, v_blk, vs, T(0), dP.data(), cols);
         if (p.dropout_p > 0) dropout_tile(p, s, blk.h, i0, rows, kb, cols, dP.data());
         softmax_backward(rows, cols, P.data(), dP.data(), delta.data() + lse_at);
+        uncap_grad(p, rows * cols, dP.data(), tanh_buf.data());
         // dQ (rows, D) += scale dS K
         gemm<T>(false, false, rows, D, cols, T(p.scale), dP.data(), cols, k_blk, ks, T(1), dq_acc.data(), D);
       }
@@ -638,25 +702,33 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                 t->scalar_type());
   }
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q, k, v must be floating point, got ", q.scalar_type());
-  // the BLAS takes int sizes and leading dimensions: a token row (Hq * D elements) must fit
-  TORCH_CHECK(q.size(-2) * q.size(-1) <= std::numeric_limits<int>::max(), op,
-              ": q's heads * head dim must be at most 2**31 - 1, got ", q.size(-2) * q.size(-1));
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-1) > 0 && k.size(-2) > 0 &&
-                  q.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
-              op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
-              " k ", k.sizes(), " v ", v.sizes());
+  // the BLAS takes int sizes and leading dimensions: a token row (Hq * D or Hq * Dv elements) must fit
+  TORCH_CHECK(q.size(-2) * std::max(q.size(-1), v.size(-1)) <= std::numeric_limits<int>::max(), op,
+              ": q's heads * head dim (and v's head dim) must be at most 2**31 - 1, got q ", q.sizes(), " v ", v.sizes());
+  TORCH_CHECK(k.sizes().slice(0, ndim - 1) == v.sizes().slice(0, ndim - 1) && k.size(-1) == q.size(-1) &&
+                  k.size(-1) > 0 && v.size(-1) > 0 && k.size(-2) > 0 && q.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
+              op, ": k must have q's head dim and a head count dividing q's, v k's shape but for its head dim; got q ",
+              q.sizes(), " k ", k.sizes(), " v ", v.sizes());
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
+// out's (and grad_out's) shape: q's with v's head dim
+std::vector<int64_t> out_shape(const at::Tensor& q, const at::Tensor& v) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
+  shape.back() = v.size(-1);
+  return shape;
+}
+
+Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& kv_lens, const at::Tensor& bias, double scale,
                        bool causal) {
   const int64_t batch = q.size(0), len_q = q.size(1), len_k = k.size(1);
   TORCH_CHECK(k.size(0) == batch, op, ": k must have q's batch size ", batch, ", got ", k.sizes());
   Problem p{batch, q.size(2), k.size(2), q.size(3), len_q, len_q, scale, causal, {}};
+  p.dim_v = v.size(3);
   at::Tensor lens;
   if (kv_lens) {
     TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->device().is_cpu() &&
@@ -687,41 +759,80 @@ at::Tensor mask_bias(const char* op, const std::optional<at::Tensor>& key_paddin
       .masked_fill_(*key_padding_mask, -std::numeric_limits<double>::infinity());
 }
 
-// The in-kernel attention mask as a contiguous (B or 1, Hq or 1, Lq, Lk) additive tensor in the
-// compute type (bool: True -> -inf), or undefined.
+// The in-kernel attention mask as a contiguous additive tensor in the compute type (bool: True -> -inf),
+// or undefined: padded (B or 1, Hq or 1, Lq, Lk) from (Lq, Lk) or 4-D; varlen (Hq or 1, total_q, W) from
+// (total_q, W) or 3-D, W at least `min_width` (the longest key sequence).
 at::Tensor attn_bias_tensor(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
-                            const at::Tensor& k) {
+                            const at::Tensor& k, bool varlen, int64_t min_width = 0) {
   if (!attn_mask) return at::Tensor();
   const at::Tensor& m = *attn_mask;
-  const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
-  const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
-                        : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
-                                          m.size(2) == Lq && m.size(3) == Lk)
-                                       : false;
-  TORCH_CHECK(shape_ok && m.device().is_cpu() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type())),
-              op, ": attn_mask must be a CPU bool or float (Lq, Lk) = (", Lq, ", ", Lk, ") or (B or 1, Hq or 1, Lq, Lk) = (",
-              B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor, got ", m.sizes(), " ", m.scalar_type());
-  const at::Tensor m4 = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
+  const bool type_ok = m.device().is_cpu() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()));
+  at::Tensor full;
+  if (varlen) {
+    const int64_t H = q.size(1), total_q = q.size(0);
+    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
+                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
+                           m.size(2) >= min_width);
+    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a CPU bool or float (total_q, W) = (", total_q,
+                ", >= ", min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
+                ") tensor (W at least the longest key sequence), got ", m.sizes(), " ", m.scalar_type());
+    full = m.dim() == 2 ? m.unsqueeze(0) : m;
+  } else {
+    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
+    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
+                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
+                                            m.size(2) == Lq && m.size(3) == Lk)
+                                         : false;
+    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a CPU bool or float (Lq, Lk) = (", Lq, ", ", Lk,
+                ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor, got ",
+                m.sizes(), " ", m.scalar_type());
+    full = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
+  }
   const auto ct = compute_type(q);
-  if (m4.scalar_type() == at::kBool)
-    return at::zeros(m4.sizes(), q.options().dtype(ct)).masked_fill_(m4, -std::numeric_limits<double>::infinity());
-  return m4.to(ct).contiguous();
+  if (full.scalar_type() == at::kBool)
+    return at::zeros(full.sizes(), q.options().dtype(ct)).masked_fill_(full, -std::numeric_limits<double>::infinity());
+  return full.to(ct).contiguous();
 }
 
-// Points p's samples at the attention mask `bias` (from attn_bias_tensor) and sets up dropout
-// from philox = (seed, offset) int64.
-void add_mask_and_dropout(const char* op, Problem& p, const at::Tensor& bias, double dropout_p,
-                          const std::optional<at::Tensor>& philox, int64_t len_k) {
+// The variant arguments every entry point shares.
+struct Variants {
+  const std::optional<at::Tensor>& attn_mask;
+  double dropout_p;
+  const std::optional<at::Tensor>& philox;
+  double softcap;
+  const std::optional<at::Tensor>& sinks;
+};
+
+// Points p's samples at the attention mask `bias` (from attn_bias_tensor; its last dim is the row stride)
+// and sets up dropout from philox = (seed, offset) int64, softcap and sinks (kept alive in `sinks_c`).
+// len_q, len_k: the padded sizes of the dropout counter. Varlen samples' masks start at their first row.
+void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Variants& x, int64_t len_q,
+                  int64_t len_k, bool varlen, const at::Tensor& q, at::Tensor& sinks_c) {
   if (bias.defined()) {
-    const int64_t Lq = bias.size(2), Lk = bias.size(3);
-    p.attn_bias_row = Lk;
-    p.attn_bias_head = bias.size(1) == 1 ? 0 : Lq * Lk;
-    const int64_t sample_stride = bias.size(0) == 1 ? 0 : bias.size(1) * Lq * Lk;
+    const int64_t rows = bias.size(-2), width = bias.size(-1);
+    p.attn_bias_row = width;
+    p.attn_bias_head = bias.size(-3) == 1 ? 0 : rows * width;
+    const int64_t sample_stride = varlen ? 0 : (bias.size(0) == 1 ? 0 : bias.size(1) * rows * width);
     const char* base = static_cast<const char*>(bias.data_ptr());
-    for (Sample& s : p.samples) s.attn_bias = base + s.index * sample_stride * static_cast<int64_t>(bias.element_size());
+    for (Sample& s : p.samples) {
+      const int64_t first = varlen ? s.q_row * width : s.index * sample_stride;
+      s.attn_bias = base + first * static_cast<int64_t>(bias.element_size());
+    }
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", dropout_p);
-  if (dropout_p == 0.0) return;
+  TORCH_CHECK(std::isfinite(x.softcap) && x.softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
+              x.softcap);
+  p.softcap = x.softcap;
+  if (x.sinks) {
+    const at::Tensor& t = *x.sinks;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == p.heads_q && t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
+                op, ": sinks must be a CPU float (Hq,) = (", p.heads_q, ",) tensor, got ", t.sizes(), " ",
+                t.scalar_type());
+    sinks_c = t.to(compute_type(q)).contiguous();
+    p.sinks = sinks_c.data_ptr();
+  }
+  TORCH_CHECK(x.dropout_p >= 0.0 && x.dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", x.dropout_p);
+  if (x.dropout_p == 0.0) return;
+  const auto& philox = x.philox;
   TORCH_CHECK(philox && philox->dim() == 1 && philox->size(0) == 2 && philox->scalar_type() == at::kLong &&
                   philox->device().is_cpu(),
               op, ": dropout needs philox, a CPU int64 (2,) tensor (seed, offset), got ",
@@ -729,21 +840,42 @@ void add_mask_and_dropout(const char* op, Problem& p, const at::Tensor& bias, do
   const at::Tensor ph = philox->contiguous();
   p.seed = static_cast<uint64_t>(ph.data_ptr<int64_t>()[0]);
   p.offset = static_cast<uint64_t>(ph.data_ptr<int64_t>()[1]);
-  p.dropout_p = dropout_p;
-  p.dropout_scale = 1.0 / (1.0 - dropout_p);
-  p.keep_threshold = static_cast<uint32_t>(std::floor(dropout_p * 4294967296.0));
-  p.len_q = p.max_q;
+  p.dropout_p = x.dropout_p;
+  p.dropout_scale = 1.0 / (1.0 - x.dropout_p);
+  p.keep_threshold = static_cast<uint32_t>(std::floor(x.dropout_p * 4294967296.0));
+  p.len_q = len_q;
   p.len_k = len_k;
 }
 
-Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
-                       const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal) {
+// mask_grad's output, zero-filled, with p's samples pointing at their rows: padded (B, Hq, Lq, Lk), varlen
+// (Hq, total_q, W); an empty tensor without mask_grad.
+at::Tensor add_dmask(const char* op, Problem& p, bool mask_grad, const at::Tensor& bias, const at::Tensor& q,
+                     bool varlen) {
+  const auto opts = q.options().dtype(compute_type(q));
+  if (!mask_grad) return at::empty({0}, opts);
+  TORCH_CHECK(bias.defined(), op, ": mask_grad needs attn_mask (the gradient is the mask's), got none");
+  const int64_t rows = varlen ? q.size(0) : q.size(1), width = bias.size(-1);
+  at::Tensor dmask = varlen ? at::zeros({p.heads_q, rows, width}, opts) : at::zeros({p.batch, p.heads_q, rows, width}, opts);
+  p.dmask_row = width;
+  p.dmask_head = rows * width;
+  char* base = static_cast<char*>(dmask.data_ptr());
+  for (Sample& s : p.samples) {
+    const int64_t first = varlen ? s.q_row * width : s.index * p.heads_q * rows * width;
+    s.dmask = base + first * static_cast<int64_t>(dmask.element_size());
+  }
+  return dmask;
+}
+
+Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
+                       bool causal) {
   for (const at::Tensor* cu : {&cu_q, &cu_k})
     TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt && cu->device().is_cpu(), op,
                 ": cu_seqlens must be CPU int32 (B+1,) tensors, got ", cu->sizes(), " ", cu->scalar_type());
   TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
   const int64_t batch = cu_q.size(0) - 1, total_q = q.size(0);
   Problem p{batch, q.size(1), k.size(1), q.size(2), max_q, total_q, scale, causal, {}};
+  p.dim_v = v.size(2);
   const at::Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
   const int32_t* a = cq.data_ptr<int32_t>();
   const int32_t* c = ck.data_ptr<int32_t>();
@@ -766,11 +898,17 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// Whether a row of t (B, Lk, ...) that `mask` (B, Lk) marks holds a non-finite value: one read of
+int64_t longest_keys(const Problem& p) {
+  int64_t n = 0;
+  for (const Sample& s : p.samples) n = std::max(n, s.k_len);
+  return n;
+}
+
+// Whether a row of t (rows, ...) that `mask` (rows,) marks holds a non-finite value: one read of
 // the marked rows.
 bool hidden_row_not_finite(const at::Tensor& t, const at::Tensor& mask) {
   const bool* h = mask.data_ptr<bool>();
-  const int64_t rows = mask.numel(), row_size = t.size(2) * t.size(3);
+  const int64_t rows = mask.numel(), row_size = rows == 0 ? 0 : t.numel() / rows;
   std::atomic<bool> dirty{false};
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "hidden_row_not_finite", [&] {
     const scalar_t* data = t.data_ptr<scalar_t>();
@@ -789,13 +927,13 @@ bool hidden_row_not_finite(const at::Tensor& t, const at::Tensor& mask) {
   return dirty;
 }
 
-// (B, Lk) bool contiguous from hidden (B or 1, Lk) for t (B, Lk, ...).
+// bool contiguous over t's token rows ((B, Lk) padded, (total_k,) packed) from hidden, which broadcasts to it.
 at::Tensor hidden_rows(const at::Tensor& t, const at::Tensor& hidden) {
-  return hidden.expand({t.size(0), t.size(1)}).contiguous();
+  return hidden.expand(t.sizes().slice(0, t.dim() - 2)).contiguous();
 }
 
-// k, v (B, Lk, Hkv, D) in the compute type, contiguous, with the rows of keys that no query can
-// see (hidden: (B or 1, Lk) bool, or undefined) zeroed in a copy: a score tile or a product with
+// k or v in the compute type, contiguous, with the rows of keys that no query can see (hidden:
+// broadcastable to t's token rows, or undefined) zeroed in a copy: a score tile or a product with
 // V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
 // The copy is made only when a hidden row holds a non-finite value: finding that out reads the
 // hidden rows once, where zeroing every call would read and write all of k and v.
@@ -803,7 +941,7 @@ at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hi
   const at::Tensor c = t.to(ct).contiguous();
   if (!hidden.defined()) return c;
   const at::Tensor mask = hidden_rows(t, hidden);
-  return hidden_row_not_finite(c, mask) ? c.masked_fill(mask.view({t.size(0), t.size(1), 1, 1}), 0) : c;
+  return hidden_row_not_finite(c, mask) ? c.masked_fill(mask.unsqueeze(-1).unsqueeze(-1), 0) : c;
 }
 
 // (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
@@ -831,6 +969,26 @@ at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const 
   return hidden;
 }
 
+// (total_k,) bool: the packed keys that the varlen attention mask (Hq or 1, total_q, W) and causal rule
+// hide from every query of their sequence; undefined without a mask.
+at::Tensor hidden_keys_varlen(const at::Tensor& attn_bias, const Problem& p, int64_t total_k) {
+  if (!attn_bias.defined()) return at::Tensor();
+  const int64_t width = attn_bias.size(2);
+  // (total_q, W): the key is visible to the row (some head)
+  const at::Tensor seen_row = (attn_bias != -std::numeric_limits<double>::infinity()).any(0);
+  std::vector<uint8_t> hidden(total_k, 1);
+  const at::Tensor rows = seen_row.contiguous();
+  const bool* r = rows.data_ptr<bool>();
+  for (const Sample& s : p.samples)
+    for (int64_t i = 0; i < s.q_len; ++i) {
+      const int64_t visible = p.causal ? std::clamp<int64_t>(i + s.k_len - s.q_len + 1, 0, s.k_len) : s.k_len;
+      const bool* row = r + (s.q_row + i) * width;
+      for (int64_t j = 0; j < visible; ++j)
+        if (row[j]) hidden[s.k_row + j] = 0;
+    }
+  return at::tensor(at::ArrayRef<uint8_t>(hidden)).to(at::kBool);
+}
+
 // lse or grad_lse: a CPU float tensor of the forward's lse shape.
 void check_lse(const char* op, const char* name, const at::Tensor& lse, at::IntArrayRef lse_shape) {
   TORCH_CHECK(lse.sizes() == lse_shape && at::isFloatingType(lse.scalar_type()) && lse.device().is_cpu(), op, ": ",
@@ -840,10 +998,10 @@ void check_lse(const char* op, const char* name, const at::Tensor& lse, at::IntA
 
 std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, at::IntArrayRef lse_shape,
-                                               const at::Tensor& hidden = at::Tensor()) {
+                                               const at::Tensor& hidden) {
   const auto ct = compute_type(q);
   const at::Tensor qc = q.to(ct).contiguous(), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden);
-  at::Tensor out = at::empty(qc.sizes(), qc.options());
+  at::Tensor out = at::empty(out_shape(q, v), qc.options());
   at::Tensor lse = at::empty(lse_shape, qc.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_fwd_cpu", [&] {
     forward<scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
@@ -852,16 +1010,15 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tenso
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& grad_out,
-                                                            const std::optional<at::Tensor>& grad_lse,
-                                                            const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, const at::Tensor& out,
-                                                            const at::Tensor& lse, const char* op,
-                                                            at::IntArrayRef lse_shape,
-                                                            const at::Tensor& hidden = at::Tensor()) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const Problem& p, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const char* op,
+    at::IntArrayRef lse_shape, const at::Tensor& hidden, const at::Tensor& dmask) {
+  const std::vector<int64_t> o_shape = out_shape(q, v);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}})
-    TORCH_CHECK(t->sizes() == q.sizes() && t->device().is_cpu() && at::isFloatingType(t->scalar_type()), op, ": ", name,
-                " must be a CPU float tensor of q's shape ", q.sizes(), ", got ", t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(o_shape) && t->device().is_cpu() && at::isFloatingType(t->scalar_type()),
+                op, ": ", name, " must be a CPU float tensor of shape ", at::IntArrayRef(o_shape),
+                " (q's with v's head dim), got ", t->sizes(), " ", t->scalar_type());
   check_lse(op, "lse", lse, lse_shape);
   if (grad_lse) check_lse(op, "grad_lse", *grad_lse, lse_shape);
   const auto ct = compute_type(q);
@@ -883,62 +1040,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
   // query row multiplied it; only then is it written (no pass over dk/dv on every masked call)
   if (hidden.defined()) {
     const at::Tensor mask = hidden_rows(k, hidden);
-    const at::Tensor rows = mask.view({k.size(0), k.size(1), 1, 1});
+    const at::Tensor rows = mask.unsqueeze(-1).unsqueeze(-1);
     for (at::Tensor* d : {&dk, &dv})
       if (hidden_row_not_finite(*d, mask)) d->masked_fill_(rows, 0);
   }
   const auto st = q.scalar_type();
-  return {dq.to(st), dk.to(st), dv.to(st)};
+  return {dq.to(st), dk.to(st), dv.to(st), dmask};
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
-                                                           const std::optional<at::Tensor>& key_padding_mask,
-                                                           double scale, bool causal,
-                                                           const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                                                           const std::optional<at::Tensor>& philox) {
+std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   const char* op = "cross_attention_fwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
-  Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
-  add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, false);
+  Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
+  at::Tensor sinks_c;
+  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
+               sinks_c);
   return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias, causal, p));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox) {
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
   const char* op = "cross_attention_bwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k);
-  Problem p = padded_problem(op, q, k, kv_lens, bias, scale, causal);
-  add_mask_and_dropout(op, p, attn_bias, dropout_p, philox, k.size(1));
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, false);
+  Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
+  at::Tensor sinks_c;
+  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
+               sinks_c);
+  const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, false);
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)},
-                      hidden_keys(key_padding_mask, attn_bias, causal, p));
+                      hidden_keys(key_padding_mask, attn_bias, causal, p), dmask);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                                  const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                                  int64_t max_seqlen_k, double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   const char* op = "cross_attention_varlen_fwd";
   check_qkv(op, q, k, v, 3);
-  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
-  return run_forward(p, q, k, v, {q.size(1), q.size(0)});
+  Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
+  const int64_t longest_k = longest_keys(p);
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, true, longest_k);
+  at::Tensor sinks_c;
+  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
+  return run_forward(p, q, k, v, {q.size(1), q.size(0)}, hidden_keys_varlen(attn_bias, p, k.size(0)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal) {
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
   check_qkv(op, q, k, v, 3);
-  const Problem p = varlen_problem(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
-  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)});
+  Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
+  const int64_t longest_k = longest_keys(p);
+  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, true, longest_k);
+  at::Tensor sinks_c;
+  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
+  const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, true);
+  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)},
+                      hidden_keys_varlen(attn_bias, p, k.size(0)), dmask);
 }
 
 }  // namespace

@@ -42,6 +42,11 @@ class CrossModalAttention(nn.Module):
             num_heads. With fewer kv heads the k/v projections output num_kv_heads * head_dim
             features, are always separate (``q/k/v_proj_weight``), and an
             ``nn.MultiheadAttention`` state_dict no longer fits.
+        softcap: float >= 0; > 0 soft-caps the scaled scores at ``softcap * tanh(s / softcap)``
+            before the masks (Gemma 2). 0 (default): off, as in MHA.
+        sinks: bool; True adds a learned parameter ``sinks`` (num_heads,), initialised to 0, a
+            logit per head in every row's softmax denominator (gpt-oss's attention sinks). An
+            ``nn.MultiheadAttention`` state_dict then lacks it (load with ``strict=False``).
         backend: the ``mmfuse.cross_attention`` backend for the fused path.
         device, dtype: of the parameters.
 
@@ -66,12 +71,12 @@ class CrossModalAttention(nn.Module):
       Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
       host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
       ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither).
-      The CUDA kernel takes no attn_mask and no dropout: with ``backend="auto"`` those calls
-      run on Triton (CUDA tensors).
+      A float mask that requires grad (a learned bias) is always read as a general mask and
+      gets its gradient from the kernel. A backend lacking a feature a call needs
+      (``mmfuse.ops.attention._FEATURES``) is skipped by ``backend="auto"``.
     - reference (``mmfuse.reference.attention``, materialises the (B, H, Lq, Lk) scores, as
       MHA does): ``need_weights=True`` (it returns the probabilities, after dropout, from the
-      same Philox stream); a float mask that requires grad (the kernels give no gradient
-      w.r.t. a mask). Masks are merged as MHA merges them (bool -> -inf, then summed) and
+      same Philox stream). Masks are merged as MHA merges them (bool -> -inf, then summed) and
       added to the scores.
 
     Difference from ``nn.MultiheadAttention``: a query row whose keys are all masked attends to
@@ -98,6 +103,8 @@ class CrossModalAttention(nn.Module):
         batch_first: bool = True,
         num_kv_heads: int | None = None,
         *,
+        softcap: float = 0.0,
+        sinks: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -114,6 +121,8 @@ class CrossModalAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{_NAME}: dropout must lie in [0, 1), got {dropout}")
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < float("inf"):
+            raise ValueError(f"{_NAME}: softcap must be a finite float >= 0 (0: off), got {softcap!r}")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
@@ -124,6 +133,11 @@ class CrossModalAttention(nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.backend = backend
+        self.softcap = float(softcap)
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(num_heads, **factory))
+        else:
+            self.register_parameter("sinks", None)
         kv_dim = num_kv_heads * self.head_dim
         # MHA packs q, k, v into one matrix exactly when they all map E -> E
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
@@ -231,23 +245,24 @@ class CrossModalAttention(nn.Module):
                 "nn.Transformer.generate_square_subsequent_mask(L) makes one"
             )
         dropout_p = self.dropout if self.training else 0.0
-        # the kernels return no probabilities nor gradients w.r.t. a mask: skip the mask checks
-        on_reference = need_weights or any(
-            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask)
-        )
+        # the kernels return no probabilities: skip the mask checks
+        on_reference = need_weights
+        # a learned mask is a general additive one: not converted to bool, not recognised as causal
+        learned = any(m is not None and m.requires_grad and m.is_floating_point() for m in (attn_mask, key_padding_mask))
         if is_causal and key_padding_mask is None and not need_weights:
             # what MHA does here: attn_mask dropped, SDPA's own top-left causal mask applied
             attn_mask, top_left_causal = None, True
         else:
             if attn_mask is not None:
                 self._check_attn_mask_shape(attn_mask, batch, len_q, len_k)
-            top_left_causal = attn_mask is not None and not on_reference and _is_top_left_causal(attn_mask)
+            top_left_causal = (attn_mask is not None and not on_reference and not learned
+                               and _is_top_left_causal(attn_mask))
             attn_mask = None if top_left_causal else attn_mask
         # mmfuse's causal is bottom-right aligned: the same mask as top-left only when Lq == Lk
         causal = top_left_causal and len_q == len_k
         if top_left_causal and not causal:
             attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
-        padding = None if on_reference else _as_bool_padding(key_padding_mask)
+        padding = None if on_reference or learned else _as_bool_padding(key_padding_mask)
         q, k, v = self._project(query, key, value)
         if not on_reference:
             if key_padding_mask is not None and padding is None:
@@ -260,7 +275,7 @@ class CrossModalAttention(nn.Module):
                 mask = attn_mask
             out = cross_attention(
                 q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, attn_mask=mask,
-                dropout_p=dropout_p, backend=self.backend,
+                dropout_p=dropout_p, softcap=self.softcap, sinks=self.sinks, backend=self.backend,
             )
             return self.out_proj(out.flatten(2)), None
         scale = check_cross_attention_inputs(_NAME, q, k, v, kv_lens, None, None, causal)
@@ -268,7 +283,7 @@ class CrossModalAttention(nn.Module):
         philox = draw_philox(q.device) if dropout_p > 0.0 else None
         out, _, probs = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout_p,
-            philox=philox,
+            philox=philox, softcap=self.softcap, sinks=self.sinks,
         )
         weights = None
         if need_weights:

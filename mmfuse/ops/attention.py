@@ -26,11 +26,12 @@ Semantics shared by both functions:
   logsumexp of an empty set and what ``torch.logsumexp`` gives.
 - ``lse`` is float32, or float64 for float64 inputs (so that ``gradcheck`` can check it).
 - An empty batch (B = 0, or no tokens in varlen) returns empty outputs, like other torch ops.
-- ``cross_attention`` (padded) also takes ``attn_mask`` (bool, or a float bias added to the
-  scores, read in-kernel by the C++ and Triton kernels) and ``dropout_p`` (attention dropout from
-  a Philox4x32-10 stream whose (seed, offset) is drawn per call from torch's default generator
-  of q's device; the stream is defined in ``mmfuse.contract.attention``). The varlen function
-  has neither yet. The CUDA kernel takes neither: ``auto`` routes such calls to Triton.
+- Both take ``attn_mask`` (bool, or a float bias added to the scores, with its gradient),
+  ``dropout_p`` (attention dropout from a Philox4x32-10 stream whose (seed, offset) is drawn per
+  call from torch's default generator of q's device; the stream is defined in
+  ``mmfuse.contract.attention``), ``softcap`` (Gemma 2) and ``sinks`` (gpt-oss), and a value
+  head dim different from q's. ``_FEATURES`` says which kernel computes which in-kernel; a call
+  needing one a kernel lacks goes to the next backend (``auto``) or is refused (explicit).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import math
 import torch
 
 from mmfuse._checks import (
+    INT_DTYPES,
     check_bool,
     MAX_INT64,
     FLOAT_DTYPES,
@@ -66,16 +68,48 @@ _CUDA_SHARED_BYTES = {64: 55_424, 128: 104_576}
 _CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 
 
-def _unsupported(q: torch.Tensor, batch: int, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0):
-    """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples,
-    with an in-kernel ``attn_mask`` and/or dropout."""
+# What each fused kernel computes in-kernel besides q, k, v, kv_lens, key_padding_mask and causal
+# (the reference computes everything). A call that needs a feature a backend lacks leaves it.
+_FEATURES = {
+    "cpu": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
+                      "varlen_dropout"}),
+    "triton": frozenset({"attn_mask", "dropout"}),
+    "cuda": frozenset(),
+}
+_FEATURE_NAMES = {
+    "attn_mask": "an attn_mask", "dropout": "attention dropout", "softcap": "softcap",
+    "sinks": "attention sinks", "mask_grad": "the gradient of an attn_mask that requires grad",
+    "head_dim_v": "a value head dim different from q's", "varlen_mask": "an attn_mask on packed sequences",
+    "varlen_dropout": "attention dropout on packed sequences",
+}
+
+
+def _features(q, v, *, varlen: bool, attn_mask=None, dropout_p=0.0, softcap=0.0, sinks=None) -> set[str]:
+    """The ``_FEATURES`` a call needs."""
+    need = set()
+    if attn_mask is not None:
+        need.add("varlen_mask" if varlen else "attn_mask")
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            need.add("mask_grad")
+    if dropout_p > 0.0:
+        need.add("varlen_dropout" if varlen else "dropout")
+    if softcap > 0.0:
+        need.add("softcap")
+    if sinks is not None:
+        need.add("sinks")
+    if v.shape[-1] != q.shape[-1]:
+        need.add("head_dim_v")
+    return need
+
+
+def _unsupported(q: torch.Tensor, batch: int, need: set[str] = frozenset()):
+    """Why a backend cannot take attention over ``q`` (padded or packed) in ``batch`` samples
+    with the ``need``ed features."""
     def reason(backend: str) -> str | None:
-        if backend in ("cpu", "triton", "cuda") and attn_mask is not None and attn_mask.requires_grad:
-            return "the fused kernels give no gradient w.r.t. attn_mask, which requires grad"
-        if backend == "cuda" and attn_mask is not None:
-            return "the CUDA kernel takes no attn_mask (kv_lens, key_padding_mask and causal only)"
-        if backend == "cuda" and dropout_p > 0.0:
-            return "the CUDA kernel has no attention dropout"
+        if backend in _FEATURES:
+            missing = sorted(need - _FEATURES[backend])
+            if missing:
+                return f"the {backend} kernel does not compute {', '.join(_FEATURE_NAMES[m] for m in missing)}"
         if backend == "triton" and q.dtype == torch.float64:
             return "the Triton kernels take float16, bfloat16 and float32 inputs, got float64"
         if backend == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
@@ -108,6 +142,8 @@ def cross_attention(
     causal: bool = False,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     allow_tf32: bool = False,
     backend: str = "auto",
@@ -118,7 +154,8 @@ def cross_attention(
         q: (batch_size, seqlen_q, nheads, headdim), float16, bfloat16, float32 or float64.
         k: (batch_size, seqlen_k, nheads_k, headdim), q's dtype and device.
             nheads must be a multiple of nheads_k (GQA/MQA).
-        v: (batch_size, seqlen_k, nheads_k, headdim), like k.
+        v: (batch_size, seqlen_k, nheads_k, headdim_v), like k but for its head dim, which may
+            differ from q's (DeepSeek's MLA: 192 / 128); out then has headdim_v.
         kv_lens: (batch_size,) integer tensor, optional. Sample b's valid keys are the first
             kv_lens[b], 0 <= kv_lens[b] <= seqlen_k. None: all seqlen_k keys are valid.
         key_padding_mask: (batch_size, seqlen_k) bool tensor, optional, any pattern. True marks
@@ -130,50 +167,68 @@ def cross_attention(
         attn_mask: optional, (seqlen_q, seqlen_k) or (batch_size or 1, nheads or 1, seqlen_q,
             seqlen_k), on q's device. bool: True hides the key (``nn.MultiheadAttention``'s
             convention); float (any floating dtype): added to the scaled scores, -inf hides the
-            key. Read in-kernel by the C++ and Triton kernels, any float values (not only
-            0/-inf), exactly; a float mask that requires grad goes to the reference (the
-            kernels give no gradient w.r.t. it); the CUDA kernel takes none. Combined with the
-            other masks: a key is used iff every mask lets it through.
+            key. Read in-kernel, any float values (not only 0/-inf), exactly. A float mask that
+            requires grad (a learned bias: ALiBi slopes, T5's position_bias) gets its gradient,
+            dS summed over the dimensions it broadcasts along. Combined with the other masks: a
+            key is used iff every mask lets it through.
         dropout_p: float in [0, 1). Attention dropout on the probabilities: each one is kept
             with probability 1 - dropout_p and scaled by 1 / (1 - dropout_p), from a Philox
             stream seeded per call from torch's default generator of q's device, so
             ``torch.manual_seed`` reproduces a run and every backend drops the same elements
             (``mmfuse.contract.attention`` defines the stream). lse is that of the undropped
-            probabilities. Not on the CUDA kernel. Applied whenever > 0 (pass 0 in eval).
-        return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
+            probabilities. Applied whenever > 0 (pass 0 in eval).
+        softcap: float >= 0. When > 0 the scaled scores become ``softcap * tanh(s / softcap)``
+            before attn_mask is added and the masks apply (Gemma 2's soft-capping); 0 is off.
+        sinks: (nheads,) float tensor on q's device, optional: a learned logit per query head
+            that joins every row's softmax denominator (gpt-oss's attention sinks),
+            ``p_j = exp(s_j) / (sum_j exp(s_j) + exp(sinks[h]))``; gets its gradient. A row with
+            no visible key outputs 0; lse includes the sink.
+        return_lse: bool. Also return the log-sum-exp of each row's scaled scores (and sink).
         allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
             (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference" (see ``mmfuse.backends``).
 
     Returns:
-        out: (batch_size, seqlen_q, nheads, headdim) in q's dtype. Rows with no visible key are 0.
+        out: (batch_size, seqlen_q, nheads, headdim_v) in q's dtype. Rows with no visible key are 0.
         lse [if return_lse]: (batch_size, nheads, seqlen_q), float32 (float64 for float64
-            inputs); -inf for rows with no visible key.
+            inputs); -inf for rows with no visible key (without sinks).
     """
     op = "cross_attention"
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     check_attn_mask_and_dropout(op, q, k, attn_mask, dropout_p)
+    softcap = check_softcap_and_sinks(op, q, softcap, sinks)
     dropout_p = float(dropout_p)
     check_bool(op, "return_lse", return_lse)
     check_bool(op, "allow_tf32", allow_tf32)
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], attn_mask, dropout_p))
+    need = _features(q, v, varlen=False, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], need))
     philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask,
-            attn_bias=_as_bias(attn_mask, q), dropout_p=dropout_p, philox=philox,
-        )
-    elif backend == "triton":
-        out, lse = _triton().cross_attention_fwd_triton(
-            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
-            attn_mask, dropout_p, philox, allow_tf32,
+            attn_bias=_as_bias(attn_mask, q), dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
         )
     else:
-        out, lse = torch.ops.mmfuse.cross_attention_fwd(
-            q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
-            attn_mask, dropout_p, philox,
-        )
+        args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
+                attn_mask, dropout_p, philox, softcap, sinks)
+        if backend == "triton":
+            out, lse = _triton().cross_attention_fwd_triton(*args, allow_tf32)
+        else:
+            out, lse = torch.ops.mmfuse.cross_attention_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+def check_softcap_and_sinks(op: str, q: torch.Tensor, softcap, sinks) -> float:
+    """softcap: a finite float >= 0; sinks: None or a float (nheads,) tensor on q's device.
+    Returns softcap as a float."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{op}: softcap must be a float >= 0 (0: off), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"{op}: softcap must be a finite float >= 0 (0: off), got {softcap}")
+    if sinks is not None:
+        check_tensor(op, "sinks", sinks, dtypes=FLOAT_DTYPES, shape=(q.shape[-2],))
+        check_same_device(op, {"q": q, "sinks": sinks})
+    return float(softcap)
 
 
 def draw_philox(device: torch.device) -> torch.Tensor:
@@ -225,11 +280,15 @@ def cross_attention_varlen(
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
+    max_seqlen_q: int | torch.Tensor | None,
+    max_seqlen_k: int | torch.Tensor | None,
     *,
     scale: float | None = None,
     causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     allow_tf32: bool = False,
     backend: str = "auto",
@@ -241,25 +300,37 @@ def cross_attention_varlen(
             batch; float16, bfloat16, float32 or float64.
         k: (total_k, nheads_k, headdim), where total_k = total number of key tokens in the
             batch; q's dtype and device. nheads must be a multiple of nheads_k (GQA/MQA).
-        v: (total_k, nheads_k, headdim), like k.
+        v: (total_k, nheads_k, headdim_v), like k but for its head dim (out has headdim_v).
         cu_seqlens_q: (batch_size + 1,) int32, the cumulative query lengths: 0, then
             non-decreasing, ending at total_q. Sequence b's queries are rows
             cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q.
         cu_seqlens_k: (batch_size + 1,) int32, the same for k and v, ending at total_k.
-        max_seqlen_q: int, at least the longest query sequence (an upper bound is fine), or
-            None to compute it from cu_seqlens_q (a host sync in eager mode; an unbacked SymInt
-            under ``torch.compile``, so no graph break: see ``mmfuse.contract.seqlens``).
-        max_seqlen_k: int, at least the longest key sequence, or None likewise.
+        max_seqlen_q: int or 0-dim integer tensor (as transformers passes it), at least the
+            longest query sequence (an upper bound is fine), or None to compute it from
+            cu_seqlens_q (a host sync in eager mode; an unbacked SymInt under ``torch.compile``,
+            so no graph break: see ``mmfuse.contract.seqlens``). Under ``torch.compile`` a
+            tensor's value is not read (that would break the graph): the bound is then
+            computed from cu_seqlens_q on the device.
+        max_seqlen_k: likewise for the key sequences.
         scale: float > 0, optional; default 1/sqrt(headdim).
         causal: bool. Bottom-right aligned within each sequence: query i of sequence b sees
             key j iff j <= i + len_k[b] - len_q[b].
+        attn_mask: optional, (total_q, W) or (nheads or 1, total_q, W) on q's device, W at
+            least the longest key sequence: row r is packed query r's mask over the keys of
+            its own sequence (column j = the sequence's key j; columns past its length are not
+            read). bool (True hides) or float (added to the scores, -inf hides), as in
+            ``cross_attention``, gradient included.
+        dropout_p: float in [0, 1). Attention dropout; the stream is ``cross_attention``'s on
+            the batch padded to its longest sequences (so padding the inputs and calling
+            ``cross_attention`` with the same generator state drops the same elements).
+        softcap, sinks: as in ``cross_attention``.
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
         allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
             (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
         backend: "auto", "cuda", "triton", "cpu" or "reference".
 
     Returns:
-        out: (total_q, nheads, headdim) in q's dtype. Rows with no visible key are 0.
+        out: (total_q, nheads, headdim_v) in q's dtype. Rows with no visible key are 0.
         lse [if return_lse]: (nheads, total_q), float32 (float64 for float64 inputs), the
             layout of FlashAttention's varlen softmax_lse; -inf for rows with no visible key.
 
@@ -272,6 +343,8 @@ def cross_attention_varlen(
     check_bool(op, "return_lse", return_lse)
     check_bool(op, "allow_tf32", allow_tf32)
     check_same_device(op, {"q": q, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    max_seqlen_q = _max_seqlen_arg(op, "max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _max_seqlen_arg(op, "max_seqlen_k", max_seqlen_k)
     longest_q = _check_cu_seqlens(op, "q", q, "cu_seqlens_q", cu_seqlens_q, "max_seqlen_q", max_seqlen_q)
     longest_k = _check_cu_seqlens(op, "k", k, "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
@@ -279,29 +352,63 @@ def cross_attention_varlen(
             f"{op}: cu_seqlens_k must have shape (batch_size + 1,) = {tuple(cu_seqlens_q.shape)} "
             f"like cu_seqlens_q, got {tuple(cu_seqlens_k.shape)}"
         )
-    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1))
-    # work is sized by the real lengths where they are known (eager); max_seqlen is only a bound
+    _check_varlen_mask(op, q, attn_mask, longest_k)
+    check_attn_mask_and_dropout(op, q, k, None, dropout_p)
+    dropout_p = float(dropout_p)
+    softcap = check_softcap_and_sinks(op, q, softcap, sinks)
+    need = _features(q, v, varlen=True, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
+    backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1, need))
+    # work is sized by the real lengths where they are known (eager); max_seqlen is only a bound. The
+    # dropout stream is defined at the longest lengths, so with dropout a traced call computes them.
     if longest_q is not None:
         max_seqlen_q, max_seqlen_k = longest_q, longest_k
-    if max_seqlen_q is None:
+    if max_seqlen_q is None or (dropout_p > 0.0 and longest_q is None):
         max_seqlen_q = max_seqlen(cu_seqlens_q)
-    if max_seqlen_k is None:
+    if max_seqlen_k is None or (dropout_p > 0.0 and longest_k is None):
         max_seqlen_k = max_seqlen(cu_seqlens_k)
+    philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
+        bias = None if attn_mask is None else _as_bias(attn_mask, q).reshape((-1,) + attn_mask.shape[-2:])
         out, lse = reference_attention.cross_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal
-        )
-    elif backend == "triton":
-        out, lse = _triton().cross_attention_varlen_fwd_triton(
-            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, scale, causal, allow_tf32,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal,
+            attn_bias=bias, dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
         )
     else:
-        out, lse = torch.ops.mmfuse.cross_attention_varlen_fwd(
-            q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, scale, causal,
-        )
+        args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale, causal, attn_mask, dropout_p, philox, softcap, sinks)
+        if backend == "triton":
+            out, lse = _triton().cross_attention_varlen_fwd_triton(*args, allow_tf32)
+        else:
+            out, lse = torch.ops.mmfuse.cross_attention_varlen_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+def _max_seqlen_arg(op: str, name: str, value):
+    """max_seqlen as an int or None: a 0-dim integer tensor (transformers' ``max_length_q``) is
+    read in eager mode (the cu_seqlens check syncs anyway) and dropped while tracing, where the
+    bound is computed from cu_seqlens instead (reading it would break the graph)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() != 0 or value.dtype not in INT_DTYPES:
+        raise TypeError(f"{op}: {name} must be an int, a 0-dim integer tensor or None, got a tensor of shape "
+                        f"{tuple(value.shape)} and dtype {value.dtype}")
+    return None if is_tracing() else int(value)
+
+
+def _check_varlen_mask(op: str, q: torch.Tensor, attn_mask, longest_k: int | None) -> None:
+    """attn_mask: bool or float (total_q, W) or (nheads or 1, total_q, W), W >= the longest key sequence."""
+    if attn_mask is None:
+        return
+    check_tensor(op, "attn_mask", attn_mask, ndim=(2, 3), dtypes=(torch.bool,) + tuple(FLOAT_DTYPES))
+    check_same_device(op, {"q": q, "attn_mask": attn_mask})
+    total_q, heads_q = q.shape[0], q.shape[1]
+    rows, heads = attn_mask.shape[-2], (attn_mask.shape[0] if attn_mask.dim() == 3 else 1)
+    width_ok = longest_k is None or attn_mask.shape[-1] >= longest_k
+    if rows != total_q or heads not in (heads_q, 1) or not width_ok:
+        raise ValueError(
+            f"{op}: attn_mask must have shape (total_q, W) or (nheads or 1, total_q, W) = ({heads_q} or 1, {total_q}, W) "
+            f"with W >= the longest key sequence ({longest_k}), got {tuple(attn_mask.shape)}"
+        )
 
 
 def check_cross_attention_inputs(
@@ -345,8 +452,8 @@ def _check_qkv(op: str, q, k, v, *, packed: bool, scale: float | None) -> float:
         raise ValueError(
             f"{op}: k must have q's headdim {q.shape[-1]} as its last dimension, got shape {tuple(k.shape)}"
         )
-    if v.shape != k.shape:
-        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)} (same headdim as q), got {tuple(v.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape[:-1])} but for its headdim, got {tuple(v.shape)}")
     if not packed and k.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k must have q's batch_size {q.shape[0]}, got shape {tuple(k.shape)}")
     heads_q, heads_kv = q.shape[-2], k.shape[-2]
@@ -370,7 +477,8 @@ def _check_cu_seqlens(
     if cu_seqlens.shape[0] == 0:
         raise ValueError(f"{op}: {name} must have shape (batch_size + 1,) with at least one entry (0), got shape (0,)")
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))):
-        raise TypeError(f"{op}: {max_seqlen_name} must be an int or None, got {type(max_seqlen).__name__}")
+        raise TypeError(f"{op}: {max_seqlen_name} must be an int, a 0-dim integer tensor or None, "
+                        f"got {type(max_seqlen).__name__}")
     if is_tracing():
         return None
     if max_seqlen is not None and not 0 <= max_seqlen <= MAX_INT64:

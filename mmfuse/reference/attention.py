@@ -40,12 +40,15 @@ def cross_attention(
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     philox: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax(q kᵀ · scale) v on padded ``(B, L, H, D)`` tensors.
 
     Arguments:
         q: (B, Lq, Hq, D), float16/bfloat16/float32/float64.
-        k, v: (B, Lk, Hkv, D), q's dtype; ``Hq % Hkv == 0``.
+        k: (B, Lk, Hkv, D), q's dtype; ``Hq % Hkv == 0``.
+        v: (B, Lk, Hkv, Dv), q's dtype; Dv may differ from D (out has Dv).
         scale: multiplies the scores before the softmax.
         causal: bottom-right aligned causal mask, per sample (see the module docstring).
         kv_lens: (B,) integer or None. Sample ``b`` has valid keys ``[0, kv_lens[b])``;
@@ -62,15 +65,21 @@ def cross_attention(
         philox: int64 (seed, offset) or None. Given, dropout keeps exactly the elements the
             fused kernels keep (``philox_keep``, the stream of ``mmfuse.contract.attention``);
             None, it uses ``torch.nn.functional.dropout``.
+        softcap: > 0: the scaled scores become ``softcap * tanh(s / softcap)`` before the bias
+            and the masks (Gemma 2's soft-capping); 0: off.
+        sinks: (Hq,) float or None: a learned logit per query head that joins every row's
+            softmax denominator (gpt-oss's attention sinks): ``p_j = exp(s_j - m) / (sum_j
+            exp(s_j - m) + exp(sink_h - m))``. A row with no visible key outputs 0; lse includes
+            the sink (so it is ``sink_h`` on such a row).
 
     Returns:
-        out: (B, Lq, Hq, D) in q's dtype.
+        out: (B, Lq, Hq, Dv) in q's dtype.
         lse: (B, Hq, Lq) in the compute dtype (float32, or float64 for float64 inputs):
-            logsumexp of each row's visible scaled scores, -inf for a row with none.
+            logsumexp of each row's visible scaled scores (and the sink), -inf for a row with none.
         probs: (B, Hq, Lq, Lk) in the compute dtype: the attention probabilities after dropout.
     """
     batch, len_q, heads_q, head_dim = q.shape
-    len_k, heads_kv = k.shape[1], k.shape[2]
+    len_k, heads_kv, dim_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads_q // heads_kv
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -96,9 +105,12 @@ def cross_attention(
     kh = kh.masked_fill(~seen[:, None, None, :, None], 0.0)
     vh = vh.masked_fill(~seen[:, None, None, :, None], 0.0)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
-    probs, lse = masked_softmax(scores, visible)
+    sink = None if sinks is None else sinks.to(compute).reshape(1, heads_kv, group, 1, 1)
+    probs, lse = masked_softmax(scores, visible, sink)
     if dropout_p > 0.0 and philox is not None:
         keep = philox_keep(philox, dropout_p, batch, heads_q, len_q, len_k, q.device)
         keep = keep.unflatten(1, (heads_kv, group))
@@ -107,7 +119,7 @@ def cross_attention(
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vh)
 
-    out = out.permute(0, 3, 1, 2, 4).reshape(batch, len_q, heads_q, head_dim).to(q.dtype)
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, len_q, heads_q, dim_v).to(q.dtype)
     lse = lse.reshape(batch, heads_q, len_q)
     probs = probs.reshape(batch, heads_q, len_q, len_k)
     return out, lse, probs
@@ -196,16 +208,23 @@ def visible_keys(
     return visible
 
 
-def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor,
+                   sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the last axis of ``scores`` restricted to ``visible``, NaN-free.
 
     Returns ``(probs, lse)``: ``probs`` like ``scores``, zero outside ``visible`` and on rows
     with no visible entry; ``lse`` (``scores.shape[:-1]``), -inf on such rows. Forward and
     backward stay finite on empty rows: their exponent is shifted by 0 (not by a max of -inf,
     which gives -inf - -inf = NaN) and their sum is replaced by 1 before dividing, so each
-    division and log only ever sees a sum >= 1.
+    division and log only ever sees a sum >= 1. ``sink`` (broadcastable to ``scores.shape[:-1]
+    + (1,)``): one more always-visible logit per row in the denominator, whose probability is
+    dropped from ``probs`` (attention sinks).
     """
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sink is not None:
+        probs, lse = masked_softmax(torch.cat([scores, sink.expand(scores.shape[:-1] + (1,))], dim=-1),
+                                    torch.ones((), dtype=torch.bool, device=scores.device))
+        return probs[..., :-1], lse
     # a score of -inf hides its key whether a mask or the arithmetic (an infinite q or k) made it,
     # as in the fused kernels' online softmax; NaN scores stay and propagate
     has_key = (scores != float("-inf")).any(dim=-1, keepdim=True)
@@ -240,18 +259,27 @@ def cross_attention_varlen(
     *,
     scale: float,
     causal: bool = False,
+    attn_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    philox: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention on packed sequences, by scattering them into a padded layout.
 
     Arguments:
-        q: (total_q, Hq, D); k, v: (total_k, Hkv, D); sample ``b`` owns rows
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv); sample ``b`` owns rows
             ``cu_seqlens[b]:cu_seqlens[b + 1]``.
         cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 prefix sums of the sequence lengths.
-        max_seqlen_q, max_seqlen_k: upper bounds of the lengths; the padded size.
+        max_seqlen_q, max_seqlen_k: the padded size; upper bounds of the lengths. With dropout
+            they must be the longest lengths: the dropout stream is the padded one at that size.
         scale, causal: as in ``cross_attention``; causal aligns each sample's own lengths.
+        attn_bias: float (Hq or 1, total_q, W) or None, W >= max_seqlen_k: row r is packed query
+            r's bias over the keys of its own sequence.
+        dropout_p, philox, softcap, sinks: as in ``cross_attention``.
 
     Returns:
-        out: (total_q, Hq, D) in q's dtype.
+        out: (total_q, Hq, Dv) in q's dtype.
         lse: (Hq, total_q) in the compute dtype (FlashAttention's varlen layout).
 
     Index tensors rather than a Python loop over samples keep the batch size and lengths
@@ -266,8 +294,16 @@ def cross_attention_varlen(
     q_pad = q.new_zeros((batch, max_seqlen_q) + q.shape[1:]).index_put(q_index, q)
     k_pad = k.new_zeros((batch, max_seqlen_k) + k.shape[1:]).index_put(k_index, k)
     v_pad = v.new_zeros((batch, max_seqlen_k) + v.shape[1:]).index_put(k_index, v)
+    bias = None
+    if attn_bias is not None:
+        # (Hq', total_q, W) -> (B, Lq, Hq', max_seqlen_k) -> (B, Hq', Lq, max_seqlen_k); keys past W are
+        # past every sequence, hidden by the lengths
+        rows = attn_bias.transpose(0, 1)[..., :max_seqlen_k]
+        bias = rows.new_zeros((batch, max_seqlen_q) + rows.shape[1:]).index_put(q_index, rows)
+        bias = torch.nn.functional.pad(bias, (0, max_seqlen_k - rows.shape[-1])).permute(0, 2, 1, 3)
     out, lse, _ = cross_attention(
-        q_pad, k_pad, v_pad, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens
+        q_pad, k_pad, v_pad, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_bias=bias,
+        dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
     )
     sample, position = q_index
     # lse (B, Hq, Lq) indexed on its first and last axes gives (total_q, Hq)
