@@ -968,10 +968,19 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 // ------------------------------------------------------------------------------ launch shapes
 
 // The (head dim of q/k, head dim of v) pairs compiled, X(D, Dv) each. Shared memory per block
-// (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 55,424 / 55,424 / 46,144; (128, 128) 104,576 /
-// 104,576 / 85,056; (192, 128) 111,744 / 129,152 / 86,336 (over the 99 KiB of sm_86/89/120, under
-// sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the device's limit).
+// (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 46,208 / 55,424 / 37,440; (128, 128) 87,168 /
+// 104,576 / 70,208; (192, 128) 111,744 / 129,152 / 86,592 (dQ at 128 and everything at 192 are over
+// the 99 KiB of sm_86/89/120, under sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the
+// device's limit and names the kernel).
 #define MMFUSE_ATTENTION_HEAD_DIMS(X) X(64, 64) X(128, 128) X(192, 128)
+
+// the numbers above (and mmfuse/ops/attention.py's _CUDA_SHARED_BYTES, the largest per pair)
+static_assert(ForwardSmem<64, 64>::bytes<__half>() == 46208 && DqSmem<64, 64>::bytes<__half>() == 55424 &&
+              DkDvSmem<64, 64>::bytes<__half>() == 37440);
+static_assert(ForwardSmem<128, 128>::bytes<__half>() == 87168 && DqSmem<128, 128>::bytes<__half>() == 104576 &&
+              DkDvSmem<128, 128>::bytes<__half>() == 70208);
+static_assert(ForwardSmem<192, 128>::bytes<__half>() == 111744 && DqSmem<192, 128>::bytes<__half>() == 129152 &&
+              DkDvSmem<192, 128>::bytes<__half>() == 86592);
 
 inline bool head_dims_supported(int head_dim, int head_dim_v) {
 #define MMFUSE_ATTENTION_PAIR(D, DV) if (head_dim == D && head_dim_v == DV) return true;
