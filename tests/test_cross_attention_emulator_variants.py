@@ -344,14 +344,14 @@ def test_sinks_varlen_softcap():
 # ----------------------------------------------------------------------------- Dv != D
 
 
-def test_head_dims_192_128():
-    """DeepSeek-MLA-style (D, Dv) = (192, 128), forward and backward with a bias and its gradient."""
-    run_padded_case(1, 23, 70, 2, 1, 192, 128, dtype=torch.bfloat16, causal=True, bias=random_bias((1, 1, 23, 70)),
+def test_head_dims_128_64():
+    """(D, Dv) = (128, 64), forward and backward with a bias and its gradient."""
+    run_padded_case(1, 23, 70, 2, 1, 128, 64, dtype=torch.bfloat16, causal=True, bias=random_bias((1, 1, 23, 70)),
                     kv_lens=torch.tensor([66]), mask_grad=True)
 
 
 def test_unsupported_head_dim_pair_refused():
-    q, k, v = half_inputs((1, 3, 2, 64), (1, 5, 1, 64), (1, 5, 1, 128), torch.float16)
+    q, k, v = half_inputs((1, 3, 2, 192), (1, 5, 1, 192), (1, 5, 1, 128), torch.float16)
     with pytest.raises(Exception, match="invalid attention parameters"):
         run_kernels(q, k, v, padded_kw(q, k, v, 0.1, False), lse_shape=(1, 2, 3))
 
@@ -395,3 +395,18 @@ def test_split_kv_decode_varlen_dropout():
     torch.testing.assert_close(split[0].float(), one[0].float(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(split[1], one[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(split[1][:, 1:4] == NEG_INF, torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("len_q, len_k, batch, heads, sms, want", [
+    (1, 4096, 1, 8, 132, 32),   # 8 CTAs: ceil(2 * 132 / 8) = 33, capped by 64 key tiles / 2
+    (1, 1500, 8, 8, 132, 5),    # 64 CTAs: ceil(264 / 64) = 5 (24 tiles allow 12)
+    (8, 577, 2, 4, 108, 5),     # 8 CTAs want 27, 10 key tiles allow 5
+    (9, 4096, 1, 1, 132, 1),    # more than 8 queries: one pass
+    (1, 4096, 16, 16, 132, 1),  # 256 CTAs fill the GPU: one pass
+    (1, 64, 1, 1, 132, 1),      # one key tile: nothing to split
+], ids=str)
+def test_decode_splits_heuristic(len_q, len_k, batch, heads, sms, want):
+    """The launcher's split count (csrc/cuda/cross_attention_kernel.cuh decode_splits)."""
+    got = torch.zeros(1, dtype=torch.int64)
+    harness().attention_decode_splits(got, len_q, len_k, batch, heads, sms)
+    assert int(got) == want

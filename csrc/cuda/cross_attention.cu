@@ -1,7 +1,7 @@
 // CUDA launchers for mmfuse::cross_attention_{fwd,bwd} and cross_attention_varlen_{fwd,bwd}:
 // validation, output allocation and the launches of csrc/cuda/cross_attention_kernel.cuh
 // (FlashAttention-2 forward and backward on sm_80+ tensor cores, split-KV decode). The kernels
-// take float16 and bfloat16 with (head dim, value head dim) (64, 64), (128, 128) or (192, 128),
+// take float16 and bfloat16 with (head dim, value head dim) (64, 64), (128, 128) or (128, 64),
 // and issue #26's variants: attn_mask (bool or float, in-kernel bias), its gradient (mask_grad),
 // Philox dropout, softcap and sinks; mmfuse/ops/attention.py routes every other case elsewhere
 // and names the reason when backend="cuda" is asked for.
@@ -38,7 +38,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               op, ": k and v must have one shape but for v's head dim, k q's head dim, and a head count dividing q's; "
               "got q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
   TORCH_CHECK(att::head_dims_supported(static_cast<int>(q.size(-1)), static_cast<int>(v.size(-1))), op,
-              ": the CUDA kernel takes (head dim, value head dim) (64, 64), (128, 128) or (192, 128), got (",
+              ": the CUDA kernel takes (head dim, value head dim) (64, 64), (128, 128) or (128, 64), got (",
               q.size(-1), ", ", v.size(-1), ")");
 }
 

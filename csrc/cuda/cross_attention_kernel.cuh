@@ -531,7 +531,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     MMFUSE_DYNAMIC_SHARED(T, smem);
     T* sq = smem + Sm::kQ;
     uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
-    auto load_kv = [&](int tile, int stage) {
+    auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
       load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end,
                                            tile_begin + tile, stage);
     };
@@ -799,22 +799,25 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       const Dropout drop = dropout_of(p, b, h);
 
       // Pᵀ (16 keys x 32 queries) = exp2(score − lse2), 0 where hidden; dcap: the softcap factor
-      float pt[kBlockMBwd / 8][4], dcap[kBlockMBwd / 8][4];
+      // (the softcap factor is kept as fp16 pairs: registers; dS is rounded to T for the mma anyway)
+      float pt[kBlockMBwd / 8][4];
+      uint32_t dcap2[kBlockMBwd / 8][2];
       uint32_t keep = 0xffffffffu;  // bit 4 j + i: element [j][i] kept by dropout
       zero(pt);
       gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(pt, sk, 16 * warp, sq);
-      int cols[kBlockMBwd / 8][2];
 #pragma unroll
       for (int j = 0; j < kBlockMBwd / 8; ++j) {
+        float dcap[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int col = 8 * j + 2 * (lane & 3) + (i & 1);
-          cols[j][i & 1] = col;
           pt[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, i0 + col, key_of[i >> 1], pt[j][i],
-                                     dcap[j][i]),
+                                     dcap[i]),
                           lse2[col]);
           if (drop.on && !keep_one(drop, i0 + col, key_of[i >> 1])) keep &= ~(1u << (4 * j + i));
         }
+        dcap2[j][0] = pack2<__half>(dcap[0], dcap[1]);
+        dcap2[j][1] = pack2<__half>(dcap[2], dcap[3]);
       }
       if (drop.on) {  // dV += (P ∘ Z)ᵀ dO
         float pd[kBlockMBwd / 8][4];
@@ -839,14 +842,16 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
         for (int i = 0; i < 4; ++i) {
           float dp = dst[j][i];
           if (drop.on) dp = (keep >> (4 * j + i) & 1u) ? dp * drop.scale : 0.f;
-          dst[j][i] = pt[j][i] * (dp - delta[cols[j][i & 1]]);
+          const int col = 8 * j + 2 * (lane & 3) + (i & 1);
+          dst[j][i] = pt[j][i] * (dp - delta[col]);
           if (dbias != nullptr) {  // this CTA owns (b, h, every query, these keys): exactly 0 where hidden
-            const int64_t query = i0 + cols[j][i & 1], key = key_of[i >> 1];
+            const int64_t query = i0 + col, key = key_of[i >> 1];
             if (query < s.q_len && key < s.k_len) {
               dbias[query * p.dbias_row_stride + key] = pt[j][i] == 0.f ? 0.f : dst[j][i];
             }
           }
-          dst[j][i] *= dcap[j][i];
+          const uint32_t d2 = dcap2[j][i >> 1];
+          dst[j][i] *= __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? d2 >> 16 : d2 & 0xffffu)));
         }
       }
       gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)
@@ -969,18 +974,19 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 
 // The (head dim of q/k, head dim of v) pairs compiled, X(D, Dv) each. Shared memory per block
 // (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 46,208 / 55,424 / 37,440; (128, 128) 87,168 /
-// 104,576 / 70,208; (192, 128) 111,744 / 129,152 / 86,592 (dQ at 128 and everything at 192 are over
-// the 99 KiB of sm_86/89/120, under sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the
-// device's limit and names the kernel).
-#define MMFUSE_ATTENTION_HEAD_DIMS(X) X(64, 64) X(128, 128) X(192, 128)
+// 104,576 / 70,208; (128, 64) 70,784 / 80,000 / 53,824 (dQ at (128, 128) is over the 99 KiB of
+// sm_86/89/120, under sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the device's limit
+// and names the kernel). (192, 128) (DeepSeek MLA) fits sm_80's shared memory (111,744 / 129,152 /
+// 86,592) but its dK/dV kernel spills 144 bytes of registers with 4 warps: not compiled.
+#define MMFUSE_ATTENTION_HEAD_DIMS(X) X(64, 64) X(128, 128) X(128, 64)
 
 // the numbers above (and mmfuse/ops/attention.py's _CUDA_SHARED_BYTES, the largest per pair)
 static_assert(ForwardSmem<64, 64>::bytes<__half>() == 46208 && DqSmem<64, 64>::bytes<__half>() == 55424 &&
               DkDvSmem<64, 64>::bytes<__half>() == 37440);
 static_assert(ForwardSmem<128, 128>::bytes<__half>() == 87168 && DqSmem<128, 128>::bytes<__half>() == 104576 &&
               DkDvSmem<128, 128>::bytes<__half>() == 70208);
-static_assert(ForwardSmem<192, 128>::bytes<__half>() == 111744 && DqSmem<192, 128>::bytes<__half>() == 129152 &&
-              DkDvSmem<192, 128>::bytes<__half>() == 86592);
+static_assert(ForwardSmem<128, 64>::bytes<__half>() == 70784 && DqSmem<128, 64>::bytes<__half>() == 80000 &&
+              DkDvSmem<128, 64>::bytes<__half>() == 53824);
 
 inline bool head_dims_supported(int head_dim, int head_dim_v) {
 #define MMFUSE_ATTENTION_PAIR(D, DV) if (head_dim == D && head_dim_v == DV) return true;

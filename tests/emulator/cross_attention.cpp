@@ -124,3 +124,12 @@ ATTENTION_BACKWARD_ENTRY(attention_backward_bfloat16, __nv_bfloat16)
 #undef ATTENTION_BACKWARD_ENTRY
 #undef ATTENTION_SIZES
 #undef ATTENTION_SIZE_ARGS
+
+// splits[0] = att::decode_splits for these sizes on a GPU of sm_count SMs (the launcher's choice).
+extern "C" int attention_decode_splits(int64_t* splits, int64_t len_q, int64_t len_k, int64_t batch, int64_t heads_q,
+                                       int64_t sm_count) {
+  att::AttentionParams p{};
+  p.len_q = len_q, p.len_k = len_k, p.batch = static_cast<int>(batch), p.heads_q = static_cast<int>(heads_q);
+  splits[0] = att::decode_splits(p, static_cast<int>(sm_count));
+  return 0;
+}
