@@ -627,6 +627,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     float* lse = p.lse + s.lse_base + work.h * p.lse_len;
     store_rows<T, kHeadDimV>(out, o_stride, s.q_row + i0, rows, 16 * warp, o, inv);
     if ((lane & 3) == 0) {
+#pragma unroll
       for (int half = 0; half < 2; ++half)
         if (row_of[half] < s.q_len) lse[row_of[half]] = lse_row[half];
     }
@@ -635,6 +636,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     float* lse = p.lse_partial + static_cast<int64_t>(split) * p.q_rows * p.heads_q + s.lse_base + work.h * p.lse_len;
     store_rows<float, kHeadDimV>(out, o_stride, s.q_row + i0, rows, 16 * warp, o, inv);
     if ((lane & 3) == 0) {
+#pragma unroll
       for (int half = 0; half < 2; ++half)
         if (row_of[half] < s.q_len) lse[row_of[half]] = lse_row[half];
     }
@@ -786,7 +788,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
     load_step(0, 0);
     cp_async_commit();
 
-    const int64_t key_of[2] = {key0 + 16 * warp + (lane >> 2), key0 + 16 * warp + (lane >> 2) + 8};
+    const int64_t key_base = key0 + 16 * warp + (lane >> 2);  // this lane's keys: key_base, key_base + 8
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
       pipeline_step(step, steps, load_step);
@@ -811,10 +813,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int col = 8 * j + 2 * (lane & 3) + (i & 1);
-          pt[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, i0 + col, key_of[i >> 1], pt[j][i],
+          pt[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, i0 + col, (key_base + 8 * (i >> 1)), pt[j][i],
                                      dcap[i]),
                           lse2[col]);
-          if (drop.on && !keep_one(drop, i0 + col, key_of[i >> 1])) keep &= ~(1u << (4 * j + i));
+          if (drop.on && !keep_one(drop, i0 + col, (key_base + 8 * (i >> 1)))) keep &= ~(1u << (4 * j + i));
         }
         dcap2[j][0] = pack2<__half>(dcap[0], dcap[1]);
         dcap2[j][1] = pack2<__half>(dcap[2], dcap[3]);
@@ -845,7 +847,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
           const int col = 8 * j + 2 * (lane & 3) + (i & 1);
           dst[j][i] = pt[j][i] * (dp - delta[col]);
           if (dbias != nullptr) {  // this CTA owns (b, h, every query, these keys): exactly 0 where hidden
-            const int64_t query = i0 + col, key = key_of[i >> 1];
+            const int64_t query = i0 + col, key = (key_base + 8 * (i >> 1));
             if (query < s.q_len && key < s.k_len) {
               dbias[query * p.dbias_row_stride + key] = pt[j][i] == 0.f ? 0.f : dst[j][i];
             }
