@@ -1,7 +1,9 @@
 // CUDA launchers for mmfuse::cross_attention_{fwd,bwd} and cross_attention_varlen_{fwd,bwd}:
 // validation, output allocation and the launches of csrc/cuda/cross_attention_kernel.cuh
-// (FlashAttention-2 forward and backward on sm_80+ tensor cores). The kernels take float16 and
-// bfloat16 with head dim 64 or 128; mmfuse/ops/attention.py routes every other case elsewhere
+// (FlashAttention-2 forward and backward on sm_80+ tensor cores, split-KV decode). The kernels
+// take float16 and bfloat16 with (head dim, value head dim) (64, 64), (128, 128) or (128, 64),
+// and issue #26's variants: attn_mask (bool or float, in-kernel bias), its gradient (mask_grad),
+// Philox dropout, softcap and sinks; mmfuse/ops/attention.py routes every other case elsewhere
 // and names the reason when backend="cuda" is asked for.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -9,9 +11,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "cross_attention_kernel.cuh"
 
@@ -28,11 +33,13 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   }
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(att::head_dim_supported(static_cast<int>(q.size(-1))), op,
-              ": the CUDA kernel takes head dim 64 or 128, got ", q.size(-1));
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == q.size(-1) && k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
-              op, ": k and v must have one shape, q's head dim, and a head count dividing q's; got q ", q.sizes(),
-              " k ", k.sizes(), " v ", v.sizes());
+  TORCH_CHECK(k.sizes().slice(0, ndim - 1) == v.sizes().slice(0, ndim - 1) && k.size(-1) == q.size(-1) &&
+                  k.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
+              op, ": k and v must have one shape but for v's head dim, k q's head dim, and a head count dividing q's; "
+              "got q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  TORCH_CHECK(att::head_dims_supported(static_cast<int>(q.size(-1)), static_cast<int>(v.size(-1))), op,
+              ": the CUDA kernel takes (head dim, value head dim) (64, 64), (128, 128) or (128, 64), got (",
+              q.size(-1), ", ", v.size(-1), ")");
 }
 
 // Contiguous, and 16-byte aligned for cp.async (a view at an odd storage offset is copied).
@@ -56,29 +63,126 @@ att::AttentionParams base_params(const at::Tensor& q, const at::Tensor& k, const
   p.heads_q = static_cast<int>(q.size(-2));
   p.heads_kv = static_cast<int>(k.size(-2));
   p.head_dim = static_cast<int>(q.size(-1));
+  p.head_dim_v = static_cast<int>(v.size(-1));
   p.scale = static_cast<float>(scale);
   p.causal = causal;
+  p.splits = 1;
   return p;
 }
 
-// The CUDA kernel has no in-kernel attention mask and no dropout (yet); mmfuse/ops/attention.py
-// routes such calls to Triton or the reference and names the reason when backend="cuda" is asked for.
-void refuse_mask_and_dropout(const char* op, const std::optional<at::Tensor>& attn_mask, double dropout_p) {
-  TORCH_CHECK(!attn_mask.has_value(), op, ": the CUDA kernel takes no attn_mask (use kv_lens, key_padding_mask, causal, "
-              "or the Triton/reference backends)");
-  TORCH_CHECK(dropout_p == 0.0, op, ": the CUDA kernel has no attention dropout, got dropout_p=", dropout_p,
-              " (use the Triton or reference backends)");
+// Issue #26's variant arguments, validated and converted: the float32 bias (bool -> 0 / -inf),
+// float32 sinks and philox on q's device; they stay alive while the kernels run.
+struct Variants {
+  at::Tensor bias;     // padded (B or 1, Hq or 1, Lq, Lk), varlen (Hq or 1, total_q, W); undefined when none
+  at::Tensor sinks;    // (Hq,) float32
+  at::Tensor philox;   // (2,) int64 on q's device
+  double dropout_p = 0.0, softcap = 0.0;
+};
+
+// The in-kernel bias: padded attn_mask (Lq, Lk) or (B or 1, Hq or 1, Lq, Lk); varlen (total_q, W)
+// or (Hq or 1, total_q, W) with W >= the longest key sequence. Bool (True hides) or any float dtype.
+at::Tensor bias_tensor(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                       const at::Tensor& k, bool varlen, int64_t min_width) {
+  if (!attn_mask) return at::Tensor();
+  const at::Tensor& m = *attn_mask;
+  const bool type_ok = m.device() == q.device() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()));
+  at::Tensor full;
+  if (varlen) {
+    const int64_t H = q.size(1), total_q = q.size(0);
+    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
+                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
+                           m.size(2) >= min_width);
+    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (total_q, W) = (", total_q, ", >= ",
+                min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
+                ") tensor on ", q.device(), " (W at least the longest key sequence), got ", m.sizes(), " ",
+                m.scalar_type(), " on ", m.device());
+    full = m.dim() == 2 ? m.unsqueeze(0) : m;
+  } else {
+    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
+    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
+                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
+                                            m.size(2) == Lq && m.size(3) == Lk)
+                                         : false;
+    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (Lq, Lk) = (", Lq, ", ", Lk,
+                ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor on ",
+                q.device(), ", got ", m.sizes(), " ", m.scalar_type(), " on ", m.device());
+    full = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
+  }
+  if (full.scalar_type() == at::kBool)
+    return at::zeros(full.sizes(), q.options().dtype(at::kFloat)).masked_fill_(full, -std::numeric_limits<double>::infinity());
+  return full.to(at::kFloat).contiguous();
+}
+
+Variants variants(const char* op, const at::Tensor& q, const at::Tensor& k, bool varlen, int64_t min_width,
+                  const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+                  double softcap, const std::optional<at::Tensor>& sinks) {
+  Variants x;
+  x.bias = bias_tensor(op, attn_mask, q, k, varlen, min_width);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
+              softcap);
+  x.softcap = softcap;
+  const int64_t heads_q = q.size(-2);
+  if (sinks) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == heads_q && t.device() == q.device() && at::isFloatingType(t.scalar_type()),
+                op, ": sinks must be a float (Hq,) = (", heads_q, ",) tensor on ", q.device(), ", got ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device());
+    x.sinks = t.to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", dropout_p);
+  x.dropout_p = dropout_p;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(philox && philox->dim() == 1 && philox->size(0) == 2 && philox->scalar_type() == at::kLong &&
+                    (philox->device() == q.device() || philox->device().is_cpu()),
+                op, ": dropout needs philox, an int64 (2,) tensor (seed, offset) on ", q.device(), " or the CPU, got ",
+                philox ? philox->sizes() : at::IntArrayRef{}, philox ? " " : " none");
+    x.philox = philox->to(q.device()).contiguous();  // read in-kernel: no host sync, graph-capturable
+  }
+  return x;
+}
+
+// Points p at x's tensors. The bias' strides: head 0 where broadcast; padded batch 0 where broadcast.
+void add_variants(att::AttentionParams& p, const Variants& x, bool varlen) {
+  if (x.bias.defined()) {
+    const at::Tensor& b = x.bias;
+    p.attn_bias = b.data_ptr<float>();
+    p.bias_row_stride = b.size(-1);
+    p.bias_head_stride = b.size(-3) == 1 ? 0 : b.size(-2) * b.size(-1);
+    p.bias_batch_stride = varlen || b.size(0) == 1 ? 0 : b.size(1) * b.size(2) * b.size(3);
+  }
+  p.softcap = static_cast<float>(x.softcap);
+  p.sinks = x.sinks.defined() ? x.sinks.data_ptr<float>() : nullptr;
+  p.dropout = x.dropout_p > 0.0;
+  p.philox = p.dropout ? x.philox.data_ptr<int64_t>() : nullptr;
+  p.keep_threshold = static_cast<uint32_t>(std::floor(x.dropout_p * 4294967296.0));
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - x.dropout_p));
 }
 
 struct PaddedInputs {
   at::Tensor q, k, v, kv_lens, mask;  // kv_lens int32, mask bool; undefined when not given
+  at::Tensor hidden;                  // (B, Lk) bool: keys no query sees (padding, or attn_mask + causal); or undefined
 };
 
+// Keys of each sample that no query of any head sees through the bias (-inf), the causal rule and
+// kv_lens: (B, Lk) bool. Such keys never influence anything, whatever k and v hold (README).
+at::Tensor padded_unseen(const at::Tensor& bias, const at::Tensor& kv_lens, int64_t B, int64_t Lq, int64_t Lk,
+                         bool causal) {
+  at::Tensor open = bias.ne(-std::numeric_limits<double>::infinity()).any(1);  // (B or 1, Lq, Lk)
+  if (causal) {
+    const auto opts = bias.options().dtype(at::kLong);
+    const at::Tensor lens = kv_lens.defined() ? kv_lens.to(at::kLong) : at::full({B}, Lk, opts);
+    const at::Tensor i = at::arange(Lq, opts).view({1, Lq, 1}), j = at::arange(Lk, opts).view({1, 1, Lk});
+    open = open & j.le(i + (lens - Lq).view({B, 1, 1}));  // (B, Lq, Lk)
+  }
+  return open.any(1).logical_not().expand({B, Lk}).contiguous();
+}
+
 PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask) {
+                           const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask,
+                           const at::Tensor& bias, bool causal) {
   check_qkv(op, q, k, v, 4);
   TORCH_CHECK(k.size(0) == q.size(0), op, ": k must have q's batch size ", q.size(0), ", got ", k.sizes());
-  PaddedInputs in{dense(q), dense(k), dense(v), {}, {}};
+  PaddedInputs in{dense(q), dense(k), dense(v), {}, {}, {}};
   if (kv_lens) {
     TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == q.size(0) && kv_lens->device() == q.device() &&
                     at::isIntegralType(kv_lens->scalar_type(), /*includeBool=*/false),
@@ -96,9 +200,16 @@ PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor
                 op, ": key_padding_mask must be a bool (B, Lk) = (", k.size(0), ", ", k.size(1), ") tensor on ",
                 q.device(), ", got ", key_padding_mask->sizes(), " ", key_padding_mask->scalar_type());
     in.mask = key_padding_mask->contiguous();
+    in.hidden = in.mask;
+  }
+  if (bias.defined() && k.size(1) > 0) {
+    const at::Tensor unseen = padded_unseen(bias, in.kv_lens, q.size(0), q.size(1), k.size(1), causal);
+    in.hidden = in.hidden.defined() ? in.hidden | unseen : unseen;
+  }
+  if (in.hidden.defined()) {
     // a hidden key never influences anything, whatever it holds: the tile products multiply every
     // key of a tile, and 0 · NaN would let a masked key's NaN or inf through (as on the CPU and Triton)
-    const at::Tensor hidden = in.mask.view({k.size(0), k.size(1), 1, 1});
+    const at::Tensor hidden = in.hidden.view({k.size(0), k.size(1), 1, 1});
     in.k = in.k.masked_fill(hidden, 0);
     in.v = in.v.masked_fill(hidden, 0);
   }
@@ -120,6 +231,7 @@ att::AttentionParams padded_params(const PaddedInputs& in, double scale, bool ca
 struct VarlenInputs {
   at::Tensor q, k, v, cu_q, cu_k;
   int64_t max_q, max_k;  // the longest real sequences: the grid's size (max_seqlen is only a bound)
+  at::Tensor hidden;     // (total_k,) bool: keys no query sees through the bias and causal; or undefined
 };
 
 // The kernels index q/k/out through cu_seqlens and size their grid by max_seqlen, so a bad
@@ -156,7 +268,36 @@ VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor
   TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
   TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, ", ", max_k);
   const auto [longest_q, longest_k] = check_cu_seqlens(op, cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
-  return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous(), longest_q, longest_k};
+  return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous(), longest_q, longest_k, {}};
+}
+
+// Varlen keys no query sees through the bias (Hq or 1, total_q, W) and the causal rule: the packed
+// key rows of each sample, from the rows of its queries (one segment reduction).
+void hide_unseen_varlen(VarlenInputs& in, const at::Tensor& bias, bool causal) {
+  const int64_t batch = in.cu_q.size(0) - 1, total_q = in.q.size(0), total_k = in.k.size(0), W = bias.size(-1);
+  if (total_k == 0) return;
+  const auto lopts = in.cu_q.options().dtype(at::kLong);
+  const at::Tensor cu_q = in.cu_q.to(at::kLong), cu_k = in.cu_k.to(at::kLong);
+  const at::Tensor lens_q = cu_q.slice(0, 1) - cu_q.slice(0, 0, -1), lens_k = cu_k.slice(0, 1) - cu_k.slice(0, 0, -1);
+  at::Tensor open = bias.ne(-std::numeric_limits<double>::infinity()).any(0);  // (total_q, W)
+  const at::Tensor rows = at::arange(total_q, lopts);
+  const at::Tensor sample = at::searchsorted(cu_q.slice(0, 1), rows, /*out_int32=*/false, /*right=*/true);  // (total_q,)
+  const at::Tensor j = at::arange(W, lopts).view({1, W});
+  const at::Tensor klen = lens_k.index_select(0, sample).view({total_q, 1});
+  open = open & j.lt(klen);
+  if (causal) {
+    const at::Tensor i = (rows - cu_q.index_select(0, sample)).view({total_q, 1});
+    open = open & j.le(i + klen - lens_q.index_select(0, sample).view({total_q, 1}));
+  }
+  // seen[b, j]: some query row of sample b sees local key j
+  const at::Tensor seen = at::zeros({batch, W}, lopts).index_add_(0, sample, open.to(at::kLong)).gt(0);
+  const at::Tensor krows = at::arange(total_k, lopts);
+  const at::Tensor ksample = at::searchsorted(cu_k.slice(0, 1), krows, false, true);
+  const at::Tensor local = krows - cu_k.index_select(0, ksample);
+  in.hidden = seen.index({ksample, local}).logical_not();
+  const at::Tensor hidden = in.hidden.view({total_k, 1, 1});
+  in.k = in.k.masked_fill(hidden, 0);
+  in.v = in.v.masked_fill(hidden, 0);
 }
 
 att::AttentionParams varlen_params(const VarlenInputs& in, double scale, bool causal) {
@@ -176,27 +317,42 @@ void check_grid(const char* op, const att::AttentionParams& p) {
               p.batch, " and ", p.heads_q);
 }
 
-// A kernel's dynamic shared memory against what this GPU gives one block: dQ at head dim 128
-// needs 104,576 bytes, over the 99 KiB of sm_86/sm_89/sm_120 parts (sm_80: 163 KiB, sm_90:
-// 227 KiB). fp16 and bf16 tiles have one size, so __half sizes both.
+// A kernel's dynamic shared memory against what this GPU gives one block (sizes per head-dim pair
+// in cross_attention_kernel.cuh: dQ at (128, 128) needs 104,576 bytes, over the 99 KiB of
+// sm_86/sm_89/sm_120 parts; sm_80: 163 KiB, sm_90: 227 KiB). fp16 and bf16 tiles have one size,
+// so __half sizes both.
 void check_shared_memory(const char* op, const att::AttentionParams& p, int device,
                          cudaError_t (*config)(const att::AttentionParams&, att::KernelLaunch*), const char* kernel) {
   att::KernelLaunch l{};
   C10_CUDA_CHECK(config(p, &l));
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(l.shared_bytes <= static_cast<size_t>(limit), op, ": the CUDA ", kernel, " kernel at head dim ",
-              p.head_dim, " needs ", l.shared_bytes, " bytes of shared memory per block, this GPU allows ", limit,
-              "; use backend='triton'");
+  TORCH_CHECK(l.shared_bytes <= static_cast<size_t>(limit), op, ": the CUDA ", kernel, " kernel at head dims (",
+              p.head_dim, ", ", p.head_dim_v, ") needs ", l.shared_bytes,
+              " bytes of shared memory per block, this GPU allows ", limit, "; use backend='triton'");
 }
 
+// out (q's rows, Hq, Dv) and lse; decode shapes (<= 8 queries, too few CTAs for the GPU) run the
+// split-KV schedule with float32 partial buffers and the merge kernel.
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, att::AttentionParams p, const at::Tensor& q,
-                                               at::IntArrayRef lse_shape) {
+                                               const at::Tensor& v, at::IntArrayRef lse_shape) {
   check_grid(op, p);
   check_shared_memory(op, p, q.get_device(), att::forward_launch<__half>, "forward");
-  at::Tensor out = at::empty_like(q);
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = v.size(-1);
+  at::Tensor out = at::empty(out_shape, q.options());
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  p.splits = att::decode_splits(p, sms);
+  at::Tensor out_partial, lse_partial;
+  if (p.splits > 1) {
+    out_partial = at::empty({p.splits, p.q_rows, p.heads_q, p.head_dim_v}, q.options().dtype(at::kFloat));
+    lse_partial = at::empty({p.splits, p.q_rows * p.heads_q}, q.options().dtype(at::kFloat));
+    p.out_partial = out_partial.data_ptr<float>();
+    p.lse_partial = lse_partial.data_ptr<float>();
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const c10::cuda::CUDAGuard guard(q.device());
@@ -209,24 +365,42 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, att::AttentionPar
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, att::AttentionParams p,
-                                                            const at::Tensor& grad_out,
-                                                            const std::optional<at::Tensor>& grad_lse,
-                                                            const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, const at::Tensor& out,
-                                                            const at::Tensor& lse, at::IntArrayRef lse_shape) {
+// dmask for mask_grad (float32 zeros, each element written by at most one CTA, the rest stay 0):
+// padded (B, Hq, Lq, Lk), varlen (Hq, total_q, W); torch.empty(0) (float32) without it.
+at::Tensor add_dmask(const char* op, att::AttentionParams& p, bool mask_grad, const at::Tensor& bias,
+                     const at::Tensor& q, bool varlen) {
+  const auto opts = q.options().dtype(at::kFloat);
+  if (!mask_grad) return at::empty({0}, opts);
+  TORCH_CHECK(bias.defined(), op, ": mask_grad needs attn_mask (the gradient is the mask's), got none");
+  const int64_t width = bias.size(-1);
+  at::Tensor dmask = varlen ? at::zeros({p.heads_q, q.size(0), width}, opts)
+                            : at::zeros({p.batch, p.heads_q, q.size(1), width}, opts);
+  p.dbias = dmask.data_ptr<float>();
+  p.dbias_row_stride = width;
+  p.dbias_head_stride = dmask.size(-2) * width;
+  p.dbias_batch_stride = varlen ? 0 : p.heads_q * dmask.size(-2) * width;
+  return dmask;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const char* op, att::AttentionParams p, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    at::IntArrayRef lse_shape, at::Tensor dmask, const at::Tensor& hidden) {
   check_grid(op, p);
   check_shared_memory(op, p, q.get_device(), att::dq_launch<__half>, "dQ");
   check_shared_memory(op, p, q.get_device(), att::dkdv_launch<__half>, "dK/dV");
+  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
+  out_shape.back() = v.size(-1);
   for (const at::Tensor* t : {&grad_out, &out}) {
-    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
-                ": grad_out and out must have q's shape ", q.sizes(), " and dtype ", q.scalar_type(), ", got ",
-                t->sizes(), " ", t->scalar_type());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == q.scalar_type() &&
+                    t->device() == q.device(),
+                op, ": grad_out and out must have shape ", at::IntArrayRef(out_shape), " (q's, with v's head dim) and ",
+                "dtype ", q.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
   }
   const at::Tensor g = dense(grad_out), o = dense(out), l = float_like(op, "lse", lse, lse_shape, q);
   const at::Tensor dl = grad_lse ? float_like(op, "grad_lse", *grad_lse, lse_shape, q) : at::Tensor();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (q.numel() == 0 && k.numel() == 0) return {dq, dk, dv};
+  if (q.numel() == 0 && k.numel() == 0) return {dq, dk, dv, dmask};
   at::Tensor delta = at::empty_like(l);
   p.out = const_cast<void*>(o.data_ptr());
   p.lse = const_cast<float*>(l.data_ptr<float>());
@@ -241,50 +415,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, att:
   } else {
     C10_CUDA_CHECK(att::launch_backward<__nv_bfloat16>(p, stream));
   }
-  return {dq, dk, dv};
+  if (hidden.defined()) {
+    // hidden keys' gradients are exactly 0, also when a NaN query row reached them through dSᵀ Q
+    const at::Tensor h = k.dim() == 4 ? hidden.view({k.size(0), k.size(1), 1, 1}) : hidden.view({k.size(0), 1, 1});
+    dk.masked_fill_(h, 0);
+    dv.masked_fill_(h, 0);
+  }
+  return {dq, dk, dv, dmask};
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
-                                                            const std::optional<at::Tensor>& key_padding_mask,
-                                                            double scale, bool causal,
-                                                            const std::optional<at::Tensor>& attn_mask,
-                                                            double dropout_p, const std::optional<at::Tensor>& philox) {
+std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   const char* op = "cross_attention_fwd";
-  refuse_mask_and_dropout(op, attn_mask, dropout_p);
-  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask);
-  return run_forward(op, padded_params(in, scale, causal), in.q, {q.size(0), q.size(2), q.size(1)});
+  check_qkv(op, q, k, v, 4);
+  const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
+  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
+  att::AttentionParams p = padded_params(in, scale, causal);
+  add_variants(p, x, false);
+  return run_forward(op, p, in.q, in.v, {q.size(0), q.size(2), q.size(1)});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox) {
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
   const char* op = "cross_attention_bwd";
-  refuse_mask_and_dropout(op, attn_mask, dropout_p);
-  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask);
-  return run_backward(op, padded_params(in, scale, causal), grad_out, grad_lse, in.q, in.k, in.v, out, lse,
-                      {q.size(0), q.size(2), q.size(1)});
+  check_qkv(op, q, k, v, 4);
+  const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
+  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
+  att::AttentionParams p = padded_params(in, scale, causal);
+  add_variants(p, x, false);
+  p.sinks = nullptr;  // the returned lse already includes them
+  at::Tensor dmask = add_dmask(op, p, mask_grad, x.bias, q, false);
+  return run_backward(op, p, grad_out, grad_lse, in.q, in.k, in.v, out, lse, {q.size(0), q.size(2), q.size(1)}, dmask,
+                      in.hidden);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                   const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                                   int64_t max_seqlen_k, double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   const char* op = "cross_attention_varlen_fwd";
-  const VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return run_forward(op, varlen_params(in, scale, causal), in.q, {q.size(1), q.size(0)});
+  VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
+  if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);
+  att::AttentionParams p = varlen_params(in, scale, causal);
+  add_variants(p, x, true);
+  return run_forward(op, p, in.q, in.v, {q.size(1), q.size(0)});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal) {
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
+    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
-  const VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return run_backward(op, varlen_params(in, scale, causal), grad_out, grad_lse, in.q,
-                      in.k, in.v, out, lse, {q.size(1), q.size(0)});
+  VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
+  if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);
+  att::AttentionParams p = varlen_params(in, scale, causal);
+  add_variants(p, x, true);
+  p.sinks = nullptr;  // the returned lse already includes them
+  at::Tensor dmask = add_dmask(op, p, mask_grad, x.bias, q, true);
+  return run_backward(op, p, grad_out, grad_lse, in.q, in.k, in.v, out, lse, {q.size(1), q.size(0)}, dmask,
+                      in.hidden);
 }
 
 }  // namespace

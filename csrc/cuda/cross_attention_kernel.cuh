@@ -18,12 +18,28 @@
 //   registers; a dQ kernel, one CTA per (64-query tile, q head, sample) looping over key
 //   tiles, dQ += dS K. Every output element has one owner CTA: deterministic, no atomics.
 //   All five products per tile are mma's; dS and P are rounded to fp16/bf16 as their A operand.
+// Decode (split-KV, FlashDecoding: Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for
+//   long-context inference"): for short query tiles against long keys the forward grid gains a
+//   split dimension, each CTA covers a range of key tiles and writes a float32 partial (out, lse);
+//   a merge kernel combines the splits of a row by their log-sum-exp (and adds the sink).
+//
+// Score variants (issue #26), per element of S in the forward and both backward kernels:
+//   s = scale q·k; softcap > 0: s = softcap tanh(s / softcap) (Gemma 2); + attn bias (float32,
+//   read from global memory per tile element, only where the key is otherwise visible: -inf hides
+//   it whatever q·k gave); softmax; dropout by the Philox4x32-10 stream of
+//   mmfuse/contract/attention.py (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+//   SC 2011), regenerated in every kernel, never stored; row sums and lse use undropped P.
+//   Sinks (gpt-oss) join the forward's denominator in the epilogue only: the returned lse
+//   includes them, so the backward's P = exp(s - lse) needs no sink term.
+//   Backward: dS = P ∘ (dP ∘ Z − delta) (Z the dropout keep/(1-p)), written as the bias
+//   gradient (dmask) by the dK/dV kernel, then times 1 − tanh² (softcap) for dQ and dK.
+//   v / out / dO / dv have their own head dim Dv (kHeadDimV).
 //
 // Semantics are the CPU kernel's (csrc/cpu/cross_attention.cpp): layout (B, L, H, D) or packed
 // (total, H, D) with int32 cu_seqlens; query head h reads kv head h / (Hq / Hkv); key j is
 // visible to query i iff j < kv_len, the key padding mask does not hide it, and (causal)
-// j <= i + kv_len − q_len; rows with no visible key give out 0, lse −inf and zero gradients.
-// Keys at or past kv_len are never read.
+// j <= i + kv_len − q_len, and the attn bias is not -inf there; rows with no visible key give
+// out 0, lse −inf (the sink with sinks) and zero gradients. Keys at or past kv_len are never read.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,32 +66,55 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Everything a launch needs, pointers to contiguous tensors. Padded: q (B, Lq, Hq, D),
-// k/v (B, Lk, Hkv, D), lse (B, Hq, Lq). Varlen: q (total_q, Hq, D), k/v (total_k, Hkv, D),
-// lse (Hq, total_q), sample b's rows cu_seqlens[b] .. cu_seqlens[b + 1].
+// k (B, Lk, Hkv, D), v (B, Lk, Hkv, Dv), lse (B, Hq, Lq). Varlen: q (total_q, Hq, D),
+// k (total_k, Hkv, D), v (total_k, Hkv, Dv), lse (Hq, total_q), sample b's rows
+// cu_seqlens[b] .. cu_seqlens[b + 1].
 struct AttentionParams {
   const void* q;
   const void* k;
   const void* v;
-  void* out;               // forward output, backward input O
+  void* out;               // forward output, backward input O: (.., Hq, Dv)
   float* lse;              // forward output, backward input
-  const void* dout;        // backward: dO, q's shape
+  const void* dout;        // backward: dO, out's shape
   const float* dlse;       // backward: lse's shape, or null
   float* delta;            // backward scratch: lse's shape
-  void* dq;                // backward outputs, q's / k's shapes
+  void* dq;                // backward outputs, q's / k's / v's shapes
   void* dk;
   void* dv;
   const int32_t* cu_seqlens_q;      // (B + 1), varlen only (else null)
   const int32_t* cu_seqlens_k;      // (B + 1), varlen only
   const int32_t* kv_lens;           // (B), padded, optional
   const uint8_t* key_padding_mask;  // (B, Lk) bool bytes, padded, optional; nonzero = hidden
-  int64_t len_q;                    // padded Lq; varlen max_seqlen_q (the grid's extent)
-  int64_t len_k;                    // padded Lk; varlen max_seqlen_k
+  // additive float32 bias, optional. Padded: element (b, h, i, j) at b * bias_batch_stride +
+  // h * bias_head_stride + i * bias_row_stride + j ((B or 1, Hq or 1, Lq, Lk), stride 0 where
+  // broadcast). Varlen: (Hq or 1, total_q, W), packed query row r, local key j at
+  // h * bias_head_stride + r * bias_row_stride + j (bias_batch_stride unused).
+  const float* attn_bias;
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride;
+  // backward: dS (the bias gradient), float32, optional, zero-filled by the caller; strides as
+  // for attn_bias, but never broadcast: (B, Hq, Lq, Lk) or (Hq, total_q, W)
+  float* dbias;
+  int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride;
+  const int64_t* philox;            // dropout: (seed, offset) int64 in device memory, or null
+  uint32_t keep_threshold;          // keep iff the element's word >= floor(dropout_p 2^32)
+  float dropout_scale;              // 1 / (1 - dropout_p)
+  bool dropout;                     // dropout_p > 0
+  float softcap;                    // 0: off
+  const float* sinks;               // (Hq,) float32, forward only, or null
+  // decode split-KV forward: splits > 1 writes partial results (out_partial (splits, q_rows,
+  // Hq, Dv) float32, lse_partial (splits, Hq, lse rows)) that the merge kernel combines
+  int splits;
+  float* out_partial;
+  float* lse_partial;
+  int64_t len_q;                    // padded Lq; varlen: the longest query sequence (the grid's extent)
+  int64_t len_k;                    // padded Lk; varlen: the longest key sequence
   int64_t lse_len;                  // lse's last dimension: Lq, or total_q (varlen)
   int64_t q_rows;                   // rows of q: B * Lq, or total_q
   int batch;
   int heads_q;
   int heads_kv;
-  int head_dim;
+  int head_dim;                     // of q and k
+  int head_dim_v;                   // of v, out, dO, dv
   float scale;
   bool causal;
 };
@@ -91,6 +130,8 @@ struct Sample {
   int64_t k_extent;      // k/v rows of the sample whose gradients this sample's CTAs write
   int64_t lse_base;      // lse index of (head 0, query 0); head h adds h * lse_len
   const uint8_t* mask;   // the sample's (Lk,) key padding mask row, or null
+  const float* bias;     // the sample's attn bias at (head 0, query 0, key 0), or null
+  float* dbias;          // the sample's dS at (head 0, query 0, key 0), or null
 };
 
 __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
@@ -103,6 +144,8 @@ __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
     s.k_extent = s.k_len;
     s.lse_base = s.q_row;
     s.mask = nullptr;
+    s.bias = p.attn_bias != nullptr ? p.attn_bias + s.q_row * p.bias_row_stride : nullptr;
+    s.dbias = p.dbias != nullptr ? p.dbias + s.q_row * p.dbias_row_stride : nullptr;
   } else {
     s.q_row = b * p.len_q;
     s.q_len = p.len_q;
@@ -112,6 +155,8 @@ __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
     s.k_extent = p.len_k;
     s.lse_base = static_cast<int64_t>(b) * p.heads_q * p.len_q;
     s.mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * p.len_k : nullptr;
+    s.bias = p.attn_bias != nullptr ? p.attn_bias + b * p.bias_batch_stride : nullptr;
+    s.dbias = p.dbias != nullptr ? p.dbias + b * p.dbias_batch_stride : nullptr;
   }
   return s;
 }
@@ -122,18 +167,127 @@ __device__ __forceinline__ int64_t key_end(const Sample& s, bool causal, int64_t
   return min64(max64(query_end + s.k_len - s.q_len, int64_t(0)), s.k_len);
 }
 
-// Key `key` (of the tile starting at `key0`, whose mask bytes are `mask_tile`) visible to `query`.
+// Key `key` (of the tile starting at `key0`, whose mask bytes are `mask_tile`) visible to `query`
+// by the sample's geometry (lengths, key padding, causal); the attn bias may hide it too.
 __device__ __forceinline__ bool visible(const Sample& s, bool causal, const uint8_t* mask_tile, int64_t key0,
                                         int64_t query, int64_t key) {
-  if (key >= s.k_len) return false;
+  if (key >= s.k_len || query >= s.q_len) return false;
   if (causal && key > query + s.k_len - s.q_len) return false;
   return mask_tile == nullptr || mask_tile[key - key0] == 0;
+}
+
+// The per-(sample, head) part of the score transform: scale, softcap and the head's bias rows.
+struct Scorer {
+  const float* bias;  // (query 0, key 0) of this sample and q head, or null
+  int64_t bias_row;
+  float scale, scale_log2, softcap;
+};
+
+__device__ __forceinline__ Scorer scorer_of(const AttentionParams& p, const Sample& s, int64_t h) {
+  Scorer c;
+  c.bias = s.bias != nullptr ? s.bias + h * p.bias_head_stride : nullptr;
+  c.bias_row = p.bias_row_stride;
+  c.scale = p.scale;
+  c.scale_log2 = p.scale * kLog2e;
+  c.softcap = p.softcap;
+  return c;
+}
+
+// The score of (query, key) in log2 units from acc = q·k, −inf when the key is hidden (the bias
+// is read only for geometrically visible pairs: never out of the sample's rows or keys).
+// dcap: the softcap's derivative 1 − tanh², 1 without softcap.
+__device__ __forceinline__ float score_log2(const Scorer& c, const Sample& s, bool causal, const uint8_t* mask_tile,
+                                            int64_t key0, int64_t query, int64_t key, float acc, float& dcap) {
+  dcap = 1.f;
+  if (!visible(s, causal, mask_tile, key0, query, key)) return -INFINITY;
+  if (c.softcap == 0.f && c.bias == nullptr) return acc * c.scale_log2;
+  float x = acc * c.scale;
+  if (c.softcap > 0.f) {
+    const float t = tanhf(x / c.softcap);
+    x = c.softcap * t;
+    dcap = 1.f - t * t;
+  }
+  if (c.bias != nullptr) {
+    const float b = c.bias[query * c.bias_row + key];
+    if (b == -INFINITY) return -INFINITY;
+    x += b;
+  }
+  return x * kLog2e;
+}
+
+// ----------------------------------------------------------------------------------- dropout
+// Philox4x32-10 (Salmon et al., SC 2011; the round and key constants of Random123 and Triton's
+// tl.randint), the stream of mmfuse/contract/attention.py, as csrc/cpu/cross_attention.cpp's
+// philox8: element (b, h, i, j) of the (B, Hq, Lq*, Lk*) probabilities draws word j % 4 of the
+// counter (g lo, g hi, offset lo, offset hi) with g = ((b Hq + h) Lq* + i) ceil(Lk* / 4) + j / 4
+// and key (seed lo, seed hi); kept iff the word >= keep_threshold. Lq*, Lk* are len_q, len_k:
+// the padded sizes, or varlen's longest sequences (the launcher reads them from cu_seqlens).
+__device__ __forceinline__ void philox4x32_10(uint64_t g, uint64_t seed, uint64_t offset, uint32_t (&w)[4]) {
+  uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32);
+  uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
+}
+
+// The dropout stream of one (sample b, q head h): counters of query row i start at (row0 + i) * per_row.
+struct Dropout {
+  bool on;
+  uint64_t seed, offset;
+  int64_t row0, per_row;
+  uint32_t threshold;
+  float scale;
+};
+
+__device__ __forceinline__ Dropout dropout_of(const AttentionParams& p, int64_t b, int64_t h) {
+  Dropout d;
+  d.on = p.dropout;
+  d.seed = d.on ? static_cast<uint64_t>(p.philox[0]) : 0;
+  d.offset = d.on ? static_cast<uint64_t>(p.philox[1]) : 0;
+  d.row0 = (b * p.heads_q + h) * p.len_q;
+  d.per_row = (p.len_k + 3) / 4;
+  d.threshold = p.keep_threshold;
+  d.scale = p.dropout_scale;
+  return d;
+}
+
+// Keep bits of query `row`, keys key and key + 1 (key even, so one counter): bit 0, bit 1.
+__device__ __forceinline__ uint32_t keep_pair(const Dropout& d, int64_t row, int64_t key) {
+  uint32_t w[4];
+  philox4x32_10(static_cast<uint64_t>((d.row0 + row) * d.per_row + key / 4), d.seed, d.offset, w);
+  const int e = static_cast<int>(key & 2);
+  return (w[e] >= d.threshold ? 1u : 0u) | (w[e + 1] >= d.threshold ? 2u : 0u);
+}
+
+// Keep bit of one element.
+__device__ __forceinline__ bool keep_one(const Dropout& d, int64_t row, int64_t key) {
+  uint32_t w[4];
+  philox4x32_10(static_cast<uint64_t>((d.row0 + row) * d.per_row + key / 4), d.seed, d.offset, w);
+  return w[key & 3] >= d.threshold;
 }
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
   if constexpr (std::is_same_v<T, __half>) return __half2float(x);
   else return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
 }
 
 // Two floats rounded to T, the lower-indexed in the low half (the mma fragment convention).
@@ -204,13 +358,14 @@ __device__ __forceinline__ void pipeline_step(Index tile, Index tiles, Prefetch&
 
 // K/V tile `tile` (keys tile * kBlockN .. below `end`, zero rows past it) and its mask bytes into
 // stage `stage` of the double buffers sk, sv (kBlockN rows each) and smask (kBlockN bytes each).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kHeadDimV>
 __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, uint8_t* smask, const T* k, const T* v, int64_t k_stride,
-                                             const Sample& s, int64_t end, int tile, int stage) {
-  constexpr int kTileKV = Tile<kHeadDim>::template kElems<kBlockN>;
+                                             int64_t v_stride, const Sample& s, int64_t end, int tile, int stage) {
+  constexpr int kTileK = Tile<kHeadDim>::template kElems<kBlockN>;
+  constexpr int kTileV = Tile<kHeadDimV>::template kElems<kBlockN>;
   const int64_t key0 = static_cast<int64_t>(tile) * kBlockN, valid = min64(kBlockN, end - key0);
-  load_rows<T, kHeadDim, kBlockN>(sk + stage * kTileKV, k, k_stride, s.k_row + key0, valid);
-  load_rows<T, kHeadDim, kBlockN>(sv + stage * kTileKV, v, k_stride, s.k_row + key0, valid);
+  load_rows<T, kHeadDim, kBlockN>(sk + stage * kTileK, k, k_stride, s.k_row + key0, valid);
+  load_rows<T, kHeadDimV, kBlockN>(sv + stage * kTileV, v, v_stride, s.k_row + key0, valid);
   load_mask(smask + stage * kBlockN, s, key0);
 }
 
@@ -284,20 +439,24 @@ __device__ __forceinline__ void zero(float (&acc)[kN][4]) {
 }
 
 // Stores rows r0.. of a 16 x kHeadDim fp32 C-fragment block times `row_scale[half]` (half 0: row
-// g, half 1: row g + 8) to global rows first_row + r, for r < valid.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void store_rows(T* dst, int64_t stride, int64_t first_row, int64_t valid, int r0,
+// g, half 1: row g + 8) to global rows first_row + r, for r < valid; Out is T (packed pairs) or float.
+template <typename Out, int kHeadDim>
+__device__ __forceinline__ void store_rows(Out* dst, int64_t stride, int64_t first_row, int64_t valid, int r0,
                                           const float (&acc)[kHeadDim / 8][4], const float (&row_scale)[2]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = r0 + (lane >> 2) + 8 * half;
     if (r >= valid) continue;
-    T* row = dst + (first_row + r) * stride + 2 * (lane & 3);
+    Out* row = dst + (first_row + r) * stride + 2 * (lane & 3);
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(row + 8 * j) =
-          pack2<T>(acc[j][2 * half] * row_scale[half], acc[j][2 * half + 1] * row_scale[half]);
+      const float lo = acc[j][2 * half] * row_scale[half], hi = acc[j][2 * half + 1] * row_scale[half];
+      if constexpr (std::is_same_v<Out, float>) {
+        *reinterpret_cast<float2*>(row + 8 * j) = make_float2(lo, hi);
+      } else {
+        *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<Out>(lo, hi);
+      }
     }
   }
 }
@@ -305,7 +464,8 @@ __device__ __forceinline__ void store_rows(T* dst, int64_t stride, int64_t first
 // ----------------------------------------------------------------------------------- forward
 
 // The work of one CTA of the per-query-tile grid (forward, dQ): queries i0 .. i0 + rows - 1 of
-// q head h (kv head hk) of sample blockIdx.z, and the key tiles they can see.
+// q head h (kv head hk) of sample blockIdx.z, and the key tiles they can see. The forward's grid
+// x is (query tile, split) with the split fastest.
 struct QueryTile {
   Sample s;
   int h, hk;
@@ -315,12 +475,12 @@ struct QueryTile {
   int64_t row_of[2];  // this lane's rows in the C fragments: g and g + 8 of its warp's 16
 };
 
-__device__ __forceinline__ QueryTile query_tile(const AttentionParams& p) {
+__device__ __forceinline__ QueryTile query_tile(const AttentionParams& p, int splits) {
   QueryTile t;
   t.s = sample_of(p, blockIdx.z);
   t.h = blockIdx.y;
   t.hk = t.h / (p.heads_q / p.heads_kv);
-  t.i0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  t.i0 = static_cast<int64_t>(blockIdx.x / splits) * kBlockM;
   t.rows = max64(0, min64(kBlockM, t.s.q_len - t.i0));
   t.end = key_end(t.s, p.causal, t.i0 + t.rows);
   t.tiles = static_cast<int>((t.end + kBlockN - 1) / kBlockN);
@@ -329,125 +489,214 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionParams& p) {
   return t;
 }
 
-template <int kHeadDim>
+template <int kHeadDim, int kHeadDimV>
 struct ForwardSmem {
-  using Tl = Tile<kHeadDim>;
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + Tl::template kElems<kBlockM>;  // two stages
-  static constexpr int kV = kK + 2 * Tl::template kElems<kBlockN>;
-  static constexpr int kEnd = kV + 2 * Tl::template kElems<kBlockN>;
+  static constexpr int kK = kQ + Tile<kHeadDim>::template kElems<kBlockM>;  // two stages
+  static constexpr int kV = kK + 2 * Tile<kHeadDim>::template kElems<kBlockN>;
+  static constexpr int kEnd = kV + 2 * Tile<kHeadDimV>::template kElems<kBlockN>;
   template <typename T>
   static constexpr size_t bytes() { return kEnd * sizeof(T) + 2 * kBlockN; }  // + mask bytes per stage
 };
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kHeadDimV>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {
-  using Tl = Tile<kHeadDim>;
-  using Sm = ForwardSmem<kHeadDim>;
-  constexpr int kS = Tl::kStride, kTileKV = Tl::template kElems<kBlockN>;
-  const QueryTile work = query_tile(p);
+  using Sm = ForwardSmem<kHeadDim, kHeadDimV>;
+  constexpr int kS = Tile<kHeadDim>::kStride, kSv = Tile<kHeadDimV>::kStride;
+  constexpr int kTileK = Tile<kHeadDim>::template kElems<kBlockN>;
+  constexpr int kTileV = Tile<kHeadDimV>::template kElems<kBlockN>;
+  const int splits = p.splits > 1 ? p.splits : 1, split = static_cast<int>(blockIdx.x % splits);
+  const QueryTile work = query_tile(p, splits);
   if (work.rows == 0) return;
   const Sample& s = work.s;
   const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
-  const int tiles = work.tiles, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // this split's key tiles [tile_begin, tile_end) of the tile's `tiles`
+  const int per_split = (work.tiles + splits - 1) / splits;
+  const int tile_begin = min64(static_cast<int64_t>(split) * per_split, work.tiles);
+  const int tile_end = min64(static_cast<int64_t>(tile_begin) + per_split, work.tiles);
+  const int tiles = tile_end - tile_begin;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
+  const int64_t o_stride = static_cast<int64_t>(p.heads_q) * kHeadDimV, v_stride = static_cast<int64_t>(p.heads_kv) * kHeadDimV;
   const T* q = static_cast<const T*>(p.q) + work.h * kHeadDim;
   const T* k = static_cast<const T*>(p.k) + work.hk * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDim;
-  T* out = static_cast<T*>(p.out) + work.h * kHeadDim;
-  float* lse = p.lse + s.lse_base + work.h * p.lse_len;
-  if (tiles == 0) {  // no visible key in the whole tile: 0 and -inf, nothing read
-    float o[kHeadDim / 8][4];
-    zero(o);
-    const float none[2] = {0.f, 0.f};
-    store_rows<T, kHeadDim>(out, q_stride, s.q_row + i0, rows, 16 * warp, o, none);
-    if ((lane & 3) == 0) {
-      for (int half = 0; half < 2; ++half)
-        if (row_of[half] < s.q_len) lse[row_of[half]] = -INFINITY;
-    }
-    return;
-  }
+  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDimV;
+  const Scorer scorer = scorer_of(p, s, work.h);
+  const Dropout drop = dropout_of(p, blockIdx.z, work.h);
 
-  MMFUSE_DYNAMIC_SHARED(T, smem);
-  T* sq = smem + Sm::kQ;
-  uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
-  auto load_kv = [&](int tile, int stage) {
-    load_kv_tile<T, kHeadDim>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, s, end, tile, stage);
-  };
-  load_rows<T, kHeadDim, kBlockM>(sq, q, q_stride, s.q_row + i0, rows);
-  load_kv(0, 0);
-  cp_async_commit();
-
-  const float scale_log2 = p.scale * kLog2e;
-  float o[kHeadDim / 8][4];
+  float o[kHeadDimV / 8][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's columns only
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int stage = tile & 1;
-    pipeline_step(tile, tiles, load_kv);
-    const T* sk = smem + Sm::kK + stage * kTileKV;
-    const T* sv = smem + Sm::kV + stage * kTileKV;
-    const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
-    const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
+  if (tiles > 0) {  // else no visible key in the whole tile (or split): 0 and -inf, nothing read
+    MMFUSE_DYNAMIC_SHARED(T, smem);
+    T* sq = smem + Sm::kQ;
+    uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
+    auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
+      load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end,
+                                           tile_begin + tile, stage);
+    };
+    load_rows<T, kHeadDim, kBlockM>(sq, q, q_stride, s.q_row + i0, rows);
+    load_kv(0, 0);
+    cp_async_commit();
 
-    float sc[kBlockN / 8][4];
-    zero(sc);
-    gemm_abt<kBlockN, kHeadDim, kS, kS>(sc, sq, 16 * warp, sk);
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int stage = tile & 1;
+      pipeline_step(tile, tiles, load_kv);
+      const T* sk = smem + Sm::kK + stage * kTileK;
+      const T* sv = smem + Sm::kV + stage * kTileV;
+      const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
+      const int64_t key0 = static_cast<int64_t>(tile_begin + tile) * kBlockN;
 
-    // scale to log2 units, hide invisible keys, then the online softmax per row half
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t key = key0 + 8 * j + 2 * (lane & 3) + (i & 1);
-        sc[j][i] = visible(s, p.causal, mask_tile, key0, row_of[i >> 1], key) ? sc[j][i] * scale_log2 : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = row_max[half];
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[j][2 * half], sc[j][2 * half + 1]));
-      // the 4 lanes of a quad hold one row's 64 columns between them
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float shift = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
-      const float correction = exp2f(row_max[half] - shift);
-      row_max[half] = mx;
-      float sum = 0.f;
+      float sc[kBlockN / 8][4];
+      zero(sc);
+      gemm_abt<kBlockN, kHeadDim, kS, kS>(sc, sq, 16 * warp, sk);
+
+      // scores in log2 units, −inf where hidden, then the online softmax per row half
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        sc[j][2 * half] = exp2f(sc[j][2 * half] - shift);
-        sc[j][2 * half + 1] = exp2f(sc[j][2 * half + 1] - shift);
-        sum += sc[j][2 * half] + sc[j][2 * half + 1];
-      }
-      row_sum[half] = row_sum[half] * correction + sum;
 #pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) o[j][2 * half] *= correction, o[j][2 * half + 1] *= correction;
+        for (int i = 0; i < 4; ++i) {
+          const int64_t key = key0 + 8 * j + 2 * (lane & 3) + (i & 1);
+          float dcap;
+          sc[j][i] = score_log2(scorer, s, p.causal, mask_tile, key0, row_of[i >> 1], key, sc[j][i], dcap);
+        }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float mx = row_max[half];
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(sc[j][2 * half], sc[j][2 * half + 1]));
+        // the 4 lanes of a quad hold one row's 64 columns between them
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float shift = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
+        const float correction = exp2f(row_max[half] - shift);
+        row_max[half] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          sc[j][2 * half] = exp2f(sc[j][2 * half] - shift);
+          sc[j][2 * half + 1] = exp2f(sc[j][2 * half + 1] - shift);
+          sum += sc[j][2 * half] + sc[j][2 * half + 1];
+        }
+        row_sum[half] = row_sum[half] * correction + sum;  // undropped
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 8; ++j) o[j][2 * half] *= correction, o[j][2 * half + 1] *= correction;
+        if (drop.on) {  // P V uses the dropped probabilities
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const uint32_t keep = keep_pair(drop, row_of[half], key0 + 8 * j + 2 * (lane & 3));
+            sc[j][2 * half] *= (keep & 1u) ? drop.scale : 0.f;
+            sc[j][2 * half + 1] *= (keep & 2u) ? drop.scale : 0.f;
+          }
+        }
+      }
+      gemm_xb<kHeadDimV, kBlockN, kSv>(o, sc, sv);
+      __syncthreads();  // this stage's buffers are refilled by the next iteration's prefetch
     }
-    gemm_xb<kHeadDim, kBlockN, kS>(o, sc, sv);
-    __syncthreads();  // this stage's buffers are refilled by the next iteration's prefetch
   }
 
-  float inv[2];
+  // epilogue: out = o / l and lse, with the sink in the denominator (one-pass only: the merge
+  // kernel adds it to split results); a split writes its float32 partial (out, lse) instead
+  const bool partial = splits > 1;
+  const bool sink = p.sinks != nullptr && !partial;
+  const float sink_value = sink ? p.sinks[work.h] : 0.f;
+  float inv[2], lse_row[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = row_sum[half];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[half] = l > 0.f ? 1.f / l : 0.f;
-    if ((lane & 3) == 0 && row_of[half] < s.q_len) {
-      lse[row_of[half]] = l > 0.f ? (row_max[half] + log2f(l)) * kLn2 : -INFINITY;
+    const float m2 = row_max[half];
+    if (!(l > 0.f)) {  // no visible key
+      inv[half] = 0.f;
+      lse_row[half] = sink ? sink_value : -INFINITY;
+    } else if (sink) {
+      // lse = logaddexp(lse0, sink), out = out0 exp(lse0 - lse), in log2 units around m = max
+      const float sink2 = sink_value * kLog2e, m = fmaxf(m2, sink2);
+      const float lse2 = m + log2f(l * exp2f(m2 - m) + exp2f(sink2 - m));
+      inv[half] = exp2f(m2 - lse2);
+      lse_row[half] = lse2 * kLn2;
+    } else {
+      inv[half] = 1.f / l;
+      lse_row[half] = (m2 + log2f(l)) * kLn2;
     }
   }
-  store_rows<T, kHeadDim>(out, q_stride, s.q_row + i0, rows, 16 * warp, o, inv);
+  if (!partial) {
+    T* out = static_cast<T*>(p.out) + work.h * kHeadDimV;
+    float* lse = p.lse + s.lse_base + work.h * p.lse_len;
+    store_rows<T, kHeadDimV>(out, o_stride, s.q_row + i0, rows, 16 * warp, o, inv);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        if (row_of[half] < s.q_len) lse[row_of[half]] = lse_row[half];
+    }
+  } else {
+    float* out = p.out_partial + static_cast<int64_t>(split) * p.q_rows * o_stride + work.h * kHeadDimV;
+    float* lse = p.lse_partial + static_cast<int64_t>(split) * p.q_rows * p.heads_q + s.lse_base + work.h * p.lse_len;
+    store_rows<float, kHeadDimV>(out, o_stride, s.q_row + i0, rows, 16 * warp, o, inv);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        if (row_of[half] < s.q_len) lse[row_of[half]] = lse_row[half];
+    }
+  }
+}
+
+// Split-KV merge (FlashDecoding): out = Σ_s exp(lse_s − lse) out_s with lse = logsumexp_s lse_s
+// (then logaddexp with the sink, out scaled by exp(lse_without − lse)); rows where every split
+// saw nothing get 0 and −inf (the sink). One warp per (query row, q head), as the delta kernel.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_split_merge_kernel(AttentionParams p) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (item >= p.q_rows * p.heads_q) return;  // warp-uniform
+  const int lane = threadIdx.x % 32;
+  const int64_t row = item / p.heads_q, h = item % p.heads_q;
+  const int64_t idx = (row / p.lse_len) * p.heads_q * p.lse_len + h * p.lse_len + row % p.lse_len;
+  const int64_t lse_split = p.q_rows * p.heads_q, out_split = p.q_rows * p.heads_q * p.head_dim_v;
+  float m = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.lse_partial[s * lse_split + idx]);
+  float total = 0.f;  // Σ exp(lse_s − m)
+  if (m != -INFINITY) {
+    for (int s = 0; s < p.splits; ++s) total += expf(p.lse_partial[s * lse_split + idx] - m);
+  }
+  float lse = m == -INFINITY ? -INFINITY : m + logf(total);
+  float out_scale = 1.f;  // exp(lse_without_sink − lse)
+  if (p.sinks != nullptr) {
+    const float sink = p.sinks[h];
+    if (lse == -INFINITY) {
+      lse = sink;
+    } else {
+      const float mm = fmaxf(lse, sink), with = mm + logf(expf(lse - mm) + expf(sink - mm));
+      out_scale = expf(lse - with);
+      lse = with;
+    }
+  }
+  T* out = static_cast<T*>(p.out) + item * p.head_dim_v;
+  const float* part = p.out_partial + item * p.head_dim_v;
+  for (int d = lane; d < p.head_dim_v; d += 32) {
+    float acc = 0.f;
+    if (m != -INFINITY) {
+      for (int s = 0; s < p.splits; ++s) {
+        const float w = expf(p.lse_partial[s * lse_split + idx] - m) / total;
+        if (w != 0.f) acc += w * part[s * out_split + d];
+      }
+    }
+    out[d] = from_float<T>(acc * out_scale);
+  }
+  if (lane == 0) p.lse[idx] = lse;
 }
 
 // ---------------------------------------------------------------------------------- backward
 
-// lse in log2 units for P = exp2(s · scale · log2 e − lse2); +inf where lse is −inf (no visible
-// key, or a padding row), so that P is 0 there and never NaN.
+// lse in log2 units for P = exp2(score_log2 − lse2); +inf where lse is −inf (no visible key, or
+// a padding row), so that P is 0 there and never NaN.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// P from a score in log2 units: exactly 0 where hidden.
+__device__ __forceinline__ float prob(float score2, float lse2) {
+  return score2 == -INFINITY ? 0.f : exp2f(score2 - lse2);
+}
 
 // delta = rowsum(dO ∘ O) − dlse per (query row, q head), in lse's layout; 0 where lse is −inf.
 // One warp per (row, head).
@@ -457,10 +706,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_delta_kernel(Atte
   if (item >= p.q_rows * p.heads_q) return;  // warp-uniform
   const int lane = threadIdx.x % 32;
   const int64_t row = item / p.heads_q, h = item % p.heads_q;
-  const T* o = static_cast<const T*>(p.out) + (row * p.heads_q + h) * p.head_dim;
-  const T* g = static_cast<const T*>(p.dout) + (row * p.heads_q + h) * p.head_dim;
+  const T* o = static_cast<const T*>(p.out) + item * p.head_dim_v;
+  const T* g = static_cast<const T*>(p.dout) + item * p.head_dim_v;
   float sum = 0.f;
-  for (int d = lane; d < p.head_dim; d += 32) sum += to_float(o[d]) * to_float(g[d]);
+  for (int d = lane; d < p.head_dim_v; d += 32) sum += to_float(o[d]) * to_float(g[d]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane != 0) return;
@@ -469,26 +718,27 @@ __global__ void __launch_bounds__(kThreads) attention_backward_delta_kernel(Atte
   p.delta[idx] = p.lse[idx] == -INFINITY ? 0.f : sum - (p.dlse != nullptr ? p.dlse[idx] : 0.f);
 }
 
-template <int kHeadDim>
+template <int kHeadDim, int kHeadDimV>
 struct DkDvSmem {
-  using Tl = Tile<kHeadDim>;
   static constexpr int kK = 0;
-  static constexpr int kV = kK + Tl::template kElems<kBlockN>;
-  static constexpr int kQ = kV + Tl::template kElems<kBlockN>;  // two stages each of Q and dO
-  static constexpr int kDO = kQ + 2 * Tl::template kElems<kBlockMBwd>;
-  static constexpr int kEnd = kDO + 2 * Tl::template kElems<kBlockMBwd>;
+  static constexpr int kV = kK + Tile<kHeadDim>::template kElems<kBlockN>;
+  static constexpr int kQ = kV + Tile<kHeadDimV>::template kElems<kBlockN>;  // two stages each of Q and dO
+  static constexpr int kDO = kQ + 2 * Tile<kHeadDim>::template kElems<kBlockMBwd>;
+  static constexpr int kEnd = kDO + 2 * Tile<kHeadDimV>::template kElems<kBlockMBwd>;
   // then float lse2[2][kBlockMBwd], delta[2][kBlockMBwd], and the tile's kBlockN mask bytes
   template <typename T>
   static constexpr size_t bytes() { return kEnd * sizeof(T) + 4 * kBlockMBwd * sizeof(float) + kBlockN; }
 };
 
 // dK, dV of one 64-key tile of kv head hk: warp w owns keys 16w .. 16w + 15 and accumulates
-// their dK, dV rows (16 x D each) in registers over every (q head of the group, 32-query tile).
-template <typename T, int kHeadDim>
+// their dK, dV rows (16 x D and 16 x Dv) in registers over every (q head of the group, 32-query
+// tile). With p.dbias it also writes dS (the bias gradient) of every visited element.
+template <typename T, int kHeadDim, int kHeadDimV>
 __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(AttentionParams p) {
-  using Tl = Tile<kHeadDim>;
-  using Sm = DkDvSmem<kHeadDim>;
-  constexpr int kS = Tl::kStride, kTileQ = Tl::template kElems<kBlockMBwd>;
+  using Sm = DkDvSmem<kHeadDim, kHeadDimV>;
+  constexpr int kS = Tile<kHeadDim>::kStride, kSv = Tile<kHeadDimV>::kStride;
+  constexpr int kTileQ = Tile<kHeadDim>::template kElems<kBlockMBwd>;
+  constexpr int kTileDO = Tile<kHeadDimV>::template kElems<kBlockMBwd>;
   const int hk = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const Sample s = sample_of(p, b);
   const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
@@ -497,6 +747,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const int64_t key_valid = min64(max64(s.k_len - key0, int64_t(0)), static_cast<int64_t>(kBlockN));  // rows read
   const int group = p.heads_q / p.heads_kv;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
+  const int64_t o_stride = static_cast<int64_t>(p.heads_q) * kHeadDimV, v_stride = static_cast<int64_t>(p.heads_kv) * kHeadDimV;
 
   // queries before first_q see no key of this tile (causal); none at all if the tile has no valid
   // key (then no query tile either: first_q = q_len alone would leave the ragged last one)
@@ -505,7 +756,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const int64_t q_tiles = key_valid == 0 ? 0 : max64(int64_t(0), (s.q_len + kBlockMBwd - 1) / kBlockMBwd - tile0);
   const int64_t steps = group * q_tiles;
 
-  float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];
+  float dk[kHeadDim / 8][4], dv[kHeadDimV / 8][4];
   zero(dk);
   zero(dv);
   if (steps > 0) {
@@ -521,8 +772,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       const int64_t valid = min64(static_cast<int64_t>(kBlockMBwd), s.q_len - i0);
       load_rows<T, kHeadDim, kBlockMBwd>(smem + Sm::kQ + stage * kTileQ, static_cast<const T*>(p.q) + h * kHeadDim,
                                          q_stride, s.q_row + i0, valid);
-      load_rows<T, kHeadDim, kBlockMBwd>(smem + Sm::kDO + stage * kTileQ, static_cast<const T*>(p.dout) + h * kHeadDim,
-                                         q_stride, s.q_row + i0, valid);
+      load_rows<T, kHeadDimV, kBlockMBwd>(smem + Sm::kDO + stage * kTileDO,
+                                          static_cast<const T*>(p.dout) + h * kHeadDimV, o_stride, s.q_row + i0, valid);
       if (threadIdx.x < kBlockMBwd) {
         const int64_t idx = s.lse_base + h * p.lse_len + i0 + threadIdx.x;
         const bool in = threadIdx.x < valid;
@@ -531,49 +782,81 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       }
     };
     load_rows<T, kHeadDim, kBlockN>(sk, static_cast<const T*>(p.k) + hk * kHeadDim, k_stride, s.k_row + key0, key_valid);
-    load_rows<T, kHeadDim, kBlockN>(sv, static_cast<const T*>(p.v) + hk * kHeadDim, k_stride, s.k_row + key0, key_valid);
+    load_rows<T, kHeadDimV, kBlockN>(sv, static_cast<const T*>(p.v) + hk * kHeadDimV, v_stride, s.k_row + key0,
+                                     key_valid);
     load_mask(smask, s, key0);
     load_step(0, 0);
     cp_async_commit();
 
-    const float scale_log2 = p.scale * kLog2e;
-    const int64_t key_of[2] = {key0 + 16 * warp + (lane >> 2), key0 + 16 * warp + (lane >> 2) + 8};
+    const int64_t key_base = key0 + 16 * warp + (lane >> 2);  // this lane's keys: key_base, key_base + 8
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
       pipeline_step(step, steps, load_step);
       const T* sq = smem + Sm::kQ + stage * kTileQ;
-      const T* sdo = smem + Sm::kDO + stage * kTileQ;
+      const T* sdo = smem + Sm::kDO + stage * kTileDO;
       const float* lse2 = slse + stage * kBlockMBwd;
       const float* delta = sdelta + stage * kBlockMBwd;
-      const int64_t i0 = (tile0 + step % q_tiles) * kBlockMBwd;
+      const int64_t h = hk * group + step / q_tiles, i0 = (tile0 + step % q_tiles) * kBlockMBwd;
+      const Scorer scorer = scorer_of(p, s, h);
+      const Dropout drop = dropout_of(p, b, h);
 
-      // Pᵀ (16 keys x 32 queries) = exp2(K Qᵀ · scale log2 e − lse2), 0 where hidden
+      // Pᵀ (16 keys x 32 queries) = exp2(score − lse2), 0 where hidden; dcap: the softcap factor
+      // (the softcap factor is kept as fp16 pairs: registers; dS is rounded to T for the mma anyway)
       float pt[kBlockMBwd / 8][4];
+      uint32_t dcap2[kBlockMBwd / 8][2];
+      uint32_t keep = 0xffffffffu;  // bit 4 j + i: element [j][i] kept by dropout
       zero(pt);
       gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(pt, sk, 16 * warp, sq);
-      int cols[kBlockMBwd / 8][2];
+#pragma unroll
+      for (int j = 0; j < kBlockMBwd / 8; ++j) {
+        float dcap[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int col = 8 * j + 2 * (lane & 3) + (i & 1);
+          pt[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, i0 + col, (key_base + 8 * (i >> 1)), pt[j][i],
+                                     dcap[i]),
+                          lse2[col]);
+          if (drop.on && !keep_one(drop, i0 + col, (key_base + 8 * (i >> 1)))) keep &= ~(1u << (4 * j + i));
+        }
+        dcap2[j][0] = pack2<__half>(dcap[0], dcap[1]);
+        dcap2[j][1] = pack2<__half>(dcap[2], dcap[3]);
+      }
+      if (drop.on) {  // dV += (P ∘ Z)ᵀ dO
+        float pd[kBlockMBwd / 8][4];
+#pragma unroll
+        for (int j = 0; j < kBlockMBwd / 8; ++j) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) pd[j][i] = (keep >> (4 * j + i) & 1u) ? pt[j][i] * drop.scale : 0.f;
+        }
+        gemm_xb<kHeadDimV, kBlockMBwd, kSv>(dv, pd, sdo);
+      } else {
+        gemm_xb<kHeadDimV, kBlockMBwd, kSv>(dv, pt, sdo);  // dV += Pᵀ dO
+      }
+
+      // dSᵀ = Pᵀ ∘ (Z ∘ V dOᵀ − delta)
+      float dst[kBlockMBwd / 8][4];
+      zero(dst);
+      gemm_abt<kBlockMBwd, kHeadDimV, kSv, kSv>(dst, sv, 16 * warp, sdo);
+      float* dbias = s.dbias != nullptr ? s.dbias + h * p.dbias_head_stride : nullptr;
 #pragma unroll
       for (int j = 0; j < kBlockMBwd / 8; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
+          float dp = dst[j][i];
+          if (drop.on) dp = (keep >> (4 * j + i) & 1u) ? dp * drop.scale : 0.f;
           const int col = 8 * j + 2 * (lane & 3) + (i & 1);
-          cols[j][i & 1] = col;
-          pt[j][i] = visible(s, p.causal, mask_tile, key0, i0 + col, key_of[i >> 1])
-                         ? exp2f(pt[j][i] * scale_log2 - lse2[col]) : 0.f;
+          dst[j][i] = pt[j][i] * (dp - delta[col]);
+          if (dbias != nullptr) {  // this CTA owns (b, h, every query, these keys): exactly 0 where hidden
+            const int64_t query = i0 + col, key = (key_base + 8 * (i >> 1));
+            if (query < s.q_len && key < s.k_len) {
+              dbias[query * p.dbias_row_stride + key] = pt[j][i] == 0.f ? 0.f : dst[j][i];
+            }
+          }
+          const uint32_t d2 = dcap2[j][i >> 1];
+          dst[j][i] *= __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? d2 >> 16 : d2 & 0xffffu)));
         }
       }
-      gemm_xb<kHeadDim, kBlockMBwd, kS>(dv, pt, sdo);  // dV += Pᵀ dO
-
-      // dSᵀ = Pᵀ ∘ (V dOᵀ − delta)
-      float dst[kBlockMBwd / 8][4];
-      zero(dst);
-      gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(dst, sv, 16 * warp, sdo);
-#pragma unroll
-      for (int j = 0; j < kBlockMBwd / 8; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dst[j][i] = pt[j][i] * (dst[j][i] - delta[cols[j][i & 1]]);
-      }
-      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dSᵀ Q (scaled at the end)
+      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)
       __syncthreads();
     }
   }
@@ -581,37 +864,40 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const float dk_scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
   store_rows<T, kHeadDim>(static_cast<T*>(p.dk) + hk * kHeadDim, k_stride, s.k_row + key0, key_rows, 16 * warp, dk,
                           dk_scale);
-  store_rows<T, kHeadDim>(static_cast<T*>(p.dv) + hk * kHeadDim, k_stride, s.k_row + key0, key_rows, 16 * warp, dv,
-                          one);
+  store_rows<T, kHeadDimV>(static_cast<T*>(p.dv) + hk * kHeadDimV, v_stride, s.k_row + key0, key_rows, 16 * warp, dv,
+                           one);
 }
 
-template <int kHeadDim>
+template <int kHeadDim, int kHeadDimV>
 struct DqSmem {
-  using Tl = Tile<kHeadDim>;
   static constexpr int kQ = 0;
-  static constexpr int kDO = kQ + Tl::template kElems<kBlockM>;
-  static constexpr int kK = kDO + Tl::template kElems<kBlockM>;  // two stages each of K and V
-  static constexpr int kV = kK + 2 * Tl::template kElems<kBlockN>;
-  static constexpr int kEnd = kV + 2 * Tl::template kElems<kBlockN>;
+  static constexpr int kDO = kQ + Tile<kHeadDim>::template kElems<kBlockM>;
+  static constexpr int kK = kDO + Tile<kHeadDimV>::template kElems<kBlockM>;  // two stages each of K and V
+  static constexpr int kV = kK + 2 * Tile<kHeadDim>::template kElems<kBlockN>;
+  static constexpr int kEnd = kV + 2 * Tile<kHeadDimV>::template kElems<kBlockN>;
   // then the mask bytes of two stages
   template <typename T>
   static constexpr size_t bytes() { return kEnd * sizeof(T) + 2 * kBlockN; }
 };
 
 // dQ of one 64-query tile of q head h: warp w owns queries 16w .. 16w + 15, loops over key tiles.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kHeadDimV>
 __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(AttentionParams p) {
-  using Tl = Tile<kHeadDim>;
-  using Sm = DqSmem<kHeadDim>;
-  constexpr int kS = Tl::kStride, kTileKV = Tl::template kElems<kBlockN>;
-  const QueryTile work = query_tile(p);
+  using Sm = DqSmem<kHeadDim, kHeadDimV>;
+  constexpr int kS = Tile<kHeadDim>::kStride, kSv = Tile<kHeadDimV>::kStride;
+  constexpr int kTileK = Tile<kHeadDim>::template kElems<kBlockN>;
+  constexpr int kTileV = Tile<kHeadDimV>::template kElems<kBlockN>;
+  const QueryTile work = query_tile(p, 1);
   if (work.rows == 0) return;
   const Sample& s = work.s;
   const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
   const int tiles = work.tiles, h = work.h, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
+  const int64_t o_stride = static_cast<int64_t>(p.heads_q) * kHeadDimV, v_stride = static_cast<int64_t>(p.heads_kv) * kHeadDimV;
   const T* k = static_cast<const T*>(p.k) + work.hk * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + work.hk * kHeadDimV;
+  const Scorer scorer = scorer_of(p, s, h);
+  const Dropout drop = dropout_of(p, blockIdx.z, h);
 
   float dq[kHeadDim / 8][4];
   zero(dq);
@@ -621,12 +907,13 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
     const T* sdo = smem + Sm::kDO;
     uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
     auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
-      load_kv_tile<T, kHeadDim>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, s, end, tile, stage);
+      load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end, tile,
+                                           stage);
     };
     load_rows<T, kHeadDim, kBlockM>(smem + Sm::kQ, static_cast<const T*>(p.q) + h * kHeadDim, q_stride, s.q_row + i0,
                                     rows);
-    load_rows<T, kHeadDim, kBlockM>(smem + Sm::kDO, static_cast<const T*>(p.dout) + h * kHeadDim, q_stride,
-                                    s.q_row + i0, rows);
+    load_rows<T, kHeadDimV, kBlockM>(smem + Sm::kDO, static_cast<const T*>(p.dout) + h * kHeadDimV, o_stride,
+                                     s.q_row + i0, rows);
     load_kv(0, 0);
     cp_async_commit();
 
@@ -639,16 +926,15 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
       lse2[half] = in ? lse_log2(p.lse[idx]) : INFINITY;
       delta[half] = in ? p.delta[idx] : 0.f;
     }
-    const float scale_log2 = p.scale * kLog2e;
     for (int tile = 0; tile < tiles; ++tile) {
       const int stage = tile & 1;
       pipeline_step(tile, tiles, load_kv);
-      const T* sk = smem + Sm::kK + stage * kTileKV;
-      const T* sv = smem + Sm::kV + stage * kTileKV;
+      const T* sk = smem + Sm::kK + stage * kTileK;
+      const T* sv = smem + Sm::kV + stage * kTileV;
       const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
       const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
 
-      float pr[kBlockN / 8][4];  // P (16 queries x 64 keys)
+      float pr[kBlockN / 8][4], dcap[kBlockN / 8][4];  // P (16 queries x 64 keys), softcap factor
       zero(pr);
       gemm_abt<kBlockN, kHeadDim, kS, kS>(pr, sq, 16 * warp, sk);
 #pragma unroll
@@ -656,19 +942,29 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t key = key0 + 8 * j + 2 * (lane & 3) + (i & 1);
-          pr[j][i] = visible(s, p.causal, mask_tile, key0, row_of[i >> 1], key)
-                         ? exp2f(pr[j][i] * scale_log2 - lse2[i >> 1]) : 0.f;
+          pr[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, row_of[i >> 1], key, pr[j][i], dcap[j][i]),
+                          lse2[i >> 1]);
         }
       }
-      float ds[kBlockN / 8][4];  // dS = P ∘ (dO Vᵀ − delta)
+      float ds[kBlockN / 8][4];  // dS = P ∘ (Z ∘ dO Vᵀ − delta), times the softcap factor
       zero(ds);
-      gemm_abt<kBlockN, kHeadDim, kS, kS>(ds, sdo, 16 * warp, sv);
+      gemm_abt<kBlockN, kHeadDimV, kSv, kSv>(ds, sdo, 16 * warp, sv);
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
+        uint32_t keep = 0xfu;
+        if (drop.on) {
+          const uint32_t lo = keep_pair(drop, row_of[0], key0 + 8 * j + 2 * (lane & 3));
+          const uint32_t hi = keep_pair(drop, row_of[1], key0 + 8 * j + 2 * (lane & 3));
+          keep = lo | hi << 2;
+        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) ds[j][i] = pr[j][i] * (ds[j][i] - delta[i >> 1]);
+        for (int i = 0; i < 4; ++i) {
+          float dp = ds[j][i];
+          if (drop.on) dp = (keep >> i & 1u) ? dp * drop.scale : 0.f;
+          ds[j][i] = pr[j][i] * (dp - delta[i >> 1]) * dcap[j][i];
+        }
       }
-      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS K (scaled at the end)
+      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS_raw K (scaled at the end)
       __syncthreads();
     }
   }
@@ -678,6 +974,29 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 
 // ------------------------------------------------------------------------------ launch shapes
 
+// The (head dim of q/k, head dim of v) pairs compiled, X(D, Dv) each. Shared memory per block
+// (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 46,208 / 55,424 / 37,440; (128, 128) 87,168 /
+// 104,576 / 70,208; (128, 64) 70,784 / 80,000 / 53,824 (dQ at (128, 128) is over the 99 KiB of
+// sm_86/89/120, under sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the device's limit
+// and names the kernel). (192, 128) (DeepSeek MLA) fits sm_80's shared memory (111,744 / 129,152 /
+// 86,592) but its dK/dV kernel spills 144 bytes of registers with 4 warps: not compiled.
+#define MMFUSE_ATTENTION_HEAD_DIMS(X) X(64, 64) X(128, 128) X(128, 64)
+
+// the numbers above (and mmfuse/ops/attention.py's _CUDA_SHARED_BYTES, the largest per pair)
+static_assert(ForwardSmem<64, 64>::bytes<__half>() == 46208 && DqSmem<64, 64>::bytes<__half>() == 55424 &&
+              DkDvSmem<64, 64>::bytes<__half>() == 37440);
+static_assert(ForwardSmem<128, 128>::bytes<__half>() == 87168 && DqSmem<128, 128>::bytes<__half>() == 104576 &&
+              DkDvSmem<128, 128>::bytes<__half>() == 70208);
+static_assert(ForwardSmem<128, 64>::bytes<__half>() == 70784 && DqSmem<128, 64>::bytes<__half>() == 80000 &&
+              DkDvSmem<128, 64>::bytes<__half>() == 53824);
+
+inline bool head_dims_supported(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) if (head_dim == D && head_dim_v == DV) return true;
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return false;
+}
+
 // Grid, block and dynamic shared memory of each kernel: the one formula shared by the CUDA
 // launcher and the host-emulator harness (tests/emulator/cross_attention.cpp).
 struct KernelLaunch {
@@ -686,22 +1005,92 @@ struct KernelLaunch {
   size_t shared_bytes;
 };
 
-inline bool head_dim_supported(int head_dim) { return head_dim == 64 || head_dim == 128; }
+using Kernel = void (*)(AttentionParams);
 
-// Per-query-tile grid (forward, dQ): (query tiles, Hq, B). cudaErrorInvalidValue for an
-// unsupported head dim, cudaErrorInvalidConfiguration past the grid limits.
+template <typename T>
+inline Kernel forward_kernel(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return attention_forward_kernel<T, D, DV>;
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return nullptr;
+}
+
+template <typename T>
+inline Kernel dq_kernel(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return attention_backward_dq_kernel<T, D, DV>;
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return nullptr;
+}
+
+template <typename T>
+inline Kernel dkdv_kernel(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return attention_backward_dkdv_kernel<T, D, DV>;
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return nullptr;
+}
+
+template <typename T>
+inline size_t forward_shared_bytes(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return ForwardSmem<D, DV>::template bytes<T>();
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return 0;
+}
+
+template <typename T>
+inline size_t dq_shared_bytes(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return DqSmem<D, DV>::template bytes<T>();
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return 0;
+}
+
+template <typename T>
+inline size_t dkdv_shared_bytes(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV) \
+  if (head_dim == D && head_dim_v == DV) return DkDvSmem<D, DV>::template bytes<T>();
+  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
+#undef MMFUSE_ATTENTION_PAIR
+  return 0;
+}
+
+constexpr int kMaxSplits = 64;
+constexpr int kMaxDecodeQueries = 8;
+
+// Split-KV decode schedule (FlashDecoding): with at most 8 queries per sample and too few
+// (query tile, head, sample) CTAs to fill the GPU's `sm_count` SMs, the keys are split so that
+// about two CTAs per SM run, each split covering at least two 64-key tiles. 1 = one pass.
+inline int decode_splits(const AttentionParams& p, int sm_count) {
+  if (p.len_q > kMaxDecodeQueries || p.len_q == 0 || sm_count <= 0) return 1;
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.heads_q;  // one query tile per sample
+  if (ctas >= sm_count) return 1;
+  const int64_t key_tiles = (p.len_k + kBlockN - 1) / kBlockN;
+  const int64_t want = (2 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;
+  const int64_t splits = min64(min64(want, key_tiles / 2), kMaxSplits);
+  return splits < 2 ? 1 : static_cast<int>(splits);
+}
+
+// Per-query-tile grid (forward, dQ): (query tiles x splits, Hq, B). cudaErrorInvalidValue for
+// unsupported head dims or splits, cudaErrorInvalidConfiguration past the grid limits.
 template <typename T>
 inline cudaError_t query_tile_launch(const AttentionParams& p, bool forward, KernelLaunch* launch) {
-  if (!head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
-  const int64_t tiles = (p.len_q + kBlockM - 1) / kBlockM;
+  if (!head_dims_supported(p.head_dim, p.head_dim_v)) return cudaErrorInvalidValue;
+  const int splits = forward && p.splits > 1 ? p.splits : 1;
+  if (splits > kMaxSplits || (splits > 1 && (p.out_partial == nullptr || p.lse_partial == nullptr)))
+    return cudaErrorInvalidValue;
+  const int64_t tiles = (p.len_q + kBlockM - 1) / kBlockM * splits;
   if (tiles > 0x7fffffffLL || p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   launch->grid = dim3(static_cast<unsigned>(tiles), p.heads_q, p.batch);
   launch->block = dim3(kThreads);
-  if (forward) {
-    launch->shared_bytes = p.head_dim == 64 ? ForwardSmem<64>::bytes<T>() : ForwardSmem<128>::bytes<T>();
-  } else {
-    launch->shared_bytes = p.head_dim == 64 ? DqSmem<64>::bytes<T>() : DqSmem<128>::bytes<T>();
-  }
+  launch->shared_bytes =
+      forward ? forward_shared_bytes<T>(p.head_dim, p.head_dim_v) : dq_shared_bytes<T>(p.head_dim, p.head_dim_v);
   return cudaSuccess;
 }
 
@@ -717,16 +1106,17 @@ inline cudaError_t dq_launch(const AttentionParams& p, KernelLaunch* launch) {
 
 template <typename T>
 inline cudaError_t dkdv_launch(const AttentionParams& p, KernelLaunch* launch) {
-  if (!head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
+  if (!head_dims_supported(p.head_dim, p.head_dim_v)) return cudaErrorInvalidValue;
   const int64_t tiles = (p.len_k + kBlockN - 1) / kBlockN;
   if (tiles > 0x7fffffffLL || p.heads_kv > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   launch->grid = dim3(static_cast<unsigned>(tiles), p.heads_kv, p.batch);
   launch->block = dim3(kThreads);
-  launch->shared_bytes = p.head_dim == 64 ? DkDvSmem<64>::bytes<T>() : DkDvSmem<128>::bytes<T>();
+  launch->shared_bytes = dkdv_shared_bytes<T>(p.head_dim, p.head_dim_v);
   return cudaSuccess;
 }
 
-inline cudaError_t delta_launch(const AttentionParams& p, KernelLaunch* launch) {
+// One warp per (query row, q head): the delta kernel and the split merge.
+inline cudaError_t row_launch(const AttentionParams& p, KernelLaunch* launch) {
   const int64_t blocks = (p.q_rows * p.heads_q + kWarps - 1) / kWarps;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   launch->grid = dim3(static_cast<unsigned>(blocks));
@@ -735,13 +1125,16 @@ inline cudaError_t delta_launch(const AttentionParams& p, KernelLaunch* launch) 
   return cudaSuccess;
 }
 
+inline cudaError_t delta_launch(const AttentionParams& p, KernelLaunch* launch) { return row_launch(p, launch); }
+inline cudaError_t merge_launch(const AttentionParams& p, KernelLaunch* launch) { return row_launch(p, launch); }
+
 inline bool launches_nothing(const KernelLaunch& l) { return l.grid.x == 0 || l.grid.y == 0 || l.grid.z == 0; }
 
 #ifdef __CUDACC__  // the host emulator launches through emu::launch instead
 // kernel<<<l>>>(p) on `stream`, opting in to more than 48 KiB of dynamic shared memory when needed.
-inline cudaError_t launch_kernel(void (*kernel)(AttentionParams), const KernelLaunch& l, const AttentionParams& p,
-                                 cudaStream_t stream) {
+inline cudaError_t launch_kernel(Kernel kernel, const KernelLaunch& l, const AttentionParams& p, cudaStream_t stream) {
   if (launches_nothing(l)) return cudaSuccess;
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   if (l.shared_bytes > 48 * 1024) {
     const cudaError_t status =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.shared_bytes));
@@ -751,32 +1144,30 @@ inline cudaError_t launch_kernel(void (*kernel)(AttentionParams), const KernelLa
   return cudaGetLastError();
 }
 
-// out, lse from q, k, v. T: __half or __nv_bfloat16; p.head_dim 64 or 128.
+// out, lse from q, k, v (p.splits > 1: through the partial buffers and the merge kernel).
+// T: __half or __nv_bfloat16; (p.head_dim, p.head_dim_v) one of MMFUSE_ATTENTION_HEAD_DIMS.
 template <typename T>
 cudaError_t launch_forward(const AttentionParams& p, cudaStream_t stream) {
   KernelLaunch l{};
-  const cudaError_t status = forward_launch<T>(p, &l);
-  if (status != cudaSuccess) return status;
-  return launch_kernel(p.head_dim == 64 ? attention_forward_kernel<T, 64> : attention_forward_kernel<T, 128>, l, p,
-                       stream);
+  cudaError_t status = forward_launch<T>(p, &l);
+  if (status == cudaSuccess) status = launch_kernel(forward_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
+  if (status == cudaSuccess && p.splits > 1) {
+    status = merge_launch(p, &l);
+    if (status == cudaSuccess) status = launch_kernel(attention_split_merge_kernel<T>, l, p, stream);
+  }
+  return status;
 }
 
-// dq, dk, dv (and the delta scratch) from dout, dlse, q, k, v, out, lse: three launches in order.
+// dq, dk, dv, dbias (and the delta scratch) from dout, dlse, q, k, v, out, lse: three launches in order.
 template <typename T>
 cudaError_t launch_backward(const AttentionParams& p, cudaStream_t stream) {
   KernelLaunch l{};
   cudaError_t status = delta_launch(p, &l);
   if (status == cudaSuccess) status = launch_kernel(attention_backward_delta_kernel<T>, l, p, stream);
   if (status == cudaSuccess) status = dkdv_launch<T>(p, &l);
-  if (status == cudaSuccess) {
-    status = launch_kernel(p.head_dim == 64 ? attention_backward_dkdv_kernel<T, 64> : attention_backward_dkdv_kernel<T, 128>,
-                           l, p, stream);
-  }
+  if (status == cudaSuccess) status = launch_kernel(dkdv_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
   if (status == cudaSuccess) status = dq_launch<T>(p, &l);
-  if (status == cudaSuccess) {
-    status = launch_kernel(p.head_dim == 64 ? attention_backward_dq_kernel<T, 64> : attention_backward_dq_kernel<T, 128>,
-                           l, p, stream);
-  }
+  if (status == cudaSuccess) status = launch_kernel(dq_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
   return status;
 }
 #endif
