@@ -21,7 +21,7 @@ NEG_INF = float("-inf")
 CPU = backend_params("cpu")
 # the Triton interpreter is slow: its cases are a few tiny ones
 KERNELS = backend_params("cpu", "triton")
-# the CUDA kernel takes float16/bfloat16 with head dim 64 or 128; its emulator tests are
+# the CUDA kernel takes float16/bfloat16 with head dims (64, 64), (128, 128), (128, 64); its emulator tests are
 # test_cross_attention_emulator.py, these run on a GPU
 CUDA = backend_params("cuda")
 
@@ -316,8 +316,10 @@ def test_cuda_backend_names_what_it_cannot_take():
         mmfuse.cross_attention(q, k, v, backend="cuda")
     reason = mmfuse.ops.attention._unsupported
     assert "float16 and bfloat16" in reason(q, 1)("cuda")
-    assert "head dim 64 or 128" in reason(q.half(), 1)("cuda")
+    assert "(head dim, value head dim) in" in reason(q.half(), 1)("cuda")
     assert reason(torch.empty(1, 3, 2, 128, dtype=torch.bfloat16), 1)("cuda") is None
+    assert reason(torch.empty(1, 3, 2, 128, dtype=torch.bfloat16), 1, dim_v=64)("cuda") is None
+    assert "got (64, 128)" in reason(torch.empty(1, 3, 2, 64, dtype=torch.bfloat16), 1, dim_v=128)("cuda")
     assert "at most 65535 samples" in reason(torch.empty(70000, 2, 64, dtype=torch.half), 70000)("cuda")
 
 

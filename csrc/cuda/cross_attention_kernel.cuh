@@ -267,15 +267,19 @@ __device__ __forceinline__ Dropout dropout_of(const AttentionParams& p, int64_t 
 __device__ __forceinline__ uint32_t keep_pair(const Dropout& d, int64_t row, int64_t key) {
   uint32_t w[4];
   philox4x32_10(static_cast<uint64_t>((d.row0 + row) * d.per_row + key / 4), d.seed, d.offset, w);
-  const int e = static_cast<int>(key & 2);
-  return (w[e] >= d.threshold ? 1u : 0u) | (w[e + 1] >= d.threshold ? 2u : 0u);
+  // selects, not w[key & 2]: a runtime index would put w in local memory (a stack frame per call)
+  const bool upper = (key & 2) != 0;
+  const uint32_t lo = upper ? w[2] : w[0], hi = upper ? w[3] : w[1];
+  return (lo >= d.threshold ? 1u : 0u) | (hi >= d.threshold ? 2u : 0u);
 }
 
 // Keep bit of one element.
 __device__ __forceinline__ bool keep_one(const Dropout& d, int64_t row, int64_t key) {
   uint32_t w[4];
   philox4x32_10(static_cast<uint64_t>((d.row0 + row) * d.per_row + key / 4), d.seed, d.offset, w);
-  return w[key & 3] >= d.threshold;
+  const int e = static_cast<int>(key & 3);  // selected, not indexed (see keep_pair)
+  const uint32_t word = e == 0 ? w[0] : e == 1 ? w[1] : e == 2 ? w[2] : w[3];
+  return word >= d.threshold;
 }
 
 template <typename T>
@@ -725,9 +729,15 @@ struct DkDvSmem {
   static constexpr int kQ = kV + Tile<kHeadDimV>::template kElems<kBlockN>;  // two stages each of Q and dO
   static constexpr int kDO = kQ + 2 * Tile<kHeadDim>::template kElems<kBlockMBwd>;
   static constexpr int kEnd = kDO + 2 * Tile<kHeadDimV>::template kElems<kBlockMBwd>;
-  // then float lse2[2][kBlockMBwd], delta[2][kBlockMBwd], and the tile's kBlockN mask bytes
+  // then float lse2[2][kBlockMBwd], delta[2][kBlockMBwd], the tile's kBlockN mask bytes, and the
+  // softcap factors of each thread's Pᵀ fragment as fp16 pairs, word-major ([kCapWords][kThreads]:
+  // a warp's 32 lanes hit 32 banks). They live in shared memory, not registers: held across the
+  // dV and dP products they made the (128, 128) kernel spill on sm_90a at 255 registers.
+  static constexpr int kCapWords = kBlockMBwd / 4;
   template <typename T>
-  static constexpr size_t bytes() { return kEnd * sizeof(T) + 4 * kBlockMBwd * sizeof(float) + kBlockN; }
+  static constexpr size_t cap_offset() { return kEnd * sizeof(T) + 4 * kBlockMBwd * sizeof(float) + kBlockN; }
+  template <typename T>
+  static constexpr size_t bytes() { return cap_offset<T>() + kCapWords * kThreads * sizeof(uint32_t); }
 };
 
 // dK, dV of one 64-key tile of kv head hk: warp w owns keys 16w .. 16w + 15 and accumulates
@@ -767,6 +777,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
     float* sdelta = slse + 2 * kBlockMBwd;
     uint8_t* smask = reinterpret_cast<uint8_t*>(sdelta + 2 * kBlockMBwd);
     const uint8_t* mask_tile = s.mask != nullptr ? smask : nullptr;
+    uint32_t* scap = reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(smem) + Sm::template cap_offset<T>()) +
+                     threadIdx.x;  // this thread's words, kThreads apart
+    const bool capped = p.softcap > 0.f;
     auto load_step = [&](int64_t step, int stage) {
       const int64_t h = hk * group + step / q_tiles, i0 = (tile0 + step % q_tiles) * kBlockMBwd;
       const int64_t valid = min64(static_cast<int64_t>(kBlockMBwd), s.q_len - i0);
@@ -800,10 +813,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       const Scorer scorer = scorer_of(p, s, h);
       const Dropout drop = dropout_of(p, b, h);
 
-      // Pᵀ (16 keys x 32 queries) = exp2(score − lse2), 0 where hidden; dcap: the softcap factor
-      // (the softcap factor is kept as fp16 pairs: registers; dS is rounded to T for the mma anyway)
+      // Pᵀ (16 keys x 32 queries) = exp2(score − lse2), 0 where hidden; dcap: the softcap factor,
+      // kept as fp16 pairs in this thread's shared words (dS is rounded to T for the mma anyway)
       float pt[kBlockMBwd / 8][4];
-      uint32_t dcap2[kBlockMBwd / 8][2];
       uint32_t keep = 0xffffffffu;  // bit 4 j + i: element [j][i] kept by dropout
       zero(pt);
       gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(pt, sk, 16 * warp, sq);
@@ -818,8 +830,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
                           lse2[col]);
           if (drop.on && !keep_one(drop, i0 + col, (key_base + 8 * (i >> 1)))) keep &= ~(1u << (4 * j + i));
         }
-        dcap2[j][0] = pack2<__half>(dcap[0], dcap[1]);
-        dcap2[j][1] = pack2<__half>(dcap[2], dcap[3]);
+        if (capped) {
+          scap[(2 * j) * kThreads] = pack2<__half>(dcap[0], dcap[1]);
+          scap[(2 * j + 1) * kThreads] = pack2<__half>(dcap[2], dcap[3]);
+        }
       }
       if (drop.on) {  // dV += (P ∘ Z)ᵀ dO
         float pd[kBlockMBwd / 8][4];
@@ -852,8 +866,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
               dbias[query * p.dbias_row_stride + key] = pt[j][i] == 0.f ? 0.f : dst[j][i];
             }
           }
-          const uint32_t d2 = dcap2[j][i >> 1];
-          dst[j][i] *= __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? d2 >> 16 : d2 & 0xffffu)));
+          if (capped) {
+            const uint32_t d2 = scap[(2 * j + (i >> 1)) * kThreads];
+            dst[j][i] *= __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? d2 >> 16 : d2 & 0xffffu)));
+          }
         }
       }
       gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)
@@ -975,8 +991,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 // ------------------------------------------------------------------------------ launch shapes
 
 // The (head dim of q/k, head dim of v) pairs compiled, X(D, Dv) each. Shared memory per block
-// (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 46,208 / 55,424 / 37,440; (128, 128) 87,168 /
-// 104,576 / 70,208; (128, 64) 70,784 / 80,000 / 53,824 (dQ at (128, 128) is over the 99 KiB of
+// (fp16 or bf16), forward / dQ / dK-dV: (64, 64) 46,208 / 55,424 / 41,536; (128, 128) 87,168 /
+// 104,576 / 74,304; (128, 64) 70,784 / 80,000 / 57,920 (dQ at (128, 128) is over the 99 KiB of
 // sm_86/89/120, under sm_80's 163 KiB and sm_90's 227 KiB: the launcher checks the device's limit
 // and names the kernel). (192, 128) (DeepSeek MLA) fits sm_80's shared memory (111,744 / 129,152 /
 // 86,592) but its dK/dV kernel spills 144 bytes of registers with 4 warps: not compiled.
@@ -984,11 +1000,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 
 // the numbers above (and mmfuse/ops/attention.py's _CUDA_SHARED_BYTES, the largest per pair)
 static_assert(ForwardSmem<64, 64>::bytes<__half>() == 46208 && DqSmem<64, 64>::bytes<__half>() == 55424 &&
-              DkDvSmem<64, 64>::bytes<__half>() == 37440);
+              DkDvSmem<64, 64>::bytes<__half>() == 41536);
 static_assert(ForwardSmem<128, 128>::bytes<__half>() == 87168 && DqSmem<128, 128>::bytes<__half>() == 104576 &&
-              DkDvSmem<128, 128>::bytes<__half>() == 70208);
+              DkDvSmem<128, 128>::bytes<__half>() == 74304);
 static_assert(ForwardSmem<128, 64>::bytes<__half>() == 70784 && DqSmem<128, 64>::bytes<__half>() == 80000 &&
-              DkDvSmem<128, 64>::bytes<__half>() == 53824);
+              DkDvSmem<128, 64>::bytes<__half>() == 57920);
 
 inline bool head_dims_supported(int head_dim, int head_dim_v) {
 #define MMFUSE_ATTENTION_PAIR(D, DV) if (head_dim == D && head_dim_v == DV) return true;

@@ -6,7 +6,7 @@ tensors with int32 ``cu_seqlens``, FlashAttention's two layouts (Dao et al., "Fl
 2023; ``flash_attn.flash_attn_interface``). Both validate every argument, choose a backend
 (``mmfuse.backends``) and dispatch to the custom ops ``mmfuse::cross_attention_fwd`` /
 ``cross_attention_varlen_fwd`` (C++ CPU kernel, csrc/cpu/cross_attention.cpp; CUDA kernel,
-csrc/cuda/cross_attention.cu, float16/bfloat16 with head dim 64 or 128), to the Triton
+csrc/cuda/cross_attention.cu, float16/bfloat16 with (head dim, value head dim) in _CUDA_HEAD_DIMS), to the Triton
 kernels or to the pure-PyTorch reference. The ops' backward is the separate ``*_bwd`` op, registered here with
 ``torch.library.register_autograd``: the forward saves ``out`` and ``lse``, the backward
 recomputes the probabilities from them (FlashAttention-2's backward).
@@ -61,10 +61,11 @@ _IMPLEMENTED = frozenset({"cuda", "cpu", "triton", "reference"})
 
 # what the CUDA kernel (csrc/cuda/cross_attention_kernel.cuh, tensor-core mma) takes
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_HEAD_DIMS = (64, 128)
+# (q/k head dim, v head dim) pairs the CUDA kernels are instantiated for
+_CUDA_HEAD_DIMS = ((64, 64), (128, 128), (128, 64))
 # its largest dynamic shared memory per block, per head dim (the dQ kernel's DqSmem): 128 is over
 # the 99 KiB of sm_86/sm_89/sm_120 GPUs
-_CUDA_SHARED_BYTES = {64: 55_424, 128: 104_576}
+_CUDA_SHARED_BYTES = {(64, 64): 55_424, (128, 128): 104_576, (128, 64): 80_000}
 _CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 
 
@@ -75,7 +76,8 @@ _FEATURES = {
                       "varlen_dropout"}),
     "triton": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                          "varlen_dropout"}),
-    "cuda": frozenset(),
+    "cuda": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
+                       "varlen_dropout"}),
 }
 _FEATURE_NAMES = {
     "attn_mask": "an attn_mask", "dropout": "attention dropout", "softcap": "softcap",
@@ -120,12 +122,14 @@ def _unsupported(q: torch.Tensor, batch: int, need: set[str] = frozenset(), dim_
         if backend == "cuda":
             if q.dtype not in _CUDA_DTYPES:
                 return f"the CUDA kernel takes float16 and bfloat16 inputs (tensor-core mma), got {q.dtype}"
-            if q.shape[-1] not in _CUDA_HEAD_DIMS:
-                return f"the CUDA kernel takes head dim 64 or 128, got {q.shape[-1]}"
+            dims = (q.shape[-1], dim_v)
+            if dims not in _CUDA_HEAD_DIMS:
+                return (f"the CUDA kernel takes (head dim, value head dim) in {list(_CUDA_HEAD_DIMS)}, "
+                        f"got {dims}")
             if q.is_cuda:
                 have = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-                if _CUDA_SHARED_BYTES[q.shape[-1]] > have:
-                    return (f"the CUDA kernel at head dim {q.shape[-1]} needs {_CUDA_SHARED_BYTES[q.shape[-1]]} bytes "
+                if _CUDA_SHARED_BYTES[dims] > have:
+                    return (f"the CUDA kernel at head dims {dims} needs {_CUDA_SHARED_BYTES[dims]} bytes "
                             f"of shared memory per block, this GPU allows {have}")
             if max(q.shape[-2], batch) > _CUDA_MAX_GRID_Z:
                 return f"the CUDA kernel takes at most {_CUDA_MAX_GRID_Z} samples and heads per call, got {batch} and {q.shape[-2]}"
