@@ -18,6 +18,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../attention_mask.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -759,41 +761,6 @@ at::Tensor mask_bias(const char* op, const std::optional<at::Tensor>& key_paddin
       .masked_fill_(*key_padding_mask, -std::numeric_limits<double>::infinity());
 }
 
-// The in-kernel attention mask as a contiguous additive tensor in the compute type (bool: True -> -inf),
-// or undefined: padded (B or 1, Hq or 1, Lq, Lk) from (Lq, Lk) or 4-D; varlen (Hq or 1, total_q, W) from
-// (total_q, W) or 3-D, W at least `min_width` (the longest key sequence).
-at::Tensor attn_bias_tensor(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
-                            const at::Tensor& k, bool varlen, int64_t min_width = 0) {
-  if (!attn_mask) return at::Tensor();
-  const at::Tensor& m = *attn_mask;
-  const bool type_ok = m.device().is_cpu() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()));
-  at::Tensor full;
-  if (varlen) {
-    const int64_t H = q.size(1), total_q = q.size(0);
-    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
-                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
-                           m.size(2) >= min_width);
-    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a CPU bool or float (total_q, W) = (", total_q,
-                ", >= ", min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
-                ") tensor (W at least the longest key sequence), got ", m.sizes(), " ", m.scalar_type());
-    full = m.dim() == 2 ? m.unsqueeze(0) : m;
-  } else {
-    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
-    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
-                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
-                                            m.size(2) == Lq && m.size(3) == Lk)
-                                         : false;
-    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a CPU bool or float (Lq, Lk) = (", Lq, ", ", Lk,
-                ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor, got ",
-                m.sizes(), " ", m.scalar_type());
-    full = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
-  }
-  const auto ct = compute_type(q);
-  if (full.scalar_type() == at::kBool)
-    return at::zeros(full.sizes(), q.options().dtype(ct)).masked_fill_(full, -std::numeric_limits<double>::infinity());
-  return full.to(ct).contiguous();
-}
-
 // The variant arguments every entry point shares.
 struct Variants {
   const std::optional<at::Tensor>& attn_mask;
@@ -803,7 +770,7 @@ struct Variants {
   const std::optional<at::Tensor>& sinks;
 };
 
-// Points p's samples at the attention mask `bias` (from attn_bias_tensor; its last dim is the row stride)
+// Points p's samples at the attention mask `bias` (from attention_mask_bias; its last dim is the row stride)
 // and sets up dropout from philox = (seed, offset) int64, softcap and sinks (kept alive in `sinks_c`).
 // len_q, len_k: the padded sizes of the dropout counter. Varlen samples' masks start at their first row.
 void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Variants& x, int64_t len_q,
@@ -1056,7 +1023,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
   const char* op = "cross_attention_fwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, false);
+  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, false, 0, compute_type(q));
   Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
@@ -1073,7 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
   const char* op = "cross_attention_bwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, false);
+  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, false, 0, compute_type(q));
   Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
@@ -1092,7 +1059,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
   check_qkv(op, q, k, v, 3);
   Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
   const int64_t longest_k = longest_keys(p);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, true, longest_k);
+  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
   return run_forward(p, q, k, v, {q.size(1), q.size(0)}, hidden_keys_varlen(attn_bias, p, k.size(0)));
@@ -1108,7 +1075,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
   check_qkv(op, q, k, v, 3);
   Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
   const int64_t longest_k = longest_keys(p);
-  const at::Tensor attn_bias = attn_bias_tensor(op, attn_mask, q, k, true, longest_k);
+  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
   const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, true);

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "../attention_mask.h"
 #include "cross_attention_kernel.cuh"
 
 namespace mmfuse {
@@ -79,45 +80,11 @@ struct Variants {
   double dropout_p = 0.0, softcap = 0.0;
 };
 
-// The in-kernel bias: padded attn_mask (Lq, Lk) or (B or 1, Hq or 1, Lq, Lk); varlen (total_q, W)
-// or (Hq or 1, total_q, W) with W >= the longest key sequence. Bool (True hides) or any float dtype.
-at::Tensor bias_tensor(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
-                       const at::Tensor& k, bool varlen, int64_t min_width) {
-  if (!attn_mask) return at::Tensor();
-  const at::Tensor& m = *attn_mask;
-  const bool type_ok = m.device() == q.device() && (m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()));
-  at::Tensor full;
-  if (varlen) {
-    const int64_t H = q.size(1), total_q = q.size(0);
-    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
-                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
-                           m.size(2) >= min_width);
-    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (total_q, W) = (", total_q, ", >= ",
-                min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
-                ") tensor on ", q.device(), " (W at least the longest key sequence), got ", m.sizes(), " ",
-                m.scalar_type(), " on ", m.device());
-    full = m.dim() == 2 ? m.unsqueeze(0) : m;
-  } else {
-    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
-    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
-                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
-                                            m.size(2) == Lq && m.size(3) == Lk)
-                                         : false;
-    TORCH_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (Lq, Lk) = (", Lq, ", ", Lk,
-                ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor on ",
-                q.device(), ", got ", m.sizes(), " ", m.scalar_type(), " on ", m.device());
-    full = m.dim() == 2 ? m.view({1, 1, Lq, Lk}) : m;
-  }
-  if (full.scalar_type() == at::kBool)
-    return at::zeros(full.sizes(), q.options().dtype(at::kFloat)).masked_fill_(full, -std::numeric_limits<double>::infinity());
-  return full.to(at::kFloat).contiguous();
-}
-
 Variants variants(const char* op, const at::Tensor& q, const at::Tensor& k, bool varlen, int64_t min_width,
                   const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
                   double softcap, const std::optional<at::Tensor>& sinks) {
   Variants x;
-  x.bias = bias_tensor(op, attn_mask, q, k, varlen, min_width);
+  x.bias = attention_mask_bias(op, attn_mask, q, k, varlen, min_width, at::kFloat);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
               softcap);
   x.softcap = softcap;

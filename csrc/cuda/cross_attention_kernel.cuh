@@ -734,8 +734,10 @@ struct DkDvSmem {
   // a warp's 32 lanes hit 32 banks). They live in shared memory, not registers: held across the
   // dV and dP products they made the (128, 128) kernel spill on sm_90a at 255 registers.
   static constexpr int kCapWords = kBlockMBwd / 4;
-  template <typename T>
-  static constexpr size_t cap_offset() { return kEnd * sizeof(T) + 4 * kBlockMBwd * sizeof(float) + kBlockN; }
+  template <typename T>  // read by the kernel too: __host__ __device__
+  __host__ __device__ static constexpr size_t cap_offset() {
+    return kEnd * sizeof(T) + 4 * kBlockMBwd * sizeof(float) + kBlockN;
+  }
   template <typename T>
   static constexpr size_t bytes() { return cap_offset<T>() + kCapWords * kThreads * sizeof(uint32_t); }
 };
@@ -1023,58 +1025,22 @@ struct KernelLaunch {
 
 using Kernel = void (*)(AttentionParams);
 
-template <typename T>
-inline Kernel forward_kernel(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return attention_forward_kernel<T, D, DV>;
-  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
-#undef MMFUSE_ATTENTION_PAIR
-  return nullptr;
-}
+// The kernels and dynamic shared memory of one compiled (D, Dv) pair; null and 0 for any other.
+struct PairKernels {
+  Kernel forward = nullptr, dq = nullptr, dkdv = nullptr;
+  size_t forward_bytes = 0, dq_bytes = 0, dkdv_bytes = 0;
+};
 
 template <typename T>
-inline Kernel dq_kernel(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return attention_backward_dq_kernel<T, D, DV>;
+inline PairKernels pair_kernels(int head_dim, int head_dim_v) {
+#define MMFUSE_ATTENTION_PAIR(D, DV)                                                                       \
+  if (head_dim == D && head_dim_v == DV)                                                                   \
+    return {attention_forward_kernel<T, D, DV>, attention_backward_dq_kernel<T, D, DV>,                    \
+            attention_backward_dkdv_kernel<T, D, DV>, ForwardSmem<D, DV>::template bytes<T>(),             \
+            DqSmem<D, DV>::template bytes<T>(), DkDvSmem<D, DV>::template bytes<T>()};
   MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
 #undef MMFUSE_ATTENTION_PAIR
-  return nullptr;
-}
-
-template <typename T>
-inline Kernel dkdv_kernel(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return attention_backward_dkdv_kernel<T, D, DV>;
-  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
-#undef MMFUSE_ATTENTION_PAIR
-  return nullptr;
-}
-
-template <typename T>
-inline size_t forward_shared_bytes(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return ForwardSmem<D, DV>::template bytes<T>();
-  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
-#undef MMFUSE_ATTENTION_PAIR
-  return 0;
-}
-
-template <typename T>
-inline size_t dq_shared_bytes(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return DqSmem<D, DV>::template bytes<T>();
-  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
-#undef MMFUSE_ATTENTION_PAIR
-  return 0;
-}
-
-template <typename T>
-inline size_t dkdv_shared_bytes(int head_dim, int head_dim_v) {
-#define MMFUSE_ATTENTION_PAIR(D, DV) \
-  if (head_dim == D && head_dim_v == DV) return DkDvSmem<D, DV>::template bytes<T>();
-  MMFUSE_ATTENTION_HEAD_DIMS(MMFUSE_ATTENTION_PAIR)
-#undef MMFUSE_ATTENTION_PAIR
-  return 0;
+  return {};
 }
 
 constexpr int kMaxSplits = 64;
@@ -1105,8 +1071,8 @@ inline cudaError_t query_tile_launch(const AttentionParams& p, bool forward, Ker
   if (tiles > 0x7fffffffLL || p.heads_q > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   launch->grid = dim3(static_cast<unsigned>(tiles), p.heads_q, p.batch);
   launch->block = dim3(kThreads);
-  launch->shared_bytes =
-      forward ? forward_shared_bytes<T>(p.head_dim, p.head_dim_v) : dq_shared_bytes<T>(p.head_dim, p.head_dim_v);
+  const PairKernels kernels = pair_kernels<T>(p.head_dim, p.head_dim_v);
+  launch->shared_bytes = forward ? kernels.forward_bytes : kernels.dq_bytes;
   return cudaSuccess;
 }
 
@@ -1127,7 +1093,7 @@ inline cudaError_t dkdv_launch(const AttentionParams& p, KernelLaunch* launch) {
   if (tiles > 0x7fffffffLL || p.heads_kv > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
   launch->grid = dim3(static_cast<unsigned>(tiles), p.heads_kv, p.batch);
   launch->block = dim3(kThreads);
-  launch->shared_bytes = dkdv_shared_bytes<T>(p.head_dim, p.head_dim_v);
+  launch->shared_bytes = pair_kernels<T>(p.head_dim, p.head_dim_v).dkdv_bytes;
   return cudaSuccess;
 }
 
@@ -1166,7 +1132,7 @@ template <typename T>
 cudaError_t launch_forward(const AttentionParams& p, cudaStream_t stream) {
   KernelLaunch l{};
   cudaError_t status = forward_launch<T>(p, &l);
-  if (status == cudaSuccess) status = launch_kernel(forward_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
+  if (status == cudaSuccess) status = launch_kernel(pair_kernels<T>(p.head_dim, p.head_dim_v).forward, l, p, stream);
   if (status == cudaSuccess && p.splits > 1) {
     status = merge_launch(p, &l);
     if (status == cudaSuccess) status = launch_kernel(attention_split_merge_kernel<T>, l, p, stream);
@@ -1181,9 +1147,9 @@ cudaError_t launch_backward(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t status = delta_launch(p, &l);
   if (status == cudaSuccess) status = launch_kernel(attention_backward_delta_kernel<T>, l, p, stream);
   if (status == cudaSuccess) status = dkdv_launch<T>(p, &l);
-  if (status == cudaSuccess) status = launch_kernel(dkdv_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
+  if (status == cudaSuccess) status = launch_kernel(pair_kernels<T>(p.head_dim, p.head_dim_v).dkdv, l, p, stream);
   if (status == cudaSuccess) status = dq_launch<T>(p, &l);
-  if (status == cudaSuccess) status = launch_kernel(dq_kernel<T>(p.head_dim, p.head_dim_v), l, p, stream);
+  if (status == cudaSuccess) status = launch_kernel(pair_kernels<T>(p.head_dim, p.head_dim_v).dq, l, p, stream);
   return status;
 }
 #endif

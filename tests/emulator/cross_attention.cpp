@@ -68,7 +68,7 @@ template <typename T>
 void forward(const att::AttentionParams& p) {
   att::KernelLaunch l{};
   check(att::forward_launch<T>(p, &l), "forward_launch");
-  launch(att::forward_kernel<T>(p.head_dim, p.head_dim_v), l, p);
+  launch(att::pair_kernels<T>(p.head_dim, p.head_dim_v).forward, l, p);
   if (p.splits > 1) {
     check(att::merge_launch(p, &l), "merge_launch");
     launch(att::attention_split_merge_kernel<T>, l, p);
@@ -81,9 +81,9 @@ void backward(const att::AttentionParams& p) {
   check(att::delta_launch(p, &l), "delta_launch");
   launch(att::attention_backward_delta_kernel<T>, l, p);
   check(att::dkdv_launch<T>(p, &l), "dkdv_launch");
-  launch(att::dkdv_kernel<T>(p.head_dim, p.head_dim_v), l, p);
+  launch(att::pair_kernels<T>(p.head_dim, p.head_dim_v).dkdv, l, p);
   check(att::dq_launch<T>(p, &l), "dq_launch");
-  launch(att::dq_kernel<T>(p.head_dim, p.head_dim_v), l, p);
+  launch(att::pair_kernels<T>(p.head_dim, p.head_dim_v).dq, l, p);
 }
 
 }  // namespace
