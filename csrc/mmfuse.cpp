@@ -48,19 +48,21 @@ TORCH_LIBRARY(mmfuse, m) {
   // attn_mask (Lq, Lk) | (B or 1, Hq or 1, Lq, Lk), bool (True = ignore) or float (added to the scores); dropout_p on the
   // probabilities from philox = int64 (seed, offset); softcap > 0 caps the scaled scores at softcap * tanh(s / softcap)
   // before the mask; sinks (Hq,) float: one logit per query head in every row's softmax denominator (the returned lse
-  // includes it). v (B, Lk, Hkv, Dv) may have another head dim than q/k. mmfuse/contract/attention.py defines it all.
+  // includes it). v (B, Lk, Hkv, Dv) may have another head dim than q/k. key_ranges int32 (B, Lq, 2) | (B, Hq, Lq, 2):
+  // query i sees only keys [start, end) (intersected with the other masks; key tiles outside every range of a block are
+  // skipped). mmfuse/contract/attention.py defines it all.
   // Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) float32 (float64 for float64 inputs); causal is bottom-right aligned.
-  m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  m.def("cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, Tensor? key_ranges=None) -> (Tensor out, Tensor lse)");
   // Gradients of cross_attention_fwd w.r.t. q, k, v given grad_out and (optional) grad_lse; dk/dv summed over GQA groups;
   // dmask: with mask_grad (a float attn_mask), the gradient at each final score (B, Hq, Lq, Lk) in lse's dtype, else empty.
   // The sinks' gradient is -sum(exp(sink - lse) * delta), computed by the autograd wrapper.
-  m.def("cross_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, bool mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def("cross_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? key_padding_mask, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, Tensor? key_ranges=None, bool mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Attention over packed (total, H, D) sequences delimited by int32 cu_seqlens (B+1,); lse (Hq, total_q); attn_mask
   // (total_q, W) | (Hq or 1, total_q, W), column j = key j of the row's own sequence; dropout draws the padded stream
-  // of the batch padded to its longest sequences.
-  m.def("cross_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  // of the batch padded to its longest sequences; key_ranges (total_q, 2) | (Hq, total_q, 2) in the row's own key indices.
+  m.def("cross_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, Tensor? key_ranges=None) -> (Tensor out, Tensor lse)");
   // Gradients of cross_attention_varlen_fwd w.r.t. q, k, v (and dmask (Hq, total_q, W) with mask_grad).
-  m.def("cross_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, bool mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  m.def("cross_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, Tensor? attn_mask=None, float dropout_p=0., Tensor? philox=None, float softcap=0., Tensor? sinks=None, Tensor? key_ranges=None, bool mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // Log-mel front ends (torchaudio/librosa, Whisper, Kaldi), MFCC (log then dct (n_mels, n_mfcc), dB clamped top_db
   // below the max of each top_db_group items; top_db < 0: none) and the plain or complex (B, n_bins, frames, 2)
   // spectrogram, in one pass from (B, T); codes in mmfuse/contract/spectrogram.py.

@@ -18,6 +18,7 @@ from mmfuse.ops.spectrogram import (
     spectrogram,
     whisper_log_mel,
 )
+from mmfuse import masks  # key_ranges builders (torch ops only)
 from mmfuse import nn  # layers last: they build on the ops above
 from mmfuse import models  # models after the layers they build on
 
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "build_info", "combine_modalities", "cross_attention", "cross_attention_varlen",
     "fused_concat_linear", "pack_modalities", "unpack_modalities", "PackedModalities", "amplitude_to_db",
-    "kaldi_fbank", "mel_spectrogram", "mfcc", "spectrogram", "whisper_log_mel", "nn", "models",
+    "kaldi_fbank", "mel_spectrogram", "mfcc", "spectrogram", "whisper_log_mel", "masks", "nn", "models",
 ]

@@ -34,7 +34,11 @@ def attention_args(r: random.Random):
     philox = torch.tensor([r.randint(0, 2**40), r.randint(0, 2**20)]) if p else None
     softcap = 2.0 if r.random() < 0.3 else 0.0
     sinks = torch.randn(hkv * g) if r.random() < 0.3 else None
-    fwd = [q, k, v, kv_lens, kpm, 0.3, r.random() < 0.5, mask, p, philox, softcap, sinks]
+    ranges = None
+    if r.random() < 0.3:
+        ends = torch.randint(0, lk + 1, (b, lq, 2)).sort(-1).values
+        ranges = ends.int()
+    fwd = [q, k, v, kv_lens, kpm, 0.3, r.random() < 0.5, mask, p, philox, softcap, sinks, ranges]
     if r.random() < 0.5:
         return "cross_attention_fwd", fwd
     out, lse = OPS.cross_attention_fwd(*fwd)
@@ -58,8 +62,13 @@ def varlen_args(r: random.Random):
     philox = torch.tensor([r.randint(0, 2**40), r.randint(0, 2**20)]) if p else None
     softcap = 2.0 if r.random() < 0.3 else 0.0
     sinks = torch.randn(hkv * g) if r.random() < 0.3 else None
+    ranges = None
+    if r.random() < 0.3:  # each row within its own sequence's keys
+        row_k = torch.tensor(lk, dtype=torch.long).repeat_interleave(torch.tensor(lq, dtype=torch.long)) if b else \
+            torch.zeros(0, dtype=torch.long)
+        ranges = (torch.rand(sum(lq), 2) * (row_k[:, None] + 1)).long().clamp(max=row_k[:, None]).sort(-1).values.int()
     fwd = [q, k, v, cu_q, cu_k, max(lq, default=0), max(lk, default=0), 0.5, r.random() < 0.5, mask, p, philox,
-           softcap, sinks]
+           softcap, sinks, ranges]
     if r.random() < 0.5:
         return "cross_attention_varlen_fwd", fwd
     out, lse = OPS.cross_attention_varlen_fwd(*fwd)

@@ -396,7 +396,7 @@ def test_raw_ops_refuse_bad_variant_arguments():
     with pytest.raises(RuntimeError, match="softcap must be a finite float >= 0"):
         fwd(Q, K, V, None, None, 0.3, False, None, 0.0, None, -1.0, None)
     with pytest.raises(RuntimeError, match="mask_grad needs attn_mask"):
-        bwd(out, None, Q, K, V, out, lse, None, None, 0.3, False, None, 0.0, None, 0.0, None, True)
+        bwd(out, None, Q, K, V, out, lse, None, None, 0.3, False, None, 0.0, None, 0.0, None, None, True)
     with pytest.raises(RuntimeError, match="grad_out must be a CPU float tensor of shape"):
         bwd(out[..., :3], None, Q, K, V, out, lse, None, None, 0.3, False)
     vfwd = torch.ops.mmfuse.cross_attention_varlen_fwd

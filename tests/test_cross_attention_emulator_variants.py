@@ -381,6 +381,23 @@ def test_split_kv_decode_matches_one_pass(len_q=5, splits=3, dtype=torch.bfloat1
     assert (split[0][0] == 0).all() and torch.equal(split[1][0], sinks[:, None].expand(heads_q, len_q))
 
 
+def test_split_kv_decode_propagates_nan_like_one_pass():
+    """A NaN in a visible key (seen by one split only) and a NaN query row: the split schedule's merge
+    gives those rows NaN out and lse, as the one-pass kernel and the CPU kernel do; other rows agree."""
+    batch, len_q, len_k, heads_q, heads_kv = 2, 1, 261, 2, 1
+    q, k, v = half_inputs((batch, len_q, heads_q, 64), (batch, len_k, heads_kv, 64), (batch, len_k, heads_kv, 64),
+                          torch.float16)
+    k[0, 5] = float("nan")  # sample 0: every row sees key 5 (first split) -> NaN rows
+    q[1, 0, 1] = float("nan")  # sample 1, head 1: a NaN query row
+    kw = padded_kw(q, k, v, 0.125, False, sinks=torch.randn(heads_q))
+    one = run_kernels(q, k, v, kw, lse_shape=(batch, heads_q, len_q))
+    split = run_kernels(q, k, v, kw, lse_shape=(batch, heads_q, len_q), splits=3)
+    for name, a, b in (("out", split[0].float(), one[0].float()), ("lse", split[1], one[1])):
+        assert torch.equal(a.isnan(), b.isnan()), name
+    assert one[1][0].isnan().all() and one[1][1, 1].isnan().all() and not one[1][1, 0].isnan().any()
+    torch.testing.assert_close(split[0][1, :, 0].float(), one[0][1, :, 0].float(), atol=1e-2, rtol=1e-2)
+
+
 def test_split_kv_decode_varlen_dropout():
     """Split decode (query lengths 1 and 3) on packed sequences, one without keys, with dropout: the
     merged out equals one pass."""

@@ -104,6 +104,9 @@ def attention_case(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     if draw(st.booleans()):
         kw["sinks"] = torch.randn(heads_kv * group, generator=gen, dtype=dtype)
+    if draw(st.booleans()):  # per-query key windows, per head or shared
+        shape = (batch, heads_kv * group, len_q, 2) if draw(st.booleans()) else (batch, len_q, 2)
+        kw["key_ranges"] = torch.randint(0, len_k + 1, shape, generator=gen).sort(-1).values.int()
     hidden = torch.zeros(batch, len_k, dtype=torch.bool)
     if draw(st.booleans()):
         kv_lens = torch.randint(0, len_k + 1, (batch,), generator=gen)
@@ -123,13 +126,17 @@ def attention_case(draw):
     how = draw(st.sampled_from(LAYOUTS))
     q, k, v = layout(q, how), layout(k, how), layout(v, how)
     defect = draw(st.sampled_from([None, None, None, "q", "k", "v", "kv_lens", "key_padding_mask", "attn_mask", "scale",
-                                   "softcap", "sinks"]))
+                                   "softcap", "sinks", "key_ranges"]))
     if defect == "q":
         q = draw(st.sampled_from([q.int(), q[0], q[..., :0], q.to("meta")]))
     elif defect == "k":
         k = draw(st.sampled_from([k.unsqueeze(0), k[..., :0], k.to(torch.float16)]))
     elif defect == "v":
         v = v[:, :1].expand(batch, len_k + 1, heads_kv, v.shape[-1])
+    elif defect == "key_ranges":
+        kw["key_ranges"] = draw(st.sampled_from([torch.full((batch, len_q, 2), len_k + 1, dtype=torch.int32),
+                                                 torch.zeros(batch, len_q, 2), torch.zeros(batch, len_q + 1, 2,
+                                                                                           dtype=torch.int32)]))
     elif defect == "softcap":
         kw["softcap"] = draw(st.sampled_from([-1.0, math.nan, math.inf, "2"]))
     elif defect == "sinks":

@@ -28,6 +28,8 @@
 #endif
 #include <cmath>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 // Fortran BLAS exported by libtorch_cpu (what ATen's own CPU gemm calls). Weak, so a torch
@@ -121,7 +123,8 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
 // log(exp(a) + exp(b)), -inf when both are; NaN propagates.
 template <typename T>
 T logaddexp(T a, T b) {
-  const T m = std::isnan(a) ? a : std::max(a, b);
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
+  const T m = std::max(a, b);
   if (m == -std::numeric_limits<T>::infinity()) return m;
   return m + std::log1p(std::exp(-std::abs(a - b)));
 }
@@ -159,6 +162,7 @@ struct Sample {
   const void* attn_bias = nullptr;  // this sample's (Hq or 1, Lq, Lk) additive mask in the compute type, or null
   int64_t index = 0;                // the batch index b, for the dropout counter
   void* dmask = nullptr;            // mask_grad: this sample's (Hq, Lq, Lk) rows of dmask, or null
+  const int32_t* ranges = nullptr;  // key_ranges: this sample's (Hq or 1, Lq, 2) [start, end) per query, or null
 };
 
 struct Problem {
@@ -180,6 +184,7 @@ struct Problem {
   double softcap = 0.0;          // > 0: scores become softcap * tanh(s / softcap) before the masks
   const void* sinks = nullptr;   // (Hq,) logits in the compute type joining each row's denominator, or null
   int64_t dmask_head = 0, dmask_row = 0;  // strides of Sample::dmask between heads and query rows
+  int64_t ranges_head = 0;       // int32 pairs between heads of Sample::ranges (0: shared by every head)
 
   int64_t group() const { return heads_q / heads_kv; }
   int64_t q_stride() const { return heads_q * dim; }
@@ -223,6 +228,12 @@ void add_mask(T* row, const T* bias, int64_t n) {
 template <typename T>
 void mask_row(const Problem& p, const Sample& s, int64_t h, int64_t i, int64_t kb, T* row, int64_t n) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  if (s.ranges != nullptr) {  // keys outside [start, end)
+    const int32_t* r = s.ranges + h * p.ranges_head + 2 * i;
+    const int64_t lo = std::clamp<int64_t>(r[0] - kb, 0, n), hi = std::clamp<int64_t>(r[1] - kb, lo, n);
+    std::fill(row, row + lo, neg_inf);
+    std::fill(row + hi, row + n, neg_inf);
+  }
   if (p.causal) {
     const int64_t visible = std::clamp<int64_t>(i + s.k_len - s.q_len + 1 - kb, 0, n);
     std::fill(row + visible, row + n, neg_inf);
@@ -377,6 +388,22 @@ int64_t key_end(const Problem& p, const Sample& s, int64_t i1) {
   return std::clamp<int64_t>(i1 - 1 + s.k_len - s.q_len + 1, 0, s.k_len);
 }
 
+// The key blocks of kBlockK keys that queries [i0, i0 + rows) of head h may see: [first, end), first a
+// multiple of kBlockK. With key_ranges, the span of the rows' ranges: blocks outside it are skipped,
+// not masked (first >= end when every range is empty).
+std::pair<int64_t, int64_t> key_blocks(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows) {
+  int64_t first = 0, end = key_end(p, s, i0 + rows);
+  if (s.ranges != nullptr) {
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    const int32_t* r = s.ranges + h * p.ranges_head + 2 * i0;
+    for (int64_t q = 0; q < rows; ++q)
+      if (r[2 * q] < r[2 * q + 1]) lo = std::min<int64_t>(lo, r[2 * q]), hi = std::max<int64_t>(hi, r[2 * q + 1]);
+    end = std::min(end, hi);
+    first = lo >= end ? end : lo / kBlockK * kBlockK;
+  }
+  return {first, end};
+}
+
 // Task t of the (sample, head, query block) grid: rows [i0, i0 + rows) of head h.
 struct QueryBlock {
   const Sample* s;
@@ -427,8 +454,8 @@ void forward(const Problem& p, const T* q, const T* k, const T* v, T* out, T* ls
       std::fill(acc.begin(), acc.begin() + rows * Dv, T(0));
       std::fill(row_m.begin(), row_m.end(), neg_inf);
       std::fill(row_l.begin(), row_l.end(), T(0));
-      const int64_t end = key_end(p, s, i0 + rows);
-      for (int64_t kb = 0; kb < end; kb += kBlockK) {
+      const auto [first, end] = key_blocks(p, s, h, i0, rows);
+      for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t cols = std::min(kBlockK, end - kb);
         T* S = scores.data();  // (rows, cols), leading dimension cols
         gemm<T>(false, true, rows, cols, D, T(p.scale), q_blk, qs, k_head + kb * ks, ks, T(0), S, cols);
@@ -573,8 +600,8 @@ void backward_one_pass(const Problem& p, const T* dout, const T* q, const T* k, 
           const T* g_blk = dout + (s.q_row + i0) * os + h * Dv;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
           std::fill(dq_acc.begin(), dq_acc.begin() + rows * D, T(0));
-          const int64_t end = key_end(p, s, i0 + rows);
-          for (int64_t kb = 0; kb < end; kb += kBlockK) {
+          const auto [first, end] = key_blocks(p, s, h, i0, rows);
+          for (int64_t kb = first; kb < end; kb += kBlockK) {
             const int64_t cols = std::min(kBlockK, end - kb);
             const T* k_blk = k_head + kb * ks;
             const T* v_blk = v_head + kb * vs;
@@ -650,6 +677,8 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
       for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
         for (int64_t i0 = (first_q / kBlockQ) * kBlockQ; i0 < s.q_len; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, s.q_len - i0);
+          const auto [first, end] = key_blocks(p, s, h, i0, rows);
+          if (kb < first || kb >= end) continue;  // no query of the block sees this key block
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
           const T* g_blk = dout + (s.q_row + i0) * os + h * Dv;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;
@@ -676,8 +705,8 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
       const T* g_blk = dout + (s.q_row + i0) * os + blk.h * Dv;
       const int64_t lse_at = blk.lse_offset(p);
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
-      const int64_t end = key_end(p, s, i0 + rows);
-      for (int64_t kb = 0; kb < end; kb += kBlockK) {
+      const auto [first, end] = key_blocks(p, s, blk.h, i0, rows);
+      for (int64_t kb = first; kb < end; kb += kBlockK) {
         const int64_t cols = std::min(kBlockK, end - kb);
         const T* k_blk = k + (s.k_row + kb) * ks + blk.hk * D;
         const T* v_blk = v + (s.k_row + kb) * vs + blk.hk * Dv;
@@ -788,6 +817,11 @@ void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Vari
   }
   TORCH_CHECK(std::isfinite(x.softcap) && x.softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
               x.softcap);
+  // in float32 compute a cap outside float's normal range would become inf (NaN scores) or 0 (no cap)
+  TORCH_CHECK(compute_type(q) == at::kDouble || x.softcap == 0.0 ||
+                  (x.softcap >= std::numeric_limits<float>::min() && x.softcap <= std::numeric_limits<float>::max()),
+              op, ": softcap must be 0 or within float32's normal range [", std::numeric_limits<float>::min(), ", ",
+              std::numeric_limits<float>::max(), "] for ", q.scalar_type(), " inputs, got ", x.softcap);
   p.softcap = x.softcap;
   if (x.sinks) {
     const at::Tensor& t = *x.sinks;
@@ -812,6 +846,40 @@ void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Vari
   p.keep_threshold = static_cast<uint32_t>(std::floor(x.dropout_p * 4294967296.0));
   p.len_q = len_q;
   p.len_k = len_k;
+}
+
+// Points p's samples at key_ranges (kept alive in `ranges_c`): padded (B, Lq, 2) or (B, Hq, Lq, 2),
+// varlen (total_q, 2) or (Hq, total_q, 2), int32 [start, end) with 0 <= start <= end <= the sample's
+// key count (padded: Lk; varlen: its sequence's length); the first bad query is named.
+void add_ranges(const char* op, Problem& p, const std::optional<at::Tensor>& key_ranges, const at::Tensor& q,
+                const at::Tensor& k, bool varlen, at::Tensor& ranges_c) {
+  if (!key_ranges) return;
+  const at::Tensor& r = *key_ranges;
+  const int64_t rows = varlen ? q.size(0) : q.size(1), batch = p.batch, heads = p.heads_q;
+  const bool per_head = varlen ? r.dim() == 3 : r.dim() == 4;
+  const bool shape_ok =
+      r.size(-1) == 2 && r.dim() >= 2 && r.size(-2) == rows &&
+      (varlen ? (r.dim() == 2 || (r.dim() == 3 && r.size(0) == heads))
+              : ((r.dim() == 3 && r.size(0) == batch) || (r.dim() == 4 && r.size(0) == batch && r.size(1) == heads)));
+  TORCH_CHECK(shape_ok && r.scalar_type() == at::kInt && r.device().is_cpu(), op, ": key_ranges must be a CPU int32 ",
+              varlen ? "(total_q, 2) or (Hq, total_q, 2)" : "(B, Lq, 2) or (B, Hq, Lq, 2)", " tensor with rows = ", rows,
+              ", B = ", batch, ", Hq = ", heads, ", got ", r.sizes(), " ", r.scalar_type(), " on ", r.device());
+  ranges_c = r.contiguous();
+  const int32_t* base = ranges_c.data_ptr<int32_t>();
+  p.ranges_head = per_head ? rows * 2 : 0;  // a head's (rows, 2) block, or shared by every head
+  const int64_t heads_in = per_head ? heads : 1;
+  for (Sample& s : p.samples) {
+    s.ranges = varlen ? base + 2 * s.q_row : base + s.index * heads_in * rows * 2;
+    const int64_t bound = varlen ? s.k_len : k.size(1);  // its sequence's keys, or the padded Lk
+    for (int64_t h = 0; h < heads_in; ++h)
+      for (int64_t i = 0; i < s.q_len; ++i) {
+        const int32_t* x = s.ranges + h * p.ranges_head + 2 * i;
+        TORCH_CHECK(0 <= x[0] && x[0] <= x[1] && x[1] <= bound, op, ": key_ranges must satisfy 0 <= start <= end <= ",
+                    bound, varlen ? " (the sequence's key count)" : " (Lk)", ", got [", x[0], ", ", x[1],
+                    ") at sample ", s.index, per_head ? ", head " : "", per_head ? std::to_string(h) : std::string(),
+                    ", query ", i);
+      }
+  }
 }
 
 // mask_grad's output, zero-filled, with p's samples pointing at their rows: padded (B, Hq, Lq, Lk), varlen
@@ -911,48 +979,80 @@ at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hi
   return hidden_row_not_finite(c, mask) ? c.masked_fill(mask.unsqueeze(-1).unsqueeze(-1), 0) : c;
 }
 
-// (B or 1, Lk) bool: keys hidden from every query by key_padding_mask or by attn_mask (its additive
-// form, -inf where hidden); undefined when neither can hide a key.
-// With causal, a key the attention mask hides from every query the causal rule lets see it is hidden
-// too: query i of sample b sees key j causally iff j <= i + kv_len[b] - Lq.
-at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias, bool causal,
-                       const Problem& p) {
-  at::Tensor hidden;
-  if (key_padding_mask) hidden = *key_padding_mask;
-  if (attn_bias.defined()) {
-    at::Tensor masked = attn_bias == -std::numeric_limits<double>::infinity();  // (B or 1, Hq or 1, Lq, Lk)
-    if (causal) {
-      const int64_t len_q = attn_bias.size(2), len_k = attn_bias.size(3);
-      std::vector<int64_t> k_lens;
-      for (const Sample& s : p.samples) k_lens.push_back(s.k_len);
-      const auto opts = attn_bias.options().dtype(at::kLong);
-      const at::Tensor kv = at::tensor(k_lens, opts).view({-1, 1, 1, 1});
-      const at::Tensor i = at::arange(len_q, opts).view({1, 1, -1, 1}), j = at::arange(len_k, opts).view({1, 1, 1, -1});
-      masked = masked.logical_or(j > i + kv - len_q);  // (B, Hq or 1, Lq, Lk)
-    }
-    const at::Tensor all = masked.flatten(1, 2).all(1);
-    hidden = hidden.defined() ? hidden.logical_or(all) : all;
+// The keys [lo, hi) that query i of sample s may see by its key range (head h) and the causal rule.
+std::pair<int64_t, int64_t> row_window(const Problem& p, const Sample& s, int64_t h, int64_t i) {
+  int64_t lo = 0, hi = s.k_len;
+  if (p.causal) hi = std::clamp<int64_t>(i + s.k_len - s.q_len + 1, 0, s.k_len);
+  if (s.ranges != nullptr) {
+    const int32_t* r = s.ranges + h * p.ranges_head + 2 * i;
+    lo = r[0], hi = std::min<int64_t>(hi, r[1]);
   }
-  return hidden;
+  return {lo, std::max(lo, hi)};
 }
 
-// (total_k,) bool: the packed keys that the varlen attention mask (Hq or 1, total_q, W) and causal rule
-// hide from every query of their sequence; undefined without a mask.
-at::Tensor hidden_keys_varlen(const at::Tensor& attn_bias, const Problem& p, int64_t total_k) {
-  if (!attn_bias.defined()) return at::Tensor();
-  const int64_t width = attn_bias.size(2);
-  // (total_q, W): the key is visible to the row (some head)
-  const at::Tensor seen_row = (attn_bias != -std::numeric_limits<double>::infinity()).any(0);
-  std::vector<uint8_t> hidden(total_k, 1);
-  const at::Tensor rows = seen_row.contiguous();
-  const bool* r = rows.data_ptr<bool>();
-  for (const Sample& s : p.samples)
+// Whether each key j < seen.size() of sample s is seen by some query (any head) through its window
+// (row_window) and, when `mask` is given, its attention-mask row: row (mask head hm, query i) at
+// mask + hm * head_stride + i * width, true = visible (a mask with one head serves every head).
+// Without a mask the windows are summed in a difference array: O(Lq + Lk) per head.
+std::vector<uint8_t> seen_keys(const Problem& p, const Sample& s, int64_t n, const bool* mask, int64_t mask_heads,
+                               int64_t head_stride, int64_t width) {
+  const int64_t range_heads = p.ranges_head != 0 ? p.heads_q : 1;
+  std::vector<uint8_t> seen(n, 0);
+  std::vector<int64_t> diff(n + 1, 0);
+  for (int64_t h = 0; h < std::max(range_heads, mask_heads); ++h)
     for (int64_t i = 0; i < s.q_len; ++i) {
-      const int64_t visible = p.causal ? std::clamp<int64_t>(i + s.k_len - s.q_len + 1, 0, s.k_len) : s.k_len;
-      const bool* row = r + (s.q_row + i) * width;
-      for (int64_t j = 0; j < visible; ++j)
-        if (row[j]) hidden[s.k_row + j] = 0;
+      const auto [lo, hi] = row_window(p, s, range_heads == 1 ? 0 : h, i);
+      if (mask == nullptr) {
+        diff[std::min(lo, n)] += 1, diff[std::min(hi, n)] -= 1;
+        continue;
+      }
+      const bool* row = mask + (mask_heads == 1 ? 0 : h) * head_stride + i * width;
+      for (int64_t j = lo; j < std::min(hi, n); ++j) seen[j] |= row[j];
     }
+  for (int64_t j = 0, run = 0; j < n; ++j) seen[j] |= (run += diff[j]) > 0;
+  return seen;
+}
+
+// (B or 1, Lk) bool: keys hidden from every query by key_padding_mask, attn_mask (its additive form,
+// -inf where hidden) or key_ranges (with the causal rule: query i of sample b sees key j causally iff
+// j <= i + kv_len[b] - Lq); undefined when none of them can hide a key.
+at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias,
+                       const Problem& p, int64_t len_k) {
+  at::Tensor hidden;
+  if (key_padding_mask) hidden = *key_padding_mask;
+  const bool ranges = !p.samples.empty() && p.samples[0].ranges != nullptr;
+  if (!attn_bias.defined() && !ranges) return hidden;
+  at::Tensor visible;  // (B or 1, Hq or 1, Lq, Lk), true = visible
+  if (attn_bias.defined()) visible = (attn_bias != -std::numeric_limits<double>::infinity()).contiguous();
+  const int64_t mask_batch = visible.defined() ? visible.size(0) : 1, mask_heads = visible.defined() ? visible.size(1) : 1;
+  const int64_t len_q = visible.defined() ? visible.size(2) : 0;
+  at::Tensor all = at::empty({p.batch, len_k}, at::TensorOptions().dtype(at::kBool));
+  for (const Sample& s : p.samples) {
+    const bool* mask = visible.defined()
+                           ? visible.data_ptr<bool>() + (mask_batch == 1 ? 0 : s.index) * mask_heads * len_q * len_k
+                           : nullptr;
+    const std::vector<uint8_t> seen = seen_keys(p, s, len_k, mask, mask_heads, len_q * len_k, len_k);
+    bool* out = all.data_ptr<bool>() + s.index * len_k;
+    for (int64_t j = 0; j < len_k; ++j) out[j] = !seen[j];
+  }
+  return hidden.defined() ? hidden.logical_or(all) : all;
+}
+
+// (total_k,) bool: the packed keys that the varlen attention mask (Hq or 1, total_q, W), key_ranges and
+// the causal rule hide from every query of their sequence; undefined without a mask or ranges.
+at::Tensor hidden_keys_varlen(const at::Tensor& attn_bias, const Problem& p, int64_t total_k) {
+  const bool ranges = !p.samples.empty() && p.samples[0].ranges != nullptr;
+  if (!attn_bias.defined() && !ranges) return at::Tensor();
+  at::Tensor visible;  // (Hq or 1, total_q, W)
+  if (attn_bias.defined()) visible = (attn_bias != -std::numeric_limits<double>::infinity()).contiguous();
+  const int64_t mask_heads = visible.defined() ? visible.size(0) : 1, width = visible.defined() ? visible.size(2) : 0;
+  const int64_t total_q = visible.defined() ? visible.size(1) : 0;
+  std::vector<uint8_t> hidden(total_k, 1);
+  for (const Sample& s : p.samples) {
+    const bool* mask = visible.defined() ? visible.data_ptr<bool>() + s.q_row * width : nullptr;
+    const std::vector<uint8_t> seen = seen_keys(p, s, s.k_len, mask, mask_heads, total_q * width, width);
+    for (int64_t j = 0; j < s.k_len; ++j) hidden[s.k_row + j] = !seen[j];
+  }
   return at::tensor(at::ArrayRef<uint8_t>(hidden)).to(at::kBool);
 }
 
@@ -1019,7 +1119,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_fwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
@@ -1028,7 +1128,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
                sinks_c);
-  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias, causal, p));
+  at::Tensor ranges_c;
+  add_ranges(op, p, key_ranges, q, k, false, ranges_c);
+  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias, p, k.size(1)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
@@ -1036,7 +1138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
+    bool mask_grad) {
   const char* op = "cross_attention_bwd";
   check_qkv(op, q, k, v, 4);
   const at::Tensor bias = mask_bias(op, key_padding_mask, k);
@@ -1045,16 +1148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
                sinks_c);
+  at::Tensor ranges_c;
+  add_ranges(op, p, key_ranges, q, k, false, ranges_c);
   const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, false);
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)},
-                      hidden_keys(key_padding_mask, attn_bias, causal, p), dmask);
+                      hidden_keys(key_padding_mask, attn_bias, p, k.size(1)), dmask);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_varlen_fwd";
   check_qkv(op, q, k, v, 3);
   Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
@@ -1062,6 +1167,8 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
   const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
+  at::Tensor ranges_c;
+  add_ranges(op, p, key_ranges, q, k, true, ranges_c);
   return run_forward(p, q, k, v, {q.size(1), q.size(0)}, hidden_keys_varlen(attn_bias, p, k.size(0)));
 }
 
@@ -1070,7 +1177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
+    bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
   check_qkv(op, q, k, v, 3);
   Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
@@ -1078,6 +1186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
   const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
   at::Tensor sinks_c;
   add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
+  at::Tensor ranges_c;
+  add_ranges(op, p, key_ranges, q, k, true, ranges_c);
   const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, true);
   return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)},
                       hidden_keys_varlen(attn_bias, p, k.size(0)), dmask);

@@ -87,6 +87,10 @@ Variants variants(const char* op, const at::Tensor& q, const at::Tensor& k, bool
   x.bias = attention_mask_bias(op, attn_mask, q, k, varlen, min_width, at::kFloat);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
               softcap);
+  // the kernels hold it as a float: outside float's normal range it would become inf (NaN scores) or 0 (no cap)
+  TORCH_CHECK(softcap == 0.0 || (softcap >= std::numeric_limits<float>::min() && softcap <= std::numeric_limits<float>::max()),
+              op, ": softcap must be 0 or within float32's normal range [", std::numeric_limits<float>::min(), ", ",
+              std::numeric_limits<float>::max(), "], got ", softcap);
   x.softcap = softcap;
   const int64_t heads_q = q.size(-2);
   if (sinks) {
@@ -391,12 +395,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   return {dq, dk, dv, dmask};
 }
 
+// key_ranges (per-query key windows) are computed by the C++ kernel; the CUDA kernel does
+// not read them yet (mmfuse/ops/attention.py routes such calls elsewhere).
+void refuse_key_ranges(const char* op, const std::optional<at::Tensor>& key_ranges) {
+  TORCH_CHECK(!key_ranges.has_value(), op, ": the CUDA kernel takes no key_ranges (use the triton or cpu backend), got ",
+              "a tensor of shape ", key_ranges ? key_ranges->sizes() : at::IntArrayRef{});
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_fwd";
+  refuse_key_ranges(op, key_ranges);
   check_qkv(op, q, k, v, 4);
   const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
   const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
@@ -410,8 +422,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
+    bool mask_grad) {
   const char* op = "cross_attention_bwd";
+  refuse_key_ranges(op, key_ranges);
   check_qkv(op, q, k, v, 4);
   const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
   const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
@@ -427,8 +441,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_varlen_fwd";
+  refuse_key_ranges(op, key_ranges);
   VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
   if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);
@@ -442,8 +457,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, bool mask_grad) {
+    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
+    bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
+  refuse_key_ranges(op, key_ranges);
   VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
   if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);

@@ -612,7 +612,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const float m2 = row_max[half];
-    if (!(l > 0.f)) {  // no visible key
+    if (l != l) {  // a NaN score reached the row: NaN out and lse, as the CPU kernel (and a split's
+      inv[half] = NAN;  // partial carries the NaN into the merge)
+      lse_row[half] = NAN;
+    } else if (!(l > 0.f)) {  // no visible key
       inv[half] = 0.f;
       lse_row[half] = sink ? sink_value : -INFINITY;
     } else if (sink) {
@@ -659,7 +662,18 @@ __global__ void __launch_bounds__(kThreads) attention_split_merge_kernel(Attenti
   const int64_t idx = (row / p.lse_len) * p.heads_q * p.lse_len + h * p.lse_len + row % p.lse_len;
   const int64_t lse_split = p.q_rows * p.heads_q, out_split = p.q_rows * p.heads_q * p.head_dim_v;
   float m = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) m = fmaxf(m, p.lse_partial[s * lse_split + idx]);
+  bool nan = false;  // a split saw a NaN score: the row is NaN (fmaxf alone would drop that split)
+  for (int s = 0; s < p.splits; ++s) {
+    const float x = p.lse_partial[s * lse_split + idx];
+    nan |= x != x;
+    m = fmaxf(m, x);
+  }
+  if (nan) {  // warp-uniform: every lane read the same partial lse
+    T* out = static_cast<T*>(p.out) + item * p.head_dim_v;
+    for (int d = lane; d < p.head_dim_v; d += 32) out[d] = from_float<T>(NAN);
+    if (lane == 0) p.lse[idx] = NAN;
+    return;
+  }
   float total = 0.f;  // Σ exp(lse_s − m)
   if (m != -INFINITY) {
     for (int s = 0; s < p.splits; ++s) total += expf(p.lse_partial[s * lse_split + idx] - m);

@@ -44,13 +44,13 @@ def _out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def fake_fwd(q, k, v, kv_lens, key_padding_mask, scale, causal, attn_mask=None, dropout_p=0.0, philox=None,
-             softcap=0.0, sinks=None):
+             softcap=0.0, sinks=None, key_ranges=None):
     batch, len_q, heads_q, _ = q.shape
     return _out(q, v), q.new_empty((batch, heads_q, len_q), dtype=_lse_dtype(q))
 
 
 def fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, attn_mask=None,
-                    dropout_p=0.0, philox=None, softcap=0.0, sinks=None):
+                    dropout_p=0.0, philox=None, softcap=0.0, sinks=None, key_ranges=None):
     return _out(q, v), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
@@ -75,7 +75,7 @@ def _fake_bwd(varlen: bool):
 # where attn_mask and sinks sit among a forward op's inputs (q, k, v, *rest)
 _MASK_INDEX = {False: 7, True: 9}   # padded: q k v kv_lens kpm scale causal attn_mask; varlen: ... causal attn_mask
 _SINKS_INDEX = {False: 11, True: 13}
-_NUM_INPUTS = {False: 12, True: 14}  # the compiled ops' forward inputs (Triton twins add allow_tf32 after them)
+_NUM_INPUTS = {False: 13, True: 15}  # the compiled ops' forward inputs (Triton twins add allow_tf32 after them)
 fake_bwd = _fake_bwd(False)
 fake_varlen_bwd = _fake_bwd(True)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmfuse.ops.attention import check_cross_attention_inputs, cross_attention, draw_philox
+from mmfuse.ops.attention import check_cross_attention_inputs, check_key_ranges, cross_attention, draw_philox
 from mmfuse.reference import attention as reference_attention
 
 _NAME = "CrossModalAttention"
@@ -182,6 +182,7 @@ class CrossModalAttention(nn.Module):
         is_causal: bool = False,
         *,
         kv_lens: torch.Tensor | None = None,
+        key_ranges: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from ``query`` to ``key``/``value``; ``nn.MultiheadAttention.forward``'s
         signature and defaults, plus ``kv_lens``.
@@ -206,6 +207,10 @@ class CrossModalAttention(nn.Module):
             kv_lens: (B,) integer ((1,) unbatched), optional: sample b's valid keys are the first
                 kv_lens[b].
                 Combined with the masks: a key is used iff within kv_lens and not masked.
+            key_ranges: int32 (B, Lq, 2) or (B, H, Lq, 2) ((Lq, 2) unbatched), batch first whatever
+                ``batch_first`` says, optional: query i sees only keys [start, end), in-kernel with
+                key-tile skipping (``mmfuse.masks`` builds them: sliding windows, documents,
+                Flamingo media ranges, bidirectional media blocks in causal text).
 
         Returns:
             attn_output: like query with E features, in query's dtype.
@@ -218,18 +223,21 @@ class CrossModalAttention(nn.Module):
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+            key_ranges = None if key_ranges is None else key_ranges.unsqueeze(0)
         elif not self.batch_first:
             # (L, B, E) -> (B, L, E): mmfuse's attention is batch-first, so this costs a transpose
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         out, weights = self._attend(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens,
+            key_ranges,
         )
         if not batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
     def _attend(
-        self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, kv_lens,
+        key_ranges=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Batch-first attention with MHA's mask semantics; routes to the fused op or the reference."""
         batch, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
@@ -275,15 +283,17 @@ class CrossModalAttention(nn.Module):
                 mask = attn_mask
             out = cross_attention(
                 q, k, v, kv_lens=kv_lens, key_padding_mask=padding, causal=causal, attn_mask=mask,
-                dropout_p=dropout_p, softcap=self.softcap, sinks=self.sinks, backend=self.backend,
+                dropout_p=dropout_p, softcap=self.softcap, sinks=self.sinks, key_ranges=key_ranges,
+                backend=self.backend,
             )
             return self.out_proj(out.flatten(2)), None
         scale = check_cross_attention_inputs(_NAME, q, k, v, kv_lens, None, None, causal)
+        check_key_ranges(_NAME, q, key_ranges, (batch, self.num_heads, len_q), len_k)
         bias = _additive_bias(attn_mask, key_padding_mask, batch, self.num_heads, q.dtype)
         philox = draw_philox(q.device) if dropout_p > 0.0 else None
         out, _, probs = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout_p,
-            philox=philox, softcap=self.softcap, sinks=self.sinks,
+            philox=philox, softcap=self.softcap, sinks=self.sinks, key_ranges=key_ranges,
         )
         weights = None
         if need_weights:

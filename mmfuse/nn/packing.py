@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmfuse.masks import causal_with_bidirectional_blocks
 from mmfuse.ops.packing import PackedModalities, pack_modalities
 
 
@@ -48,6 +49,28 @@ class ModalityPacker(nn.Module):
             features, lengths, type_embedding=embedding, padded=padded, max_seqlen=max_seqlen, total=total,
             backend=self.backend,
         )
+
+    def key_ranges(self, packed: PackedModalities, causal_modalities) -> torch.Tensor:
+        """``key_ranges`` for self-attention over ``packed`` (this packer's output): the tokens of
+        the modalities in ``causal_modalities`` (text) are causal, and each sample's tokens of any
+        other modality (an image's patches, an audio clip's frames) form a block that sees itself
+        bidirectionally and everything before it (Transfusion's rule; see
+        ``mmfuse.masks.causal_with_bidirectional_blocks``). Padded layout: ``(B, max_seqlen, 2)``
+        for ``mmfuse.cross_attention``; packed layout: ``(total, 2)`` in each sequence's own key
+        indices, for ``mmfuse.cross_attention_varlen``."""
+        causal = torch.tensor(sorted({int(m) for m in causal_modalities}), dtype=packed.modality_ids.dtype,
+                              device=packed.modality_ids.device)
+        ids = packed.modality_ids
+        media = (ids >= 0) & ~torch.isin(ids, causal)
+        if packed.key_padding_mask is not None:  # padded (B, L): one block per (sample, media modality)
+            return causal_with_bidirectional_blocks(torch.where(media, ids + 1, 0))
+        # packed (total,): blocks must not run across a sequence boundary, so the sample joins the id
+        starts = packed.cu_seqlens[:-1].long()
+        sample = torch.searchsorted(packed.cu_seqlens[1:].long(), torch.arange(ids.shape[0], device=ids.device),
+                                    right=True)
+        block = torch.where(media, 1 + ids + sample * (self.num_modalities + 1), 0)
+        ranges = causal_with_bidirectional_blocks(block[None])[0].long()
+        return (ranges - starts[sample, None]).clamp(min=0).to(torch.int32)
 
     def extra_repr(self) -> str:
         return f"num_modalities={self.num_modalities}, dim={self.dim}, type_embedding={self.type_embedding is not None}"

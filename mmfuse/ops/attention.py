@@ -73,7 +73,7 @@ _CUDA_MAX_GRID_Z = 65535  # samples (grid z) and query heads (grid y) per launch
 # (the reference computes everything). A call that needs a feature a backend lacks leaves it.
 _FEATURES = {
     "cpu": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
-                      "varlen_dropout"}),
+                      "varlen_dropout", "key_ranges"}),
     "triton": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                          "varlen_dropout"}),
     "cuda": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
@@ -84,12 +84,14 @@ _FEATURE_NAMES = {
     "sinks": "attention sinks", "mask_grad": "the gradient of an attn_mask that requires grad",
     "head_dim_v": "a value head dim different from q's", "varlen_mask": "an attn_mask on packed sequences",
     "varlen_dropout": "attention dropout on packed sequences",
+    "key_ranges": "per-query key_ranges",
 }
 
 
-def _features(q, v, *, varlen: bool, attn_mask=None, dropout_p=0.0, softcap=0.0, sinks=None) -> set[str]:
+def _features(q, v, *, varlen: bool, attn_mask=None, dropout_p=0.0, softcap=0.0, sinks=None,
+              key_ranges=None) -> set[str]:
     """The ``_FEATURES`` a call needs."""
-    need = set()
+    need = set() if key_ranges is None else {"key_ranges"}
     if attn_mask is not None:
         need.add("varlen_mask" if varlen else "attn_mask")
         if attn_mask.requires_grad and torch.is_grad_enabled():
@@ -151,6 +153,7 @@ def cross_attention(
     dropout_p: float = 0.0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     return_lse: bool = False,
     allow_tf32: bool = False,
     backend: str = "auto",
@@ -190,6 +193,12 @@ def cross_attention(
             that joins every row's softmax denominator (gpt-oss's attention sinks),
             ``p_j = exp(s_j) / (sum_j exp(s_j) + exp(sinks[h]))``; gets its gradient. A row with
             no visible key outputs 0; lse includes the sink.
+        key_ranges: int32 (batch_size, seqlen_q, 2) or (batch_size, nheads, seqlen_q, 2) on q's
+            device, optional: query i sees only keys ``[start, end)``, 0 <= start <= end <=
+            seqlen_k, intersected with the other masks (``mmfuse.masks`` builds them: sliding
+            windows, documents, Flamingo media, bidirectional media inside causal text). O(Lq)
+            memory; key tiles outside every range of a query tile are skipped. An empty range
+            gives the row 0 (lse -inf) and zero gradients.
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores (and sink).
         allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
             (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
@@ -204,25 +213,55 @@ def cross_attention(
     scale = check_cross_attention_inputs(op, q, k, v, kv_lens, key_padding_mask, scale, causal)
     check_attn_mask_and_dropout(op, q, k, attn_mask, dropout_p)
     softcap = check_softcap_and_sinks(op, q, softcap, sinks)
+    check_key_ranges(op, q, key_ranges, (q.shape[0], q.shape[2], q.shape[1]), k.shape[1])
     dropout_p = float(dropout_p)
     check_bool(op, "return_lse", return_lse)
     check_bool(op, "allow_tf32", allow_tf32)
-    need = _features(q, v, varlen=False, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
+    need = _features(q, v, varlen=False, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
+                     key_ranges=key_ranges)
     backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, q.shape[0], need, v.shape[-1]))
     philox = draw_philox(q.device) if dropout_p > 0.0 else None
     if backend == "reference":
         out, lse, _ = reference_attention.cross_attention(
             q, k, v, scale=scale, causal=causal, kv_lens=kv_lens, key_padding_mask=key_padding_mask,
             attn_bias=_as_bias(attn_mask, q), dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
+            key_ranges=key_ranges,
         )
     else:
         args = (q.contiguous(), k.contiguous(), v.contiguous(), kv_lens, key_padding_mask, scale, causal,
-                attn_mask, dropout_p, philox, softcap, sinks)
+                attn_mask, dropout_p, philox, softcap, sinks, key_ranges)
         if backend == "triton":
             out, lse = _triton().cross_attention_fwd_triton(*args, allow_tf32)
         else:
             out, lse = torch.ops.mmfuse.cross_attention_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+def check_key_ranges(op: str, q: torch.Tensor, key_ranges, rows: tuple[int, int, int], len_k) -> None:
+    """key_ranges: int32, (B, Lq, 2) or (B, Hq, Lq, 2) for ``rows = (B, Hq, Lq)`` (varlen: B = None,
+    (total_q, 2) or (Hq, total_q, 2)), on q's device, 0 <= start <= end <= len_k (an int, or per
+    row a (rows,) tensor of the row's sequence length) — checked in eager mode (a host sync on
+    CUDA), naming the first bad query."""
+    if key_ranges is None:
+        return
+    batch, heads, len_q = rows
+    check_tensor(op, "key_ranges", key_ranges, dtypes=(torch.int32,))
+    check_same_device(op, {"q": q, "key_ranges": key_ranges})
+    lead = () if batch is None else (batch,)
+    shapes = (lead + (len_q, 2), lead + (heads, len_q, 2))
+    if tuple(key_ranges.shape) not in shapes:
+        raise ValueError(f"{op}: key_ranges must have shape {shapes[0]} or {shapes[1]}, got {tuple(key_ranges.shape)}")
+    if is_tracing() or key_ranges.numel() == 0:
+        return
+    ranges = key_ranges.cpu().long()
+    bound = len_k if isinstance(len_k, int) else len_k.cpu().long()
+    bad = (ranges[..., 0] < 0) | (ranges[..., 0] > ranges[..., 1]) | (ranges[..., 1] > bound)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        start, end = ranges[where].tolist()
+        limit = bound if isinstance(bound, int) else int(bound[where[-1]])
+        raise ValueError(f"{op}: key_ranges must satisfy 0 <= start <= end <= {limit} (the query's key count), "
+                         f"got [{start}, {end}) at index {where}")
 
 
 def check_softcap_and_sinks(op: str, q: torch.Tensor, softcap, sinks) -> float:
@@ -232,6 +271,11 @@ def check_softcap_and_sinks(op: str, q: torch.Tensor, softcap, sinks) -> float:
         raise TypeError(f"{op}: softcap must be a float >= 0 (0: off), got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"{op}: softcap must be a finite float >= 0 (0: off), got {softcap}")
+    tiny, huge = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    if q.dtype != torch.float64 and softcap != 0.0 and not tiny <= softcap <= huge:
+        # the kernels compute in float32: such a cap would become inf (NaN scores) or 0 (no cap)
+        raise ValueError(f"{op}: softcap must be 0 or within float32's normal range [{tiny}, {huge}] for {q.dtype} "
+                         f"inputs, got {softcap}")
     if sinks is not None:
         check_tensor(op, "sinks", sinks, dtypes=FLOAT_DTYPES, shape=(q.shape[-2],))
         check_same_device(op, {"q": q, "sinks": sinks})
@@ -296,6 +340,7 @@ def cross_attention_varlen(
     dropout_p: float = 0.0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
     return_lse: bool = False,
     allow_tf32: bool = False,
     backend: str = "auto",
@@ -331,6 +376,9 @@ def cross_attention_varlen(
             the batch padded to its longest sequences (so padding the inputs and calling
             ``cross_attention`` with the same generator state drops the same elements).
         softcap, sinks: as in ``cross_attention``.
+        key_ranges: int32 (total_q, 2) or (nheads, total_q, 2), optional: packed query r sees
+            only keys ``[start, end)`` of its own sequence, 0 <= start <= end <= that
+            sequence's length (see ``cross_attention``).
         return_lse: bool. Also return the log-sum-exp of each row's scaled scores.
         allow_tf32: bool. Let the Triton kernel multiply float32 tiles in TF32 on the GPU
             (faster, ~1e-3 relative error); other backends always compute float32 in IEEE.
@@ -363,7 +411,13 @@ def cross_attention_varlen(
     check_attn_mask_and_dropout(op, q, k, None, dropout_p)
     dropout_p = float(dropout_p)
     softcap = check_softcap_and_sinks(op, q, softcap, sinks)
-    need = _features(q, v, varlen=True, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks)
+    if key_ranges is not None:  # each row's bound: its sequence's key count
+        check_same_device(op, {"q": q, "key_ranges": key_ranges})
+        row_k = None if is_tracing() else cu_seqlens_k.diff().long().repeat_interleave(
+            cu_seqlens_q.diff().long(), output_size=q.shape[0])
+        check_key_ranges(op, q, key_ranges, (None, q.shape[1], q.shape[0]), row_k)
+    need = _features(q, v, varlen=True, attn_mask=attn_mask, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
+                     key_ranges=key_ranges)
     backend = choose_backend(op, backend, q.device, _IMPLEMENTED, _unsupported(q, cu_seqlens_q.shape[0] - 1, need, v.shape[-1]))
     # work is sized by the real lengths where they are known (eager); max_seqlen is only a bound. The
     # dropout stream is defined at the longest lengths, so with dropout a traced call computes them.
@@ -378,11 +432,11 @@ def cross_attention_varlen(
         bias = None if attn_mask is None else _as_bias(attn_mask, q).reshape((-1,) + attn_mask.shape[-2:])
         out, lse = reference_attention.cross_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, causal=causal,
-            attn_bias=bias, dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
+            attn_bias=bias, dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks, key_ranges=key_ranges,
         )
     else:
         args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                scale, causal, attn_mask, dropout_p, philox, softcap, sinks)
+                scale, causal, attn_mask, dropout_p, philox, softcap, sinks, key_ranges)
         if backend == "triton":
             out, lse = _triton().cross_attention_varlen_fwd_triton(*args, allow_tf32)
         else:

@@ -42,6 +42,7 @@ def cross_attention(
     philox: torch.Tensor | None = None,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked softmax(q kᵀ · scale) v on padded ``(B, L, H, D)`` tensors.
 
@@ -71,6 +72,8 @@ def cross_attention(
             softmax denominator (gpt-oss's attention sinks): ``p_j = exp(s_j - m) / (sum_j
             exp(s_j - m) + exp(sink_h - m))``. A row with no visible key outputs 0; lse includes
             the sink (so it is ``sink_h`` on such a row).
+        key_ranges: integer (B, Lq, 2) or (B, Hq, Lq, 2) or None: query i sees only keys
+            ``[start, end)`` (intersected with the other masks).
 
     Returns:
         out: (B, Lq, Hq, Dv) in q's dtype.
@@ -93,6 +96,11 @@ def cross_attention(
         key_padding_mask=key_padding_mask, q_lens=q_lens,
     )
     visible = visible[:, None, None]
+    if key_ranges is not None:  # (B, Lq, 2) or (B, Hq, Lq, 2) -> (B, Hkv or 1, group or 1, Lq, 1)
+        ranges = key_ranges.long()
+        ranges = ranges.unflatten(1, (heads_kv, group)) if ranges.dim() == 4 else ranges[:, None, None]
+        pos = torch.arange(len_k, device=q.device)
+        visible = visible & (pos >= ranges[..., :1]) & (pos < ranges[..., 1:])
     bias = None
     if attn_bias is not None:
         # (B', H', Lq, Lk) -> (B', Hkv or 1, group or 1, Lq, Lk), the layout of the scores
@@ -264,6 +272,7 @@ def cross_attention_varlen(
     philox: torch.Tensor | None = None,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    key_ranges: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention on packed sequences, by scattering them into a padded layout.
 
@@ -277,6 +286,8 @@ def cross_attention_varlen(
         attn_bias: float (Hq or 1, total_q, W) or None, W >= max_seqlen_k: row r is packed query
             r's bias over the keys of its own sequence.
         dropout_p, philox, softcap, sinks: as in ``cross_attention``.
+        key_ranges: integer (total_q, 2) or (Hq, total_q, 2) or None: packed query r sees only
+            keys ``[start, end)`` of its own sequence.
 
     Returns:
         out: (total_q, Hq, Dv) in q's dtype.
@@ -301,9 +312,14 @@ def cross_attention_varlen(
         rows = attn_bias.transpose(0, 1)[..., :max_seqlen_k]
         bias = rows.new_zeros((batch, max_seqlen_q) + rows.shape[1:]).index_put(q_index, rows)
         bias = torch.nn.functional.pad(bias, (0, max_seqlen_k - rows.shape[-1])).permute(0, 2, 1, 3)
+    ranges = None
+    if key_ranges is not None:  # (Hq', total_q, 2) -> (B, Hq', Lq, 2); padded query rows see nothing
+        rows = (key_ranges if key_ranges.dim() == 3 else key_ranges[None]).transpose(0, 1).long()
+        ranges = rows.new_zeros((batch, max_seqlen_q) + rows.shape[1:]).index_put(q_index, rows)
+        ranges = ranges.permute(0, 2, 1, 3) if key_ranges.dim() == 3 else ranges[:, :, 0]
     out, lse, _ = cross_attention(
         q_pad, k_pad, v_pad, scale=scale, causal=causal, kv_lens=kv_lens, q_lens=q_lens, attn_bias=bias,
-        dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks,
+        dropout_p=dropout_p, philox=philox, softcap=softcap, sinks=sinks, key_ranges=ranges,
     )
     sample, position = q_index
     # lse (B, Hq, Lq) indexed on its first and last axes gives (total_q, Hq)

@@ -283,14 +283,22 @@ def _dmask(q, mask_grad, shape):
 # --------------------------------------------------------------------------- ops
 
 
+def _refuse_key_ranges(op: str, key_ranges) -> None:
+    # per-query key windows are computed by the C++ kernel; mmfuse.ops.attention routes such calls there
+    if key_ranges is not None:
+        raise ValueError(f"{op}: the Triton kernels take no key_ranges yet (use the cpu backend), "
+                         f"got a tensor of shape {tuple(key_ranges.shape)}")
+
+
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=contract.fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, scale: float, causal: bool, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, philox: torch.Tensor | None = None, softcap: float = 0.0,
-    sinks: torch.Tensor | None = None, allow_tf32: bool = False,
+    sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
+    _refuse_key_ranges("cross_attention_fwd", key_ranges)
     samples = _padded_samples(q, k, kv_lens)
     _check_extras("cross_attention_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=False)
     extras = _Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples)
@@ -305,10 +313,11 @@ def cross_attention_bwd_triton(
     out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
     scale: float, causal: bool, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
     philox: torch.Tensor | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
-    mask_grad: bool = False, allow_tf32: bool = False,
+    key_ranges: torch.Tensor | None = None, mask_grad: bool = False, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``); ``sinks`` needs
     no kernel term (lse includes it)."""
+    _refuse_key_ranges("cross_attention_bwd", key_ranges)
     samples = _padded_samples(q, k, kv_lens)
     _check_extras("cross_attention_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, False, mask_grad)
     extras = _Extras(q, attn_mask, dropout_p, philox, softcap, None, samples)
@@ -327,9 +336,10 @@ def cross_attention_varlen_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, philox: torch.Tensor | None = None, softcap: float = 0.0,
-    sinks: torch.Tensor | None = None, allow_tf32: bool = False,
+    sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_fwd`` (+ ``allow_tf32``)."""
+    _refuse_key_ranges("cross_attention_varlen_fwd", key_ranges)
     samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_extras("cross_attention_varlen_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=True)
     extras = _Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, varlen=True)
@@ -343,9 +353,11 @@ def cross_attention_varlen_bwd_triton(
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, philox: torch.Tensor | None = None, softcap: float = 0.0,
-    sinks: torch.Tensor | None = None, mask_grad: bool = False, allow_tf32: bool = False,
+    sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, mask_grad: bool = False,
+    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_bwd`` (+ ``allow_tf32``)."""
+    _refuse_key_ranges("cross_attention_varlen_bwd", key_ranges)
     samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_extras("cross_attention_varlen_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, True, mask_grad)
     extras = _Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, varlen=True)
