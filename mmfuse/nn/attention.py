@@ -259,7 +259,8 @@ class CrossModalAttention(nn.Module):
                                and _is_top_left_causal(attn_mask))
             attn_mask = None if top_left_causal else attn_mask
         # mmfuse's causal is bottom-right aligned: the same mask as top-left only when Lq == Lk
-        causal = top_left_causal and len_q == len_k
+        # bool(): under torch.export the lengths are SymInts and == a SymBool; the op takes a bool
+        causal = top_left_causal and bool(len_q == len_k)
         if top_left_causal and not causal:
             attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
         padding = None if on_reference or learned else _as_bool_padding(key_padding_mask)
