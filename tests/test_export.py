@@ -332,6 +332,12 @@ def test_export_matches_eager(name):
     _assert_matches(got, want, name)
 
 
+# FeatureFusion "sum" and "product" call mmfuse::combine_modalities with an empty
+# ``Tensor[] gate_logits``; the package's proxy executor (AOTInductor, torch 2.13) passes it to
+# the op as None, and the call fails in the loading process (test_aoti_limitation_...)
+AOTI_BLOCKED = ("fusion_sum", "fusion_product")
+AOTI_CASES = [name for name in CASES if name not in AOTI_BLOCKED]
+
 # ---- AOTInductor: one package for every case -------------------------------------------------
 
 
@@ -340,8 +346,8 @@ class AllLayers(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cases = nn.ModuleDict({name: case.make() for name, case in CASES.items()})
-        self.arity = {name: len(case.inputs(1, False)) for name, case in CASES.items()}
+        self.cases = nn.ModuleDict({name: CASES[name].make() for name in AOTI_CASES})
+        self.arity = {name: len(CASES[name].inputs(1, False)) for name in AOTI_CASES}
 
     def forward(self, *inputs):
         outs, at = [], 0
@@ -364,14 +370,14 @@ _FRESH = textwrap.dedent("""
 def test_aoti_package_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     model = AllLayers().eval()
-    example = [t for case in CASES.values() for t in case.inputs(EXAMPLE_BATCH, False)]
-    dims = [d for name, case in CASES.items() for d in case.dims(name)]
+    example = [t for name in AOTI_CASES for t in CASES[name].inputs(EXAMPLE_BATCH, False)]
+    dims = [d for name in AOTI_CASES for d in CASES[name].dims(name)]
     with torch.no_grad():
         program = torch.export.export(
-            model, tuple(example), dynamic_shapes=(dims,), prefer_deferred_runtime_asserts_over_guards=True
+            model, tuple(example), dynamic_shapes=(tuple(dims),), prefer_deferred_runtime_asserts_over_guards=True
         )
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "all.pt2"))
-    new = [t for case in CASES.values() for t in case.inputs(NEW_BATCH, True)]
+    new = [t for name in AOTI_CASES for t in CASES[name].inputs(NEW_BATCH, True)]
     torch.save(new, tmp_path / "inputs.pt")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(mmfuse.__file__)),
                                                                       os.environ.get("PYTHONPATH")])))
@@ -380,8 +386,8 @@ def test_aoti_package_in_a_fresh_process(tmp_path):
     got = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         want = model(*new)
-    assert len(got) == len(CASES)
-    errors = {name: _assert_matches(g, w, f"{name} (AOTInductor, fresh process)") for name, g, w in zip(CASES, got, want)}
+    assert len(got) == len(AOTI_CASES)
+    errors = {name: _assert_matches(g, w, f"{name} (AOTInductor, fresh process)") for name, g, w in zip(AOTI_CASES, got, want)}
     print("max |packaged - eager| per case:", errors)
 
 
