@@ -366,6 +366,12 @@ _FRESH = textwrap.dedent("""
 """)
 
 
+def _fresh_env() -> dict:
+    """This interpreter's environment, with this mmfuse first on the path."""
+    root = os.path.dirname(os.path.dirname(mmfuse.__file__))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
 @pytest.mark.slow
 def test_aoti_package_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
@@ -379,10 +385,8 @@ def test_aoti_package_in_a_fresh_process(tmp_path):
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "all.pt2"))
     new = [t for name in AOTI_CASES for t in CASES[name].inputs(NEW_BATCH, True)]
     torch.save(new, tmp_path / "inputs.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(mmfuse.__file__)),
-                                                                      os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-c", _FRESH, package, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-                   check=True, env=env, timeout=300)
+                   check=True, env=_fresh_env(), timeout=300)
     got = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         want = model(*new)
@@ -445,3 +449,29 @@ def test_export_limitation_classifier_needs_deferred_asserts():
     module = case.make().eval()
     with pytest.raises(torch._dynamo.exc.UserError, match=r"Constraints violated \(mm_lt\)"):
         torch.export.export(module, case.inputs(EXAMPLE_BATCH, False), dynamic_shapes=case.dims("mm"))
+
+
+class _SumAndProduct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sum, self.product = CASES["fusion_sum"].make(), CASES["fusion_product"].make()
+
+    def forward(self, a, b):
+        return self.sum(a, b), self.product(a, b)
+
+
+@pytest.mark.slow
+def test_aoti_limitation_fusion_sum_and_product(tmp_path):
+    """FeatureFusion "sum" and "product" export (test_export_matches_eager) and compile, but the
+    AOTInductor package fails when run: mmfuse::combine_modalities takes ``Tensor[]
+    gate_logits``, empty outside "gated", and torch 2.13's AOTInductor proxy executor hands the
+    empty list to the op as None (a torch bug; the op's schema and callers are correct)."""
+    case = CASES["fusion_sum"]
+    program = torch.export.export(_SumAndProduct().eval(), case.inputs(EXAMPLE_BATCH, False), dynamic_shapes=case.dims("f"))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "fusion.pt2"))
+    torch.save(list(case.inputs(NEW_BATCH, True)), tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", _FRESH, package, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                         env=_fresh_env(), timeout=300, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert ("mmfuse::combine_modalities() Expected a value of type 'List[Tensor]' for argument 'gate_logits' "
+            "but instead found type 'NoneType'") in run.stderr, run.stderr[-3000:]
