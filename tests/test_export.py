@@ -57,9 +57,10 @@ def dim(name: str, lo: int = 2, hi: int = 4096) -> Dim:
 
 
 def lengths(batch: int, longest: int, shortest: int = 0) -> torch.Tensor:
-    """Valid lengths per item in [shortest, longest], one item at each end."""
+    """Valid lengths per item in [shortest, longest], one item at each end (a single item: longest)."""
     out = torch.randint(shortest, longest + 1, (batch,))
-    out[0], out[-1] = longest, shortest
+    out[-1] = shortest
+    out[0] = longest
     return out
 
 
@@ -326,10 +327,12 @@ def test_export_matches_eager(name):
     case = CASES[name]
     module = case.make().eval()
     program = _export(case, module, name)
-    new = case.inputs(NEW_BATCH, True)
-    with torch.no_grad():
-        want, got = module(*new), program.module()(*new)
-    _assert_matches(got, want, name)
+    # batch 1 too: export assumes dynamic sizes are not 1, so a branch on size 1 is not traced
+    for batch in (NEW_BATCH, 1) if name != "kaldi_fbank" else (NEW_BATCH,):
+        new = case.inputs(batch, True)
+        with torch.no_grad():
+            want, got = module(*new), program.module()(*new)
+        _assert_matches(got, want, f"{name}, batch {batch}")
 
 
 # FeatureFusion "sum" and "product" call mmfuse::combine_modalities with an empty
@@ -443,6 +446,22 @@ def test_export_limitation_attention_masks_read_by_value(mask):
         expected = pytest.raises(DataDependentOutputException, match=r"aten\.equal\.default")
     with expected:
         torch.export.export(wrapper, (q, m), dynamic_shapes=ds)
+
+
+def test_export_limitation_kaldi_fbank_batch_of_one():
+    """KaldiFbank without lengths follows torchaudio: (1, T) is one utterance and gives
+    (frames, bins), (B, T) gives (B, frames, bins) (``kaldi_fbank_op``'s ``batched.shape[0] ==
+    1``). torch.export assumes a dynamic batch is not 1 and traces only the batch branch, with
+    no guard: the exported program returns (1, frames, bins) for a (1, T) input. With lengths
+    (the kaldi_fbank_lengths case) both give (B, frames, bins)."""
+    case = CASES["kaldi_fbank"]
+    module = case.make().eval()
+    program = _export(case, module, "kaldi")
+    (one,) = case.inputs(1, True)
+    with torch.no_grad():
+        want, got = module(one), program.module()(one)
+    assert want.dim() == 2 and got.shape == (1, *want.shape)
+    torch.testing.assert_close(got[0], want, atol=ATOL, rtol=RTOL)
 
 
 def test_export_limitation_classifier_needs_deferred_asserts():
