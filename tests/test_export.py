@@ -27,8 +27,6 @@ import pytest
 import torch
 from torch import nn
 from torch.export import Dim
-from torch._subclasses.fake_tensor import DataDependentOutputException
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 import mmfuse
 from mmfuse.models import ClassifierConfig, MultimodalClassifier
@@ -107,6 +105,28 @@ class AttentionCausal(nn.Module):
 
     def forward(self, x, attn_mask):
         return self.layer(x, x, x, attn_mask=attn_mask, is_causal=True, need_weights=False)[0]
+
+
+class AttentionMaskByValue(nn.Module):
+    """Masks the layer routes by their values in eager mode: a float key_padding_mask of 0/-inf
+    (→ bool) and a causal (Lq, Lq) attn_mask without is_causal (→ the in-kernel causal path).
+    Exported, both are read as general in-kernel masks (export cannot branch on values)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.layer, self.kind = CrossModalAttention(24, 3), kind
+
+    def forward(self, x, mask):
+        if self.kind == "float_key_padding_mask":
+            return self.layer(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+        return self.layer(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def _float_padding_inputs(batch, new):
+    length = 9 if new else 6
+    mask = torch.zeros(batch, length).masked_fill(torch.rand(batch, length) < 0.3, float("-inf"))
+    mask[:, 0] = 0.0
+    return torch.randn(batch, length, 24), mask
 
 
 class Packer(nn.Module):
@@ -262,6 +282,12 @@ CASES: dict[str, Case] = {
         lambda p: ({0: BATCH, 1: dim(f"{p}_lq")}, {0: BATCH, 1: dim(f"{p}_lk")}, {0: BATCH, 1: dim(f"{p}_lk")})),
     "attention_is_causal": Case(
         AttentionCausal, _causal_inputs,
+        lambda p: ({0: BATCH, 1: dim(f"{p}_l")}, {0: dim(f"{p}_l"), 1: dim(f"{p}_l")})),
+    "attention_float_key_padding_mask": Case(
+        lambda: AttentionMaskByValue("float_key_padding_mask"), _float_padding_inputs,
+        lambda p: ({0: BATCH, 1: dim(f"{p}_l")}, {0: BATCH, 1: dim(f"{p}_l")})),
+    "attention_causal_attn_mask": Case(
+        lambda: AttentionMaskByValue("causal_attn_mask"), _causal_inputs,
         lambda p: ({0: BATCH, 1: dim(f"{p}_l")}, {0: dim(f"{p}_l"), 1: dim(f"{p}_l")})),
     "packer_padded_bounded": _packer_case("bounded"),
     "packer_padded": _packer_case("padded"),
@@ -422,38 +448,6 @@ def test_export_limitation_mfcc_channels_of_one_clip():
     layer = MFCC(16000, 13, melkwargs=dict(_SPEC, n_mels=20))
     with pytest.raises(torch._dynamo.exc.UserError, match=r"You marked batch as dynamic but your code specialized it"):
         torch.export.export(layer, (torch.randn(3, 2003),), dynamic_shapes=({0: BATCH, 1: dim("t", 800, 96000)},))
-
-
-@pytest.mark.parametrize("mask", ["float_key_padding_mask", "causal_attn_mask_without_is_causal"])
-def test_export_limitation_attention_masks_read_by_value(mask):
-    """CrossModalAttention routes a float key_padding_mask (all 0/-inf → bool, else a bias) and
-    a (Lq, Lq) attn_mask (the causal one → the in-kernel causal path) by their values
-    (``_as_bool_padding``'s ``.any()``, ``_is_top_left_causal``'s ``torch.equal``): a branch on
-    data, which export cannot trace. A bool key_padding_mask, kv_lens, is_causal=True and
-    other attn_masks export (cases above)."""
-    layer = CrossModalAttention(24, 3)
-    q = torch.randn(3, 6, 24)
-    if mask == "float_key_padding_mask":
-        m = torch.zeros(3, 6).masked_fill(torch.rand(3, 6) < 0.3, float("-inf"))
-
-        def call(q, m):
-            return layer(q, q, q, key_padding_mask=m, need_weights=False)[0]
-
-        ds = ({0: BATCH, 1: dim("l")}, {0: BATCH, 1: dim("l")})
-    else:
-        m = nn.Transformer.generate_square_subsequent_mask(6)
-
-        def call(q, m):
-            return layer(q, q, q, attn_mask=m, need_weights=False)[0]
-
-        ds = ({0: BATCH, 1: dim("l")}, {0: dim("l"), 1: dim("l")})
-    wrapper = type("Call", (nn.Module,), {"forward": lambda self, q, m: call(q, m)})()
-    if mask == "float_key_padding_mask":  # .any() -> bool: a guard on an unbacked value
-        expected = pytest.raises(GuardOnDataDependentSymNode, match=r"Could not guard on data-dependent expression")
-    else:  # torch.equal has a data-dependent output: no fake kernel at all
-        expected = pytest.raises(DataDependentOutputException, match=r"aten\.equal\.default")
-    with expected:
-        torch.export.export(wrapper, (q, m), dynamic_shapes=ds)
 
 
 def test_export_limitation_kaldi_fbank_batch_of_one():
