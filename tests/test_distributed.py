@@ -1,5 +1,7 @@
-"""MultimodalClassifier under DistributedDataParallel (gloo, 2 CPU processes) takes the same
-step as one process on the whole batch."""
+"""MultimodalClassifier on 2 CPU processes (gloo) trains as one process on the whole batch:
+under DistributedDataParallel (one SGD step, every gradient and parameter) and under FSDP2
+(``fully_shard``, issue #27 item 6: a few SGD-with-momentum steps, the losses and the gathered
+parameters)."""
 import os
 import socket
 
@@ -7,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mmfuse.models import ClassifierConfig, MultimodalClassifier
@@ -91,3 +95,71 @@ def test_ddp_step_equals_single_process_step_on_the_global_batch(tmp_path):
             assert got[kind].keys() == want[kind].keys()
             for name in want[kind]:
                 torch.testing.assert_close(got[kind][name], want[kind][name], atol=1e-6, rtol=1e-5, msg=f"rank {rank} {kind} {name}")
+
+
+FSDP_STEPS = 4
+
+
+def train(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, world_size: int = 1) -> list[float]:
+    """FSDP_STEPS steps of SGD with momentum (optimizer state, sharded under FSDP2) on the mean
+    cross-entropy; the losses, averaged over the ranks (the global batch's mean loss with equal
+    shards)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    losses = []
+    for _ in range(FSDP_STEPS):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(**inputs), labels)
+        loss.backward()
+        optimizer.step()
+        loss = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(loss)
+        losses.append(loss.item() / world_size)
+    return losses
+
+
+def fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        # FSDP2 does not broadcast: every rank initialises as the reference (seed 0)
+        torch.manual_seed(0)
+        model = MultimodalClassifier(CONFIG)
+        for encoder in (model.image_encoder, model.text_encoder):
+            for layer in encoder.layers:
+                fully_shard(layer)
+        fully_shard(model)
+        params = dict(model.named_parameters())
+        sharded = all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params.values())
+        local = sum(p.to_local().numel() for p in params.values())
+        inputs, labels = global_batch()
+        shard = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        losses = train(model, {k: v[shard] for k, v in inputs.items()}, labels[shard], WORLD_SIZE)
+        full = {n: p.full_tensor() for n, p in params.items()}  # a collective: every rank calls it
+        torch.save({"losses": losses, "params": full, "sharded": sharded, "local_numel": local},
+                   os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_training_equals_single_process_on_the_global_batch(tmp_path):
+    mp.spawn(fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+
+    torch.manual_seed(0)
+    model = MultimodalClassifier(CONFIG)
+    want_losses = train(model, *global_batch())
+    want = {n: p.detach() for n, p in model.named_parameters()}
+    total = sum(p.numel() for p in want.values())
+    assert want_losses[-1] < want_losses[0]  # it trains
+
+    for rank in range(WORLD_SIZE):
+        got = torch.load(tmp_path / f"fsdp{rank}.pt")
+        # every parameter a dim-0 shard; each rank holds about half (dim 0 padded to the world size)
+        assert got["sharded"], f"rank {rank}: parameters not all Shard(0) DTensors"
+        assert total / WORLD_SIZE - 100 <= got["local_numel"] <= total / WORLD_SIZE + 100, (got["local_numel"], total)
+        print(f"rank {rank} losses {got['losses']}, single process {want_losses}")
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want_losses), atol=1e-6, rtol=1e-5)
+        assert got["params"].keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got["params"][name], want[name], atol=1e-6, rtol=1e-5, msg=f"rank {rank} {name}")

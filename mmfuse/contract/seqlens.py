@@ -38,12 +38,29 @@ for _name, _fn in (("max_seqlen", _max_seqlen), ("total_seqlen", _total_seqlen))
 
 def max_seqlen(cu_seqlens: torch.Tensor) -> int:
     """Longest sequence described by the int32 prefix sum ``cu_seqlens`` ``(B+1,)``."""
+    if torch.compiler.is_exporting():
+        return _exported_size(_max_seqlen(cu_seqlens) if cu_seqlens.numel() < 2 else
+                              (cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return torch.ops.mmfuse.max_seqlen(cu_seqlens)
 
 
 def total_seqlen(cu_seqlens: torch.Tensor) -> int:
     """Total token count ``cu_seqlens[-1]`` of the int32 prefix sum ``cu_seqlens`` ``(B+1,)``."""
+    if torch.compiler.is_exporting():
+        return _exported_size(cu_seqlens[-1])
     return torch.ops.mmfuse.total_seqlen(cu_seqlens)
+
+
+def _exported_size(value) -> int:
+    """Under ``torch.export``, ``.item()`` (an unbacked SymInt from ``aten._local_scalar_dense``)
+    in place of the ops above: AOTInductor cannot run a custom op that returns a SymInt
+    ("Unsupported return type SymIntType"), and export, unlike Dynamo, has no graph break to
+    avoid."""
+    if isinstance(value, int):
+        return value
+    size = value.item()
+    torch._check(size >= 0)
+    return size
 
 
 def cu_seqlens_from_lengths(seqlens: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,9 @@ class CrossModalAttention(nn.Module):
       mask (materialised as (B, 1, Lq, Lk)).
       Recognising a float key_padding_mask or a causal attn_mask reads the mask's values: a
       host sync on CUDA and a graph break under ``torch.compile`` (bool key_padding_mask,
-      ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither).
+      ``kv_lens`` and ``is_causal`` without a key_padding_mask need neither). Under
+      ``torch.export``, which cannot branch on values, neither is recognised: both are read
+      in-kernel as general masks.
       A float mask that requires grad (a learned bias) is always read as a general mask and
       gets its gradient from the kernel. A backend lacking a feature a call needs
       (``mmfuse.ops.attention._FEATURES``) is skipped by ``backend="auto"``.
@@ -257,20 +259,25 @@ class CrossModalAttention(nn.Module):
         on_reference = need_weights
         # a learned mask is a general additive one: not converted to bool, not recognised as causal
         learned = any(m is not None and m.requires_grad and m.is_floating_point() for m in (attn_mask, key_padding_mask))
+        # torch.export cannot branch on a mask's values: there a float key_padding_mask and an
+        # attn_mask are read in-kernel as general masks (the same results, without the shortcuts)
+        by_value = not torch.compiler.is_exporting()
         if is_causal and key_padding_mask is None and not need_weights:
             # what MHA does here: attn_mask dropped, SDPA's own top-left causal mask applied
             attn_mask, top_left_causal = None, True
         else:
             if attn_mask is not None:
                 self._check_attn_mask_shape(attn_mask, batch, len_q, len_k)
-            top_left_causal = (attn_mask is not None and not on_reference and not learned
+            top_left_causal = (attn_mask is not None and not on_reference and not learned and by_value
                                and _is_top_left_causal(attn_mask))
             attn_mask = None if top_left_causal else attn_mask
         # mmfuse's causal is bottom-right aligned: the same mask as top-left only when Lq == Lk
-        causal = top_left_causal and len_q == len_k
+        # bool(): under torch.export the lengths are SymInts and == a SymBool; the op takes a bool
+        causal = top_left_causal and bool(len_q == len_k)
         if top_left_causal and not causal:
             attn_mask = torch.ones(len_q, len_k, dtype=torch.bool, device=query.device).triu_(1)
-        padding = None if on_reference or learned else _as_bool_padding(key_padding_mask)
+        float_padding = key_padding_mask is not None and key_padding_mask.dtype != torch.bool
+        padding = None if on_reference or learned or (float_padding and not by_value) else _as_bool_padding(key_padding_mask)
         q, k, v = self._project(query, key, value)
         if not on_reference:
             if key_padding_mask is not None and padding is None:
