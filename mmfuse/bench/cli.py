@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import mmfuse
-from mmfuse.bench import attention, fusion, packing, spectrogram
+from mmfuse.bench import attention, fusion, masks, packing, spectrogram
 from mmfuse.bench.timing import median_ms
 
-SUITES = {"attention": attention, "spectrogram": spectrogram, "fusion": fusion, "packing": packing}
+SUITES = {"attention": attention, "masks": masks, "spectrogram": spectrogram, "fusion": fusion, "packing": packing}
 
 
 def main(argv: list[str] | None = None) -> int:
