@@ -19,6 +19,19 @@ pytestmark = [pytest.mark.triton,
 DEVICE = device_for("triton")
 
 
+@pytest.fixture
+def poisoned():
+    """Uninitialised tensors (torch.empty) are filled with NaN: an intermediate the backward
+    leaves unwritten shows up as NaN in the gradient."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -64,7 +77,7 @@ def _id(case):
 
 @pytest.mark.parametrize("case", SPEC_CASES, ids=_id)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_spectrogram_grad(case, with_lengths):
+def test_spectrogram_grad(case, with_lengths, poisoned):
     x = torch.randn(3, 211, dtype=torch.float64)
     kw = dict(n_fft=31, hop_length=7) | case
     if with_lengths:
@@ -81,7 +94,7 @@ MFCC_CASES = [
 
 @pytest.mark.parametrize("case", MFCC_CASES, ids=_id)
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_mfcc_grad(case, with_lengths):
+def test_mfcc_grad(case, with_lengths, poisoned):
     x = torch.randn(3, 263, dtype=torch.float64)
     x[1, 60:] *= 1e-5  # a quiet stretch: values below max - 80 dB, clamped (zero gradient there)
     melkwargs = dict(n_fft=32, hop_length=9, n_mels=11) | case.get("melkwargs", {})
@@ -129,20 +142,33 @@ def test_mfcc_silent_frames():
     assert (got[:, 66:154] == 0).all()
 
 
-def test_backward_op_matches_cpu_kernel_backward():
-    """The Triton backward op against the C++ one on the same fp32 inputs (MFCC with top_db)."""
-    if "cpu" not in mmfuse.available_backends():
-        pytest.skip("no C++ kernels")
+def _mfcc_op_args():
     x = torch.randn(2, 233)
     x[1, 100:] *= 1e-5
-    window = torch.hann_window(30)
-    fb = torch.rand(16, 7)
-    dct = torch.randn(7, 5)
     lengths = torch.tensor([233, 170])
-    frame_lengths = 1 + lengths // 9
-    args = (x, window, fb, lengths, frame_lengths, 1 + 233 // 9, 30, 9, -15, 0, 1, False, 0.0, 1.5, 3, 1e-10, 0, 0.0,
-            False, False, dct, 80.0, 1, False)
-    grad = torch.randn(2, 5, 1 + 233 // 9)
+    args = (x, torch.hann_window(30), torch.rand(16, 7), lengths, 1 + lengths // 9, 1 + 233 // 9, 30, 9, -15, 0, 1,
+            False, 0.0, 1.5, 3, 1e-10, 0, 0.0, False, False, torch.randn(7, 5), 80.0, 1, False)
+    return args, (2, 5, 1 + 233 // 9)
+
+
+def _kaldi_op_args():
+    """Kaldi's fused op call: snip_edges, DC removal, pre-emphasis, raw energy first, floored, frames-major."""
+    x = torch.randn(2, 301) * 1000
+    x[1] *= 1e-4
+    lengths = torch.tensor([301, 250])
+    frame_lengths = 1 + (lengths - 60) // 31
+    args = (x, torch.hann_window(60), torch.rand(33, 6), lengths, frame_lengths, 1 + (301 - 60) // 31, 64, 31, 0, 0,
+            0, True, 0.97, 2.0, 1, 1.1920928955078125e-07, 1, 1.0, False, True)
+    return args, (2, 1 + (301 - 60) // 31, 7)
+
+
+@pytest.mark.parametrize("make_args", [_mfcc_op_args, _kaldi_op_args], ids=["mfcc", "kaldi"])
+def test_backward_op_matches_cpu_kernel_backward(make_args):
+    """The Triton backward op against the C++ one on the same fp32 inputs."""
+    if "cpu" not in mmfuse.available_backends() or DEVICE.type != "cpu":
+        pytest.skip("needs the C++ kernels and CPU tensors")
+    args, out_shape = make_args()
+    grad = torch.randn(out_shape)
     want = torch.ops.mmfuse.mel_spectrogram_backward(grad, *args)
     from mmfuse.triton import mel_backward
 
@@ -159,7 +185,7 @@ KALDI_CASES = [
 
 
 @pytest.mark.parametrize("case", KALDI_CASES, ids=_id)
-def test_kaldi_fbank_grad(case):
+def test_kaldi_fbank_grad(case, poisoned):
     x = torch.randn(3, 461, dtype=torch.float64) * 1000
     x[2] *= 1e-4  # log energy below ln(energy_floor = 1): floored, no gradient
     kw = dict(num_mel_bins=5, frame_length=10.0, frame_shift=5.0) | case

@@ -23,7 +23,7 @@ Steps, each the adjoint of a forward one, from the output's gradient back to the
 4. PyTorch glue: Kaldi's per-frame adjoints where asked for (the log energy's gradient, windowed
    or raw, then pre-emphasis's and DC removal's transposes, on the frames' samples gathered
    again), then the overlap-add of the frame gradients into the waveform's through the forward's
-   padding index arithmetic (``index_add_``), valid frames only.
+   padding index arithmetic (``index_put_`` accumulating), valid frames only.
 
 Frames-major (Kaldi) gradients are transposed to ``(B, feats, frames)`` first. Gradients w.r.t.
 the window, filterbank or DCT are not computed (``mmfuse.ops.spectrogram`` sends those cases to
@@ -333,7 +333,8 @@ def mel_spectrogram_backward_triton(
     if remove_dc or preemphasis != 0.0 or grad_energy is not None:
         frame_grad = _kaldi_frame_grad(frame_grad, torch.where(ok, waveform.reshape(-1)[flat], 0.0), window,
                                        grad_energy, remove_dc, preemphasis, energy_mode, log_floor, energy_floor)
-    grad_wave.view(-1).index_add_(0, flat.reshape(-1), torch.where(ok, frame_grad, 0.0).reshape(-1))
+    # index_put_ with accumulate: a deterministic kernel exists for it when torch asks for one
+    grad_wave.view(-1).index_put_((flat.reshape(-1),), torch.where(ok, frame_grad, 0.0).reshape(-1), accumulate=True)
     return grad_wave
 
 
