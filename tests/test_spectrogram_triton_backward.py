@@ -174,6 +174,8 @@ def test_backward_op_matches_cpu_kernel_backward(make_args):
 
     got = mel_backward.mel_spectrogram_backward_triton(grad, *args)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with pytest.raises(ValueError, match="grad must be float32"):
+        mel_backward.mel_spectrogram_backward_triton(grad[:, :-1], *args)
 
 
 KALDI_CASES = [

@@ -272,6 +272,14 @@ def mel_spectrogram_backward_triton(
     """Triton twin of ``torch.ops.mmfuse.mel_spectrogram_backward`` (float32): dL/dwaveform."""
     batch, num_samples = waveform.shape
     win, n_bins, n_mels = window.shape[0], mel_fb.shape[0], mel_fb.shape[1]
+    if complex_out:
+        want = (batch, n_bins, num_frames, 2)
+    else:
+        n_feats = dct.shape[1] if dct is not None else n_mels + int(energy_mode != ENERGY_NONE)
+        want = (batch, num_frames, n_feats) if frames_major else (batch, n_feats, num_frames)
+    if tuple(grad.shape) != want or grad.dtype != torch.float32 or waveform.dtype != torch.float32:
+        raise ValueError(f"mel_spectrogram_backward_triton: grad must be float32 {want} and the waveform float32, "
+                         f"got {grad.dtype} {tuple(grad.shape)} and {waveform.dtype}")
     grad_wave = torch.zeros_like(waveform)
     if batch == 0 or num_frames == 0:
         return grad_wave
