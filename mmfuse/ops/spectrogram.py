@@ -19,12 +19,12 @@ Compatibility targets:
 - ``kaldi_fbank``: ``torchaudio.compliance.kaldi.fbank``, i.e. Kaldi's ``compute-fbank-feats``.
 
 Backends: "cpu" and "cuda" are the fused C++ and CUDA kernels of ``mmfuse::mel_spectrogram``
-(float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32 forward; exact fp32
+(float32/float64, with a backward w.r.t. the waveform), "triton" the fused Triton kernel (float32, fwd + bwd; exact fp32
 products), "reference" the PyTorch composition in ``mmfuse.reference.spectrogram``. The
 kernels take one op for all the front ends (its arguments: ``mmfuse.contract.spectrogram``):
 ``spectrogram`` is that op with an identity filterbank (``|X|^power``) or its complex output
 (``power=None``: C++ and Triton), ``mfcc`` adds the dB/offset log, the 80 dB clamp and the DCT
-(C++ forward and backward, Triton forward); the CUDA kernel has neither MFCC nor the complex
+(C++ and Triton, forward and backward); the CUDA kernel has neither MFCC nor the complex
 spectrum yet, and asking it for them raises with that reason.
 
 Variable-length batches: pass a zero-padded ``(B, T)`` waveform and ``lengths`` (samples per
@@ -167,7 +167,7 @@ def spectrogram(
     CUDA, Triton); the complex spectrum is its ``complex_out`` mode (C++ and Triton; the CUDA
     kernel does not have it), except that on the CPU a complex spectrum without ``lengths`` runs
     ATen's FFT (``torch.stft``), which is faster there than the kernel's DFT. Gradients w.r.t.
-    the waveform in both (C++ backward).
+    the waveform in both (C++ and Triton backward).
 
     Args:
         waveform: float32 or float64 ``(..., time)``; ``(B, T)`` when ``lengths`` is given.
@@ -210,7 +210,7 @@ def mfcc(
     power 2), then ``10 log10(max(mel, 1e-10))`` clamped from below at ``max - 80`` dB
     (``AmplitudeToDB("power", top_db=80)``), or ``ln(mel + 1e-6)`` with ``log_mels``, then the
     DCT-II of ``create_dct(n_mfcc, n_mels, norm)`` over the mel axis. The log, the clamp and
-    the DCT run inside the fused kernel (C++: forward and backward; Triton: forward).
+    the DCT run inside the fused kernel (C++ and Triton: forward and backward).
 
     The 80 dB clamp's max is taken as torchaudio takes it: over the whole ``(n_mels, frames)``
     of a ``(T,)`` input, over all channels of a ``(C, T)`` input (torchaudio reads the leading
@@ -580,8 +580,8 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
                    dct: torch.Tensor | None = None, top_db: float | None = None, complex_out: bool = False):
     """Why a kernel backend cannot take this case. The kernels differentiate w.r.t. the waveform
     only (a window, filterbank or DCT matrix that needs a gradient goes to the reference); the
-    Triton kernel computes in float32 and has no backward yet; the CUDA kernel takes at most
-    65535 items (its grid's second dimension), needs one frame's DFT tables in shared memory and
+    Triton kernel (forward and backward: mmfuse/triton/mel_backward.py) computes in float32; the CUDA kernel takes
+    at most 65535 items (its grid's second dimension), needs one frame's DFT tables in shared memory and
     has neither the MFCC steps (dB/offset log, top_db clamp, DCT) nor the complex spectrum."""
 
     def unsupported(backend: str) -> str | None:
@@ -602,8 +602,6 @@ def _kernel_limits(waveform: torch.Tensor, window: torch.Tensor, mel_fb: torch.T
                 return f"the Triton kernel takes at most {TRITON_MAX_N_MELS} mel bins, got {mel_fb.shape[1]}"
             if dct is not None and dct.shape[1] > TRITON_MAX_N_MELS:
                 return f"the Triton kernel takes at most {TRITON_MAX_N_MELS} coefficients, got {dct.shape[1]}"
-            if waveform.requires_grad and torch.is_grad_enabled():
-                return "the Triton kernel has no backward yet; use backend='cpu' (CPU tensors) or 'reference'"
         if backend == "cuda":
             batch = waveform.reshape(-1, waveform.shape[-1]).shape[0] if waveform.dim() > 0 else 1
             if batch > 65535:
