@@ -636,7 +636,8 @@ def _compiled_op():
 
 
 def _triton_op():
-    from mmfuse.triton import mel_spectrogram
+    # the backward module imports the forward and registers the op's autograd
+    from mmfuse.triton import mel_backward, mel_spectrogram  # noqa: F401
 
     return mel_spectrogram.mel_spectrogram_triton
 

@@ -416,7 +416,3 @@ def _whisper_clamp(out: torch.Tensor, frame_lengths: torch.Tensor | None, frames
     valid = valid.unsqueeze(2) if frames_major else valid.unsqueeze(1)
     item_max = torch.where(valid, out, float("-inf")).amax(dim=(1, 2), keepdim=True)
     return torch.where(valid, (torch.maximum(out, item_max - 8.0) + 4.0) / 4.0, 0.0)
-
-
-# the backward (its own module, which imports this one) registers the op's autograd
-from mmfuse.triton import mel_backward as _mel_backward  # noqa: E402,F401
