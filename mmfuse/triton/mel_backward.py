@@ -53,6 +53,7 @@ from mmfuse.triton._launch import launch, triton_custom_op
 BLOCK_F = fwd.BLOCK_F  # frames per program (tl.dot's 16 rows)
 BLOCK_K = fwd.BLOCK_K  # frame samples per step of the DFT recomputation
 BLOCK_N = fwd.BLOCK_N  # bins per program (spectral) and per step (frame gradient)
+BLOCK_M = 32  # mel bins per step of the filterbank's transpose
 BLOCK_S = 64  # frame samples per program of the frame gradient
 
 
@@ -99,24 +100,6 @@ def _spectral_grad_kernel(
             total += tl.sum(raw, axis=1)
         mean = total / win
 
-    # dL/dmel for this block of frames: the log's derivative at the forward's mel values
-    m_mask = frame_ok[:, None] & (mm < n_mels)[None, :]
-    m_offs = (b.to(tl.int64) * n_mels + mm[None, :]) * num_frames + f[:, None]
-    g = tl.load(dlog_ptr + m_offs, mask=m_mask, other=0.0)
-    if LOG_MODE != 0:
-        mel = tl.load(mel_ptr + m_offs, mask=m_mask, other=1.0)
-        if LOG_MODE == 4:
-            g = g / (mel + log_floor)
-        else:
-            if LOG_MODE == 2:
-                scale = 0.4342944819032518  # log10
-            elif LOG_MODE == 3:
-                scale = 4.342944819032518  # 10 log10
-            else:
-                scale = 1.0
-            above = mel >= log_floor
-            g = tl.where(above, g * scale / tl.where(above, mel, 1.0), 0.0)
-
     # this bin block's spectrum, recomputed
     bins_ok = (n0 + nn) < n_bins
     re = tl.zeros([BLOCK_F, BLOCK_N], dtype=tl.float32)
@@ -132,10 +115,31 @@ def _spectral_grad_kernel(
         re += tl.dot(y, c, input_precision="ieee")
         im += tl.dot(y, s, input_precision="ieee")
 
-    # dmag = dmel @ mel_fb^T on this bin block
-    fbt_mask = (mm < n_mels)[:, None] & bins_ok[None, :]
-    fbt = tl.load(fb_ptr + (n0 + nn[None, :]) * n_mels + mm[:, None], mask=fbt_mask, other=0.0)
-    dmag = tl.dot(g, fbt, input_precision="ieee")
+    # dmag = dmel @ mel_fb^T on this bin block, BLOCK_M mel bins at a time, dmel = dL/dlog times
+    # the log's derivative at the forward's mel values (after the DFT loop and in chunks: the whole
+    # (BLOCK_F, n_mels) tile live in the loop spilled on sm_80)
+    dmag = tl.zeros([BLOCK_F, BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, n_mels, BLOCK_M):
+        m = m0 + mm
+        m_mask = frame_ok[:, None] & (m < n_mels)[None, :]
+        m_offs = (b.to(tl.int64) * n_mels + m[None, :]) * num_frames + f[:, None]
+        g = tl.load(dlog_ptr + m_offs, mask=m_mask, other=0.0)
+        if LOG_MODE != 0:
+            mel = tl.load(mel_ptr + m_offs, mask=m_mask, other=1.0)
+            if LOG_MODE == 4:
+                g = g / (mel + log_floor)
+            else:
+                if LOG_MODE == 2:
+                    scale = 0.4342944819032518  # log10
+                elif LOG_MODE == 3:
+                    scale = 4.342944819032518  # 10 log10
+                else:
+                    scale = 1.0
+                above = mel >= log_floor
+                g = tl.where(above, g * scale / tl.where(above, mel, 1.0), 0.0)
+        fbt_mask = (m < n_mels)[:, None] & bins_ok[None, :]
+        fbt = tl.load(fb_ptr + (n0 + nn[None, :]) * n_mels + m[:, None], mask=fbt_mask, other=0.0)
+        dmag += tl.dot(g, fbt, input_precision="ieee")
     mag = re * re + im * im
     if POWER_MODE == 0:
         scale_p = tl.full([BLOCK_F, BLOCK_N], 2.0, tl.float32)
@@ -318,7 +322,7 @@ def mel_spectrogram_backward_triton(
             num_samples, num_frames, win, n_bins, n_mels, hop, frame_offset, pad, preemphasis, power, log_floor,
             PAD_MODE=pad_mode, HAS_LENGTHS=has_lengths, REMOVE_DC=remove_dc, PREEMPH=preemphasis != 0.0,
             POWER_MODE=_power_mode(power), LOG_MODE=log_mode,
-            BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=fwd._block_m(n_mels),
+            BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
         )
     frame_grad = waveform.new_empty(batch, num_frames, win)
     launch(_frame_grad_kernel)[(batch, frames_grid, triton.cdiv(win, BLOCK_S))](
@@ -390,7 +394,7 @@ register_mel_autograd(fwd.mel_spectrogram_triton, mel_spectrogram_backward_trito
 def aot_cases() -> list:
     """What the backward launches on a GPU, at one config each for ``mmfuse.triton.aot_check``
     (the flags change elementwise code only): the spectral kernel with reflect padding, lengths,
-    DC removal, pre-emphasis, |X|^power and the dB log at 128 mel bins; the frame gradient kernel
+    DC removal, pre-emphasis, |X|^power and the dB log (its tiles do not depend on n_mels); the frame gradient kernel
     with lengths."""
     from mmfuse.triton._aot import kernel_case
 
@@ -399,7 +403,7 @@ def aot_cases() -> list:
                     lengths_ptr=torch.int64, frame_lengths_ptr=torch.int64, a_ptr=f32, b_ptr=f32)
     spectral = kernel_case(_spectral_grad_kernel, "float32", pointers,
                            dict(PAD_MODE=1, HAS_LENGTHS=True, REMOVE_DC=True, PREEMPH=True, POWER_MODE=2,
-                                LOG_MODE=LOG_DB, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=128),
+                                LOG_MODE=LOG_DB, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M),
                            floats=("preemph", "power", "log_floor"))
     frame = kernel_case(_frame_grad_kernel, "float32",
                         dict(a_ptr=f32, b_ptr=f32, cos_ptr=f32, sin_ptr=f32, window_ptr=f32,
