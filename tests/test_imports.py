@@ -3,7 +3,8 @@ its own in a fresh interpreter, with and without the compiled extension.
 
 Layers, top to bottom: the package and the benchmarks; ``models``; ``nn``; ``ops``; the
 backends (``triton``, ``reference``); the op contract (``contract``) and the audio
-configuration (``audio``); ``_checks`` and ``backends``; ``_extension`` (loads ``_C``). A module may import from
+configuration (``audio``) and the key-range builders (``masks``); ``_checks`` and ``backends``; ``_extension``
+(loads ``_C``). A module may import from
 its own subpackage or from a lower layer, never from a higher one, and no import cycle exists.
 """
 import ast
@@ -24,7 +25,7 @@ LAYERS = {
     "mmfuse.nn": 5,
     "mmfuse.ops": 4,
     "mmfuse.triton": 3, "mmfuse.reference": 3,
-    "mmfuse.contract": 2, "mmfuse.audio": 2,
+    "mmfuse.contract": 2, "mmfuse.audio": 2, "mmfuse.masks": 2,
     "mmfuse._checks": 1, "mmfuse.backends": 1,
     "mmfuse._extension": 0,
 }
