@@ -59,7 +59,7 @@ def test_padded_split_matches_one_pass(monkeypatch, len_q, len_k, heads, splits,
     dev = device()
     to = lambda t: None if t is None else t.to(dev)  # noqa: E731
     args = (to(q), to(k), to(v), to(kv_lens), to(kpm), scale, causal, to(bias), p, to(philox), softcap, to(sinks),
-            False)
+            None, False)
     (out1, lse1), (out_s, lse_s) = both_schedules(monkeypatch, lambda: ops.cross_attention_fwd_triton(*args), splits)
     bias64 = None
     if bias is not None:
@@ -90,7 +90,7 @@ def test_varlen_split_matches_one_pass(monkeypatch):
     _, ops = _modules()
     dev = device()
     args = [t.to(dev) for t in (q, k, v, cu_q, cu_k)] + [lq, lk + 9, 0.2, True, attn.to(dev), p, philox.to(dev), 0.0,
-                                                          sinks.to(dev), False]
+                                                          sinks.to(dev), None, False]
     (out1, lse1), (out_s, lse_s) = both_schedules(monkeypatch, lambda: ops.cross_attention_varlen_fwd_triton(*args), 6)
     q64, k64, v64 = (to_padded(x.double(), cu, ln, n) for x, cu, ln, n in ((q, cu_q, q_lens, lq), (k, cu_k, k_lens, lk),
                                                                             (v, cu_k, k_lens, lk)))
@@ -115,10 +115,10 @@ def test_split_then_backward(monkeypatch):
     _, ops = _modules()
     dev = device()
     args = (q.to(dev), k.to(dev), v.to(dev), None, None, 0.25, True, None, 0.0, None, 1.5, sinks.to(dev))
-    (out1, lse1), (out_s, lse_s) = both_schedules(monkeypatch, lambda: ops.cross_attention_fwd_triton(*args, False), 3)
+    (out1, lse1), (out_s, lse_s) = both_schedules(monkeypatch, lambda: ops.cross_attention_fwd_triton(*args, None, False), 3)
     g_out = rand(*out1.shape, gen=gen).to(dev)
-    grads1 = ops.cross_attention_bwd_triton(g_out, None, *args[:3], out1, lse1, *args[3:], False, False)
-    grads_s = ops.cross_attention_bwd_triton(g_out, None, *args[:3], out_s, lse_s, *args[3:], False, False)
+    grads1 = ops.cross_attention_bwd_triton(g_out, None, *args[:3], out1, lse1, *args[3:], None, False, False)
+    grads_s = ops.cross_attention_bwd_triton(g_out, None, *args[:3], out_s, lse_s, *args[3:], None, False, False)
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
     out64, _ = oracle(q64, k64, v64, 0.25, causal=True, softcap=1.5, sinks=sinks)
     (out64 * g_out.cpu().double()).sum().backward()

@@ -25,7 +25,7 @@ def fwd_op(backend):
     if backend == "triton":
         from mmfuse.triton import cross_attention as tri
 
-        return lambda *a: tri.cross_attention_fwd_triton(*a, False)
+        return lambda *a: tri.cross_attention_fwd_triton(*a, allow_tf32=False)
     return torch.ops.mmfuse.cross_attention_fwd
 
 
@@ -33,7 +33,7 @@ def bwd_op(backend):
     if backend == "triton":
         from mmfuse.triton import cross_attention as tri
 
-        return lambda *a: tri.cross_attention_bwd_triton(*a, False)
+        return lambda *a: tri.cross_attention_bwd_triton(*a, allow_tf32=False)
     return torch.ops.mmfuse.cross_attention_bwd
 
 

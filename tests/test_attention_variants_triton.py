@@ -133,14 +133,14 @@ def run_padded(c, grads=True, mask_grad=False):
     to = lambda t: None if t is None else t.to(dev)  # noqa: E731
     args = (to(c["q"]), to(c["k"]), to(c["v"]), to(c["kv_lens"]), to(c["kpm"]), c["scale"], c["causal"], to(c["attn"]),
             c["dropout_p"], to(c["philox"]), c["softcap"], to(c["sinks"]))
-    out, lse = ops.cross_attention_fwd_triton(*args, False)
+    out, lse = ops.cross_attention_fwd_triton(*args, None, False)
     ours = dict(out=out, lse=lse)
     g_out = g_lse = None
     if grads:
         gen = torch.Generator().manual_seed(7)
         g_out, g_lse = rand(*out.shape, gen=gen).to(out.dtype), rand(*lse.shape, gen=gen)
         dq, dk, dv, dmask = ops.cross_attention_bwd_triton(to(g_out), to(g_lse), *args[:3], out, lse, *args[3:],
-                                                           mask_grad, False)
+                                                           None, mask_grad, False)
         ours.update(dq=dq, dk=dk, dv=dv)
         if mask_grad:
             ours["dmask"] = dmask
@@ -222,7 +222,7 @@ def test_varlen_mask_dropout():
     args = [c[n].to(dev) for n in ("q", "k", "v", "cu_q", "cu_k")]
     rest = (c["scale"], c["causal"], c["attn"].to(dev), c["dropout_p"], c["philox"].to(dev), c["softcap"],
             c["sinks"].to(dev))
-    out, lse = ops.cross_attention_varlen_fwd_triton(*args, lq + 6, lk + 20, *rest, False)
+    out, lse = ops.cross_attention_varlen_fwd_triton(*args, lq + 6, lk + 20, *rest, None, False)
     q64, k64, v64 = (to_padded(c[n].double(), c[cu], c[ln], L).requires_grad_(True)
                      for n, cu, ln, L in (("q", "cu_q", "q_lens", lq), ("k", "cu_k", "k_lens", lk),
                                           ("v", "cu_k", "k_lens", lk)))
@@ -240,7 +240,7 @@ def test_varlen_mask_dropout():
     loss = (pick(out64) * g_out.double()).sum() + (pick(lse64.transpose(1, 2)) * g_lse.T.double()).sum()
     loss.backward()
     dq, dk, dv, dmask = ops.cross_attention_varlen_bwd_triton(g_out.to(dev), g_lse.to(dev), *args[:3], out, lse,
-                                                              *args[3:], lq + 6, lk + 20, *rest, True, False)
+                                                              *args[3:], lq + 6, lk + 20, *rest, None, True, False)
     check("varlen dq", dq, pick(q64.grad), 3e-5)
     krows = [(b, j) for b in range(4) for j in range(int(c["k_lens"][b]))]
     kpick = lambda t: torch.stack([t[b, j] for b, j in krows])  # noqa: E731
@@ -264,7 +264,7 @@ def test_autograd_through_the_op():
     q, k, v, attn, sinks = (t.to(dev) for t in leaves)
     _ops()  # registers the op
     out, lse = torch.ops.mmfuse.cross_attention_fwd_triton(q, k, v, c["kv_lens"].to(dev), c["kpm"].to(dev), c["scale"],
-                                                           True, attn, 0.0, None, 2.0, sinks, False)
+                                                           True, attn, 0.0, None, 2.0, sinks, None, False)
     gen = torch.Generator().manual_seed(9)
     g_out, g_lse = rand(*out.shape, gen=gen), rand(*lse.shape, gen=gen)
     ((out.cpu() * g_out).sum() + (lse.cpu() * g_lse).sum()).backward()
@@ -286,9 +286,9 @@ def test_varlen_key_hidden_by_the_mask_never_influences():
 
     def run(k, v):
         args = (c["q"], k, v, c["cu_q"], c["cu_k"], 9, 13, 0.3, False, c["attn"], 0.0, None, 0.0, c["sinks"])
-        out, lse = ops.cross_attention_varlen_fwd_triton(*args, False)
-        grads = ops.cross_attention_varlen_bwd_triton(torch.ones_like(out), None, *args[:3], out, lse, *args[3:], True,
-                                                      False)
+        out, lse = ops.cross_attention_varlen_fwd_triton(*args, None, False)
+        grads = ops.cross_attention_varlen_bwd_triton(torch.ones_like(out), None, *args[:3], out, lse, *args[3:], None,
+                                                      True, False)
         return (out, lse) + grads
 
     clean = run(c["k"], c["v"])
@@ -304,24 +304,26 @@ def test_bad_inputs():
     ops, c = _ops(), padded_case()
     base = (c["q"], c["k"], c["v"], c["kv_lens"], None, c["scale"], True)
     with pytest.raises(ValueError, match="sinks"):
-        ops.cross_attention_fwd_triton(*base, None, 0.0, None, 0.0, torch.zeros(3), False)
+        ops.cross_attention_fwd_triton(*base, None, 0.0, None, 0.0, torch.zeros(3), None, False)
     with pytest.raises(ValueError, match="attn_mask"):
-        ops.cross_attention_fwd_triton(*base, torch.zeros(7, 18), 0.0, None, 0.0, None, False)
+        ops.cross_attention_fwd_triton(*base, torch.zeros(7, 18), 0.0, None, 0.0, None, None, False)
     with pytest.raises(ValueError, match="philox"):
-        ops.cross_attention_fwd_triton(*base, None, 0.5, torch.zeros(3, dtype=torch.int64), 0.0, None, False)
+        ops.cross_attention_fwd_triton(*base, None, 0.5, torch.zeros(3, dtype=torch.int64), 0.0, None, None, False)
     g = torch.zeros(3, 7, 4, 24)
     with pytest.raises(ValueError, match="mask_grad"):
         ops.cross_attention_bwd_triton(g, None, *base[:3], g, torch.zeros(3, 4, 7), *base[3:],
-                                       torch.zeros(7, 19, dtype=torch.bool), 0.0, None, 0.0, None, True, False)
+                                       torch.zeros(7, 19, dtype=torch.bool), 0.0, None, 0.0, None, None, True, False)
     v = varlen_case()
     packed = (v["q"], v["k"], v["v"], v["cu_q"], v["cu_k"])
     with pytest.raises(ValueError, match="attn_mask"):  # W = 12 < the longest key sequence (13)
         ops.cross_attention_varlen_fwd_triton(*packed, 9, 20, 0.3, True, v["attn"][..., :12], 0.0, None, 0.0, None,
-                                              False)
+                                              None, False)
     with pytest.raises(ValueError, match="attn_mask"):  # a head count that is neither 1 nor Hq
-        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, v["attn"][:2], 0.0, None, 0.0, None, False)
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, v["attn"][:2], 0.0, None, 0.0, None, None,
+                                              False)
     with pytest.raises(ValueError, match="sinks"):
-        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, None, 0.0, None, 0.0, torch.zeros(4, 1), False)
+        ops.cross_attention_varlen_fwd_triton(*packed, 9, 13, 0.3, True, None, 0.0, None, 0.0, torch.zeros(4, 1), None,
+                                              False)
 
 
 def teardown_module():
