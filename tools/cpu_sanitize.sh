@@ -37,5 +37,6 @@ LD_PRELOAD=$PRELOAD PYTHONPATH=$TREE \
   "$PYTHON" -m pytest -q -s -p no:cacheprovider -m "not triton and not emulator and not slow and not cuda" \
   -k "not compile and not export" \
   tests/test_hardening.py tests/test_fuzz.py tests/test_attention.py tests/test_attention_dropout.py tests/test_attention_variants.py \
+  tests/test_key_ranges.py \
   tests/test_pack_modalities.py tests/test_fusion.py tests/test_spectrogram.py tests/test_spectrogram_plain.py \
   tests/test_mfcc.py "$@"
