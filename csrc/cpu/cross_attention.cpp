@@ -1115,22 +1115,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   return {dq.to(st), dk.to(st), dv.to(st), dmask};
 }
 
+// A padded call's checked inputs, shared by the forward and the backward: the Problem and the tensors
+// its samples point into (kept alive here), and the keys no query sees.
+struct Padded {
+  at::Tensor bias, attn_bias, sinks_c, ranges_c, hidden;
+  Problem p;
+  Padded(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask, double scale,
+         bool causal, const Variants& x, const std::optional<at::Tensor>& key_ranges) {
+    check_qkv(op, q, k, v, 4);
+    bias = mask_bias(op, key_padding_mask, k);
+    attn_bias = attention_mask_bias(op, x.attn_mask, q, k, false, 0, compute_type(q));
+    p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
+    add_variants(op, p, attn_bias, x, q.size(1), k.size(1), false, q, sinks_c);
+    add_ranges(op, p, key_ranges, q, k, false, ranges_c);
+    hidden = hidden_keys(key_padding_mask, attn_bias, p, k.size(1));
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_fwd";
-  check_qkv(op, q, k, v, 4);
-  const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, false, 0, compute_type(q));
-  Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
-  at::Tensor sinks_c;
-  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
-               sinks_c);
-  at::Tensor ranges_c;
-  add_ranges(op, p, key_ranges, q, k, false, ranges_c);
-  return run_forward(p, q, k, v, {q.size(0), q.size(2), q.size(1)}, hidden_keys(key_padding_mask, attn_bias, p, k.size(1)));
+  const Padded s(op, q, k, v, kv_lens, key_padding_mask, scale, causal, {attn_mask, dropout_p, philox, softcap, sinks},
+                 key_ranges);
+  return run_forward(s.p, q, k, v, {q.size(0), q.size(2), q.size(1)}, s.hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
@@ -1141,18 +1152,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
     bool mask_grad) {
   const char* op = "cross_attention_bwd";
-  check_qkv(op, q, k, v, 4);
-  const at::Tensor bias = mask_bias(op, key_padding_mask, k);
-  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, false, 0, compute_type(q));
-  Problem p = padded_problem(op, q, k, v, kv_lens, bias, scale, causal);
-  at::Tensor sinks_c;
-  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, q.size(1), k.size(1), false, q,
-               sinks_c);
-  at::Tensor ranges_c;
-  add_ranges(op, p, key_ranges, q, k, false, ranges_c);
-  const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, false);
-  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)},
-                      hidden_keys(key_padding_mask, attn_bias, p, k.size(1)), dmask);
+  Padded s(op, q, k, v, kv_lens, key_padding_mask, scale, causal, {attn_mask, dropout_p, philox, softcap, sinks},
+           key_ranges);
+  const at::Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, false);
+  return run_backward(s.p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)}, s.hidden,
+                      dmask);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
