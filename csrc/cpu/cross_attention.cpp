@@ -1133,6 +1133,23 @@ struct Padded {
   }
 };
 
+// The same for a packed (varlen) call.
+struct Varlen {
+  at::Tensor attn_bias, sinks_c, ranges_c, hidden;
+  Problem p;
+  Varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+         const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, const Variants& x,
+         const std::optional<at::Tensor>& key_ranges) {
+    check_qkv(op, q, k, v, 3);
+    p = varlen_problem(op, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
+    const int64_t longest_k = longest_keys(p);
+    attn_bias = attention_mask_bias(op, x.attn_mask, q, k, true, longest_k, compute_type(q));
+    add_variants(op, p, attn_bias, x, p.max_q, longest_k, true, q, sinks_c);
+    add_ranges(op, p, key_ranges, q, k, true, ranges_c);
+    hidden = hidden_keys_varlen(attn_bias, p, k.size(0));
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
@@ -1165,15 +1182,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_varlen_fwd";
-  check_qkv(op, q, k, v, 3);
-  Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
-  const int64_t longest_k = longest_keys(p);
-  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
-  at::Tensor sinks_c;
-  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
-  at::Tensor ranges_c;
-  add_ranges(op, p, key_ranges, q, k, true, ranges_c);
-  return run_forward(p, q, k, v, {q.size(1), q.size(0)}, hidden_keys_varlen(attn_bias, p, k.size(0)));
+  const Varlen s(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                 {attn_mask, dropout_p, philox, softcap, sinks}, key_ranges);
+  return run_forward(s.p, q, k, v, {q.size(1), q.size(0)}, s.hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
@@ -1184,17 +1195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
     bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
-  check_qkv(op, q, k, v, 3);
-  Problem p = varlen_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal);
-  const int64_t longest_k = longest_keys(p);
-  const at::Tensor attn_bias = attention_mask_bias(op, attn_mask, q, k, true, longest_k, compute_type(q));
-  at::Tensor sinks_c;
-  add_variants(op, p, attn_bias, {attn_mask, dropout_p, philox, softcap, sinks}, p.max_q, longest_k, true, q, sinks_c);
-  at::Tensor ranges_c;
-  add_ranges(op, p, key_ranges, q, k, true, ranges_c);
-  const at::Tensor dmask = add_dmask(op, p, mask_grad, attn_bias, q, true);
-  return run_backward(p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)},
-                      hidden_keys_varlen(attn_bias, p, k.size(0)), dmask);
+  Varlen s(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+           {attn_mask, dropout_p, philox, softcap, sinks}, key_ranges);
+  const at::Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, true);
+  return run_backward(s.p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)}, s.hidden, dmask);
 }
 
 }  // namespace
