@@ -83,7 +83,7 @@ RACE = "race on shared memory in kernel {}"
 INITCHECK = "initcheck: ldmatrix read of shared memory never written in this block, in kernel {}"
 # the forward's reads of a K/V tile (S = Q K^T, then P V) and a stage refill's writes
 FORWARD_READS = (("gemm_abt<kBlockN, kHeadDim, kS, kS>(sc, sq, 16 * warp, sk);", 1),
-                 ("gemm_xb<kHeadDim, kBlockN, kS>(o, sc, sv);", 1))
+                 ("gemm_xb<kHeadDimV, kBlockN, kSv>(o, sc, sv);", 1))
 REFILL = (("MMFUSE_SHARED_DEAD(dst, 16);", 1), ("cp_async_16(dst, src", 1))
 CP_ASYNC = (("cp_async_16(dst, src", 1),)
 LDMATRIX_HELPERS = (("ldmatrix_x4(a, tile", 1), ("ldmatrix_x4(x, tile", 1), ("ldmatrix_x4_trans(x, tile", 1))
@@ -94,23 +94,24 @@ MUTATIONS = [
              "    ;  // this stage's buffers are refilled by the next iteration's prefetch",
              RACE.format("attention_forward_kernel"), (REFILL, FORWARD_READS)),
     Mutation("attention dK/dV: barrier after the last read of a Q/dO tile", ATTENTION,
-             "      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dSᵀ Q (scaled at the end)\n"
+             "      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)\n"
              "      __syncthreads();",
-             "      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dSᵀ Q (scaled at the end)\n      ;",
+             "      gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)\n      ;",
              RACE.format("attention_backward_dkdv_kernel"),
              (REFILL + (("slse[stage * kBlockMBwd + threadIdx.x] =", 1), ("sdelta[stage * kBlockMBwd + threadIdx.x] =", 1)),
               (("gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(pt, sk, 16 * warp, sq);", 1),
-                       ("? exp2f(pt[j][i] * scale_log2 - lse2[col])", 1), ("(dst[j][i] - delta[cols[j][i & 1]])", 1),
-                       ("gemm_xb<kHeadDim, kBlockMBwd, kS>(dv, pt, sdo);", 1),
-                       ("gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(dst, sv, 16 * warp, sdo);", 1),
+                       ("lse2[col]);", 1), ("dst[j][i] = pt[j][i] * (dp - delta[col]);", 1),
+                       ("gemm_xb<kHeadDimV, kBlockMBwd, kSv>(dv, pd, sdo);", 1),
+                       ("gemm_xb<kHeadDimV, kBlockMBwd, kSv>(dv, pt, sdo);", 1),
+                       ("gemm_abt<kBlockMBwd, kHeadDimV, kSv, kSv>(dst, sv, 16 * warp, sdo);", 1),
                        ("gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);", 1))), case="backward"),
     Mutation("attention dQ: barrier after the last read of a K/V tile", ATTENTION,
-             "      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS K (scaled at the end)\n"
+             "      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS_raw K (scaled at the end)\n"
              "      __syncthreads();",
-             "      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS K (scaled at the end)\n      ;",
+             "      gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS_raw K (scaled at the end)\n      ;",
              RACE.format("attention_backward_dq_kernel"),
              (REFILL, (("gemm_abt<kBlockN, kHeadDim, kS, kS>(pr, sq, 16 * warp, sk);", 1),
-                       ("gemm_abt<kBlockN, kHeadDim, kS, kS>(ds, sdo, 16 * warp, sv);", 1),
+                       ("gemm_abt<kBlockN, kHeadDimV, kSv, kSv>(ds, sdo, 16 * warp, sv);", 1),
                        ("gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);", 1))), case="backward"),
     Mutation("pipeline step: barrier after cp_async_wait", ATTENTION,
              "  __syncthreads();\n}\n\n// K/V tile", "  ;\n}\n\n// K/V tile",
