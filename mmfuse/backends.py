@@ -31,6 +31,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_config_pinned() -> bool:
+    """True when ``MMFUSE_TRITON_PIN_CONFIG=1``: every autotuned Triton kernel launches with the
+    first config that fits its case, untimed (the staged device run's correctness stage and
+    headline suite: one compile per kernel variant instead of one per candidate tile)."""
+    return os.environ.get("MMFUSE_TRITON_PIN_CONFIG") == "1"
+
+
 @functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None

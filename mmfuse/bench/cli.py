@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 
 import mmfuse
-from mmfuse.bench import attention, fusion, masks, packing, spectrogram
+from mmfuse.bench import attention, fusion, headline, masks, packing, spectrogram
 from mmfuse.bench.timing import median_ms
 
 SUITES = {"attention": attention, "masks": masks, "spectrogram": spectrogram, "fusion": fusion, "packing": packing}
+# named selections of cases at their own sizes, not part of --op all
+NAMED_SUITES = {"headline": headline}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmfuse-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--op", action="append", choices=sorted(SUITES) + ["all"], default=None,
                         help="which op family to time (repeatable; default all)")
+    parser.add_argument("--suite", action="append", choices=sorted(NAMED_SUITES), default=None,
+                        help="a named suite (headline: the 12 cases a first GPU lease times first)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--backend", action="append", default=None, help="mmfuse backends to time (default: all available)")
     parser.add_argument("--quick", action="store_true", help="one small shape per op, few repeats")
@@ -44,23 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backend or [b for b in mmfuse.available_backends(device) if b != "reference" or device.type == "cpu"]
     if device.type == "cpu" and "triton" in backends:
         backends.remove("triton")  # the interpreter is for tests, not timing
-    ops = sorted(SUITES) if not args.op or "all" in args.op else args.op
+    ops = [] if args.suite and not args.op else sorted(SUITES) if not args.op or "all" in args.op else args.op
+    modules = [SUITES[op] for op in ops] + [NAMED_SUITES[s] for s in args.suite or []]
     meta = _meta(device)
     print(f"mmfuse-bench on {meta['device_name']} ({device.type}, {meta['threads']} threads), torch {torch.__version__}, "
           f"mmfuse {mmfuse.__version__} @ {meta['commit']}; backends {backends}", file=sys.stderr)
 
     rows = []
-    all_cases = [c for op in ops for c in SUITES[op].cases(device, args.quick, backends)
+    all_cases = [c for module in modules for c in module.cases(device, args.quick, backends)
                  if not args.case or any(text in c.case for text in args.case)]
     for i, case in enumerate(all_cases, 1):
         print(f"[{i}/{len(all_cases)}] {case.op} {case.case}", file=sys.stderr, flush=True)
         rows += _run_case(case, device, args.quick, meta)
+        if args.json:  # after every case: a run stopped part-way still leaves the rows it timed
+            _write_json(args.json, meta, rows, complete=i == len(all_cases))
     _print_table(rows)
     slower = slower_than_reference(rows)
     _print_checks(rows, slower)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "slower_than_reference": slower}, indent=1))
+        _write_json(args.json, meta, rows, complete=True)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         _plot(rows, meta, args.plot, with_reference=args.with_reference)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _write_json(path: Path, meta: dict, rows: list[dict], complete: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "slower_than_reference": slower_than_reference(rows),
+                               "complete": complete}, indent=1))
+    tmp.replace(path)
 
 
 # a kernel within this fraction of the reference's time is not flagged: two medians of the same

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from mmfuse.backends import triton_interpreted
+from mmfuse.backends import triton_config_pinned, triton_interpreted
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries on a GPU. Exact fp32 (no tf32)
 # takes _SMALL_TILE alone: Triton multiplies it on the FMA units with every operand in registers,
@@ -75,7 +75,8 @@ def fitting_configs(configs, named_args, **meta):
         # the attention mask tile and the Philox state on top: `make triton-check` measured the
         # 128 x 128 forward over shared memory and 128-row tiles spilling 0.9-1.7 KB in dK/dV
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or small
+    kept = kept or small
+    return kept[:1] if triton_config_pinned() else kept
 
 
 def _autotune(*extra_keys):

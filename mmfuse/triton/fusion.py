@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.backends import triton_interpreted
+from mmfuse.backends import triton_config_pinned, triton_interpreted
 from mmfuse.contract.fusion import (
     fake_combine_modalities,
     fake_combine_modalities_bwd,
@@ -144,8 +144,10 @@ def _gemm_tiles_for_precision(configs, named_args, **meta):
 
     elem = named_args["a0"].element_size()
     if meta["PRECISION"] == "ieee" and elem == 4:
-        return [c for c in configs if tile(c) == _IEEE_TILE]
-    return [c for c in configs if tile(c) != _IEEE_TILE and (elem == 2 or c.kwargs["BLOCK_N"] < 256)]
+        kept = [c for c in configs if tile(c) == _IEEE_TILE]
+    else:
+        kept = [c for c in configs if tile(c) != _IEEE_TILE and (elem == 2 or c.kwargs["BLOCK_N"] < 256)]
+    return kept[:1] if triton_config_pinned() else kept
 
 
 _gemm = triton.autotune(_gemm_configs(), key=["M", "N", "NUM_SOURCES"],
