@@ -12,7 +12,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test triton-check cuda-check cpu-sanitize cuda-sanitize fuzz bench wheel clean
+.PHONY: install test triton-check cuda-check cuda-check-all cpu-sanitize cuda-sanitize fuzz bench wheel wheel-cuda clean
 
 install: $(STAMP)
 
@@ -45,9 +45,13 @@ fuzz: install
 	MMFUSE_FUZZ_EXAMPLES=1000 MMFUSE_FUZZ_RANDOM=1 MMFUSE_FUZZ_RAW_CASES=12000 MMFUSE_FUZZ_SEED=$$RANDOM \
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
-# compile every CUDA launcher for sm_80 and sm_90a against the CUDA torch's headers (no GPU needed)
+# compile every CUDA launcher against the CUDA torch's headers (no GPU needed): for sm_80 and
+# sm_90a (it says which of the wheel's architectures it skips, and why); cuda-check-all: for
+# every architecture of the wheel list
 cuda-check: install
 	$(PYTHON) tools/cuda_check.py
+cuda-check-all: install
+	$(PYTHON) tools/cuda_check.py --archs wheel
 
 # every emulator test under the sanitizer with one seed (the `sanitize`-marked mutation and
 # counter tests too, which make test leaves to this target); then, with a second seed, the
@@ -60,8 +64,25 @@ cuda-sanitize: install
 		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
 	done
 
-wheel: install
-	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+# a wheel for the torch installed in $(PYTHON), named for it (0.1.0+torch2.13cpu, +torch2.11cu130);
+# a CUDA torch and nvcc make it a CUDA wheel for pyproject.toml's cuda-archs (A100 to RTX 50, PTX
+# for later GPUs) unless TORCH_CUDA_ARCH_LIST says otherwise
+WHEEL_CUDA_ARCHS := $(shell sed -n 's/^cuda-archs *= *"\(.*\)"/\1/p' pyproject.toml)
+wheel:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-$(WHEEL_CUDA_ARCHS)}" \
+		$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# the CUDA wheel from a machine without one set up: a venv (.venv-cuda) with the CUDA build of
+# $(CUDA_TORCH_SPEC) from PyPI (several GB with its NVIDIA libraries), then `make wheel` with it;
+# needs nvcc of the CUDA major version that torch was built with
+CUDA_TORCH_SPEC ?= $(TORCH_SPEC)
+wheel-cuda:
+	@command -v nvcc >/dev/null || { echo "make wheel-cuda: nvcc is not on PATH (install the CUDA toolkit)"; exit 1; }
+	test -x .venv-cuda/bin/python || python3 -m venv .venv-cuda
+	.venv-cuda/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+		.venv-cuda/bin/python -m pip install --isolated "$(CUDA_TORCH_SPEC)" numpy setuptools wheel ninja pybind11
+	$(MAKE) wheel PYTHON=.venv-cuda/bin/python
 
 clean:
-	rm -rf build dist *.egg-info mmfuse/_C*.so bench-out
+	rm -rf build dist *.egg-info mmfuse/_C*.so mmfuse/_build.json bench-out

@@ -2,13 +2,22 @@
 
 Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; MMFUSE_SANITIZE=address,undefined
 builds them under ASan/UBSan (CPU only; `make cpu-sanitize`); TORCH_CUDA_ARCH_LIST picks
-the GPU architectures (default "8.0;9.0" when no GPU is visible); MAX_JOBS caps parallel
-compilation. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
+the GPU architectures (default when no GPU is visible: pyproject.toml's [tool.mmfuse] cuda-archs,
+the wheel list; with a GPU visible, torch's default: that GPU's); MAX_JOBS caps parallel
+compilation.
+
+The version is mmfuse/__init__.py's with a local part naming the torch release and CUDA version
+the extension is built against (``0.1.0+torch2.13cpu``, ``0.1.0+torch2.11cu130``), as
+FlashAttention 2's release wheels do: the compiled ops link against torch's C++ symbols, so a
+build serves that torch release only. ``mmfuse/_build.json`` records the same, and
+``mmfuse._extension`` compares it with the running torch before loading ``_C``. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
 kernels need torch >= 2.8 (the fusion launcher uses `at::mm` with an fp32 output dtype).
 """
 import glob
+import json
 import os
 import platform
+import re
 import shutil
 import sys
 
@@ -32,6 +41,39 @@ try:
 except ModuleNotFoundError:
     sys.exit("error: mmfuse: torch is not importable in this build environment." + NO_TORCH)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def wheel_cuda_archs() -> str:
+    """pyproject.toml's [tool.mmfuse] cuda-archs."""
+    return re.search(r'^cuda-archs\s*=\s*"([^"]+)"', _read("pyproject.toml"), re.M).group(1)
+
+
+def _torch_release() -> str:
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _version(cuda: bool) -> str:
+    base = re.search(r'^__version__ = "([^"]+)"', _read("mmfuse/__init__.py"), re.M).group(1)
+    flavour = f"cu{torch.version.cuda.replace('.', '')}" if cuda else "cpu"
+    return f"{base}+torch{_torch_release()}{flavour}"
+
+
+def _write_build_record(cuda: bool) -> None:
+    """mmfuse/_build.json: what ``mmfuse._extension`` checks the running torch against."""
+    record = {"torch": torch.__version__, "torch_release": _torch_release(),
+              "cuda": torch.version.cuda if cuda else None,
+              "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""}
+    with open(os.path.join(HERE, "mmfuse", "_build.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.write("\n")
 
 
 def _want_cuda() -> bool:
@@ -69,7 +111,7 @@ def _extension():
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if _want_cuda() and not sanitize:
         if not torch.cuda.is_available():
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", wheel_cuda_archs())
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         return CUDAExtension(
             "mmfuse._C",
@@ -81,7 +123,11 @@ def _extension():
     return CppExtension("mmfuse._C", sources, extra_compile_args=cxx, extra_link_args=link)
 
 
+EXTENSION = _extension()
+WITH_CUDA = any(name == "MMFUSE_WITH_CUDA" for name, _ in (EXTENSION.define_macros or []))
+_write_build_record(WITH_CUDA)
 setup(
-    ext_modules=[_extension()],
+    version=_version(WITH_CUDA),
+    ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

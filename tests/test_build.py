@@ -1,5 +1,6 @@
 """The build: kernel bodies compile for the GPU archs, the package degrades without _C, wheels install."""
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -99,6 +100,10 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     wheels = list(dist.glob("mmfuse-*.whl"))
     assert len(wheels) == 1, wheels
+    # the local version names the torch release it serves (and CUDA, for a CUDA build)
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    flavour = f"cu{torch.version.cuda.replace('.', '')}" if mmfuse.build_info()["cuda"] else "cpu"
+    assert f"+torch{release}{flavour}-" in wheels[0].name, wheels[0].name
     python = _venv_seeing_this_torch(tmp_path / "venv")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
     smoke = textwrap.dedent(
@@ -117,6 +122,50 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     result = subprocess.run([python, "-c", "import sys\n" + smoke], capture_output=True, text=True, cwd=tmp_path)
     assert "wheel-ok" in result.stdout, result.stderr
+    # the same wheel under another torch release: one clear warning naming the torch it was built
+    # for, the reference backend still there, no undefined-symbol traceback
+    record = Path(subprocess.run([python, "-c", "import mmfuse._extension as e; print(e.BUILD_RECORD)"],
+                                 capture_output=True, text=True, cwd=tmp_path, check=True).stdout.strip())
+    data = json.loads(record.read_text())
+    data.update(torch="2.11.0", torch_release="2.11")
+    record.write_text(json.dumps(data))
+    other = textwrap.dedent(
+        """
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmfuse
+        assert not mmfuse.build_info()["extension_loaded"]
+        print([str(w.message) for w in caught])
+        out = mmfuse.pack_modalities([torch.randn(2, 3, 4)], [torch.tensor([3, 1])], backend="reference")
+        print("other-torch-ok", out.tokens.shape[0])
+        """
+    )
+    result = subprocess.run([python, "-c", other], capture_output=True, text=True, cwd=tmp_path)
+    assert "other-torch-ok 4" in result.stdout, result.stderr
+    assert "built against torch 2.11.0" in result.stdout and "it was built for torch 2.11" in result.stdout
+    assert "undefined symbol" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("record, torch_version, torch_cuda, expected", [
+    ({"torch": "2.13.0+cpu", "torch_release": "2.13", "cuda": None}, "2.13.1", None, None),
+    ({"torch": "2.13.0+cpu", "torch_release": "2.13", "cuda": None}, "2.13.0+cu130", "13.0", None),
+    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cu130", "13.0", None),
+    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.12.0+cu130", "13.0",
+     "it was built for torch 2.11"),
+    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cpu", None,
+     "it is a CUDA build and this torch has no CUDA"),
+    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cu128", "12.8",
+     "it was built for CUDA 13.0"),
+])
+def test_build_record_mismatch(record, torch_version, torch_cuda, expected):
+    from mmfuse._extension import build_mismatch
+
+    message = build_mismatch(record, torch_version, torch_cuda)
+    if expected is None:
+        assert message is None
+    else:
+        assert expected in message and f"this is torch {torch_version}" in message
 
 
 def _venv_seeing_this_torch(venv: Path) -> Path:
@@ -149,3 +198,15 @@ def test_pip_install_with_build_isolation_explains_what_to_run(tmp_path):
     assert "pip install --no-build-isolation ." in output
     assert "Traceback" not in output, output[-3000:]
     assert not list(tmp_path.glob("*.whl"))
+
+
+def test_cuda_check_reads_the_wheel_architectures():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import cuda_check
+    finally:
+        sys.path.pop(0)
+    assert cuda_check.wheel_archs() == ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120")
+    assert set(cuda_check.ARCHS) <= set(cuda_check.wheel_archs())
+    command = cuda_check.nvcc_command("nvcc", ROOT / "csrc" / "cuda" / "fusion.cu", ROOT, cuda_check.wheel_archs())
+    assert "-gencode=arch=compute_120,code=sm_120" in command and "-gencode=arch=compute_100a,code=sm_100a" in command
