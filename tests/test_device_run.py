@@ -160,3 +160,25 @@ def test_pinned_triton_config_leaves_one_candidate(monkeypatch):
     assert len(tuned) > 1
     monkeypatch.setenv("MMFUSE_TRITON_PIN_CONFIG", "1")
     assert fitting_configs(configs, args, **meta) == tuned[:1]
+
+
+def test_a_prebuilt_that_does_not_load_falls_back_to_a_build(tmp_path, monkeypatch):
+    """The build stage's choice, on a stand-in checkout (its own ``mmfuse`` whose build_info
+    says the extension did not load): the carried file is removed again and a build is planned."""
+    from mmfuse.bench import device_run
+
+    root = tmp_path / "checkout"
+    (root / "mmfuse").mkdir(parents=True)
+    (root / "mmfuse" / "__init__.py").write_text(
+        "def build_info():\n    return {'extension_loaded': False, 'cuda': False, 'load_error': 'undefined symbol'}\n")
+    carried = tmp_path / "prebuilt"
+    carried.mkdir()
+    (carried / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")
+    monkeypatch.setattr(device_run, "ROOT", root)
+    ctx = {"log": tmp_path / "build.log"}
+    steps = device_run.build_stage(False, carried, "9.0a").plan(ctx)
+    assert [s.name for s in steps] == ["build_ext", "load"]
+    assert steps[0].env["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    assert ctx["build"] == "prebuilt did not load; built here for 9.0a"
+    assert not list((root / "mmfuse").glob("_C*.so"))
+    assert "load rc 1" in ctx["log"].read_text()

@@ -226,6 +226,9 @@ def build_stage(dry_run: bool, prebuilt: Path | None, arch: str) -> Stage:
     for ``arch`` only. The dry run checks the extension already built here loads."""
     loads = [PYTHON, "-c", "import mmfuse, json; info = mmfuse.build_info(); print(json.dumps(info)); "
                            f"assert info['extension_loaded'] and ({dry_run} or info['cuda']), info['load_error']"]
+    # the carried file itself must be what loaded, not an older build beside it
+    loads_prebuilt = [PYTHON, "-c", loads[2] + "; import mmfuse._extension as e, os, sys; "
+                      "assert os.path.basename(e._C.__file__) in sys.argv[1:], e._C.__file__"]
 
     def plan(ctx):
         if dry_run:
@@ -233,7 +236,8 @@ def build_stage(dry_run: bool, prebuilt: Path | None, arch: str) -> Stage:
             return [Step("load", loads, limit=60)]
         if prebuilt is not None and any(prebuilt.glob("_C*.so")):
             copied = [Path(shutil.copy2(so, ROOT / "mmfuse" / so.name)) for so in prebuilt.glob("_C*.so")]
-            probe = subprocess.run(loads, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            probe = subprocess.run(loads_prebuilt + [c.name for c in copied], capture_output=True, text=True,
+                                   timeout=60, cwd=ROOT)
             with open(ctx["log"], "a") as log:
                 log.write(f"prebuilt {[c.name for c in copied]}: load rc {probe.returncode}\n"
                           f"{(probe.stdout + probe.stderr)[-3000:]}\n")
