@@ -21,7 +21,7 @@ import torch
 import mmfuse
 import test_mel_spectrogram_emulator as mel_tests
 from emulator_build import CSRC, HARNESS_DIR, EmulatorError, load_harness, source_line
-from mmfuse.ops import spectrogram as spec_ops
+from mmfuse.ops import spectrogram_kernels as spec_ops
 from test_cross_attention_emulator import backward, forward, padded_sizes
 
 pytestmark = [pytest.mark.emulator, pytest.mark.sanitize]

@@ -16,7 +16,7 @@ import torch
 
 import mmfuse
 from emulator_build import HARNESS_DIR, load_harness
-from mmfuse.ops import spectrogram as spec_ops
+from mmfuse.ops import spectrogram_kernels as spec_ops
 
 pytestmark = [pytest.mark.emulator, pytest.mark.filterwarnings("ignore:mmfuse. at least one mel filter is all zero")]
 

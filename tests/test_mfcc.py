@@ -21,7 +21,7 @@ import mmfuse.nn
 from backend_params import backend_params
 from test_spectrogram_kernels import poisoned  # noqa: F401  (fixture: outputs start as NaN)
 from mmfuse.audio.filterbanks import create_dct
-from mmfuse.ops import spectrogram as spec_ops
+from mmfuse.ops import spectrogram_kernels as spec_ops
 from test_spectrogram import assert_close_to_peak, mel64
 from test_spectrogram_plain import speech
 

@@ -13,7 +13,7 @@ import mmfuse
 import mmfuse.nn
 from backend_params import backend_params
 from test_spectrogram_kernels import poisoned  # noqa: F401  (fixture: outputs start as NaN)
-from mmfuse.ops import spectrogram as spec_ops
+from mmfuse.ops import spectrogram_kernels as spec_ops
 from test_spectrogram import NP_PAD_MODES, assert_close_to_peak
 
 BACKENDS = backend_params("reference", "cpu", "triton")

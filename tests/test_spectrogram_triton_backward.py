@@ -12,7 +12,7 @@ import torch
 
 import mmfuse
 from backend_params import device_for
-from mmfuse.ops import spectrogram as spec_ops
+from mmfuse.ops import spectrogram_kernels as spec_ops
 
 pytestmark = [pytest.mark.triton,
               pytest.mark.filterwarnings("ignore:mmfuse. at least one mel filter is all zero")]

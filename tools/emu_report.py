@@ -46,7 +46,7 @@ def attention(head_dim: int) -> list[RequestCount]:
 def mel(n_fft: int) -> list[RequestCount]:
     import mmfuse
     import test_mel_spectrogram_emulator as mel_tests
-    from mmfuse.ops import spectrogram as spec_ops
+    from mmfuse.ops import spectrogram_kernels as spec_ops
 
     lib = load_harness("mel_spectrogram", HARNESS_DIR / "mel_spectrogram.cpp", sanitize=True)
     mel_tests.harness = lambda: lib

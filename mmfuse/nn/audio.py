@@ -21,6 +21,7 @@ from mmfuse._checks import check_choice, check_int, check_positive, check_tensor
 from mmfuse.audio import configs
 from mmfuse.audio.filterbanks import build_window, create_dct, melscale_fbanks
 from mmfuse.ops import spectrogram as ops
+from mmfuse.ops import spectrogram_ops as op_level
 
 
 class Spectrogram(nn.Module):
@@ -70,7 +71,7 @@ class Spectrogram(nn.Module):
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         check_tensor("Spectrogram", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
-        return ops.spectrogram_op(
+        return op_level.spectrogram_op(
             waveform, self.window.to(waveform.dtype), n_fft=self.n_fft, hop_length=self.hop_length, pad=self.pad,
             power=self.power, normalized=self.normalized, center=self.center, pad_mode=self.pad_mode,
             onesided=self.onesided, lengths=lengths, backend=self.backend,
@@ -130,7 +131,7 @@ class MelSpectrogram(nn.Module):
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         check_tensor("MelSpectrogram", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
-        return ops.mel_spectrogram_op(
+        return op_level.mel_spectrogram_op(
             waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype),
             n_fft=self.n_fft, hop_length=self.hop_length, pad=self.pad, power=self.power,
             normalized=self.normalized, center=self.center, pad_mode=self.pad_mode,
@@ -179,7 +180,7 @@ class MFCC(nn.Module):
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         check_tensor("MFCC", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
         m = self.mel
-        return ops.mfcc_op(
+        return op_level.mfcc_op(
             waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype),
             self.dct_mat.to(waveform.dtype), n_fft=m["n_fft"], hop_length=m["hop_length"], pad=m["pad"],
             power=m["power"], normalized=m["normalized"], center=m["center"], pad_mode=m["pad_mode"],
@@ -269,7 +270,7 @@ class WhisperLogMel(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
         check_tensor("WhisperLogMel", "audio", audio, dtypes=configs.WAVE_DTYPES)
-        return ops.whisper_log_mel_op(
+        return op_level.whisper_log_mel_op(
             audio, self.window.to(audio.dtype), self.mel_fb.to(audio.dtype), lengths=lengths, backend=self.backend
         )
 
@@ -301,7 +302,7 @@ class KaldiFbank(nn.Module):
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         check_tensor("KaldiFbank", "waveform", waveform, dtypes=configs.WAVE_DTYPES)
-        return ops.kaldi_fbank_op(
+        return op_level.kaldi_fbank_op(
             waveform, self.window.to(waveform.dtype), self.mel_fb.to(waveform.dtype), self.config,
             lengths=lengths, backend=self.backend,
         )
