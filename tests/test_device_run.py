@@ -182,3 +182,34 @@ def test_a_prebuilt_that_does_not_load_falls_back_to_a_build(tmp_path, monkeypat
     assert ctx["build"] == "prebuilt did not load; built here for 9.0a"
     assert not list((root / "mmfuse").glob("_C*.so"))
     assert "load rc 1" in ctx["log"].read_text()
+
+
+FAKE_SANITIZER = """#!{python}
+import os, sys, time
+args = sys.argv[1:]
+tool = args[args.index("--tool") + 1]
+rest = args[args.index("--print-limit") + 2:]
+if tool == "initcheck":
+    time.sleep(60)  # a tool over its limit
+if tool == "racecheck":
+    print("========= Error: Race reported between Write access ...")
+    sys.exit(9)
+os.execv(rest[0], rest + ["--device", "cpu"])
+"""
+
+
+def test_sanitizer_tools_run_at_once_with_a_verdict_each(tmp_path, capsys):
+    """The device run's sanitizer driver with a stand-in compute-sanitizer: one clean tool (it
+    runs the cases, on the C++ kernels), one that reports errors, one stopped at the limit."""
+    from mmfuse.bench.sanitize_cases import run_tools
+
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER.format(python=sys.executable))
+    fake.chmod(0o755)
+    start = time.monotonic()
+    verdicts = run_tools(["memcheck", "racecheck", "initcheck"], str(fake), tmp_path / "out", limit=20,
+                         cases=["pack_modalities", "fusion"])
+    assert time.monotonic() - start < 40
+    assert verdicts == {"memcheck": "clean", "racecheck": "errors (rc 9)", "initcheck": "timeout"}
+    assert "case fusion: done" in (tmp_path / "out" / "sanitizer-memcheck.log").read_text()
+    assert "tool memcheck: clean" in capsys.readouterr().out

@@ -6,12 +6,16 @@ Each case calls the public op with ``backend="cuda"`` at sizes with ragged tails
 a key tile cut short, a query tile cut short), forward and backward, and synchronizes, so a
 report names the kernel of that case; seconds, not minutes, under racecheck. ``--device cpu``
 runs the same calls on the C++ kernels: the dry run uses it, so the script cannot break unseen.
+``--tools memcheck,racecheck,...`` runs the tools over the cases concurrently (the device run).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,11 +83,51 @@ CASES = {"cross_attention": _attention, "cross_attention_masked": _attention_mas
          "mel_spectrogram": _mel}
 
 
+def run_tools(tools: list[str], sanitizer: str, out: Path, limit: float, cases: list[str] | None = None) -> dict:
+    """Each compute-sanitizer ``tool`` over this script's cases, all tools at once (one GPU, one
+    process each: the stage's time is the slowest tool's, not the sum), each stopped at ``limit``
+    seconds. Writes ``sanitizer-<tool>.log`` under ``out``; prints and returns one verdict per tool."""
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [a for c in cases or [] for a in ("--case", c)]
+    procs = {}
+    for tool in tools:
+        log = open(out / f"sanitizer-{tool}.log", "w")
+        argv = [sanitizer, "--tool", tool, "--error-exitcode", "9", "--print-limit", "20",
+                sys.executable, "-m", "mmfuse.bench.sanitize_cases", *chosen]
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        procs[tool] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                       log, time.monotonic())
+    verdicts = {}
+    end = time.monotonic() + limit
+    for tool, (proc, log, start) in procs.items():
+        try:
+            rc = proc.wait(timeout=max(end - time.monotonic(), 0.1))
+            verdict = "clean" if rc == 0 else f"errors (rc {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            verdict = "timeout"
+        log.close()
+        done = (out / f"sanitizer-{tool}.log").read_text(errors="replace").count("case ")
+        verdicts[tool] = verdict
+        print(f"tool {tool}: {verdict} ({time.monotonic() - start:.1f} s, {done} case(s) done)", flush=True)
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES), default=None)
     parser.add_argument("--device", default="cuda", help="cuda (the CUDA kernels) or cpu (the C++ kernels)")
+    parser.add_argument("--tools", default=None,
+                        help="comma-separated compute-sanitizer tools to run over the cases, all at once")
+    parser.add_argument("--sanitizer", default="compute-sanitizer", help="the compute-sanitizer executable")
+    parser.add_argument("--out", type=Path, default=Path("."), help="where --tools writes sanitizer-<tool>.log")
+    parser.add_argument("--limit", type=float, default=120.0, help="seconds for every tool (with --tools)")
     args = parser.parse_args(argv)
+    if args.tools:
+        verdicts = run_tools(args.tools.split(","), args.sanitizer, args.out, args.limit, args.case)
+        return 0 if all(v == "clean" for v in verdicts.values()) else 1
     device = torch.device(args.device)
     backend = "cuda" if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
