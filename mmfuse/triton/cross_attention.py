@@ -1,7 +1,8 @@
 """Triton cross-attention ops, padded and varlen, forward and backward: launchers, input checks
 and the ahead-of-time table. The kernels (FlashAttention-2, Dao 2023, with softcap, sinks,
-Dv != D, attention mask + its gradient, dropout) are in ``mmfuse.triton.attention_kernels``, the
-split-KV decode schedule in ``mmfuse.triton.attention_decode``.
+Dv != D, attention mask + its gradient, dropout) are in ``mmfuse.triton.attention_kernels``
+(forward) and ``mmfuse.triton.attention_backward``, the split-KV decode schedule in
+``mmfuse.triton.attention_decode``.
 
 fp32 inputs use ``tl.dot(input_precision="ieee")`` unless ``allow_tf32``.
 """
@@ -15,20 +16,16 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 from mmfuse.backends import triton_interpreted
 from mmfuse.contract import attention as contract
 from mmfuse.contract.attention import keep_threshold, register_attention_autograd
-from mmfuse.triton import attention_decode, attention_kernels
+from mmfuse.triton import attention_backward, attention_decode, attention_kernels
 from mmfuse.triton._launch import launch, triton_custom_op
-from mmfuse.triton.attention_kernels import (
+from mmfuse.triton.attention_backward import (
     DELTA_BLOCK_M,
     DELTA_BLOCK_M_INTERPRETED,
     _delta_kernel,
     _dkdv_kernel,
     _dq_kernel,
-    _forward_kernel,
-    attention_pointers,
-    block_d,
-    precision,
-    tile_meta,
 )
+from mmfuse.triton.attention_kernels import _forward_kernel, block_d, precision, tile_meta
 
 
 class _Samples:
@@ -373,12 +370,15 @@ def cross_attention_varlen_bwd_triton(
 
 # --------------------------------------------------------------------------- ahead-of-time cases
 
-_attention_pointers = attention_pointers
+def _attention_pointers(dtype, has_mask, extra=False) -> dict:
+    """Every attention kernel -> its tensor arguments' dtypes (the forward's and the backward's tables)."""
+    return {**attention_kernels.attention_pointers(dtype, has_mask, extra),
+            **attention_backward.attention_pointers(dtype, has_mask, extra)}
 
 
 def aot_cases() -> list:
-    """The kernels' table (``attention_kernels.aot_cases``) and the split schedule's."""
-    return attention_kernels.aot_cases() + attention_decode.aot_cases()
+    """The forward's, the backward's and the split schedule's tables."""
+    return attention_kernels.aot_cases() + attention_backward.aot_cases() + attention_decode.aot_cases()
 
 
 def _register() -> None:
