@@ -64,9 +64,16 @@ def fail(op, message):
     raise ValueError(f"mmfuse::{op}_triton: {message}")
 
 
-def check_extras(op, q, k, samples, attn_mask, dropout_p, philox, sinks, varlen, mask_grad=False):
-    """Cheap checks of what the kernels index (the ops in mmfuse.ops validate the rest)."""
+def check_extras(op, q, k, samples, attn_mask, dropout_p, philox, sinks, varlen, mask_grad=False, key_ranges=None):
+    """Cheap checks of what the kernels index (the ops in mmfuse.ops validate the rest; the
+    kernels clamp key_ranges' values to the sample's keys, so bad values cannot reach memory)."""
     heads_q = q.shape[-2]
+    if key_ranges is not None:
+        rows = (q.shape[0],) if varlen else (q.shape[0], q.shape[1])
+        shapes = (rows + (2,), (heads_q,) + rows + (2,)) if varlen else (rows + (2,), (rows[0], heads_q, rows[1], 2))
+        if key_ranges.dtype != torch.int32 or key_ranges.device != q.device or tuple(key_ranges.shape) not in shapes:
+            fail(op, f"key_ranges must be an int32 tensor on {q.device} of shape {shapes[0]} or {shapes[1]}, got "
+                     f"{key_ranges.dtype} {tuple(key_ranges.shape)} on {key_ranges.device}")
     if attn_mask is not None:
         if varlen:
             ok = attn_mask.dim() in (2, 3) and attn_mask.shape[-2] == q.shape[0] and (
@@ -98,12 +105,19 @@ def check_extras(op, q, k, samples, attn_mask, dropout_p, philox, sinks, varlen,
 
 class Extras:
     """The in-kernel attention mask (float32; padded (B or 1, Hq or 1, Lq, Lk), varlen
-    (Hq or 1, total_q, W)), dropout (philox (seed, offset), p), softcap and sinks."""
+    (Hq or 1, total_q, W)), dropout (philox (seed, offset), p), softcap, sinks and key_ranges
+    (int32; padded (B, Lq, 2) or (B, Hq, Lq, 2), varlen (total_q, 2) or (Hq, total_q, 2))."""
 
     def __init__(self, q=None, attn_mask=None, dropout_p=0.0, philox=None, softcap=0.0, sinks=None, samples=None,
-                 varlen=False):
+                 varlen=False, key_ranges=None):
         self.bias = None
         self.varlen = varlen
+        self.ranges = None if key_ranges is None else key_ranges.contiguous()
+        self.ranges_layout = (0, 0)
+        if self.ranges is not None and self.ranges.dim() == (3 if varlen else 4):
+            # pair (b, h, i) at b * sb + h * sh + 2 * (first query row of b + i), a padded sample's first row b * Lq
+            len_q = q.shape[0] if varlen else q.shape[1]
+            self.ranges_layout = (0 if varlen else 2 * (q.shape[-2] - 1) * len_q, 2 * len_q)
         if attn_mask is not None:
             mask = attn_mask if attn_mask.dim() == (3 if varlen else 4) else attn_mask[(None,) * (1 if varlen else 2)]
             if mask.dtype == torch.bool:
@@ -136,10 +150,24 @@ class Extras:
         keep_thr = keep_threshold(self.dropout_p) - 2**31  # int32: compared with the draw's top bit flipped
         scale = 1.0 / (1.0 - self.dropout_p)
         sinks = self.sinks if self.sinks is not None else dummy
-        return (bias, philox, seq_lens, *layout, keep_thr, scale, self.softcap or 1.0, sinks)
+        ranges = self.ranges if self.ranges is not None else dummy
+        return (bias, philox, seq_lens, *layout, keep_thr, scale, self.softcap or 1.0, sinks, ranges,
+                *self.ranges_layout)
 
     def meta(self):
-        return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0, SOFTCAP=self.softcap > 0)
+        return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0, SOFTCAP=self.softcap > 0,
+                    HAS_RANGES=self.ranges is not None)
+
+    def outside_ranges(self, width):
+        """Bool, True where key j < width lies outside query i's range: padded (B, Hq or 1, Lq, width),
+        varlen (Hq or 1, total_q, width); None without key_ranges."""
+        if self.ranges is None:
+            return None
+        r = self.ranges
+        if r.dim() == (2 if self.varlen else 3):  # one range per query, shared by every head
+            r = r[None] if self.varlen else r[:, None]
+        j = torch.arange(width, device=r.device)
+        return (j < r[..., :1]) | (j >= r[..., 1:])
 
 
 def zero_rows(hidden, *tensors):
@@ -152,9 +180,10 @@ def zero_rows(hidden, *tensors):
 
 
 def hidden_keys(k, key_padding_mask, extras, causal, samples):
-    """Bool (B, Lk, 1, 1): keys no query sees (the padding mask, or an attention mask that hides
-    them from every query the causal rule lets see them), or None."""
+    """Bool (B, Lk, 1, 1): keys no query sees (the padding mask, or an attention mask or
+    key_ranges that hide them from every query the causal rule lets see them), or None."""
     hidden = key_padding_mask
+    all_hidden = None
     if extras.bias is not None:
         masked = extras.bias == float("-inf")
         if causal:  # keys the mask hides from every query that causally sees them
@@ -162,23 +191,57 @@ def hidden_keys(k, key_padding_mask, extras, causal, samples):
             i, j = torch.arange(len_q, device=k.device)[:, None], torch.arange(len_k, device=k.device)
             kv_len = samples.vectors[3].long()[:, None, None, None]
             masked = masked | (j > i + kv_len - len_q)
+        if extras.ranges is not None:
+            masked = masked | extras.outside_ranges(k.shape[1])
         all_hidden = masked.flatten(1, 2).all(1)
+    elif extras.ranges is not None:  # no dense mask: O(B Hq Lq + B Lk), never (Lq, Lk)
+        batch, len_q, len_k = k.shape[0], extras.ranges.shape[-2], k.shape[1]
+        r = extras.ranges.long()
+        lo, hi = r[..., 0], r[..., 1]  # (B, [Hq,] Lq)
+        kv_len = samples.vectors[3].long().view((batch,) + (1,) * (lo.dim() - 1))
+        if causal:
+            hi = torch.minimum(hi, torch.arange(len_q, device=k.device) + kv_len - len_q + 1)
+        first = torch.arange(batch, device=k.device).view(kv_len.shape) * len_k
+        all_hidden = ~_covered(first + lo.clamp(0, len_k), first + torch.minimum(hi, kv_len), batch * len_k)
+        all_hidden = all_hidden.view(batch, len_k)
+    if all_hidden is not None:
         hidden = all_hidden if hidden is None else hidden | all_hidden
     return None if hidden is None else hidden.expand(k.shape[0], k.shape[1])[:, :, None, None]
 
 
+def _covered(lo, hi, size):
+    """Bool (size,): the positions inside some window [lo, hi) (equal-shape int64 tensors of
+    window bounds in [0, size]; empty windows count for nothing), by a difference array."""
+    some = (lo < hi).long().flatten()
+    diff = torch.zeros(size + 1, dtype=torch.long, device=lo.device)
+    diff.scatter_add_(0, lo.flatten(), some)
+    diff.scatter_add_(0, hi.clamp(min=0).flatten(), -some)
+    return diff.cumsum(0)[:size] > 0
+
+
 def varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k):
-    """Bool (total_k, 1, 1): packed keys the attention mask hides from every query of their
-    sequence (with causal, from every query that causally sees them), or None; computed on the
-    device (no host sync)."""
-    if extras.bias is None or k.shape[0] == 0 or cu_seqlens_q.shape[0] < 2:
+    """Bool (total_k, 1, 1): packed keys the attention mask or key_ranges hide from every query of
+    their sequence (with causal, from every query that causally sees them), or None; computed on
+    the device (no host sync)."""
+    if (extras.bias is None and extras.ranges is None) or k.shape[0] == 0 or cu_seqlens_q.shape[0] < 2:
         return None
-    masked = extras.bias == float("-inf")  # (Hm, total_q, W)
-    total_q, width = masked.shape[1:]
     batch = cu_seqlens_q.shape[0] - 1
     cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    total_q = extras.bias.shape[1] if extras.bias is not None else extras.ranges.shape[-2]
     rows = torch.arange(total_q, device=k.device)
     seq = torch.searchsorted(cu_q[1:], rows, right=True).clamp_(max=batch - 1)
+    if extras.bias is None:  # key_ranges alone: windows of packed keys, O(Hq total_q + total_k)
+        r = extras.ranges.long()
+        k_len = cu_k[seq + 1] - cu_k[seq]
+        lo, hi = r[..., 0].clamp(min=0), torch.minimum(r[..., 1], k_len)
+        if causal:
+            hi = torch.minimum(hi, rows - cu_q[seq] + k_len - (cu_q[seq + 1] - cu_q[seq]) + 1)
+        lo = torch.minimum(lo, k_len)
+        return ~_covered(cu_k[seq] + lo, cu_k[seq] + hi.clamp(min=0), k.shape[0])[:, None, None]
+    masked = extras.bias == float("-inf")  # (Hm, total_q, W)
+    width = masked.shape[2]
+    if extras.ranges is not None:
+        masked = masked | extras.outside_ranges(width)
     if causal:
         i = rows - cu_q[seq]
         shift = (cu_k[seq + 1] - cu_k[seq]) - (cu_q[seq + 1] - cu_q[seq])

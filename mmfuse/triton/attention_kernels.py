@@ -16,6 +16,10 @@ sinks", Xiao et al. 2023), so lse includes it and the backward's P = exp(s - lse
 term. v/out/dO/dV have their own head dim HEAD_DV (tile BLOCK_DV); q/k keep HEAD_DIM.
 Attention dropout: each program regenerates the keep mask of its tile from Philox4x32-10
 (Triton's ``philox_impl``, the stream of ``mmfuse.contract.attention``); it is never stored.
+Key ranges (HAS_RANGES, issue #28): query i sees only keys [lo_i, hi_i) besides the other masks
+(``row_ranges``); a query tile's key loop runs only over the key tiles its rows' ranges reach
+(``range_blocks``), and the dK/dV kernel only over the span of the query tiles whose ranges
+reach its key tile, so work follows the ranges' area, not Lq x Lk.
 
 Padded ``(B, L, H, D)`` and packed ``(total, H, D)`` tensors are both token rows; per-sample
 int32 vectors give each sample's first query/key row, its lengths, and where its lse starts.
@@ -43,7 +47,7 @@ SMALL_TILE = (32, 32, 8, 2)
 # Measured by `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory
 # (sm_80: 163 KiB) or the accumulators spill.
 TILE_BYTES = 16 * 1024
-AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DV", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT", "SOFTCAP"]
+AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DV", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT", "SOFTCAP", "HAS_RANGES"]
 
 
 def _configs(block_names):
@@ -129,6 +133,33 @@ def _key_end(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def row_ranges(Ranges, ranges_sb, ranges_sh, b, h, q_row, offs_m, q_len, HAS_RANGES: tl.constexpr):
+    """key_ranges' [lo, hi) of the query rows offs_m of sample b, head h (int32 pairs at
+    b * sb + h * sh + 2 * (first query row + i); sb = sh = 0 for ranges shared by every head);
+    rows past q_len get [0, 0). Without HAS_RANGES, zeros that nothing reads."""
+    lo = offs_m * 0
+    hi = lo
+    if HAS_RANGES:
+        pair = Ranges + b.to(tl.int64) * ranges_sb + h.to(tl.int64) * ranges_sh + (q_row + offs_m) * 2
+        lo = tl.load(pair, mask=offs_m < q_len, other=0)
+        hi = tl.load(pair + 1, mask=offs_m < q_len, other=0)
+    return lo, hi
+
+
+@triton.jit
+def range_blocks(lo, hi, start, end, BLOCK_N: tl.constexpr):
+    """Block skipping over key ranges: the key loop [start, end) of a query tile narrowed to the
+    span of its rows' non-empty ranges, its start rounded down to a multiple of BLOCK_N (the
+    tiles, and so the dropout stream's counters, stay the unnarrowed loop's); empty (start >= end)
+    when every range is. FlashAttention-2 (Dao 2023) skips the tiles past the causal diagonal
+    the same way; here the bound comes from the data."""
+    some = lo < hi
+    first = tl.min(tl.where(some, lo, 2147483647), 0)
+    last = tl.max(tl.where(some, hi, 0), 0)
+    return tl.maximum(start, tl.maximum(first, 0) // BLOCK_N * BLOCK_N), tl.minimum(end, last)
+
+
+@triton.jit
 def _tanh(x):
     """tanh in fp32 without overflow: (1 - e) / (1 + e), e = exp(-2|x|), odd-extended; its
     Taylor series to x^7 below |x| = 0.1, where 1 - e would cancel."""
@@ -141,9 +172,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
+def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap, lo, hi,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SOFTCAP: tl.constexpr):
+            SOFTCAP: tl.constexpr, HAS_RANGES: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores, -inf where the key is hidden: scaled, capped when SOFTCAP,
     plus the attention mask tile; and tanh(scaled / softcap) (the cap's derivative is 1 - t²;
     the scaled score itself without SOFTCAP)."""
@@ -153,6 +184,8 @@ def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head,
         t = _tanh(s / softcap)
         s = softcap * t
     visible = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
+    if HAS_RANGES:  # row i sees keys [lo_i, hi_i)
+        visible = visible & (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
     if HAS_BIAS:  # bias_head: row 0 of this (sample, head)'s float32 mask; -inf hides whatever q·k gave
         bias = tl.load(bias_head + offs_m[:, None].to(tl.int64) * bias_si + offs_n[None, :], mask=visible, other=0.0)
         s += bias
@@ -219,12 +252,13 @@ def _forward_kernel(
     Philox, SeqLens,  # int64 (seed, offset), int32 (Lq*, Lk*) of the dropout stream; read when DROPOUT
     bias_sb, bias_sh, bias_si, keep_thr, drop_scale, softcap,
     Sinks,  # (Hq,) float; read when HAS_SINKS
+    Ranges, ranges_sb, ranges_sh,  # int32 key_ranges, addressed as in row_ranges; read when HAS_RANGES
     PartOut, PartLse,  # SPLIT: fp32 (splits, lse positions, Dv) and (splits, lse positions)
     split_keys, part_stride,  # SPLIT: keys per split (a multiple of BLOCK_N), lse positions
     HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_RANGES: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b, h, q_len, k_len, q_row, k_row = query_program(QStart, QLen, KStart, KLen, heads_q)
@@ -240,6 +274,7 @@ def _forward_kernel(
     mask_row = Mask + b.to(tl.int64) * mask_stride
     bias_head = Bias + b.to(tl.int64) * bias_sb + h.to(tl.int64) * bias_sh + q_row * bias_si
     bh = b * heads_q + h
+    lo, hi = row_ranges(Ranges, ranges_sb, ranges_sh, b, h, q_row, offs_m, q_len, HAS_RANGES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -249,14 +284,16 @@ def _forward_kernel(
     if SPLIT:  # this program's chunk of the keys
         start = tl.program_id(2) * split_keys
         end = tl.minimum(end, start + split_keys)
+    if HAS_RANGES:  # only the key tiles some row's range reaches
+        start, end = range_blocks(lo, hi, start, end, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_off, k_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DIM, offs_d, HEAD_DIM)
         v_off, v_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DV, offs_dv, HEAD_DV)
         k_tile = _load_tile(K + k_off, k_ok, UPCAST)
         v_tile = _load_tile(V + v_off, v_ok, UPCAST)
-        s, _ = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
-                       HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP)
+        s, _ = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap, lo, hi,
+                       HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP, HAS_RANGES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -303,10 +340,11 @@ def aot_dtypes():
     return ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
 
 
-def aot_meta(dtype, allow_tf32, width, has_mask=True, causal=True, extra=False, softcap=False, width_v=None):
+def aot_meta(dtype, allow_tf32, width, has_mask=True, causal=True, extra=False, softcap=False, width_v=None,
+             ranges=False):
     return dict(HEAD_DIM=width, HEAD_DV=width_v or width, BLOCK_D=width, BLOCK_DV=width_v or width,
                 HAS_MASK=has_mask, CAUSAL=causal, PRECISION=precision(dtype, allow_tf32), UPCAST=False,
-                HAS_BIAS=extra, DROPOUT=extra, SOFTCAP=softcap)
+                HAS_BIAS=extra, DROPOUT=extra, SOFTCAP=softcap, HAS_RANGES=ranges)
 
 
 def aot_table(kernel_pointers, variant_meta) -> list:
@@ -324,7 +362,9 @@ def aot_table(kernel_pointers, variant_meta) -> list:
     others: `make triton-check` keeps to its CI budget), bfloat16 left to float16's tiles:
     everything on (softcap, sinks, attention mask, its gradient dS, dropout; the autotuner keeps
     one config) per dtype; softcap (+ sinks in the forward's epilogue; elementwise) for float16
-    and fp32 at BLOCK_D 64; Dv != D, (BLOCK_D, BLOCK_DV) = (64, 128) and (128, 64), for float16."""
+    and fp32 at BLOCK_D 64; Dv != D, (BLOCK_D, BLOCK_DV) = (64, 128) and (128, 64), for float16; key_ranges
+    (issue #28: the rows' ranges loaded per tile, tiles outside them skipped) with the key padding and
+    causal masks for float16 at BLOCK_D 64, one config."""
     import torch
 
     from mmfuse.contract.attention import TRITON_MAX_HEAD_DIM
@@ -357,6 +397,8 @@ def aot_table(kernel_pointers, variant_meta) -> list:
                     sinks=True, mask_grad=True)
                 if dtype == torch.float16:
                     add(dtype, label, aot_meta(dtype, allow_tf32, width, width_v=192 - width), True, False, True)
+                if dtype == torch.float16 and width == 64:  # key_ranges: per-row loads, skipped tiles
+                    add(dtype, label, aot_meta(dtype, allow_tf32, width, ranges=True), True, False, True)
     return cases
 
 
@@ -379,7 +421,7 @@ def common_pointers(dtype, has_mask, extra=False) -> dict:
     vectors = dict.fromkeys(("QStart", "QLen", "KStart", "KLen", "LseStart"), torch.int32)
     return dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32,
                 Bias=torch.float32 if extra else torch.int32, Philox=torch.int64 if extra else torch.int32,
-                SeqLens=torch.int32, Sinks=torch.float32, **vectors)
+                SeqLens=torch.int32, Sinks=torch.float32, Ranges=torch.int32, **vectors)
 
 
 def attention_pointers(dtype, has_mask, extra=False) -> dict:

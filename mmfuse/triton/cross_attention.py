@@ -110,13 +110,6 @@ def _dmask(q, mask_grad, shape):
 # --------------------------------------------------------------------------- ops
 
 
-def _refuse_key_ranges(op: str, key_ranges) -> None:
-    # per-query key windows are computed by the C++ kernel; mmfuse.ops.attention routes such calls there
-    if key_ranges is not None:
-        raise ValueError(f"{op}: the Triton kernels take no key_ranges yet (use the cpu backend), "
-                         f"got a tensor of shape {tuple(key_ranges.shape)}")
-
-
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=contract.fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
@@ -125,10 +118,10 @@ def cross_attention_fwd_triton(
     sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_fwd", key_ranges)
     samples = padded_samples(q, k, kv_lens)
-    check_extras("cross_attention_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=False)
-    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples)
+    check_extras("cross_attention_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=False,
+                 key_ranges=key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, key_ranges=key_ranges)
     k, v = zero_rows(hidden_keys(k, key_padding_mask, extras, causal, samples), k, v)
     return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32,
                     (q.shape[0], q.shape[2], q.shape[1]), extras)
@@ -144,10 +137,10 @@ def cross_attention_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``); ``sinks`` needs
     no kernel term (lse includes it)."""
-    _refuse_key_ranges("cross_attention_bwd", key_ranges)
     samples = padded_samples(q, k, kv_lens)
-    check_extras("cross_attention_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, False, mask_grad)
-    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples)
+    check_extras("cross_attention_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, False, mask_grad,
+                 key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, key_ranges=key_ranges)
     hidden = hidden_keys(k, key_padding_mask, extras, causal, samples)
     k, v = zero_rows(hidden, k, v)
     dmask = _dmask(q, mask_grad, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
@@ -166,10 +159,10 @@ def cross_attention_varlen_fwd_triton(
     sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_fwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_varlen_fwd", key_ranges)
     samples = varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_extras("cross_attention_varlen_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=True)
-    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, varlen=True)
+    check_extras("cross_attention_varlen_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=True,
+                 key_ranges=key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, varlen=True, key_ranges=key_ranges)
     k, v = zero_rows(varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k), k, v)
     return _forward(q, k, v, samples, None, scale, causal, allow_tf32, (q.shape[1], q.shape[0]), extras)
 
@@ -184,10 +177,10 @@ def cross_attention_varlen_bwd_triton(
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_bwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_varlen_bwd", key_ranges)
     samples = varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_extras("cross_attention_varlen_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, True, mask_grad)
-    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, varlen=True)
+    check_extras("cross_attention_varlen_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, True, mask_grad,
+                 key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, varlen=True, key_ranges=key_ranges)
     hidden = varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k)
     k, v = zero_rows(hidden, k, v)
     width = attn_mask.shape[-1] if attn_mask is not None else 0
