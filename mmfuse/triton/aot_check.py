@@ -33,8 +33,8 @@ import triton
 from mmfuse.backends import triton_interpreted
 from mmfuse.triton._aot import AotCase
 
-KERNEL_MODULES = ("attention_decode", "attention_kernels", "cross_attention", "fusion", "mel_backward",
-                  "mel_spectrogram", "packing")
+KERNEL_MODULES = ("attention_backward", "attention_decode", "attention_kernels", "cross_attention", "fusion",
+                  "mel_backward", "mel_spectrogram", "packing")
 # compute capability -> the most dynamic shared memory one block may have (CUDA C Programming
 # Guide, "Compute Capabilities": 163 KiB on sm_80, 227 KiB on sm_90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -8,9 +8,9 @@ program writes its chunk's normalised partial output and log-sum-exp in float32,
 kernel combines them: with ``lse = logsumexp_s(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``.
 
 The split programs run ``_forward_kernel`` itself (``SPLIT=True``: same tiles, masks, softcap,
-attention mask and dropout; a chunk is a multiple of every tile width, so each tile and its
-Philox counters are the one-pass schedule's), so the two schedules compute the same function up
-to the summation order. Sinks are added once, in the merge. ``choose_splits`` decides;
+attention mask, key ranges and dropout; a chunk is a multiple of every tile width, so each tile
+and its Philox counters are the one-pass schedule's), so the two schedules compute the same
+function up to the summation order. Sinks are added once, in the merge. ``choose_splits`` decides;
 ``FORCE_SPLITS`` overrides it (tests run both schedules under the interpreter).
 """
 from __future__ import annotations
@@ -131,24 +131,27 @@ def forward_split(q, k, v, out, lse, vectors, lse_head, batch, max_q, max_k, arg
 def aot_cases() -> list:
     """The split schedule's compilations for ``mmfuse.triton.aot_check``: the SPLIT forward with
     the key padding and causal masks at BLOCK_D 64, every config float16 keeps, one for fp32,
-    and everything on (softcap, attention mask, dropout) for float16; the
-    merge (no tl.dot: the dtype changes only its store) for float16 at every BLOCK_DV with and
-    without sinks, bfloat16 and float32 at 128 with sinks."""
+    and everything on (softcap, attention mask, dropout) for float16, and key_ranges for float16 at one
+    config; the merge (no tl.dot: the dtype changes only its store) for float16 at every BLOCK_DV
+    with and without sinks, bfloat16 and float32 at 128 with sinks."""
     from mmfuse.triton._aot import kernel_case, tuned_configs
     from mmfuse.triton.attention_kernels import aot_dtypes, aot_meta, attention_pointers
 
     cases = []
     for dtype, allow_tf32 in aot_dtypes():
         label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
-        variants = {torch.float16: [(64, False), (64, True)], torch.bfloat16: []}.get(dtype, [(64, False)])
+        variants = {torch.float16: [(64, False, False), (64, True, False), (64, False, True)],
+                    torch.bfloat16: []}.get(dtype, [(64, False, False)])
         variants = variants if not allow_tf32 else []
-        for width, extra in variants:
+        for width, extra, ranges in variants:
             pointers = dict(attention_pointers(dtype, True, extra)[_forward_kernel], PartOut=torch.float32,
                             PartLse=torch.float32)
-            meta = dict(aot_meta(dtype, allow_tf32, width, extra=extra, softcap=extra), HAS_SINKS=False, SPLIT=True)
+            meta = dict(aot_meta(dtype, allow_tf32, width, extra=extra, softcap=extra, ranges=ranges), HAS_SINKS=False,
+                        SPLIT=True)
             configs = tuned_configs(_forward_kernel, pointers, meta)
+            every = dtype == torch.float16 and not ranges
             cases += [kernel_case(_forward_kernel, label, pointers, meta, floats=("scale", "drop_scale", "softcap"),
-                                  config=c) for c in (configs if dtype == torch.float16 else configs[:1])]
+                                  config=c) for c in (configs if every else configs[:1])]
     vectors = dict.fromkeys(("QStart", "QLen", "LseStart"), torch.int32)
     for dtype, width, sinks in ([(torch.float16, w, s) for w in (16, 32, 64, 128) for s in (False, True)]
                                 + [(torch.bfloat16, 128, True), (torch.float32, 128, True)]):

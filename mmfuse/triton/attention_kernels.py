@@ -1,14 +1,12 @@
-"""Triton kernels for cross-modal attention, forward and backward (FlashAttention-2, Dao 2023).
+"""Triton kernels for cross-modal attention: the forward, and the tile helpers, score variants
+and autotune configs the backward kernels (``mmfuse.triton.attention_backward``) share
+(FlashAttention-2, Dao 2023).
 
 Forward: one program per (query block, sample, head) streams K/V tiles through an online
 softmax; the sample's key count bounds the loop, so padded keys are never read, and the key
 padding mask and the bottom-right causal mask are applied per tile. With SPLIT (the decode
 schedule of ``mmfuse.triton.attention_decode``) program_id(2) takes one chunk of the keys and
-writes its float32 (out, lse) partial for the merge kernel there. Backward: a preprocessing
-kernel computes ``delta = rowsum(dO ∘ O) - dlse``, then one kernel owning a key block of one kv
-head accumulates dK/dV (and writes dS, the attention mask's gradient, when MASK_GRAD) over every
-query of its head group, and one owning a query block accumulates dQ; no atomics, so results
-are deterministic.
+writes its float32 (out, lse) partial for the merge kernel there.
 
 Score variants (``mmfuse.contract.attention``): SOFTCAP caps the scaled score as
 ``softcap * tanh(s / softcap)`` (Gemma 2, Team et al. 2024), before the attention mask tile (a
@@ -18,6 +16,10 @@ sinks", Xiao et al. 2023), so lse includes it and the backward's P = exp(s - lse
 term. v/out/dO/dV have their own head dim HEAD_DV (tile BLOCK_DV); q/k keep HEAD_DIM.
 Attention dropout: each program regenerates the keep mask of its tile from Philox4x32-10
 (Triton's ``philox_impl``, the stream of ``mmfuse.contract.attention``); it is never stored.
+Key ranges (HAS_RANGES, issue #28): query i sees only keys [lo_i, hi_i) besides the other masks
+(``row_ranges``); a query tile's key loop runs only over the key tiles its rows' ranges reach
+(``range_blocks``), and the dK/dV kernel only over the span of the query tiles whose ranges
+reach its key tile, so work follows the ranges' area, not Lq x Lk.
 
 Padded ``(B, L, H, D)`` and packed ``(total, H, D)`` tensors are both token rows; per-sample
 int32 vectors give each sample's first query/key row, its lengths, and where its lse starts.
@@ -45,7 +47,7 @@ SMALL_TILE = (32, 32, 8, 2)
 # Measured by `make triton-check` (sm_80/sm_90): past it the K/V pipeline overflows shared memory
 # (sm_80: 163 KiB) or the accumulators spill.
 TILE_BYTES = 16 * 1024
-AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DV", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT", "SOFTCAP"]
+AUTOTUNE_KEY = ["HEAD_DIM", "HEAD_DV", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT", "SOFTCAP", "HAS_RANGES"]
 
 
 def _configs(block_names):
@@ -132,6 +134,33 @@ def _key_end(pid_m, q_len, k_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def row_ranges(Ranges, ranges_sb, ranges_sh, b, h, q_row, offs_m, q_len, HAS_RANGES: tl.constexpr):
+    """key_ranges' [lo, hi) of the query rows offs_m of sample b, head h (int32 pairs at
+    b * sb + h * sh + 2 * (first query row + i); sb = sh = 0 for ranges shared by every head);
+    rows past q_len get [0, 0). Without HAS_RANGES, zeros that nothing reads."""
+    lo = offs_m * 0
+    hi = lo
+    if HAS_RANGES:
+        pair = Ranges + b.to(tl.int64) * ranges_sb + h.to(tl.int64) * ranges_sh + (q_row + offs_m) * 2
+        lo = tl.load(pair, mask=offs_m < q_len, other=0)
+        hi = tl.load(pair + 1, mask=offs_m < q_len, other=0)
+    return lo, hi
+
+
+@triton.jit
+def range_blocks(lo, hi, start, end, BLOCK_N: tl.constexpr):
+    """Block skipping over key ranges: the key loop [start, end) of a query tile narrowed to the
+    span of its rows' non-empty ranges, its start rounded down to a multiple of BLOCK_N (the
+    tiles, and so the dropout stream's counters, stay the unnarrowed loop's); empty (start >= end)
+    when every range is. FlashAttention-2 (Dao 2023) skips the tiles past the causal diagonal
+    the same way; here the bound comes from the data."""
+    some = lo < hi
+    first = tl.min(tl.where(some, lo, 2147483647), 0)
+    last = tl.max(tl.where(some, hi, 0), 0)
+    return tl.maximum(start, tl.maximum(first, 0) // BLOCK_N * BLOCK_N), tl.minimum(end, last)
+
+
+@triton.jit
 def _tanh(x):
     """tanh in fp32 without overflow: (1 - e) / (1 + e), e = exp(-2|x|), odd-extended; its
     Taylor series to x^7 below |x| = 0.1, where 1 - e would cancel."""
@@ -144,9 +173,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
+def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap, lo, hi,
             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SOFTCAP: tl.constexpr):
+            SOFTCAP: tl.constexpr, HAS_RANGES: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores, -inf where the key is hidden: scaled, capped when SOFTCAP,
     plus the attention mask tile; and tanh(scaled / softcap) (the cap's derivative is 1 - t²;
     the scaled score itself without SOFTCAP)."""
@@ -156,6 +185,8 @@ def _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head,
         t = _tanh(s / softcap)
         s = softcap * t
     visible = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
+    if HAS_RANGES:  # row i sees keys [lo_i, hi_i)
+        visible = visible & (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
     if HAS_BIAS:  # bias_head: row 0 of this (sample, head)'s float32 mask; -inf hides whatever q·k gave
         bias = tl.load(bias_head + offs_m[:, None].to(tl.int64) * bias_si + offs_n[None, :], mask=visible, other=0.0)
         s += bias
@@ -222,12 +253,13 @@ def _forward_kernel(
     Philox, SeqLens,  # int64 (seed, offset), int32 (Lq*, Lk*) of the dropout stream; read when DROPOUT
     bias_sb, bias_sh, bias_si, keep_thr, drop_scale, softcap,
     Sinks,  # (Hq,) float; read when HAS_SINKS
+    Ranges, ranges_sb, ranges_sh,  # int32 key_ranges, addressed as in row_ranges; read when HAS_RANGES
     PartOut, PartLse,  # SPLIT: fp32 (splits, lse positions, Dv) and (splits, lse positions)
     split_keys, part_stride,  # SPLIT: keys per split (a multiple of BLOCK_N), lse positions
     HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_RANGES: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b, h, q_len, k_len, q_row, k_row = query_program(QStart, QLen, KStart, KLen, heads_q)
@@ -243,6 +275,7 @@ def _forward_kernel(
     mask_row = Mask + b.to(tl.int64) * mask_stride
     bias_head = Bias + b.to(tl.int64) * bias_sb + h.to(tl.int64) * bias_sh + q_row * bias_si
     bh = b * heads_q + h
+    lo, hi = row_ranges(Ranges, ranges_sb, ranges_sh, b, h, q_row, offs_m, q_len, HAS_RANGES)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -252,14 +285,16 @@ def _forward_kernel(
     if SPLIT:  # this program's chunk of the keys
         start = tl.program_id(2) * split_keys
         end = tl.minimum(end, start + split_keys)
+    if HAS_RANGES:  # only the key tiles some row's range reaches
+        start, end = range_blocks(lo, hi, start, end, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_off, k_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DIM, offs_d, HEAD_DIM)
         v_off, v_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DV, offs_dv, HEAD_DV)
         k_tile = _load_tile(K + k_off, k_ok, UPCAST)
         v_tile = _load_tile(V + v_off, v_ok, UPCAST)
-        s, _ = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
-                       HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP)
+        s, _ = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap, lo, hi,
+                       HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP, HAS_RANGES)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet shift by 0 so that exp(-inf - shift) is 0, not NaN
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -287,168 +322,6 @@ def _forward_kernel(
         tl.store(Lse + pos, lse, mask=offs_m < q_len)
 
 
-@triton.jit
-def _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
-           HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-           SOFTCAP: tl.constexpr):
-    """P = exp(s - lse) (rows with lse = -inf, no visible key, give 0) and _scores' tanh."""
-    s, t = _scores(q, k_tile, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
-                   HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP)
-    lse_ = tl.where(lse == float("-inf"), float("inf"), lse)
-    return tl.where(s == float("-inf"), 0.0, tl.exp(s - lse_[:, None])), t
-
-
-DELTA_BLOCK_M, DELTA_BLOCK_M_INTERPRETED = 64, 16
-
-
-@triton.jit
-def _delta_kernel(
-    Out, dOut,  # (rows_q, Hq, Dv)
-    dLse, Delta,  # fp32 in lse's layout; dLse read when HAS_DLSE
-    QStart, QLen, LseStart,  # (B,) int32
-    heads_q, lse_head,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Backward preprocessing: delta = rowsum(dO ∘ O) - dlse, in fp32 (HEAD_DIM: v's head dim)."""
-    pid_m = tl.program_id(0)
-    b, h, q_len, _, q_row, _ = query_program(QStart, QLen, QStart, QLen, heads_q)
-    if pid_m * BLOCK_M >= q_len:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    off, ok = _tile_offsets(q_row, offs_m, q_len, h, heads_q * HEAD_DIM, offs_d, HEAD_DIM)
-    o = tl.load(Out + off, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(dOut + off, mask=ok, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
-    if HAS_DLSE:
-        delta -= tl.load(dLse + row, mask=offs_m < q_len, other=0.0)
-    tl.store(Delta + row, delta, mask=offs_m < q_len)
-
-
-@_autotune("MASK_GRAD")
-@triton.jit
-def _dkdv_kernel(
-    Q, K, V, dOut,  # like the forward's Q, K, V, Out
-    Lse, Delta,  # fp32, the forward's lse layout
-    dK, dV,  # like K, V
-    Mask, QStart, QLen, KStart, KLen, LseStart,
-    scale, heads_q, group, lse_head, mask_stride,
-    Bias, Philox, SeqLens, bias_sb, bias_sh, bias_si, keep_thr, drop_scale, softcap, Sinks,
-    DMask,  # fp32 dS, addressed like Bias with dm_sb, dm_sh, dm_si; written when MASK_GRAD
-    dm_sb, dm_sh, dm_si,
-    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    heads_kv = heads_q // group
-    b = tl.program_id(1) // heads_kv
-    hk = tl.program_id(1) % heads_kv
-    k_len = tl.load(KLen + b)
-    if pid_n * BLOCK_N >= k_len:
-        return
-    q_len = tl.load(QLen + b)
-    q_row = tl.load(QStart + b).to(tl.int64)
-    k_row = tl.load(KStart + b).to(tl.int64)
-    lse_start = tl.load(LseStart + b).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k_off, k_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DIM, offs_d, HEAD_DIM)
-    v_off, v_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DV, offs_dv, HEAD_DV)
-    k_tile = _load_tile(K + k_off, k_ok, UPCAST)
-    v_tile = _load_tile(V + v_off, v_ok, UPCAST)
-    mask_row = Mask + b.to(tl.int64) * mask_stride
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    first_m = 0
-    if CAUSAL:  # queries before kb - (k_len - q_len) see no key of this block
-        first_m = (tl.maximum(pid_n * BLOCK_N - (k_len - q_len), 0) // BLOCK_M) * BLOCK_M
-    for h in range(hk * group, hk * group + group):
-        h64 = q_row * 0 + h  # int64 (the interpreter's loop variable is a Python int)
-        bias_head = Bias + b.to(tl.int64) * bias_sb + h64 * bias_sh + q_row * bias_si
-        for start_m in range(first_m, q_len, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, heads_q * HEAD_DIM, offs_d, HEAD_DIM)
-            o_off, o_ok = _tile_offsets(q_row, offs_m, q_len, h, heads_q * HEAD_DV, offs_dv, HEAD_DV)
-            q = _load_tile(Q + q_off, q_ok, UPCAST)
-            do = _load_tile(dOut + o_off, o_ok, UPCAST)
-            row = lse_start + h * lse_head + offs_m
-            lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
-            delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
-            p, t = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si,
-                          softcap, HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP)
-            dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
-            if DROPOUT:  # dV takes P ∘ keep / (1 - p); dP gets the same mask
-                keep = _keep(Philox, SeqLens, b * heads_q + h, offs_m, pid_n * BLOCK_N, keep_thr, BLOCK_M, BLOCK_N)
-                dv += tl.dot(tl.trans(tl.where(keep, p * drop_scale, 0.0).to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # hidden: exactly 0
-            if MASK_GRAD:  # dS at the final score is the attention mask's gradient
-                dm = DMask + b.to(tl.int64) * dm_sb + h64 * dm_sh + (q_row + offs_m)[:, None] * dm_si + offs_n[None, :]
-                tl.store(dm, ds, mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
-            if SOFTCAP:  # through the cap: d(softcap tanh(x / softcap))/dx = 1 - tanh²
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(dK + k_off, (dk * scale).to(dK.dtype.element_ty), mask=k_ok)
-    tl.store(dV + v_off, dv.to(dV.dtype.element_ty), mask=v_ok)
-
-
-@_autotune()
-@triton.jit
-def _dq_kernel(
-    Q, K, V, dOut, Lse, Delta,
-    dQ,  # like Q
-    Mask, QStart, QLen, KStart, KLen, LseStart,
-    scale, heads_q, group, lse_head, mask_stride,
-    Bias, Philox, SeqLens, bias_sb, bias_sh, bias_si, keep_thr, drop_scale, softcap, Sinks,
-    HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    b, h, q_len, k_len, q_row, k_row = query_program(QStart, QLen, KStart, KLen, heads_q)
-    if pid_m * BLOCK_M >= q_len:
-        return
-    hk = h // group
-    heads_kv = heads_q // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_off, q_ok = _tile_offsets(q_row, offs_m, q_len, h, heads_q * HEAD_DIM, offs_d, HEAD_DIM)
-    o_off, o_ok = _tile_offsets(q_row, offs_m, q_len, h, heads_q * HEAD_DV, offs_dv, HEAD_DV)
-    q = _load_tile(Q + q_off, q_ok, UPCAST)
-    do = _load_tile(dOut + o_off, o_ok, UPCAST)
-    row = tl.load(LseStart + b).to(tl.int64) + h * lse_head + offs_m
-    lse = tl.load(Lse + row, mask=offs_m < q_len, other=float("-inf"))
-    delta = tl.load(Delta + row, mask=offs_m < q_len, other=0.0)
-    mask_row = Mask + b.to(tl.int64) * mask_stride
-    bias_head = Bias + b.to(tl.int64) * bias_sb + h.to(tl.int64) * bias_sh + q_row * bias_si
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _key_end(pid_m, q_len, k_len, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_off, k_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DIM, offs_d, HEAD_DIM)
-        v_off, v_ok = _tile_offsets(k_row, offs_n, k_len, hk, heads_kv * HEAD_DV, offs_dv, HEAD_DV)
-        k_tile = _load_tile(K + k_off, k_ok, UPCAST)
-        v_tile = _load_tile(V + v_off, v_ok, UPCAST)
-        p, t = _probs(q, k_tile, lse, offs_m, offs_n, q_len, k_len, mask_row, scale, bias_head, bias_si, softcap,
-                      HAS_MASK, CAUSAL, PRECISION, HAS_BIAS, SOFTCAP)
-        dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
-        if DROPOUT:
-            keep = _keep(Philox, SeqLens, b * heads_q + h, offs_m, start_n, keep_thr, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # hidden: exactly 0
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
-    tl.store(dQ + q_off, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
-
-
 def block_d(head_dim: int) -> int:
     """Columns of a q/k/v tile: the head dim rounded up to a power of two, tl.dot's minimum 16."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -468,14 +341,17 @@ def aot_dtypes():
     return ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.float32, True))
 
 
-def aot_meta(dtype, allow_tf32, width, has_mask=True, causal=True, extra=False, softcap=False, width_v=None):
+def aot_meta(dtype, allow_tf32, width, has_mask=True, causal=True, extra=False, softcap=False, width_v=None,
+             ranges=False):
     return dict(HEAD_DIM=width, HEAD_DV=width_v or width, BLOCK_D=width, BLOCK_DV=width_v or width,
                 HAS_MASK=has_mask, CAUSAL=causal, PRECISION=precision(dtype, allow_tf32), UPCAST=False,
-                HAS_BIAS=extra, DROPOUT=extra, SOFTCAP=softcap)
+                HAS_BIAS=extra, DROPOUT=extra, SOFTCAP=softcap, HAS_RANGES=ranges)
 
 
-def aot_cases() -> list:
-    """What the launchers launch on a GPU, for ``mmfuse.triton.aot_check``: per dtype and tile
+def aot_table(kernel_pointers, variant_meta) -> list:
+    """The attention kernels' compilations for ``mmfuse.triton.aot_check``, over the kernels of
+    ``kernel_pointers(dtype, has_mask, extra)`` (kernel -> its pointers' dtypes), each kernel's own
+    constexprs from ``variant_meta(kernel, sinks, mask_grad)``: per dtype and tile
     width BLOCK_D 64 and 128 (one head dim per width: smaller ones only mask columns), every
     autotune config with both the key padding mask and the causal mask on (the most code), with and
     without the attention mask and dropout (whose autotuner keeps only tiles up to 64 x 64; each
@@ -487,8 +363,9 @@ def aot_cases() -> list:
     others: `make triton-check` keeps to its CI budget), bfloat16 left to float16's tiles:
     everything on (softcap, sinks, attention mask, its gradient dS, dropout; the autotuner keeps
     one config) per dtype; softcap (+ sinks in the forward's epilogue; elementwise) for float16
-    and fp32 at BLOCK_D 64; Dv != D, (BLOCK_D, BLOCK_DV) = (64, 128) and (128, 64), for float16. The split-KV forward and
-    its merge are in ``attention_decode.aot_cases``."""
+    and fp32 at BLOCK_D 64; Dv != D, (BLOCK_D, BLOCK_DV) = (64, 128) and (128, 64), for float16; key_ranges
+    (issue #28: the rows' ranges loaded per tile, tiles outside them skipped) with the key padding and
+    causal masks for float16 at BLOCK_D 64, one config."""
     import torch
 
     from mmfuse.contract.attention import TRITON_MAX_HEAD_DIM
@@ -497,16 +374,15 @@ def aot_cases() -> list:
     cases = []
 
     def add(dtype, label, meta, has_mask, extra, first_only, sinks=False, mask_grad=False):
-        for kernel, pointers in attention_pointers(dtype, has_mask, extra).items():
-            full = dict(meta, **({"HAS_SINKS": sinks, "SPLIT": False} if kernel is _forward_kernel else {}),
-                        **({"MASK_GRAD": mask_grad} if kernel is _dkdv_kernel else {}))
+        for kernel, pointers in kernel_pointers(dtype, has_mask, extra).items():
+            full = dict(meta, **variant_meta(kernel, sinks, mask_grad))
             configs = tuned_configs(kernel, pointers, full)
             cases.extend(kernel_case(kernel, label, pointers, full, floats=("scale", "drop_scale", "softcap"), config=c)
                          for c in (configs[:1] if first_only else configs))
 
     block_ds = sorted({block_d(dim) for dim in range(1, TRITON_MAX_HEAD_DIM + 1)})
     for dtype, allow_tf32 in aot_dtypes():
-        label = f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
+        label = aot_label(dtype, allow_tf32)
         for width in block_ds:
             for has_mask, causal, extra in ((True, True, True), (True, True, False), (False, False, False),
                                             (True, False, False), (False, True, False)):
@@ -522,27 +398,37 @@ def aot_cases() -> list:
                     sinks=True, mask_grad=True)
                 if dtype == torch.float16:
                     add(dtype, label, aot_meta(dtype, allow_tf32, width, width_v=192 - width), True, False, True)
-            if not allow_tf32:  # the delta kernel has no tl.dot
-                pointers = dict(Out=dtype, dOut=dtype, dLse=torch.float32, Delta=torch.float32,
-                                QStart=torch.int32, QLen=torch.int32, LseStart=torch.int32)
-                cases += [kernel_case(_delta_kernel, label, pointers,
-                                      dict(HEAD_DIM=width, BLOCK_D=width, HAS_DLSE=has_dlse, BLOCK_M=DELTA_BLOCK_M))
-                          for has_dlse in (True, False)]
+                if dtype == torch.float16 and width == 64:  # key_ranges: per-row loads, skipped tiles
+                    add(dtype, label, aot_meta(dtype, allow_tf32, width, ranges=True), True, False, True)
     return cases
 
 
-def attention_pointers(dtype, has_mask, extra=False) -> dict:
-    """Kernel -> its tensor arguments' dtypes (the mask, bias, philox, sinks and split arguments
-    are a dummy int32 vector when absent); ``extra``: with the attention mask, dS and dropout."""
+def aot_label(dtype, allow_tf32) -> str:
+    return f"{str(dtype)[6:]}{'-tf32' if allow_tf32 else ''}"
+
+
+def aot_cases() -> list:
+    """The forward's compilations (``aot_table``); the backward kernels' are in
+    ``attention_backward.aot_cases``, the split-KV forward and its merge in
+    ``attention_decode.aot_cases``."""
+    return aot_table(attention_pointers, lambda kernel, sinks, mask_grad: {"HAS_SINKS": sinks, "SPLIT": False})
+
+
+def common_pointers(dtype, has_mask, extra=False) -> dict:
+    """The tensor arguments every attention kernel takes, by name -> dtype (the mask, bias, philox
+    and sinks are a dummy int32 vector when absent); ``extra``: with the attention mask and dropout."""
     import torch
 
     vectors = dict.fromkeys(("QStart", "QLen", "KStart", "KLen", "LseStart"), torch.int32)
-    common = dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32,
-                  Bias=torch.float32 if extra else torch.int32, Philox=torch.int64 if extra else torch.int32,
-                  SeqLens=torch.int32, Sinks=torch.float32, **vectors)
-    return {
-        _forward_kernel: dict(common, Out=dtype, PartOut=torch.int32, PartLse=torch.int32),
-        _dkdv_kernel: dict(common, dOut=dtype, Delta=torch.float32, dK=dtype, dV=dtype,
-                           DMask=torch.float32 if extra else torch.int32),
-        _dq_kernel: dict(common, dOut=dtype, Delta=torch.float32, dQ=dtype),
-    }
+    return dict(Q=dtype, K=dtype, V=dtype, Lse=torch.float32, Mask=torch.uint8 if has_mask else torch.int32,
+                Bias=torch.float32 if extra else torch.int32, Philox=torch.int64 if extra else torch.int32,
+                SeqLens=torch.int32, Sinks=torch.float32, Ranges=torch.int32, **vectors)
+
+
+def attention_pointers(dtype, has_mask, extra=False) -> dict:
+    """The forward kernel -> its tensor arguments' dtypes (the split arguments are a dummy int32
+    vector in the one-pass schedule)."""
+    import torch
+
+    return {_forward_kernel: dict(common_pointers(dtype, has_mask, extra), Out=dtype, PartOut=torch.int32,
+                                  PartLse=torch.int32)}

@@ -1,7 +1,9 @@
-"""Triton cross-attention ops, padded and varlen, forward and backward: launchers, input checks
-and the ahead-of-time table. The kernels (FlashAttention-2, Dao 2023, with softcap, sinks,
-Dv != D, attention mask + its gradient, dropout) are in ``mmfuse.triton.attention_kernels``, the
-split-KV decode schedule in ``mmfuse.triton.attention_decode``.
+"""Triton cross-attention ops, padded and varlen, forward and backward: launchers and the
+ahead-of-time table; their argument preparation (per-sample vectors, checks, extras, hidden keys)
+is in ``mmfuse.triton.attention_inputs``. The kernels (FlashAttention-2, Dao 2023, with softcap, sinks,
+Dv != D, attention mask + its gradient, dropout) are in ``mmfuse.triton.attention_kernels``
+(forward) and ``mmfuse.triton.attention_backward``, the split-KV decode schedule in
+``mmfuse.triton.attention_decode``.
 
 fp32 inputs use ``tl.dot(input_precision="ieee")`` unless ``allow_tf32``.
 """
@@ -9,205 +11,30 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from mmfuse.backends import triton_interpreted
 from mmfuse.contract import attention as contract
-from mmfuse.contract.attention import keep_threshold, register_attention_autograd
-from mmfuse.triton import attention_decode, attention_kernels
+from mmfuse.contract.attention import register_attention_autograd
+from mmfuse.triton import attention_backward, attention_decode, attention_kernels
 from mmfuse.triton._launch import launch, triton_custom_op
-from mmfuse.triton.attention_kernels import (
+from mmfuse.triton.attention_backward import (
     DELTA_BLOCK_M,
     DELTA_BLOCK_M_INTERPRETED,
     _delta_kernel,
     _dkdv_kernel,
     _dq_kernel,
-    _forward_kernel,
-    attention_pointers,
-    block_d,
-    precision,
-    tile_meta,
 )
-
-
-class _Samples:
-    """Per-sample int32 vectors (first query row, query count, first key row, key count, lse
-    start), the lse row stride per head, and the bound on query and key counts for the grid;
-    ``seq_lens()``: int32 (Lq*, Lk*) on the device, the dropout stream's padded sizes."""
-
-    def __init__(self, q_start, q_len, k_start, k_len, lse_start, lse_head, max_q, max_k, seq_lens):
-        self.vectors = tuple(t.to(torch.int32).contiguous() for t in (q_start, q_len, k_start, k_len, lse_start))
-        self.lse_head, self.max_q, self.max_k = lse_head, max_q, max_k
-        self.batch = q_len.shape[0]
-        self.seq_lens = seq_lens
-
-
-def _has_work(t: torch.Tensor, max_len) -> bool:
-    # max_len may be an unbacked SymInt under torch.compile (varlen max_seqlen=None): assume
-    # work then; the kernels skip the blocks past each sample's length
-    return guard_or_true(t.numel() > 0) and guard_or_true(max_len > 0)
-
-
-def _padded_samples(q, k, kv_lens):
-    batch, len_q, heads_q, _ = q.shape
-    len_k = k.shape[1]
-    index = torch.arange(batch, device=q.device, dtype=torch.int32)
-    q_len = torch.full_like(index, len_q)
-    k_len = torch.full_like(index, len_k) if kv_lens is None else kv_lens
-
-    def seq_lens():  # filled by kernels, not copied from the host: CUDA-graph safe
-        sizes = torch.empty(2, dtype=torch.int32, device=q.device)
-        sizes[0], sizes[1] = len_q, len_k
-        return sizes
-
-    return _Samples(index * len_q, q_len, index * len_k, k_len, index * (heads_q * len_q), len_q, len_q, len_k,
-                    seq_lens)
-
-
-def _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    q_len, k_len = cu_seqlens_q.diff(), cu_seqlens_k.diff()
-
-    def seq_lens():  # the longest sequences, from cu_seqlens on the device: no host sync
-        zero = q_len.new_zeros(1)
-        return torch.stack((torch.cat((q_len, zero)).max(), torch.cat((k_len, zero)).max())).to(torch.int32)
-
-    return _Samples(cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, cu_seqlens_q[:-1], q.shape[0],
-                    max_seqlen_q, max_seqlen_k, seq_lens)
-
-
-def _concrete(*values) -> bool:
-    return all(isinstance(x, int) for x in values)
-
-
-def _fail(op, message):
-    raise ValueError(f"mmfuse::{op}_triton: {message}")
-
-
-def _check_extras(op, q, k, samples, attn_mask, dropout_p, philox, sinks, varlen, mask_grad=False):
-    """Cheap checks of what the kernels index (the ops in mmfuse.ops validate the rest)."""
-    heads_q = q.shape[-2]
-    if attn_mask is not None:
-        if varlen:
-            ok = attn_mask.dim() in (2, 3) and attn_mask.shape[-2] == q.shape[0] and (
-                attn_mask.dim() == 2 or attn_mask.shape[0] in (1, heads_q))
-            width, bound, k_len = attn_mask.shape[-1], samples.max_k, samples.vectors[3]
-            if ok and _concrete(width, bound, samples.batch) and width < bound and samples.batch and not (
-                    torch.compiler.is_compiling() or is_fake(k_len)):  # max_seqlen_k is an upper bound: sync
-                ok = width >= int(k_len.max())
-            if not ok:
-                _fail(op, f"attn_mask must be (total_q, W) or (Hq or 1, total_q, W) with total_q = {q.shape[0]}, "
-                          f"Hq = {heads_q} and W >= the longest key sequence, got {tuple(attn_mask.shape)}")
-        else:
-            batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
-            ok = attn_mask.dim() in (2, 4) and tuple(attn_mask.shape[-2:]) == (len_q, len_k) and (
-                attn_mask.dim() == 2 or (attn_mask.shape[0] in (1, batch) and attn_mask.shape[1] in (1, heads_q)))
-            if not ok:
-                _fail(op, f"attn_mask must be ({len_q}, {len_k}) or (1 or {batch}, 1 or {heads_q}, {len_q}, {len_k}), "
-                          f"got {tuple(attn_mask.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        _fail(op, f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and (philox is None or philox.dtype != torch.int64 or tuple(philox.shape) != (2,)):
-        _fail(op, "philox must be an int64 tensor (seed, offset) of shape (2,) when dropout_p > 0, got "
-                  f"{None if philox is None else (philox.dtype, tuple(philox.shape))}")
-    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != heads_q or not sinks.is_floating_point()):
-        _fail(op, f"sinks must be a float tensor of shape ({heads_q},), got {sinks.dtype} {tuple(sinks.shape)}")
-    if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool):
-        _fail(op, "mask_grad needs a float attn_mask")
-
-
-class _Extras:
-    """The in-kernel attention mask (float32; padded (B or 1, Hq or 1, Lq, Lk), varlen
-    (Hq or 1, total_q, W)), dropout (philox (seed, offset), p), softcap and sinks."""
-
-    def __init__(self, q=None, attn_mask=None, dropout_p=0.0, philox=None, softcap=0.0, sinks=None, samples=None,
-                 varlen=False):
-        self.bias = None
-        self.varlen = varlen
-        if attn_mask is not None:
-            mask = attn_mask if attn_mask.dim() == (3 if varlen else 4) else attn_mask[(None,) * (1 if varlen else 2)]
-            if mask.dtype == torch.bool:
-                bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-                bias.masked_fill_(mask, float("-inf"))
-            else:
-                bias = mask.to(torch.float32).contiguous()
-            self.bias = bias
-        self.dropout_p = float(dropout_p) if philox is not None else 0.0
-        self.philox = philox
-        self.seq_lens = samples.seq_lens() if self.dropout_p > 0 else None
-        self.softcap = float(softcap)
-        self.sinks = sinks.contiguous() if sinks is not None else None
-
-    def layout(self, shape):
-        """(sb, sh, si) of a (B or 1, H or 1, Lq, Lk) padded or (H or 1, total_q, W) varlen tensor, for
-        element b * sb + h * sh + (first query row of b + i) * si + j (a padded sample's first
-        row is b * Lq, which sb takes back)."""
-        if self.varlen:
-            heads, rows, width = shape
-            return 0, (0 if heads == 1 else rows * width), width
-        batch, heads, len_q, len_k = shape
-        return (0 if batch == 1 else heads * len_q * len_k) - len_q * len_k, (0 if heads == 1 else len_q * len_k), len_k
-
-    def args(self, dummy):
-        bias = self.bias if self.bias is not None else dummy
-        layout = self.layout(self.bias.shape) if self.bias is not None else (0, 0, 0)
-        philox = self.philox if self.dropout_p > 0 else dummy
-        seq_lens = self.seq_lens if self.dropout_p > 0 else dummy
-        keep_thr = keep_threshold(self.dropout_p) - 2**31  # int32: compared with the draw's top bit flipped
-        scale = 1.0 / (1.0 - self.dropout_p)
-        sinks = self.sinks if self.sinks is not None else dummy
-        return (bias, philox, seq_lens, *layout, keep_thr, scale, self.softcap or 1.0, sinks)
-
-    def meta(self):
-        return dict(HAS_BIAS=self.bias is not None, DROPOUT=self.dropout_p > 0, SOFTCAP=self.softcap > 0)
-
-
-def _zero_rows(hidden, *tensors):
-    """The key-row tensors with the rows of hidden keys zeroed (unchanged when None): a tile
-    product multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf
-    through (the C++ kernel's ``key_rows``)."""
-    if hidden is None:
-        return tensors
-    return tuple(t.masked_fill(hidden, 0) for t in tensors)
-
-
-def _hidden_keys(k, key_padding_mask, extras, causal, samples):
-    """Bool (B, Lk, 1, 1): keys no query sees (the padding mask, or an attention mask that hides
-    them from every query the causal rule lets see them), or None."""
-    hidden = key_padding_mask
-    if extras.bias is not None:
-        masked = extras.bias == float("-inf")
-        if causal:  # keys the mask hides from every query that causally sees them
-            len_q, len_k = masked.shape[-2:]
-            i, j = torch.arange(len_q, device=k.device)[:, None], torch.arange(len_k, device=k.device)
-            kv_len = samples.vectors[3].long()[:, None, None, None]
-            masked = masked | (j > i + kv_len - len_q)
-        all_hidden = masked.flatten(1, 2).all(1)
-        hidden = all_hidden if hidden is None else hidden | all_hidden
-    return None if hidden is None else hidden.expand(k.shape[0], k.shape[1])[:, :, None, None]
-
-
-def _varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k):
-    """Bool (total_k, 1, 1): packed keys the attention mask hides from every query of their
-    sequence (with causal, from every query that causally sees them), or None; computed on the
-    device (no host sync)."""
-    if extras.bias is None or k.shape[0] == 0 or cu_seqlens_q.shape[0] < 2:
-        return None
-    masked = extras.bias == float("-inf")  # (Hm, total_q, W)
-    total_q, width = masked.shape[1:]
-    batch = cu_seqlens_q.shape[0] - 1
-    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
-    rows = torch.arange(total_q, device=k.device)
-    seq = torch.searchsorted(cu_q[1:], rows, right=True).clamp_(max=batch - 1)
-    if causal:
-        i = rows - cu_q[seq]
-        shift = (cu_k[seq + 1] - cu_k[seq]) - (cu_q[seq + 1] - cu_q[seq])
-        masked = masked | (torch.arange(width, device=k.device) > (i + shift)[:, None])
-    seen = torch.zeros(batch, width, device=k.device, dtype=torch.int32)
-    seen.index_add_(0, seq, (~masked).any(0).to(torch.int32))
-    keys = torch.arange(k.shape[0], device=k.device)
-    seq_k = torch.searchsorted(cu_k[1:], keys, right=True).clamp_(max=batch - 1)
-    return (seen[seq_k, (keys - cu_k[seq_k]).clamp(0, width - 1)] == 0)[:, None, None]
+from mmfuse.triton.attention_inputs import (
+    Extras,
+    check_extras,
+    has_work,
+    hidden_keys,
+    padded_samples,
+    varlen_hidden_keys,
+    varlen_samples,
+    zero_rows,
+)
+from mmfuse.triton.attention_kernels import _forward_kernel, block_d, precision, tile_meta
 
 
 def _common_args(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, extras):
@@ -228,7 +55,7 @@ def _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, lse_
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    if _has_work(q, samples.max_q):
+    if has_work(q, samples.max_q):
         args, meta = _common_args(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, extras)
         splits = num_splits or attention_decode.choose_splits(samples.batch, q.shape[-2], samples.max_q,
                                                               samples.max_k, q.device)
@@ -251,7 +78,7 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, 
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     dq = torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys past a sample's length get 0
-    if _has_work(q, samples.max_q) and _has_work(k, samples.max_k):
+    if has_work(q, samples.max_q) and has_work(k, samples.max_k):
         args, meta = _common_args(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32, extras)
         heads_q, heads_kv = q.shape[-2], k.shape[-2]
         delta = torch.empty_like(lse)
@@ -283,13 +110,6 @@ def _dmask(q, mask_grad, shape):
 # --------------------------------------------------------------------------- ops
 
 
-def _refuse_key_ranges(op: str, key_ranges) -> None:
-    # per-query key windows are computed by the C++ kernel; mmfuse.ops.attention routes such calls there
-    if key_ranges is not None:
-        raise ValueError(f"{op}: the Triton kernels take no key_ranges yet (use the cpu backend), "
-                         f"got a tensor of shape {tuple(key_ranges.shape)}")
-
-
 @triton_custom_op("mmfuse::cross_attention_fwd_triton", fake=contract.fake_fwd, triton_only_args=1)
 def cross_attention_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
@@ -298,11 +118,11 @@ def cross_attention_fwd_triton(
     sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_fwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_fwd", key_ranges)
-    samples = _padded_samples(q, k, kv_lens)
-    _check_extras("cross_attention_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=False)
-    extras = _Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples)
-    k, v = _zero_rows(_hidden_keys(k, key_padding_mask, extras, causal, samples), k, v)
+    samples = padded_samples(q, k, kv_lens)
+    check_extras("cross_attention_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=False,
+                 key_ranges=key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, key_ranges=key_ranges)
+    k, v = zero_rows(hidden_keys(k, key_padding_mask, extras, causal, samples), k, v)
     return _forward(q, k, v, samples, key_padding_mask, scale, causal, allow_tf32,
                     (q.shape[0], q.shape[2], q.shape[1]), extras)
 
@@ -317,17 +137,17 @@ def cross_attention_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_bwd`` (+ ``allow_tf32``); ``sinks`` needs
     no kernel term (lse includes it)."""
-    _refuse_key_ranges("cross_attention_bwd", key_ranges)
-    samples = _padded_samples(q, k, kv_lens)
-    _check_extras("cross_attention_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, False, mask_grad)
-    extras = _Extras(q, attn_mask, dropout_p, philox, softcap, None, samples)
-    hidden = _hidden_keys(k, key_padding_mask, extras, causal, samples)
-    k, v = _zero_rows(hidden, k, v)
+    samples = padded_samples(q, k, kv_lens)
+    check_extras("cross_attention_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, False, mask_grad,
+                 key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, key_ranges=key_ranges)
+    hidden = hidden_keys(k, key_padding_mask, extras, causal, samples)
+    k, v = zero_rows(hidden, k, v)
     dmask = _dmask(q, mask_grad, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, samples, key_padding_mask, scale, causal,
                            allow_tf32, extras, dmask)
     # exactly 0 for keys no query sees, also when a NaN query row multiplies their dS = 0
-    dk, dv = _zero_rows(hidden, dk, dv)
+    dk, dv = zero_rows(hidden, dk, dv)
     return dq, dk, dv, dmask
 
 
@@ -339,11 +159,11 @@ def cross_attention_varlen_fwd_triton(
     sinks: torch.Tensor | None = None, key_ranges: torch.Tensor | None = None, allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_fwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_varlen_fwd", key_ranges)
-    samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _check_extras("cross_attention_varlen_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=True)
-    extras = _Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, varlen=True)
-    k, v = _zero_rows(_varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k), k, v)
+    samples = varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_extras("cross_attention_varlen_fwd", q, k, samples, attn_mask, dropout_p, philox, sinks, varlen=True,
+                 key_ranges=key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, sinks, samples, varlen=True, key_ranges=key_ranges)
+    k, v = zero_rows(varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k), k, v)
     return _forward(q, k, v, samples, None, scale, causal, allow_tf32, (q.shape[1], q.shape[0]), extras)
 
 
@@ -357,28 +177,31 @@ def cross_attention_varlen_bwd_triton(
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``torch.ops.mmfuse.cross_attention_varlen_bwd`` (+ ``allow_tf32``)."""
-    _refuse_key_ranges("cross_attention_varlen_bwd", key_ranges)
-    samples = _varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _check_extras("cross_attention_varlen_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, True, mask_grad)
-    extras = _Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, varlen=True)
-    hidden = _varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k)
-    k, v = _zero_rows(hidden, k, v)
+    samples = varlen_samples(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_extras("cross_attention_varlen_bwd", q, k, samples, attn_mask, dropout_p, philox, sinks, True, mask_grad,
+                 key_ranges)
+    extras = Extras(q, attn_mask, dropout_p, philox, softcap, None, samples, varlen=True, key_ranges=key_ranges)
+    hidden = varlen_hidden_keys(k, extras, causal, cu_seqlens_q, cu_seqlens_k)
+    k, v = zero_rows(hidden, k, v)
     width = attn_mask.shape[-1] if attn_mask is not None else 0
     dmask = _dmask(q, mask_grad, (q.shape[1], q.shape[0], width))
     dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, samples, None, scale, causal, allow_tf32,
                            extras, dmask)
-    dk, dv = _zero_rows(hidden, dk, dv)
+    dk, dv = zero_rows(hidden, dk, dv)
     return dq, dk, dv, dmask
 
 
 # --------------------------------------------------------------------------- ahead-of-time cases
 
-_attention_pointers = attention_pointers
+def _attention_pointers(dtype, has_mask, extra=False) -> dict:
+    """Every attention kernel -> its tensor arguments' dtypes (the forward's and the backward's tables)."""
+    return {**attention_kernels.attention_pointers(dtype, has_mask, extra),
+            **attention_backward.attention_pointers(dtype, has_mask, extra)}
 
 
 def aot_cases() -> list:
-    """The kernels' table (``attention_kernels.aot_cases``) and the split schedule's."""
-    return attention_kernels.aot_cases() + attention_decode.aot_cases()
+    """The forward's, the backward's and the split schedule's tables."""
+    return attention_kernels.aot_cases() + attention_backward.aot_cases() + attention_decode.aot_cases()
 
 
 def _register() -> None:
