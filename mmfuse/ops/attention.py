@@ -75,7 +75,7 @@ _FEATURES = {
     "cpu": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                       "varlen_dropout", "key_ranges"}),
     "triton": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
-                         "varlen_dropout"}),
+                         "varlen_dropout", "key_ranges"}),
     "cuda": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                        "varlen_dropout"}),
 }
