@@ -49,12 +49,15 @@ def check_lse(lse, lse64):
 def sizes(batch, heads_q, heads_kv, head_dim, scale, causal, *, len_q, len_k, lse_len, q_rows, cu_q=None, cu_k=None,
           kv_lens=None, mask=None, bias=None, bias_strides=(0, 0, 0), dbias=None, dbias_strides=(0, 0, 0),
           philox=None, dropout_p=0.0, softcap=0.0, sinks=None, head_dim_v=None, splits=1, out_partial=None,
-          lse_partial=None):
+          lse_partial=None, key_ranges=None, ranges_strides=(0, 0)):
     """The trailing arguments of every entry point, as the launcher fills AttentionParams: the
-    sizes, then the issue-26 variants (tests/test_cross_attention_emulator_variants.py)."""
+    sizes, then the issue-26 variants (tests/test_cross_attention_emulator_variants.py), then
+    issue #28's key_ranges (int32) and its (batch, head) strides in int32 elements
+    (tests/test_cross_attention_emulator_key_ranges.py)."""
     return (cu_q, cu_k, kv_lens, mask, len_q, len_k, lse_len, q_rows, batch, heads_q, heads_kv, head_dim, scale,
             int(causal), bias, *bias_strides, dbias, *dbias_strides, philox, float(dropout_p), float(softcap), sinks,
-            head_dim if head_dim_v is None else head_dim_v, splits, out_partial, lse_partial)
+            head_dim if head_dim_v is None else head_dim_v, splits, out_partial, lse_partial, key_ranges,
+            *ranges_strides)
 
 
 def padded_sizes(q, k, kv_lens, mask, scale, causal):

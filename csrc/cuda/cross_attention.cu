@@ -3,8 +3,9 @@
 // (FlashAttention-2 forward and backward on sm_80+ tensor cores, split-KV decode). The kernels
 // take float16 and bfloat16 with (head dim, value head dim) (64, 64), (128, 128) or (128, 64),
 // and issue #26's variants: attn_mask (bool or float, in-kernel bias), its gradient (mask_grad),
-// Philox dropout, softcap and sinks; mmfuse/ops/attention.py routes every other case elsewhere
-// and names the reason when backend="cuda" is asked for.
+// Philox dropout, softcap and sinks, and issue #28's key_ranges (per-query key windows, whose
+// key tiles outside every window are skipped); mmfuse/ops/attention.py routes every other case
+// elsewhere and names the reason when backend="cuda" is asked for.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -131,8 +132,73 @@ void add_variants(att::AttentionParams& p, const Variants& x, bool varlen) {
 
 struct PaddedInputs {
   at::Tensor q, k, v, kv_lens, mask;  // kv_lens int32, mask bool; undefined when not given
-  at::Tensor hidden;                  // (B, Lk) bool: keys no query sees (padding, or attn_mask + causal); or undefined
+  at::Tensor hidden;  // (B, Lk) bool: keys no query sees (padding, or attn_mask / key_ranges + causal); or undefined
 };
+
+// key_ranges (issue #28) checked for what the kernels rely on, contiguous: padded (B, Lq, 2) or
+// (B, Hq, Lq, 2), returned as (B, Hq or 1, Lq, 2); varlen (total_q, 2) or (Hq, total_q, 2),
+// returned as (Hq or 1, total_q, 2); undefined without. Their values are checked in Python
+// (mmfuse/ops/attention.py check_key_ranges, one read-back): the kernels read a query's range only
+// for the sample's real queries and intersect it with the sample's keys, so any int32 values from
+// a raw op call only choose which of the row's own keys it sees, never an address.
+at::Tensor key_ranges_of(const char* op, const std::optional<at::Tensor>& key_ranges, const at::Tensor& q,
+                         bool varlen) {
+  if (!key_ranges) return at::Tensor();
+  const at::Tensor& r = *key_ranges;
+  const int64_t heads = q.size(-2);
+  bool shape_ok;
+  if (varlen) {
+    const int64_t total_q = q.size(0);
+    shape_ok = (r.dim() == 2 && r.size(0) == total_q && r.size(1) == 2) ||
+               (r.dim() == 3 && r.size(0) == heads && r.size(1) == total_q && r.size(2) == 2);
+    TORCH_CHECK(shape_ok && r.scalar_type() == at::kInt && r.device() == q.device(), op,
+                ": key_ranges must be an int32 (total_q, 2) = (", total_q, ", 2) or (Hq, total_q, 2) = (", heads, ", ",
+                total_q, ", 2) tensor on ", q.device(), ", got ", r.sizes(), " ", r.scalar_type(), " on ", r.device());
+  } else {
+    const int64_t batch = q.size(0), len_q = q.size(1);
+    shape_ok = (r.dim() == 3 && r.size(0) == batch && r.size(1) == len_q && r.size(2) == 2) ||
+               (r.dim() == 4 && r.size(0) == batch && r.size(1) == heads && r.size(2) == len_q && r.size(3) == 2);
+    TORCH_CHECK(shape_ok && r.scalar_type() == at::kInt && r.device() == q.device(), op,
+                ": key_ranges must be an int32 (B, Lq, 2) = (", batch, ", ", len_q, ", 2) or (B, Hq, Lq, 2) = (", batch,
+                ", ", heads, ", ", len_q, ", 2) tensor on ", q.device(), ", got ", r.sizes(), " ", r.scalar_type(),
+                " on ", r.device());
+  }
+  const at::Tensor c = r.contiguous();
+  return varlen ? (c.dim() == 2 ? c.unsqueeze(0) : c) : (c.dim() == 3 ? c.unsqueeze(1) : c);
+}
+
+// Points p at key_ranges_of's tensor: head stride 0 for one range per query, batch stride padded only.
+void add_ranges(att::AttentionParams& p, const at::Tensor& ranges, bool varlen) {
+  if (!ranges.defined() || ranges.numel() == 0) return;
+  p.key_ranges = ranges.data_ptr<int32_t>();
+  p.ranges_head_stride = ranges.size(-3) == 1 ? 0 : ranges.stride(-3);
+  p.ranges_batch_stride = varlen ? 0 : ranges.stride(0);
+}
+
+// Keys of each sample that no query of any head sees through its key range within the causal and
+// kv_lens bounds and, when defined, the bias (-inf hides): (B, Lk) bool. ranges (B, Hq or 1, Lq, 2).
+// Without a bias each query's window [lo, hi) adds 1 on its keys in a difference array (O(B Hq Lq +
+// B Lk)); with one, the windows meet the bias element by element.
+at::Tensor padded_unseen_ranges(const at::Tensor& ranges, const at::Tensor& bias, const at::Tensor& kv_lens,
+                                int64_t B, int64_t Lq, int64_t Lk, bool causal) {
+  const auto lopts = ranges.options().dtype(at::kLong);
+  const at::Tensor lens = (kv_lens.defined() ? kv_lens.to(at::kLong) : at::full({B}, Lk, lopts)).view({B, 1, 1});
+  const at::Tensor r = ranges.to(at::kLong);
+  const at::Tensor lo = r.select(-1, 0).clamp(0, Lk);  // (B, Hq or 1, Lq)
+  at::Tensor hi = at::minimum(r.select(-1, 1), lens);
+  if (causal) hi = at::minimum(hi, at::arange(Lq, lopts).view({1, 1, Lq}) + lens - (Lq - 1));  // j <= i + len - Lq
+  hi = at::maximum(hi, lo);
+  if (bias.defined()) {
+    const at::Tensor j = at::arange(Lk, lopts).view({1, 1, 1, Lk});
+    const at::Tensor open = bias.ne(-std::numeric_limits<double>::infinity()) & j.ge(lo.unsqueeze(-1)) &
+                            j.lt(hi.unsqueeze(-1));  // (B, Hq or 1, Lq, Lk)
+    return open.flatten(1, 2).any(1).logical_not();
+  }
+  const at::Tensor ones = at::ones({B, lo.size(1) * Lq}, lopts);
+  at::Tensor diff = at::zeros({B, Lk + 1}, lopts);
+  diff.scatter_add_(1, lo.reshape({B, -1}), ones).scatter_add_(1, hi.reshape({B, -1}), ones.neg());
+  return diff.slice(1, 0, Lk).cumsum(1).le(0);
+}
 
 // Keys of each sample that no query of any head sees through the bias (-inf), the causal rule and
 // kv_lens: (B, Lk) bool. Such keys never influence anything, whatever k and v hold (README).
@@ -150,7 +216,7 @@ at::Tensor padded_unseen(const at::Tensor& bias, const at::Tensor& kv_lens, int6
 
 PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask,
-                           const at::Tensor& bias, bool causal) {
+                           const at::Tensor& bias, const at::Tensor& ranges, bool causal) {
   check_qkv(op, q, k, v, 4);
   TORCH_CHECK(k.size(0) == q.size(0), op, ": k must have q's batch size ", q.size(0), ", got ", k.sizes());
   PaddedInputs in{dense(q), dense(k), dense(v), {}, {}, {}};
@@ -173,8 +239,10 @@ PaddedInputs padded_inputs(const char* op, const at::Tensor& q, const at::Tensor
     in.mask = key_padding_mask->contiguous();
     in.hidden = in.mask;
   }
-  if (bias.defined() && k.size(1) > 0) {
-    const at::Tensor unseen = padded_unseen(bias, in.kv_lens, q.size(0), q.size(1), k.size(1), causal);
+  if ((bias.defined() || ranges.defined()) && k.size(1) > 0) {
+    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
+    const at::Tensor unseen = ranges.defined() ? padded_unseen_ranges(ranges, bias, in.kv_lens, B, Lq, Lk, causal)
+                                               : padded_unseen(bias, in.kv_lens, B, Lq, Lk, causal);
     in.hidden = in.hidden.defined() ? in.hidden | unseen : unseen;
   }
   if (in.hidden.defined()) {
@@ -242,26 +310,50 @@ VarlenInputs varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor
   return {dense(q), dense(k), dense(v), cu_q.contiguous(), cu_k.contiguous(), longest_q, longest_k, {}};
 }
 
-// Varlen keys no query sees through the bias (Hq or 1, total_q, W) and the causal rule: the packed
-// key rows of each sample, from the rows of its queries (one segment reduction).
-void hide_unseen_varlen(VarlenInputs& in, const at::Tensor& bias, bool causal) {
-  const int64_t batch = in.cu_q.size(0) - 1, total_q = in.q.size(0), total_k = in.k.size(0), W = bias.size(-1);
+// Varlen keys no query sees through the bias (Hq or 1, total_q, W) and/or the key ranges (Hq or 1,
+// total_q, 2) and the causal rule: the packed key rows of each sample, from the rows of its queries
+// (one segment reduction; with ranges alone, a difference array per sample as on the padded path).
+void hide_unseen_varlen(VarlenInputs& in, const at::Tensor& bias, const at::Tensor& ranges, bool causal) {
+  const int64_t batch = in.cu_q.size(0) - 1, total_q = in.q.size(0), total_k = in.k.size(0);
+  const int64_t W = bias.defined() ? bias.size(-1) : in.max_k;  // >= every sequence's keys
   if (total_k == 0) return;
   const auto lopts = in.cu_q.options().dtype(at::kLong);
   const at::Tensor cu_q = in.cu_q.to(at::kLong), cu_k = in.cu_k.to(at::kLong);
   const at::Tensor lens_q = cu_q.slice(0, 1) - cu_q.slice(0, 0, -1), lens_k = cu_k.slice(0, 1) - cu_k.slice(0, 0, -1);
-  at::Tensor open = bias.ne(-std::numeric_limits<double>::infinity()).any(0);  // (total_q, W)
   const at::Tensor rows = at::arange(total_q, lopts);
   const at::Tensor sample = at::searchsorted(cu_q.slice(0, 1), rows, /*out_int32=*/false, /*right=*/true);  // (total_q,)
   const at::Tensor j = at::arange(W, lopts).view({1, W});
   const at::Tensor klen = lens_k.index_select(0, sample).view({total_q, 1});
-  open = open & j.lt(klen);
-  if (causal) {
-    const at::Tensor i = (rows - cu_q.index_select(0, sample)).view({total_q, 1});
-    open = open & j.le(i + klen - lens_q.index_select(0, sample).view({total_q, 1}));
+  // the last key each row may see by the causal rule, plus one: i + klen - qlen + 1
+  const at::Tensor causal_end =
+      causal ? (rows - cu_q.index_select(0, sample)).view({total_q, 1}) + klen -
+                   lens_q.index_select(0, sample).view({total_q, 1}) + 1
+             : at::Tensor();
+  at::Tensor seen;  // (batch, W): some query row of sample b sees local key j
+  if (ranges.defined()) {
+    const at::Tensor r = ranges.to(at::kLong);  // (Hq or 1, total_q, 2)
+    const at::Tensor kl = klen.view({1, total_q});
+    const at::Tensor lo = at::minimum(r.select(-1, 0).clamp_min(0), kl);
+    at::Tensor hi = at::minimum(r.select(-1, 1), kl);
+    if (causal) hi = at::minimum(hi, causal_end.view({1, total_q}));
+    hi = at::maximum(hi, lo);
+    if (bias.defined()) {
+      const at::Tensor open = (bias.ne(-std::numeric_limits<double>::infinity()) & j.unsqueeze(0).ge(lo.unsqueeze(-1)) &
+                               j.unsqueeze(0).lt(hi.unsqueeze(-1)))
+                                  .any(0);  // (total_q, W)
+      seen = at::zeros({batch, W}, lopts).index_add_(0, sample, open.to(at::kLong)).gt(0);
+    } else {
+      const at::Tensor base = (sample * (W + 1)).view({1, total_q});
+      const at::Tensor ones = at::ones({lo.numel()}, lopts);
+      at::Tensor diff = at::zeros({batch * (W + 1)}, lopts);
+      diff.index_add_(0, (base + lo).flatten(), ones).index_add_(0, (base + hi).flatten(), ones.neg());
+      seen = diff.view({batch, W + 1}).slice(1, 0, W).cumsum(1).gt(0);
+    }
+  } else {
+    at::Tensor open = bias.ne(-std::numeric_limits<double>::infinity()).any(0) & j.lt(klen);  // (total_q, W)
+    if (causal) open = open & j.lt(causal_end);
+    seen = at::zeros({batch, W}, lopts).index_add_(0, sample, open.to(at::kLong)).gt(0);
   }
-  // seen[b, j]: some query row of sample b sees local key j
-  const at::Tensor seen = at::zeros({batch, W}, lopts).index_add_(0, sample, open.to(at::kLong)).gt(0);
   const at::Tensor krows = at::arange(total_k, lopts);
   const at::Tensor ksample = at::searchsorted(cu_k.slice(0, 1), krows, false, true);
   const at::Tensor local = krows - cu_k.index_select(0, ksample);
@@ -395,25 +487,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   return {dq, dk, dv, dmask};
 }
 
-// key_ranges (per-query key windows) are computed by the C++ kernel; the CUDA kernel does
-// not read them yet (mmfuse/ops/attention.py routes such calls elsewhere).
-void refuse_key_ranges(const char* op, const std::optional<at::Tensor>& key_ranges) {
-  TORCH_CHECK(!key_ranges.has_value(), op, ": the CUDA kernel takes no key_ranges (use the triton or cpu backend), got ",
-              "a tensor of shape ", key_ranges ? key_ranges->sizes() : at::IntArrayRef{});
-}
-
 std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_fwd";
-  refuse_key_ranges(op, key_ranges);
   check_qkv(op, q, k, v, 4);
   const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
-  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
+  const at::Tensor ranges = key_ranges_of(op, key_ranges, q, false);
+  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, ranges, causal);
   att::AttentionParams p = padded_params(in, scale, causal);
   add_variants(p, x, false);
+  add_ranges(p, ranges, false);
   return run_forward(op, p, in.q, in.v, {q.size(0), q.size(2), q.size(1)});
 }
 
@@ -425,12 +511,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_c
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
     bool mask_grad) {
   const char* op = "cross_attention_bwd";
-  refuse_key_ranges(op, key_ranges);
   check_qkv(op, q, k, v, 4);
   const Variants x = variants(op, q, k, false, 0, attn_mask, dropout_p, philox, softcap, sinks);
-  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, causal);
+  const at::Tensor ranges = key_ranges_of(op, key_ranges, q, false);
+  const PaddedInputs in = padded_inputs(op, q, k, v, kv_lens, key_padding_mask, x.bias, ranges, causal);
   att::AttentionParams p = padded_params(in, scale, causal);
   add_variants(p, x, false);
+  add_ranges(p, ranges, false);
   p.sinks = nullptr;  // the returned lse already includes them
   at::Tensor dmask = add_dmask(op, p, mask_grad, x.bias, q, false);
   return run_backward(op, p, grad_out, grad_lse, in.q, in.k, in.v, out, lse, {q.size(0), q.size(2), q.size(1)}, dmask,
@@ -443,12 +530,13 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cuda(
     const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
   const char* op = "cross_attention_varlen_fwd";
-  refuse_key_ranges(op, key_ranges);
   VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
-  if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);
+  const at::Tensor ranges = key_ranges_of(op, key_ranges, q, true);
+  if (x.bias.defined() || ranges.defined()) hide_unseen_varlen(in, x.bias, ranges, causal);
   att::AttentionParams p = varlen_params(in, scale, causal);
   add_variants(p, x, true);
+  add_ranges(p, ranges, true);
   return run_forward(op, p, in.q, in.v, {q.size(1), q.size(0)});
 }
 
@@ -460,12 +548,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varle
     double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
     bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
-  refuse_key_ranges(op, key_ranges);
   VarlenInputs in = varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Variants x = variants(op, q, k, true, in.max_k, attn_mask, dropout_p, philox, softcap, sinks);
-  if (x.bias.defined()) hide_unseen_varlen(in, x.bias, causal);
+  const at::Tensor ranges = key_ranges_of(op, key_ranges, q, true);
+  if (x.bias.defined() || ranges.defined()) hide_unseen_varlen(in, x.bias, ranges, causal);
   att::AttentionParams p = varlen_params(in, scale, causal);
   add_variants(p, x, true);
+  add_ranges(p, ranges, true);
   p.sinks = nullptr;  // the returned lse already includes them
   at::Tensor dmask = add_dmask(op, p, mask_grad, x.bias, q, true);
   return run_backward(op, p, grad_out, grad_lse, in.q, in.k, in.v, out, lse, {q.size(1), q.size(0)}, dmask,

@@ -38,8 +38,16 @@
 // Semantics are the CPU kernel's (csrc/cpu/cross_attention.cpp): layout (B, L, H, D) or packed
 // (total, H, D) with int32 cu_seqlens; query head h reads kv head h / (Hq / Hkv); key j is
 // visible to query i iff j < kv_len, the key padding mask does not hide it, and (causal)
-// j <= i + kv_len − q_len, and the attn bias is not -inf there; rows with no visible key give
-// out 0, lse −inf (the sink with sinks) and zero gradients. Keys at or past kv_len are never read.
+// j <= i + kv_len − q_len, the attn bias is not -inf there, and (key_ranges, issue #28) j lies in
+// query i's [start, end) for its head; rows with no visible key give out 0, lse −inf (the sink
+// with sinks) and zero gradients. Keys at or past kv_len are never read.
+//
+// Key ranges skip work, not only mask it (the block skipping FlashAttention-2 does for causal
+// masks, Dao 2023): a forward / dQ CTA loads only the key tiles between the smallest start and the
+// largest end of its rows' windows (range within the causal and kv_len bounds), a dK/dV CTA only
+// the (q head, query tile) steps of which some query sees one of its keys. Elements of a loaded
+// tile outside their query's range are hidden after the other masks (skipped by a lane whose rows'
+// ranges cover the tile). Without key_ranges the only cost is a null test per tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -101,6 +109,14 @@ struct AttentionParams {
   bool dropout;                     // dropout_p > 0
   float softcap;                    // 0: off
   const float* sinks;               // (Hq,) float32, forward only, or null
+  // key_ranges (issue #28), int32 [start, end) pairs, optional: query i of a sample sees only its
+  // keys start <= j < end (besides the masks above). Padded (B, Hq or 1, Lq, 2): the pair of
+  // (b, h, i) at b * ranges_batch_stride + h * ranges_head_stride + 2 i; varlen (Hq or 1,
+  // total_q, 2): packed row r of head h at h * ranges_head_stride + 2 r (ranges_batch_stride
+  // unused). ranges_head_stride 0: one range per query for every head. Bounds outside
+  // [0, the sample's keys] are harmless (keys past kv_len stay hidden, nothing is read for them).
+  const int32_t* key_ranges;
+  int64_t ranges_batch_stride, ranges_head_stride;
   // decode split-KV forward: splits > 1 writes partial results (out_partial (splits, q_rows,
   // Hq, Dv) float32, lse_partial (splits, Hq, lse rows)) that the merge kernel combines
   int splits;
@@ -132,6 +148,7 @@ struct Sample {
   const uint8_t* mask;   // the sample's (Lk,) key padding mask row, or null
   const float* bias;     // the sample's attn bias at (head 0, query 0, key 0), or null
   float* dbias;          // the sample's dS at (head 0, query 0, key 0), or null
+  const int32_t* ranges;  // the sample's key range pair of (head 0, query 0), or null
 };
 
 __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
@@ -146,6 +163,7 @@ __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
     s.mask = nullptr;
     s.bias = p.attn_bias != nullptr ? p.attn_bias + s.q_row * p.bias_row_stride : nullptr;
     s.dbias = p.dbias != nullptr ? p.dbias + s.q_row * p.dbias_row_stride : nullptr;
+    s.ranges = p.key_ranges != nullptr ? p.key_ranges + 2 * s.q_row : nullptr;
   } else {
     s.q_row = b * p.len_q;
     s.q_len = p.len_q;
@@ -157,6 +175,7 @@ __device__ __forceinline__ Sample sample_of(const AttentionParams& p, int b) {
     s.mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * p.len_k : nullptr;
     s.bias = p.attn_bias != nullptr ? p.attn_bias + b * p.bias_batch_stride : nullptr;
     s.dbias = p.dbias != nullptr ? p.dbias + b * p.dbias_batch_stride : nullptr;
+    s.ranges = p.key_ranges != nullptr ? p.key_ranges + b * p.ranges_batch_stride : nullptr;
   }
   return s;
 }
@@ -174,6 +193,53 @@ __device__ __forceinline__ bool visible(const Sample& s, bool causal, const uint
   if (key >= s.k_len || query >= s.q_len) return false;
   if (causal && key > query + s.k_len - s.q_len) return false;
   return mask_tile == nullptr || mask_tile[key - key0] == 0;
+}
+
+// The key range [lo, hi) of `query` from `ranges` (a q head's pairs, query 0 first), bounds below 0
+// raised to 0 (keys are never negative; it keeps the arithmetic on them in int32); read only for
+// the sample's queries: a row past them (never stored) gets an empty one.
+__device__ __forceinline__ void key_range(const int32_t* ranges, const Sample& s, int64_t query, int32_t& lo,
+                                          int32_t& hi) {
+  lo = hi = 0;
+  if (query < s.q_len) lo = max(ranges[2 * query], 0), hi = max(ranges[2 * query + 1], 0);
+}
+
+// Which elements of a 16 x 64 C-fragment tile (this lane's rows row_of[0] and row_of[1], keys
+// key0 + 8 j + 2 (lane & 3) + (i & 1)) lie inside their query's key range: bit 4 j + i. Computed
+// before the tile's products, so that only these 32 bits stay live across them.
+__device__ __forceinline__ uint32_t range_bits(const int32_t* ranges, const Sample& s, const int64_t (&row_of)[2],
+                                               int64_t key0) {
+  int32_t lo[2], hi[2];
+  key_range(ranges, s, row_of[0], lo[0], hi[0]);
+  key_range(ranges, s, row_of[1], lo[1], hi[1]);
+  // in int32 relative to the lane's first key (a tile with a range lies below its int32 end), so
+  // that each element compares a constant
+  const int32_t base = static_cast<int32_t>(key0) + 2 * static_cast<int32_t>(threadIdx.x % 4);
+  const int32_t from[2] = {lo[0] - base, lo[1] - base}, to[2] = {hi[0] - base, hi[1] - base};
+  if (max(from[0], from[1]) <= 0 && min(to[0], to[1]) >= kBlockN) return 0xffffffffu;  // both rows cover the tile
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int32_t c = 8 * j + (i & 1);
+      if (c >= from[i >> 1] && c < to[i >> 1]) bits |= 1u << (4 * j + i);
+    }
+  }
+  return bits;
+}
+
+// Sets the elements of a 16 x 64 C-fragment tile outside their key range (clear in `bits`, of
+// range_bits) to `hidden`: -inf for a score, 0 for a probability. Applied after the other masks.
+__device__ __forceinline__ void hide_outside(float (&x)[kBlockN / 8][4], uint32_t bits, float hidden) {
+  if (bits == 0xffffffffu) return;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (!(bits >> (4 * j + i) & 1u)) x[j][i] = hidden;
+    }
+  }
 }
 
 // The per-(sample, head) part of the score transform: scale, softcap and the head's bias rows.
@@ -344,13 +410,14 @@ __device__ __forceinline__ void load_mask(uint8_t* mask_tile, const Sample& s, i
   mask_tile[threadIdx.x] = key < s.k_len ? s.mask[key] : 1;
 }
 
-// One step of the two-stage cp.async pipeline, before tile `tile` of `tiles` is consumed from
-// stage tile & 1: prefetch(tile + 1, stage) issues the next tile's loads into the other stage,
-// then this tile's copies are awaited and the block synchronised. The caller ends each step with
-// __syncthreads() so that the stage it read is free before the next step's prefetch refills it.
+// One step of the two-stage cp.async pipeline, before the `tile`-th tile loaded (from 0) is
+// consumed from stage tile & 1: when `more` tiles follow, prefetch(tile + 1, stage) issues the
+// next one's loads into the other stage; then this tile's copies are awaited and the block
+// synchronised. The caller ends each step with __syncthreads() so that the stage it read is free
+// before the next step's prefetch refills it.
 template <typename Index, typename Prefetch>
-__device__ __forceinline__ void pipeline_step(Index tile, Index tiles, Prefetch&& prefetch) {
-  if (tile + 1 < tiles) {
+__device__ __forceinline__ void pipeline_step(Index tile, bool more, Prefetch&& prefetch) {
+  if (more) {
     prefetch(tile + 1, static_cast<int>((tile + 1) & 1));
     cp_async_commit();
     cp_async_wait<1>();
@@ -475,7 +542,9 @@ struct QueryTile {
   int h, hk;
   int64_t i0, rows;  // rows == 0: the tile lies past the sample's queries (varlen grids cover the longest)
   int64_t end;       // keys [0, end) are visible to some query of the tile
-  int tiles;         // K/V tiles of kBlockN keys below end
+  int first;         // the first key tile any query of the tile sees: 0, or the first in its key ranges
+  int tiles;         // K/V tiles of kBlockN keys from tile `first` on, below end
+  const int32_t* ranges;  // the q head's key ranges (query 0's pair), or null
   int64_t row_of[2];  // this lane's rows in the C fragments: g and g + 8 of its warp's 16
 };
 
@@ -487,7 +556,30 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionParams& p, int sp
   t.i0 = static_cast<int64_t>(blockIdx.x / splits) * kBlockM;
   t.rows = max64(0, min64(kBlockM, t.s.q_len - t.i0));
   t.end = key_end(t.s, p.causal, t.i0 + t.rows);
-  t.tiles = static_cast<int>((t.end + kBlockN - 1) / kBlockN);
+  t.first = 0;
+  t.ranges = nullptr;
+  if (t.s.ranges != nullptr) {
+    // Block skipping (as FlashAttention-2 skips the blocks a causal mask hides, Dao 2023): only
+    // the key tiles that meet some row's window (its key range within its causal and kv_len
+    // bound) are loaded. Every warp reads the tile's ranges (lane l: rows l and l + 32) and
+    // reduces them alike, so the bounds agree without shared memory. With ranges every bound
+    // lies in int32: 0 <= lo and hi <= the range's end.
+    t.ranges = t.s.ranges + t.h * p.ranges_head_stride;
+    int32_t lo = 0x7fffffff, hi = 0;
+    for (int64_t row = t.i0 + threadIdx.x % 32; row < t.i0 + t.rows; row += 32) {
+      const int32_t a = t.ranges[2 * row], b = t.ranges[2 * row + 1];
+      const int32_t w_lo = max(a, 0), w_hi = static_cast<int32_t>(min64(b, key_end(t.s, p.causal, row + 1)));
+      if (w_lo < w_hi) lo = min(lo, w_lo), hi = max(hi, w_hi);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    }
+    t.end = hi;  // at most the causal bound: every window's end is
+    t.first = lo < hi ? lo / kBlockN : 0;
+  }
+  t.tiles = static_cast<int>((t.end + kBlockN - 1) / kBlockN) - t.first;
   const int64_t first = t.i0 + 16 * (threadIdx.x / 32) + (threadIdx.x % 32) / 4;
   t.row_of[0] = first, t.row_of[1] = first + 8;
   return t;
@@ -515,11 +607,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   const Sample& s = work.s;
   const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // this split's key tiles [tile_begin, tile_end) of the tile's `tiles`
+  // this split's key tiles [tile_begin, tile_end) of the tile's `tiles` from `first` on (absolute
+  // indices: the pipeline's stage of tile t is t & 1)
   const int per_split = (work.tiles + splits - 1) / splits;
-  const int tile_begin = min64(static_cast<int64_t>(split) * per_split, work.tiles);
-  const int tile_end = min64(static_cast<int64_t>(tile_begin) + per_split, work.tiles);
-  const int tiles = tile_end - tile_begin;
+  const int tile_begin = work.first + min64(static_cast<int64_t>(split) * per_split, work.tiles);
+  const int tile_end = work.first + min64(static_cast<int64_t>(split + 1) * per_split, work.tiles);
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
   const int64_t o_stride = static_cast<int64_t>(p.heads_q) * kHeadDimV, v_stride = static_cast<int64_t>(p.heads_kv) * kHeadDimV;
   const T* q = static_cast<const T*>(p.q) + work.h * kHeadDim;
@@ -531,26 +623,27 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   float o[kHeadDimV / 8][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this lane's columns only
-  if (tiles > 0) {  // else no visible key in the whole tile (or split): 0 and -inf, nothing read
+  if (tile_begin < tile_end) {  // else no visible key in the whole tile (or split): 0 and -inf, nothing read
     MMFUSE_DYNAMIC_SHARED(T, smem);
     T* sq = smem + Sm::kQ;
     uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
     auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
       load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end,
-                                           tile_begin + tile, stage);
+                                           tile, stage);
     };
     load_rows<T, kHeadDim, kBlockM>(sq, q, q_stride, s.q_row + i0, rows);
-    load_kv(0, 0);
+    load_kv(tile_begin, tile_begin & 1);
     cp_async_commit();
 
-    for (int tile = 0; tile < tiles; ++tile) {
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
       const int stage = tile & 1;
-      pipeline_step(tile, tiles, load_kv);
+      pipeline_step(tile, tile + 1 < tile_end, load_kv);
       const T* sk = smem + Sm::kK + stage * kTileK;
       const T* sv = smem + Sm::kV + stage * kTileV;
       const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
-      const int64_t key0 = static_cast<int64_t>(tile_begin + tile) * kBlockN;
+      const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
 
+      const uint32_t in_range = work.ranges != nullptr ? range_bits(work.ranges, s, row_of, key0) : 0xffffffffu;
       float sc[kBlockN / 8][4];
       zero(sc);
       gemm_abt<kBlockN, kHeadDim, kS, kS>(sc, sq, 16 * warp, sk);
@@ -565,6 +658,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
           sc[j][i] = score_log2(scorer, s, p.causal, mask_tile, key0, row_of[i >> 1], key, sc[j][i], dcap);
         }
       }
+      hide_outside(sc, in_range, -INFINITY);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float mx = row_max[half];
@@ -769,7 +863,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const Sample s = sample_of(p, b);
   const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   if (key0 >= s.k_extent) return;
-  const int64_t key_rows = min64(static_cast<int64_t>(kBlockN), s.k_extent - key0);  // rows written
   const int64_t key_valid = min64(max64(s.k_len - key0, int64_t(0)), static_cast<int64_t>(kBlockN));  // rows read
   const int group = p.heads_q / p.heads_kv;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
@@ -781,11 +874,30 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
   const int64_t tile0 = first_q / kBlockMBwd;
   const int64_t q_tiles = key_valid == 0 ? 0 : max64(int64_t(0), (s.q_len + kBlockMBwd - 1) / kBlockMBwd - tile0);
   const int64_t steps = group * q_tiles;
+  // With key ranges, the steps (q head, query tile) none of whose queries sees a key of this tile
+  // by its window (key range, causal and kv_len bounds) are skipped: every warp reads the step's
+  // 32 ranges (lane l: query l) and votes, so all warps agree without shared memory.
+  const int32_t* ranges = s.ranges;
+  static_assert(kBlockMBwd == 32, "one query per lane");
+  auto seen = [&](int64_t step) {
+    const int64_t h = hk * group + step / q_tiles, query = (tile0 + step % q_tiles) * kBlockMBwd + lane;
+    int32_t lo, hi;
+    key_range(ranges + h * p.ranges_head_stride, s, query, lo, hi);
+    int64_t end = min64(min64(hi, s.k_len), key0 + kBlockN);  // the tile's keys below kv_len
+    if (p.causal) end = min64(end, query + s.k_len - s.q_len + 1);
+    return __ballot_sync(0xffffffffu, max64(lo, key0) < end) != 0;
+  };
+  auto next_step = [&](int64_t step) {  // the first step from `step` on that sees the tile (every one without ranges)
+    if (ranges != nullptr)
+      while (step < steps && !seen(step)) ++step;
+    return step;
+  };
+  int64_t step = next_step(0);
 
   float dk[kHeadDim / 8][4], dv[kHeadDimV / 8][4];
   zero(dk);
   zero(dv);
-  if (steps > 0) {
+  if (step < steps) {
     MMFUSE_DYNAMIC_SHARED(T, smem);
     T* sk = smem + Sm::kK;
     T* sv = smem + Sm::kV;
@@ -814,13 +926,15 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
     load_rows<T, kHeadDimV, kBlockN>(sv, static_cast<const T*>(p.v) + hk * kHeadDimV, v_stride, s.k_row + key0,
                                      key_valid);
     load_mask(smask, s, key0);
-    load_step(0, 0);
+    load_step(step, 0);
     cp_async_commit();
 
     const int64_t key_base = key0 + 16 * warp + (lane >> 2);  // this lane's keys: key_base, key_base + 8
-    for (int64_t step = 0; step < steps; ++step) {
-      const int stage = static_cast<int>(step & 1);
-      pipeline_step(step, steps, load_step);
+    for (int stage = 0; step < steps; stage ^= 1) {
+      {
+        const int64_t next = next_step(step + 1);  // found again at the end: not kept across the step
+        pipeline_step(stage, next < steps, [&](int, int st) { load_step(next, st); });
+      }
       const T* sq = smem + Sm::kQ + stage * kTileQ;
       const T* sdo = smem + Sm::kDO + stage * kTileDO;
       const float* lse2 = slse + stage * kBlockMBwd;
@@ -829,10 +943,27 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       const Scorer scorer = scorer_of(p, s, h);
       const Dropout drop = dropout_of(p, b, h);
 
+      // bit 4 j + i: element [j][i] kept, first by its query's key range (read before the products,
+      // so that no more than these bits stay live across them), then by dropout; a 0 bit from the
+      // key range also zeroes P below
+      uint32_t keep = 0xffffffffu;
+      if (ranges != nullptr) {
+        const int32_t* r = ranges + h * p.ranges_head_stride;
+        keep = 0;
+#pragma unroll
+        for (int j = 0; j < kBlockMBwd / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {  // element [j][c + 2 e]: query i0 + 8 j + 2 (lane & 3) + c, key key_base + 8 e
+            int32_t lo, hi;
+            key_range(r, s, i0 + 8 * j + 2 * (lane & 3) + c, lo, hi);
+            if (key_base >= lo && key_base < hi) keep |= 1u << (4 * j + c);
+            if (key_base + 8 >= lo && key_base + 8 < hi) keep |= 1u << (4 * j + c + 2);
+          }
+        }
+      }
       // Pᵀ (16 keys x 32 queries) = exp2(score − lse2), 0 where hidden; dcap: the softcap factor,
       // kept as fp16 pairs in this thread's shared words (dS is rounded to T for the mma anyway)
       float pt[kBlockMBwd / 8][4];
-      uint32_t keep = 0xffffffffu;  // bit 4 j + i: element [j][i] kept by dropout
       zero(pt);
       gemm_abt<kBlockMBwd, kHeadDim, kS, kS>(pt, sk, 16 * warp, sq);
 #pragma unroll
@@ -844,6 +975,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
           pt[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, i0 + col, (key_base + 8 * (i >> 1)), pt[j][i],
                                      dcap[i]),
                           lse2[col]);
+          if (ranges != nullptr && !(keep >> (4 * j + i) & 1u)) pt[j][i] = 0.f;  // outside the key range
           if (drop.on && !keep_one(drop, i0 + col, (key_base + 8 * (i >> 1)))) keep &= ~(1u << (4 * j + i));
         }
         if (capped) {
@@ -890,13 +1022,18 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(Atten
       }
       gemm_xb<kHeadDim, kBlockMBwd, kS>(dk, dst, sq);  // dK += dS_rawᵀ Q (scaled at the end)
       __syncthreads();
+      step = next_step(step + 1);
     }
   }
   // every key row of the sample gets its gradient, 0 past kv_len (never read, never visible)
+  // (the sample's rows are found again rather than held in registers across the loop: (128, 128)
+  // has none to spare)
   const float dk_scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
-  store_rows<T, kHeadDim>(static_cast<T*>(p.dk) + hk * kHeadDim, k_stride, s.k_row + key0, key_rows, 16 * warp, dk,
+  const Sample out = sample_of(p, b);
+  const int64_t key_rows = min64(static_cast<int64_t>(kBlockN), out.k_extent - key0);  // rows written
+  store_rows<T, kHeadDim>(static_cast<T*>(p.dk) + hk * kHeadDim, k_stride, out.k_row + key0, key_rows, 16 * warp, dk,
                           dk_scale);
-  store_rows<T, kHeadDimV>(static_cast<T*>(p.dv) + hk * kHeadDimV, v_stride, s.k_row + key0, key_rows, 16 * warp, dv,
+  store_rows<T, kHeadDimV>(static_cast<T*>(p.dv) + hk * kHeadDimV, v_stride, out.k_row + key0, key_rows, 16 * warp, dv,
                            one);
 }
 
@@ -923,7 +1060,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
   if (work.rows == 0) return;
   const Sample& s = work.s;
   const int64_t i0 = work.i0, rows = work.rows, end = work.end, (&row_of)[2] = work.row_of;
-  const int tiles = work.tiles, h = work.h, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // key tiles [first, last) (absolute indices: the pipeline's stage of tile t is t & 1)
+  const int first = work.first, last = work.first + work.tiles;
+  const int h = work.h, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q_stride = static_cast<int64_t>(p.heads_q) * kHeadDim, k_stride = static_cast<int64_t>(p.heads_kv) * kHeadDim;
   const int64_t o_stride = static_cast<int64_t>(p.heads_q) * kHeadDimV, v_stride = static_cast<int64_t>(p.heads_kv) * kHeadDimV;
   const T* k = static_cast<const T*>(p.k) + work.hk * kHeadDim;
@@ -933,20 +1072,20 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 
   float dq[kHeadDim / 8][4];
   zero(dq);
-  if (tiles > 0) {
+  if (first < last) {
     MMFUSE_DYNAMIC_SHARED(T, smem);
     const T* sq = smem + Sm::kQ;
     const T* sdo = smem + Sm::kDO;
     uint8_t* smask = reinterpret_cast<uint8_t*>(smem + Sm::kEnd);
     auto load_kv = [=](int tile, int stage) {  // by value: by reference, ptxas spilled 8 bytes (sm_80, D 64)
-      load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end, tile,
-                                           stage);
+      load_kv_tile<T, kHeadDim, kHeadDimV>(smem + Sm::kK, smem + Sm::kV, smask, k, v, k_stride, v_stride, s, end,
+                                           tile, stage);
     };
     load_rows<T, kHeadDim, kBlockM>(smem + Sm::kQ, static_cast<const T*>(p.q) + h * kHeadDim, q_stride, s.q_row + i0,
                                     rows);
     load_rows<T, kHeadDimV, kBlockM>(smem + Sm::kDO, static_cast<const T*>(p.dout) + h * kHeadDimV, o_stride,
                                      s.q_row + i0, rows);
-    load_kv(0, 0);
+    load_kv(first, first & 1);
     cp_async_commit();
 
     // this lane's two rows: lse in log2 units and delta, straight from global memory
@@ -958,15 +1097,18 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
       lse2[half] = in ? lse_log2(p.lse[idx]) : INFINITY;
       delta[half] = in ? p.delta[idx] : 0.f;
     }
-    for (int tile = 0; tile < tiles; ++tile) {
+    for (int tile = first; tile < last; ++tile) {
       const int stage = tile & 1;
-      pipeline_step(tile, tiles, load_kv);
+      pipeline_step(tile, tile + 1 < last, load_kv);
       const T* sk = smem + Sm::kK + stage * kTileK;
       const T* sv = smem + Sm::kV + stage * kTileV;
       const uint8_t* mask_tile = s.mask != nullptr ? smask + stage * kBlockN : nullptr;
       const int64_t key0 = static_cast<int64_t>(tile) * kBlockN;
 
-      float pr[kBlockN / 8][4], dcap[kBlockN / 8][4];  // P (16 queries x 64 keys), softcap factor
+      const uint32_t in_range = work.ranges != nullptr ? range_bits(work.ranges, s, row_of, key0) : 0xffffffffu;
+      // P (16 queries x 64 keys) times the softcap factor: here P only enters dS, so the factor is
+      // folded in at once instead of being held in registers across the dO Vᵀ product
+      float pr[kBlockN / 8][4];
       zero(pr);
       gemm_abt<kBlockN, kHeadDim, kS, kS>(pr, sq, 16 * warp, sk);
 #pragma unroll
@@ -974,11 +1116,13 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t key = key0 + 8 * j + 2 * (lane & 3) + (i & 1);
-          pr[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, row_of[i >> 1], key, pr[j][i], dcap[j][i]),
-                          lse2[i >> 1]);
+          float dcap;
+          pr[j][i] = prob(score_log2(scorer, s, p.causal, mask_tile, key0, row_of[i >> 1], key, pr[j][i], dcap),
+                          lse2[i >> 1]) * dcap;
         }
       }
-      float ds[kBlockN / 8][4];  // dS = P ∘ (Z ∘ dO Vᵀ − delta), times the softcap factor
+      hide_outside(pr, in_range, 0.f);
+      float ds[kBlockN / 8][4];  // dS = P ∘ (Z ∘ dO Vᵀ − delta), times the softcap factor (in pr)
       zero(ds);
       gemm_abt<kBlockN, kHeadDimV, kSv, kSv>(ds, sdo, 16 * warp, sv);
 #pragma unroll
@@ -993,7 +1137,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(Attenti
         for (int i = 0; i < 4; ++i) {
           float dp = ds[j][i];
           if (drop.on) dp = (keep >> i & 1u) ? dp * drop.scale : 0.f;
-          ds[j][i] = pr[j][i] * (dp - delta[i >> 1]) * dcap[j][i];
+          ds[j][i] = pr[j][i] * (dp - delta[i >> 1]);
         }
       }
       gemm_xb<kHeadDim, kBlockN, kS>(dq, ds, sk);  // dQ += dS_raw K (scaled at the end)

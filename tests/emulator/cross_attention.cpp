@@ -16,7 +16,8 @@ namespace att = mmfuse::cuda::attention;
 // Sizes as the launcher fills them: padded when cu_seqlens_q is null (len_q/len_k = Lq/Lk,
 // lse_len = Lq), varlen otherwise (len_q/len_k = the longest sequences, lse_len = total_q); then
 // the issue-26 variants (attn bias and its gradient with their strides, dropout from philox,
-// softcap, sinks, the value head dim, and the decode splits with their float32 partial buffers).
+// softcap, sinks, the value head dim, and the decode splits with their float32 partial buffers);
+// then issue #28's key_ranges with their batch and head strides (int32 elements).
 att::AttentionParams params(const void* q, const void* k, const void* v, void* out, float* lse,
                             const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, const int32_t* kv_lens,
                             const uint8_t* key_padding_mask, int64_t len_q, int64_t len_k, int64_t lse_len,
@@ -24,7 +25,8 @@ att::AttentionParams params(const void* q, const void* k, const void* v, void* o
                             double scale, int64_t causal, const float* attn_bias, int64_t bias_b, int64_t bias_h,
                             int64_t bias_r, float* dbias, int64_t dbias_b, int64_t dbias_h, int64_t dbias_r,
                             const int64_t* philox, double dropout_p, double softcap, const float* sinks,
-                            int64_t head_dim_v, int64_t splits, float* out_partial, float* lse_partial) {
+                            int64_t head_dim_v, int64_t splits, float* out_partial, float* lse_partial,
+                            const int32_t* key_ranges, int64_t ranges_b, int64_t ranges_h) {
   att::AttentionParams p{};
   p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse;
   p.cu_seqlens_q = cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_k;
@@ -45,6 +47,7 @@ att::AttentionParams params(const void* q, const void* k, const void* v, void* o
   p.sinks = sinks;
   p.splits = static_cast<int>(splits);
   p.out_partial = out_partial, p.lse_partial = lse_partial;
+  p.key_ranges = key_ranges, p.ranges_batch_stride = ranges_b, p.ranges_head_stride = ranges_h;
   return p;
 }
 
@@ -94,11 +97,12 @@ void backward(const att::AttentionParams& p) {
       int64_t heads_kv, int64_t head_dim, double scale, int64_t causal, const float *attn_bias, int64_t bias_b, \
       int64_t bias_h, int64_t bias_r, float *dbias, int64_t dbias_b, int64_t dbias_h, int64_t dbias_r,       \
       const int64_t *philox, double dropout_p, double softcap, const float *sinks, int64_t head_dim_v,       \
-      int64_t splits, float *out_partial, float *lse_partial
+      int64_t splits, float *out_partial, float *lse_partial, const int32_t *key_ranges, int64_t ranges_b,     \
+      int64_t ranges_h
 #define ATTENTION_SIZE_ARGS                                                                                  \
   cu_seqlens_q, cu_seqlens_k, kv_lens, mask, len_q, len_k, lse_len, q_rows, batch, heads_q, heads_kv, head_dim,  \
       scale, causal, attn_bias, bias_b, bias_h, bias_r, dbias, dbias_b, dbias_h, dbias_r, philox, dropout_p,  \
-      softcap, sinks, head_dim_v, splits, out_partial, lse_partial
+      softcap, sinks, head_dim_v, splits, out_partial, lse_partial, key_ranges, ranges_b, ranges_h
 
 // q, k, v, out: the tensors; lse (lse's shape) float32.
 #define ATTENTION_FORWARD_ENTRY(name, T)                                                                  \
