@@ -77,6 +77,9 @@ wheel:
 # $(CUDA_TORCH_SPEC) from PyPI (several GB with its NVIDIA libraries), then `make wheel` with it;
 # needs nvcc of the CUDA major version that torch was built with
 CUDA_TORCH_SPEC ?= $(TORCH_SPEC)
+# the CUDA toolkit (torch guesses it from nvcc's folder: wrong when nvcc on PATH is a wrapper in
+# /usr/local/bin, and the link then cannot find libcudart)
+wheel-cuda: export CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell dirname $$(dirname $$(command -v nvcc))))
 wheel-cuda:
 	@command -v nvcc >/dev/null || { echo "make wheel-cuda: nvcc is not on PATH (install the CUDA toolkit)"; exit 1; }
 	test -x .venv-cuda/bin/python || python3 -m venv .venv-cuda

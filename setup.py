@@ -9,7 +9,7 @@ compilation.
 The version is mmfuse/__init__.py's with a local part naming the torch release and CUDA version
 the extension is built against (``0.1.0+torch2.13cpu``, ``0.1.0+torch2.11cu130``), as
 FlashAttention 2's release wheels do: the compiled ops link against torch's C++ symbols, so a
-build serves that torch release only. ``mmfuse/_build.json`` records the same, and
+build serves that torch release only. ``mmfuse/_build.json``, written beside ``_C``, records the same, and
 ``mmfuse._extension`` compares it with the running torch before loading ``_C``. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
 kernels need torch >= 2.8 (the fusion launcher uses `at::mm` with an fp32 output dtype).
 """
@@ -66,14 +66,24 @@ def _version(cuda: bool) -> str:
     return f"{base}+torch{_torch_release()}{flavour}"
 
 
-def _write_build_record(cuda: bool) -> None:
-    """mmfuse/_build.json: what ``mmfuse._extension`` checks the running torch against."""
-    record = {"torch": torch.__version__, "torch_release": _torch_release(),
-              "cuda": torch.version.cuda if cuda else None,
-              "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""}
-    with open(os.path.join(HERE, "mmfuse", "_build.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.write("\n")
+def _build_record(cuda: bool) -> dict:
+    """What ``mmfuse._extension`` checks the running torch against before it loads ``_C``."""
+    return {"torch": torch.__version__, "torch_release": _torch_release(),
+            "cuda": torch.version.cuda if cuda else None,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""}
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, then ``_build.json`` written beside the ``_C`` it built (the
+    source tree for ``--inplace`` and editable installs, the build tree for a wheel), so a wheel
+    build never rewrites the record of the in-place build next to it."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("mmfuse._C")), "_build.json")
+        with open(target, "w", encoding="utf-8") as f:
+            json.dump(_build_record(WITH_CUDA), f)
+            f.write("\n")
 
 
 def _want_cuda() -> bool:
@@ -116,18 +126,19 @@ def _extension():
         return CUDAExtension(
             "mmfuse._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[os.path.join(HERE, "csrc")],  # "cuda/..._kernel.cuh", as tools/cuda_check.py has it
             define_macros=[("MMFUSE_WITH_CUDA", None), ("MMFUSE_CUDA_ARCHS", f'"{archs}"')],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
         )
-    return CppExtension("mmfuse._C", sources, extra_compile_args=cxx, extra_link_args=link)
+    return CppExtension("mmfuse._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=cxx,
+                        extra_link_args=link)
 
 
 EXTENSION = _extension()
 WITH_CUDA = any(name == "MMFUSE_WITH_CUDA" for name, _ in (EXTENSION.define_macros or []))
-_write_build_record(WITH_CUDA)
 setup(
     version=_version(WITH_CUDA),
     ext_modules=[EXTENSION],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -77,7 +77,7 @@ _FEATURES = {
     "triton": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
                          "varlen_dropout", "key_ranges"}),
     "cuda": frozenset({"attn_mask", "dropout", "softcap", "sinks", "mask_grad", "head_dim_v", "varlen_mask",
-                       "varlen_dropout"}),
+                       "varlen_dropout", "key_ranges"}),
 }
 _FEATURE_NAMES = {
     "attn_mask": "an attn_mask", "dropout": "attention dropout", "softcap": "softcap",
