@@ -216,3 +216,13 @@ def test_raw_op_checks_key_ranges():
         fwd(Q, K, K, None, None, 0.3, False, None, 0.0, None, 0.0, None, bad)
     with pytest.raises(RuntimeError, match="key_ranges must be a CPU int32"):
         fwd(Q, K, K, None, None, 0.3, False, None, 0.0, None, 0.0, None, torch.zeros(2, 3, 2))
+
+
+def test_bench_skip_fractions_by_hand():
+    from mmfuse.bench.masks import skipped_fraction, skipped_key_columns
+
+    ranges = torch.zeros(1, 128, 2, dtype=torch.int32)
+    ranges[0, :64] = torch.tensor([0, 64])
+    ranges[0, 64:] = torch.tensor([130, 200])  # starts at 128 after rounding down to 4 keys: 72 computed
+    assert skipped_key_columns(ranges, 256) == (192 * 64 + 184 * 64) / (256 * 128)
+    assert skipped_fraction(ranges, 256) == 0.0  # one 256-key tile per query block, each partly seen

@@ -388,9 +388,11 @@ int64_t key_end(const Problem& p, const Sample& s, int64_t i1) {
   return std::clamp<int64_t>(i1 - 1 + s.k_len - s.q_len + 1, 0, s.k_len);
 }
 
-// The key blocks of kBlockK keys that queries [i0, i0 + rows) of head h may see: [first, end), first a
-// multiple of kBlockK. With key_ranges, the span of the rows' ranges: blocks outside it are skipped,
-// not masked (first >= end when every range is empty).
+// The key blocks of kBlockK keys that queries [i0, i0 + rows) of head h may see: [first, end). With
+// key_ranges, the span of the rows' ranges: keys outside it are skipped, not masked (first >= end when
+// every range is empty), and first is the span's start rounded down to a 4-key Philox group only, not
+// to a block (a Flamingo text block sees one image's latents: 64 of 256 keys, where rounding to the
+// 256-key block computed all of them).
 std::pair<int64_t, int64_t> key_blocks(const Problem& p, const Sample& s, int64_t h, int64_t i0, int64_t rows) {
   int64_t first = 0, end = key_end(p, s, i0 + rows);
   if (s.ranges != nullptr) {
@@ -399,7 +401,7 @@ std::pair<int64_t, int64_t> key_blocks(const Problem& p, const Sample& s, int64_
     for (int64_t q = 0; q < rows; ++q)
       if (r[2 * q] < r[2 * q + 1]) lo = std::min<int64_t>(lo, r[2 * q]), hi = std::max<int64_t>(hi, r[2 * q + 1]);
     end = std::min(end, hi);
-    first = lo >= end ? end : lo / kBlockK * kBlockK;
+    first = lo >= end ? end : lo / 4 * 4;
   }
   return {first, end};
 }
@@ -678,7 +680,7 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
         for (int64_t i0 = (first_q / kBlockQ) * kBlockQ; i0 < s.q_len; i0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, s.q_len - i0);
           const auto [first, end] = key_blocks(p, s, h, i0, rows);
-          if (kb < first || kb >= end) continue;  // no query of the block sees this key block
+          if (kb + cols <= first || kb >= end) continue;  // no query of the block sees this key block
           const T* q_blk = q + (s.q_row + i0) * qs + h * D;
           const T* g_blk = dout + (s.q_row + i0) * os + h * Dv;
           const int64_t lse_at = s.lse_base + h * p.lse_head + i0;

@@ -33,6 +33,21 @@ def skipped_fraction(ranges: torch.Tensor, len_k: int) -> float:
     return skipped / max(total, 1)
 
 
+def skipped_key_columns(ranges: torch.Tensor, len_k: int) -> float:
+    """Share of (query, key) columns the C++ forward skips: per 64-query block, the keys outside
+    [its rows' smallest start rounded down to 4 keys (a Philox group), their largest end)."""
+    batch, len_q, _ = ranges.shape
+    skipped = total = 0
+    for b in range(batch):
+        for i0 in range(0, len_q, _BLOCK_Q):
+            r = ranges[b, i0:i0 + _BLOCK_Q]
+            live = r[:, 0] < r[:, 1]
+            span = int(r[live, 1].max()) - int(r[live, 0].min()) // 4 * 4 if live.any() else 0
+            total += len_k * r.shape[0]
+            skipped += (len_k - span) * r.shape[0]
+    return skipped / max(total, 1)
+
+
 def _flex(q, k, v, ranges, backward: bool):
     """Compiled FlexAttention over (B, H, L, D) tensors with the ranges as its mask_mod (forward,
     or forward + backward), or None where this torch cannot run it on the device (torch 2.13's
@@ -110,11 +125,13 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         flex = {direction: _flex(q, k, v, ranges, direction == "fwd+bwd") for direction in ("fwd", "fwd+bwd")}
         visible = float(keep.sum())  # visible (query, key) pairs: the work a mask-aware kernel does
         skip = skipped_fraction(ranges.cpu(), len_k)
+        columns = skipped_key_columns(ranges.cpu(), len_k)
         for direction in ("fwd", "fwd+bwd"):
             flops = 4.0 * heads * visible * dim * (1 if direction == "fwd" else 3.5)
             timed_peers = {n: run[direction] for n, run in peers.items()}
             if flex[direction] is not None:
                 timed_peers["flex_attention (compiled)"] = flex[direction]
-            yield Case("key_ranges", f"{direction} {name} B={batch} H={heads} D={dim}, {skip:.0%} tiles skipped",
+            yield Case("key_ranges", f"{direction} {name} B={batch} H={heads} D={dim}, {skip:.0%} tiles, "
+                       f"{columns:.0%} key columns skipped",
                        str(dtype).replace("torch.", ""), {b: run[direction] for b, run in ours.items()}, timed_peers,
                        flops, "TFLOP/s")
