@@ -1,0 +1,339 @@
+"""``FeatureStream``: a batch of live audio streams fed chunk by chunk through one of the audio
+front-end layers, giving exactly the frames the offline layer gives on each whole signal.
+
+How it works. Every front end cuts its (padded) signal into frames ``f`` whose first sample is
+``a(f) = f * hop + offset`` (relative to the signal's first sample) and ``width`` samples long;
+samples before the signal's start and after its end come from a fixed rule (torchaudio's
+``pad`` zeros and ``center`` padding: reflect, replicate or zeros; Kaldi's ``snip_edges=False``
+mirror, ``-1 -> 0``, ``n -> n - 1``). A frame is computable before the signal ends once every
+sample it reads is known: its last sample has arrived and, for the first frames, the samples
+the start padding mirrors have too (at the end of a signal nothing can be known before
+``flush``). This is the rule of Kaldi's online feature extraction (kaldi/src/feat/online-feature.cc,
+``OnlineGenericBaseFeature::ComputeFeatures`` with ``NumFrames(..., flush=false)`` of
+feature-window.cc; kaldi-native-fbank's ``OnlineFbank`` follows it), applied to the torchaudio
+front ends as well.
+
+Each call gathers, for every stream at once, the samples of its newly computable frames (its
+kept tail, the new chunk, and the mirrored or zero samples of the start padding, or at
+``flush`` of the end padding) into one zero-padded ``(B, T)`` batch, and runs the front end's
+op once on it with per-item ``lengths`` and edge-free framing (``center=False, pad=0``; Kaldi
+``snip_edges=True``): the same kernels as the offline layer, one launch for the whole batch.
+The state per stream is a tail of at most ``max(width + 1, min_duration samples)`` samples and
+three counters, on the input's device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from mmfuse._checks import check_lengths, check_tensor
+from mmfuse.audio.configs import WAVE_DTYPES
+from mmfuse.nn.audio import MFCC, KaldiFbank, LogMelSpectrogram, MelSpectrogram, Spectrogram, WhisperLogMel
+from mmfuse.ops import spectrogram_ops as op_level
+from mmfuse.reference.spectrogram import kaldi_num_frames, stft_num_frames
+
+# a signal length larger than any stream's: before the end is known, the end padding rules
+# never apply and Kaldi's repeated mirror reduces to one reflection
+_UNKNOWN_END = 1 << 50
+
+
+@dataclasses.dataclass(frozen=True)
+class _Framing:
+    """Where a front end's frames lie and where their samples come from.
+
+    Frame ``f`` reads positions ``f * hop + offset + [0, width)`` of the signal extended by the
+    edge rule; ``left_need`` samples must have arrived before the first frame can be computed
+    (the start padding mirrors them), ``min_samples`` before any (Kaldi's ``min_duration``)."""
+
+    kind: str  # "stft" (torchaudio: pad zeros then center padding) or "kaldi"
+    width: int
+    hop: int
+    offset: int
+    left_need: int
+    min_samples: float
+    center: bool = False
+    pad: int = 0
+    pad_mode: str = "constant"
+    snip_edges: bool = True
+
+    def ready(self, seen: torch.Tensor) -> torch.Tensor:
+        """Frames computable once ``seen`` samples (int64 ``(B,)``) have arrived, the end unknown."""
+        count = torch.div(seen - self.width - self.offset, self.hop, rounding_mode="floor") + 1
+        gate = (seen >= self.left_need) & (seen >= self.min_samples)
+        return torch.where(gate, count.clamp(min=0), torch.zeros_like(count))
+
+    def total(self, n: torch.Tensor) -> torch.Tensor:
+        """Frames of the whole signal of ``n`` samples: the offline op's count, 0 for an empty
+        signal and for one the offline op refuses (torchaudio's reflect padding of a signal not
+        longer than ``n_fft // 2`` after ``pad``), 0 below Kaldi's ``min_duration``."""
+        if self.kind == "kaldi":
+            count = kaldi_num_frames(n, self.width, self.hop, self.snip_edges)
+            empty = n < self.min_samples
+        else:
+            count = stft_num_frames(n, self.width, self.hop, pad=self.pad, center=self.center)
+            empty = torch.zeros_like(n, dtype=torch.bool)
+            if self.center and self.pad_mode == "reflect":
+                empty = n + 2 * self.pad <= self.width // 2
+        return torch.where(empty | (n == 0), torch.zeros_like(count), count)
+
+    def source(self, p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For positions ``p`` (``(B, T)``, relative to the signal's first sample) of signals of
+        ``n`` samples (``(B, 1)``): the sample each reads and whether it reads a zero instead."""
+        if self.kind == "kaldi":
+            if self.snip_edges:
+                return p, torch.zeros_like(p, dtype=torch.bool)
+            # Kaldi's ExtractWindow: s -> -s - 1 below 0, s -> 2n - 1 - s past the end, repeatedly
+            two_n = 2 * n.clamp(min=1)
+            s = torch.remainder(p, two_n)
+            s = torch.where(s >= n, two_n - 1 - s, s)
+            return s, torch.zeros_like(p, dtype=torch.bool)
+        q = p + self.pad  # position in the signal with torchaudio's `pad` zeros on each side
+        m = n + 2 * self.pad
+        if self.center and self.pad_mode == "reflect":  # torch.stft's reflect padding of that signal
+            q = torch.where(q < 0, -q, q)
+            q = torch.where(q >= m, 2 * m - 2 - q, q)
+        elif self.center and self.pad_mode == "replicate":
+            q = torch.minimum(q.clamp(min=0), m - 1)
+        s = q - self.pad
+        return s, (s < 0) | (s >= n)
+
+
+class FeatureStream(nn.Module):
+    """``batch_size`` live audio streams through one front-end layer, chunk by chunk.
+
+    ``front_end``: a ``KaldiFbank``, ``Spectrogram``, ``MelSpectrogram``, ``LogMelSpectrogram``
+    or ``MFCC`` layer (its buffers, options and ``backend`` are used as they are at each call).
+
+    - ``feats, frames = stream(chunk, lengths=None)``: ``chunk`` float32/float64
+      ``(batch_size, T)`` holds each stream's next samples, ``lengths`` int ``(batch_size,)``
+      how many of them are valid (0: nothing new; default all ``T``). Returns the frames that
+      became computable, in the front end's layout (``(B, features, frames)``, Kaldi
+      ``(B, frames, bins)``) with the frame axis padded with zeros to the longest, and
+      ``frames`` int64 ``(B,)``, how many are valid per stream.
+    - ``feats, frames = stream.flush()``: the last frames of every stream (those that read the
+      end padding), after which every stream starts anew.
+    - ``stream.reset(which=None)``: the chosen streams (bool ``(B,)``; all when None) start anew,
+      their pending samples dropped: continuous batching.
+
+    The contract: for every stream, its frames from all calls and the flush, concatenated,
+    equal the offline layer applied to the stream's whole signal, for any chunking. A stream
+    with no samples, and one the offline op refuses (reflect padding of a signal not longer than
+    ``n_fft // 2``), gives no frames. Front ends whose output depends on the whole signal are
+    refused at construction (see ``_check_front_end``).
+
+    The stream's dtype and device are those of its first chunk after construction, ``flush``
+    or a full ``reset``; the front end's buffers must be on that device. A call with bad input
+    raises before it changes anything (no sample is lost).
+    """
+
+    def __init__(self, front_end: nn.Module, batch_size: int) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+            raise TypeError(f"FeatureStream: batch_size must be an int, got {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"FeatureStream: batch_size must be >= 1, got {batch_size}")
+        self.framing, self.n_features, self.frames_last = _check_front_end(front_end)
+        self.front_end, self.batch_size = front_end, batch_size
+        self.capacity = max(self.framing.width + 1, math.ceil(self.framing.min_samples))
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"batch_size={self.batch_size}"
+
+    # -----------------------------------------------------------------------------------------
+    # public calls
+
+    def forward(self, chunk: torch.Tensor, lengths: torch.Tensor | None = None):
+        op = "FeatureStream"
+        check_tensor(op, "chunk", chunk, ndim=2, dtypes=WAVE_DTYPES)
+        if chunk.shape[0] != self.batch_size:
+            raise ValueError(f"{op}: chunk must have shape ({self.batch_size}, T) (batch_size streams), "
+                             f"got {tuple(chunk.shape)}")
+        state = self._state
+        if state is not None:
+            buf = state["buf"]
+            if chunk.dtype != buf.dtype:
+                raise TypeError(f"{op}: chunk must have the stream's dtype {buf.dtype} (that of its first chunk), "
+                                f"got {chunk.dtype}")
+            if chunk.device != buf.device:
+                raise ValueError(f"{op}: chunk must be on the stream's device {buf.device}, got {chunk.device}")
+        buffers = [b for b in self.front_end.buffers()]
+        if buffers and buffers[0].device != chunk.device:
+            raise ValueError(f"{op}: chunk must be on the front end's device {buffers[0].device} (move the layer "
+                             f"with .to()), got {chunk.device}")
+        if lengths is None:
+            lengths = torch.full((self.batch_size,), chunk.shape[1], dtype=torch.int64, device=chunk.device)
+        else:
+            check_lengths(op, "lengths", lengths, batch=self.batch_size, max_len=chunk.shape[1], device=chunk.device)
+            lengths = lengths.to(torch.int64)
+        if state is None:
+            state = self._fresh(chunk.dtype, chunk.device)
+        seen = state["seen"] + lengths
+        feats, frames, new_state = self._step(state, chunk.detach(), seen, self.framing.ready(seen), end=None)
+        self._state = new_state
+        return feats, frames
+
+    def flush(self):
+        """The remaining frames of every stream, those that need its end; then every stream
+        starts anew. Returns ``(feats, frames)`` as a call does."""
+        state = self._state
+        if state is None:
+            buffer = next(self.front_end.buffers(), None)
+            dtype = buffer.dtype if buffer is not None else torch.get_default_dtype()
+            state = self._fresh(dtype, buffer.device if buffer is not None else torch.device("cpu"))
+        seen = state["seen"]
+        empty = state["buf"][:, :0]
+        feats, frames, _ = self._step(state, empty, seen, self.framing.total(seen), end=seen)
+        self._state = None
+        return feats, frames
+
+    def reset(self, which: torch.Tensor | None = None) -> None:
+        """Start the streams where ``which`` (bool ``(batch_size,)``) is True anew, their pending
+        samples and frame counts dropped; all of them when ``which`` is None."""
+        if which is None:
+            self._state = None
+            return
+        check_tensor("FeatureStream.reset", "which", which, dtypes=(torch.bool,), shape=(self.batch_size,))
+        if self._state is None:
+            return
+        which = which.to(self._state["buf"].device)
+        self._state = {name: torch.where(which.view(-1, *([1] * (t.dim() - 1))), torch.zeros_like(t), t)
+                       for name, t in self._state.items()}
+
+    # -----------------------------------------------------------------------------------------
+    # the work
+
+    def _fresh(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Empty streams: ``buf`` holds samples ``[base, seen)`` of each stream (zero after),
+        ``next`` is the first frame not yet returned."""
+        zeros = torch.zeros(self.batch_size, dtype=torch.int64, device=device)
+        return {"buf": torch.zeros(self.batch_size, self.capacity, dtype=dtype, device=device),
+                "base": zeros, "seen": zeros, "next": zeros}
+
+    def _step(self, state, chunk, seen, stop, *, end):
+        """Frames ``[next, stop)`` of every stream from its kept samples and ``chunk`` (its
+        samples ``[state seen, seen)``), with the signal ending at ``end`` (None: unknown).
+        Returns the features, the frame counts and the state after the call."""
+        fr = self.framing
+        buf, base, prev_seen, start = state["buf"], state["base"], state["seen"], state["next"]
+        pool = torch.cat([buf, chunk], dim=1) if chunk.shape[1] else buf
+        cap = buf.shape[1]
+
+        def gather(first: torch.Tensor, count: torch.Tensor, width: int, n: torch.Tensor):
+            """``(B, width)``: positions ``first + [0, count)`` of each stream, zero after."""
+            t = torch.arange(width, device=pool.device)
+            s, zero = fr.source(first.unsqueeze(1) + t, n.unsqueeze(1))
+            index = torch.where(s < prev_seen.unsqueeze(1), s - base.unsqueeze(1), cap + s - prev_seen.unsqueeze(1))
+            use = (t < count.unsqueeze(1)) & ~zero
+            values = pool.gather(1, torch.where(use, index, 0))
+            return torch.where(use, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+        frames = (stop - start).clamp(min=0)
+        span = torch.where(frames > 0, (frames - 1) * fr.hop + fr.width, 0)
+        longest = int(span.max())  # the one host sync: the batch's padded size
+        if longest == 0:
+            feats = self._empty(pool.dtype, pool.device)
+        else:
+            n = end if end is not None else torch.full_like(seen, _UNKNOWN_END)
+            signal = gather(start * fr.hop + fr.offset, span, longest, n)
+            feats = self._features(signal, span)
+        if end is not None:
+            return feats, frames, None
+        # keep what later frames can read: from the next frame's first sample, and the last
+        # width + 1 samples (the end padding mirrors them), and everything while frame 0 is pending
+        keep_from = torch.minimum(stop * fr.hop + fr.offset, seen - (fr.width + 1)).clamp(min=0)
+        kept = gather(keep_from, seen - keep_from, cap, torch.full_like(seen, _UNKNOWN_END))
+        return feats, frames, {"buf": kept, "base": keep_from, "seen": seen, "next": torch.maximum(stop, start)}
+
+    def _empty(self, dtype, device) -> torch.Tensor:
+        shape = (self.batch_size, 0, self.n_features) if self.frames_last else (self.batch_size, self.n_features, 0)
+        fe = self.front_end
+        if isinstance(fe, Spectrogram) and fe.power is None:
+            dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def _features(self, signal: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The front end's op on whole frames: edge-free framing, per-item lengths."""
+        fe, dtype = self.front_end, signal.dtype
+        if isinstance(fe, KaldiFbank):
+            config = dataclasses.replace(fe.config, snip_edges=True, min_samples=0.0, channel=-1)
+            out, _ = op_level.kaldi_fbank_op(signal, fe.window.to(dtype), fe.mel_fb.to(dtype), config,
+                                             lengths=lengths, backend=fe.backend)
+            return out
+        if isinstance(fe, MFCC):
+            m = fe.mel
+            out, _ = op_level.mfcc_op(
+                signal, fe.window.to(dtype), fe.mel_fb.to(dtype), fe.dct_mat.to(dtype), n_fft=m["n_fft"],
+                hop_length=m["hop_length"], pad=0, power=m["power"], normalized=m["normalized"], center=False,
+                pad_mode=m["pad_mode"], log_mels=fe.log_mels, top_db=fe.top_db, lengths=lengths, backend=fe.backend,
+            )
+            return out
+        if isinstance(fe, MelSpectrogram):
+            out, frame_lengths = op_level.mel_spectrogram_op(
+                signal, fe.window.to(dtype), fe.mel_fb.to(dtype), n_fft=fe.n_fft, hop_length=fe.hop_length, pad=0,
+                power=fe.power, normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, lengths=lengths,
+                backend=fe.backend,
+            )
+            if isinstance(fe, LogMelSpectrogram):
+                out, _ = fe.log_of(out, frame_lengths)
+            return out
+        out, _ = op_level.spectrogram_op(
+            signal, fe.window.to(dtype), n_fft=fe.n_fft, hop_length=fe.hop_length, pad=0, power=fe.power,
+            normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, onesided=fe.onesided, lengths=lengths,
+            backend=fe.backend,
+        )
+        return out
+
+
+def _check_front_end(fe: nn.Module) -> tuple[_Framing, int, bool]:
+    """The framing, feature count and layout (frames last or not) of a front end that can
+    stream; refuses, with the reason, one whose frames depend on the whole signal."""
+    op = "FeatureStream"
+    if isinstance(fe, WhisperLogMel):
+        raise ValueError(f"{op}: WhisperLogMel cannot stream: Whisper normalises its log-mel by the maximum over the "
+                         "whole signal (max - 8 clamp); stream a LogMelSpectrogram with Whisper's filters instead")
+    if isinstance(fe, KaldiFbank):
+        c = fe.config
+        if c.subtract_mean:
+            raise ValueError(f"{op}: KaldiFbank with subtract_mean=True cannot stream: it subtracts the mean over the "
+                             "whole signal's frames (apply an online mean normalisation after the stream instead)")
+        if fe.options.get("dither", 0.0) != 0.0:
+            raise ValueError(f"{op}: KaldiFbank dither must be 0.0 to stream (random noise is not reproducible "
+                             f"chunk by chunk), got {fe.options['dither']!r}")
+        offset = 0 if c.snip_edges else c.window_shift // 2 - c.window_size // 2
+        # the mirrored start reads samples up to -offset - 1
+        framing = _Framing("kaldi", c.window_size, c.window_shift, offset, left_need=max(-offset, 0),
+                           min_samples=c.min_samples, snip_edges=c.snip_edges)
+        return framing, fe.mel_fb.shape[1] + int(c.use_energy), True
+    if isinstance(fe, MFCC):
+        m = fe.mel
+        if not fe.log_mels and fe.top_db is not None:
+            raise ValueError(f"{op}: MFCC with log_mels=False clamps its dB mel spectrogram at the whole signal's "
+                             f"maximum - top_db ({fe.top_db}); stream an MFCC with log_mels=True, or set its top_db "
+                             "attribute to None (no clamp)")
+        return _stft_framing(m["n_fft"], m["hop_length"], m["pad"], m["center"], m["pad_mode"]), fe.n_mfcc, False
+    if isinstance(fe, MelSpectrogram):
+        if isinstance(fe, LogMelSpectrogram) and fe.top_db is not None:
+            raise ValueError(f"{op}: LogMelSpectrogram with top_db={fe.top_db} clamps at the whole signal's maximum - "
+                             "top_db; stream it with top_db=None")
+        return _stft_framing(fe.n_fft, fe.hop_length, fe.pad, fe.center, fe.pad_mode), fe.n_mels, False
+    if isinstance(fe, Spectrogram):
+        n_bins = fe.n_fft // 2 + 1 if fe.onesided else fe.n_fft
+        return _stft_framing(fe.n_fft, fe.hop_length, fe.pad, fe.center, fe.pad_mode), n_bins, False
+    raise TypeError(f"{op}: front_end must be a KaldiFbank, Spectrogram, MelSpectrogram, LogMelSpectrogram or MFCC "
+                    f"layer of mmfuse.nn, got {type(fe).__name__}")
+
+
+def _stft_framing(n_fft: int, hop: int, pad: int, center: bool, pad_mode: str) -> _Framing:
+    """torchaudio's framing: ``pad`` zeros each side, then with ``center`` ``n_fft // 2``
+    samples of ``pad_mode`` padding each side (``torch.stft``)."""
+    half = n_fft // 2 if center else 0
+    left_need = 0
+    if center and pad_mode == "reflect":
+        left_need = max(half - pad + 1, 0)  # the mirror reads padded sample `half`
+    elif center and pad_mode == "replicate" and pad == 0:
+        left_need = 1  # repeats sample 0
+    return _Framing("stft", n_fft, hop, -half - pad, left_need, 0.0, center=center, pad=pad, pad_mode=pad_mode)
