@@ -164,15 +164,14 @@ class FeatureStream(nn.Module):
         if buffers and buffers[0].device != chunk.device:
             raise ValueError(f"{op}: chunk must be on the front end's device {buffers[0].device} (move the layer "
                              f"with .to()), got {chunk.device}")
-        if lengths is None:
-            lengths = torch.full((self.batch_size,), chunk.shape[1], dtype=torch.int64, device=chunk.device)
-        else:
+        if lengths is not None:
             check_lengths(op, "lengths", lengths, batch=self.batch_size, max_len=chunk.shape[1], device=chunk.device)
             lengths = lengths.to(torch.int64)
         if state is None:
             state = self._fresh(chunk.dtype, chunk.device)
-        seen = state["seen"] + lengths
-        feats, frames, new_state = self._step(state, chunk.detach(), seen, self.framing.ready(seen), end=None)
+        seen = state["seen"] + (lengths if lengths is not None else chunk.shape[1])
+        feats, frames, new_state = self._step(state, chunk.detach(), lengths, seen, self.framing.ready(seen),
+                                              end=None)
         self._state = new_state
         return feats, frames
 
@@ -185,8 +184,7 @@ class FeatureStream(nn.Module):
             dtype = buffer.dtype if buffer is not None else torch.get_default_dtype()
             state = self._fresh(dtype, buffer.device if buffer is not None else torch.device("cpu"))
         seen = state["seen"]
-        empty = state["buf"][:, :0]
-        feats, frames, _ = self._step(state, empty, seen, self.framing.total(seen), end=seen)
+        feats, frames, _ = self._step(state, state["buf"][:, :0], None, seen, self.framing.total(seen), end=seen)
         self._state = None
         return feats, frames
 
@@ -207,46 +205,80 @@ class FeatureStream(nn.Module):
     # the work
 
     def _fresh(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """Empty streams: ``buf`` holds samples ``[base, seen)`` of each stream (zero after),
-        ``next`` is the first frame not yet returned."""
+        """Empty streams: ``buf`` holds the last ``capacity`` samples of each stream, right-aligned
+        (``buf[:, -1]`` is sample ``seen - 1``; zeros before the signal), ``next`` is the first
+        frame not yet returned."""
         zeros = torch.zeros(self.batch_size, dtype=torch.int64, device=device)
         return {"buf": torch.zeros(self.batch_size, self.capacity, dtype=dtype, device=device),
-                "base": zeros, "seen": zeros, "next": zeros}
+                "seen": zeros, "next": zeros}
 
-    def _step(self, state, chunk, seen, stop, *, end):
-        """Frames ``[next, stop)`` of every stream from its kept samples and ``chunk`` (its
-        samples ``[state seen, seen)``), with the signal ending at ``end`` (None: unknown).
-        Returns the features, the frame counts and the state after the call."""
-        fr = self.framing
-        buf, base, prev_seen, start = state["buf"], state["base"], state["seen"], state["next"]
-        pool = torch.cat([buf, chunk], dim=1) if chunk.shape[1] else buf
-        cap = buf.shape[1]
+    def _step(self, state, chunk, lengths, seen, stop, *, end):
+        """Frames ``[next, stop)`` of every stream from its kept samples and the first
+        ``lengths`` samples of ``chunk`` (None: all), ``seen`` samples in all after it, the
+        signal ending at ``end`` (None: not yet known).
+        Returns the features, the frame counts and the state after the call.
 
-        def gather(first: torch.Tensor, count: torch.Tensor, width: int, n: torch.Tensor):
-            """``(B, width)``: positions ``first + [0, count)`` of each stream, zero after."""
-            t = torch.arange(width, device=pool.device)
-            s, zero = fr.source(first.unsqueeze(1) + t, n.unsqueeze(1))
-            index = torch.where(s < prev_seen.unsqueeze(1), s - base.unsqueeze(1), cap + s - prev_seen.unsqueeze(1))
-            use = (t < count.unsqueeze(1)) & ~zero
-            values = pool.gather(1, torch.where(use, index, 0))
-            return torch.where(use, values, torch.zeros((), dtype=values.dtype, device=values.device))
-
+        Every sample a pending frame reads is among the last ``capacity`` samples: the next
+        frame starts less than ``width`` samples before the end of what has arrived, the end
+        padding mirrors at most ``width // 2 + 1`` samples, and while the first frame waits (for
+        its mirrored samples or Kaldi's ``min_duration``) the stream has fewer than
+        ``capacity`` samples."""
+        fr, batch = self.framing, self.batch_size
+        buf, prev_seen, start = state["buf"], state["seen"], state["next"]
+        cap, device = buf.shape[1], buf.device
+        pool = torch.cat([buf, chunk], dim=1) if chunk.shape[1] else buf  # pool[:, cap + i]: sample prev_seen + i
         frames = (stop - start).clamp(min=0)
-        span = torch.where(frames > 0, (frames - 1) * fr.hop + fr.width, 0)
-        longest = int(span.max())  # the one host sync: the batch's padded size
-        if longest == 0:
-            feats = self._empty(pool.dtype, pool.device)
+        first = start * fr.hop + fr.offset  # the first sample of each stream's first new frame
+        # frames that read padding: at the end all, before it those starting before sample 0
+        if end is not None:
+            edge = frames
+        elif fr.offset < 0:
+            edge = torch.minimum(frames, torch.div(fr.hop - 1 - first, fr.hop, rounding_mode="floor").clamp(min=0))
         else:
-            n = end if end is not None else torch.full_like(seen, _UNKNOWN_END)
-            signal = gather(start * fr.hop + fr.offset, span, longest, n)
-            feats = self._features(signal, span)
+            edge = None
+        # the one host sync of a call: the sizes of what follows
+        stats = [frames.max(), frames.sum()] + ([edge.sum()] if edge is not None else [])
+        kmax, total, *n_edge = torch.stack(stats).tolist()
+        n_edge = n_edge[0] if n_edge else 0
+        if total == 0:
+            feats = self._empty(pool.dtype, device)
+        else:
+            # one row per new frame, stream by stream: (stream, k) -> frame next + k
+            full = total == batch * kmax
+            streams = torch.arange(batch, device=device)
+            row_start = frames.cumsum(0) - frames
+            if full:
+                stream = streams.repeat_interleave(kmax)
+                k = torch.arange(kmax, device=device).repeat(batch)
+            else:
+                stream = torch.repeat_interleave(streams, frames, output_size=total)
+                k = torch.arange(total, device=device) - row_start[stream]
+            begin = first[stream] + k * fr.hop  # each frame's first sample in its stream
+            in_pool = begin - prev_seen[stream] + cap
+            windows = pool.unfold(1, fr.width, 1)  # every window of every stream, a view
+            packed = windows[stream, in_pool.clamp(0, windows.shape[1] - 1)]  # (total, width)
+            if n_edge:  # those frames sample by sample, through the padding rule
+                if end is not None:
+                    rows = torch.arange(total, device=device)
+                else:
+                    owner = torch.repeat_interleave(streams, edge, output_size=n_edge)
+                    rows = row_start[owner] + torch.arange(n_edge, device=device) - (edge.cumsum(0) - edge)[owner]
+                owner = stream[rows]
+                n = end[owner] if end is not None else torch.full_like(owner, _UNKNOWN_END)
+                s, zero = fr.source(begin[rows].unsqueeze(1) + torch.arange(fr.width, device=device), n.unsqueeze(1))
+                index = torch.where(zero, 0, s - prev_seen[owner].unsqueeze(1) + cap)
+                values = pool[owner.unsqueeze(1), index]
+                packed[rows] = torch.where(zero, torch.zeros((), dtype=values.dtype, device=device), values)
+            feats = self._features(packed, None if full else (stream, k), kmax)
         if end is not None:
             return feats, frames, None
-        # keep what later frames can read: from the next frame's first sample, and the last
-        # width + 1 samples (the end padding mirrors them), and everything while frame 0 is pending
-        keep_from = torch.minimum(stop * fr.hop + fr.offset, seen - (fr.width + 1)).clamp(min=0)
-        kept = gather(keep_from, seen - keep_from, cap, torch.full_like(seen, _UNKNOWN_END))
-        return feats, frames, {"buf": kept, "base": keep_from, "seen": seen, "next": torch.maximum(stop, start)}
+        if chunk.shape[1] == 0:
+            kept = buf
+        elif lengths is None:
+            kept = pool[:, pool.shape[1] - cap:]
+        else:  # each stream's window moves on by its own length
+            kept = pool.unfold(1, cap, 1)[torch.arange(batch, device=device), lengths]
+        return feats, frames, {"buf": kept, "seen": seen, "next": torch.maximum(stop, start)}
 
     def _empty(self, dtype, device) -> torch.Tensor:
         shape = (self.batch_size, 0, self.n_features) if self.frames_last else (self.batch_size, self.n_features, 0)
@@ -255,37 +287,48 @@ class FeatureStream(nn.Module):
             dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    def _features(self, signal: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The front end's op on whole frames: edge-free framing, per-item lengths."""
-        fe, dtype = self.front_end, signal.dtype
+    def _features(self, frames: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor] | None, kmax: int):
+        """The front end's op on ``frames`` (``(K, width)``, the new frames of all streams, packed)
+        laid end to end as one signal and cut with ``hop = width``: one call, and the kernels
+        run one item of K frames rather than B short items. Returns the features of stream b's
+        frames at ``[b, :, :frames[b]]`` (Kaldi ``[b, :frames[b]]``), zeros after; ``where``
+        (stream, frame) per packed row, None when every stream has ``kmax``."""
+        fe, dtype = self.front_end, frames.dtype
+        width = frames.shape[1]
+        signal = frames.reshape(1, -1)
         if isinstance(fe, KaldiFbank):
-            config = dataclasses.replace(fe.config, snip_edges=True, min_samples=0.0, channel=-1)
-            out, _ = op_level.kaldi_fbank_op(signal, fe.window.to(dtype), fe.mel_fb.to(dtype), config,
-                                             lengths=lengths, backend=fe.backend)
-            return out
-        if isinstance(fe, MFCC):
-            m = fe.mel
-            out, _ = op_level.mfcc_op(
-                signal, fe.window.to(dtype), fe.mel_fb.to(dtype), fe.dct_mat.to(dtype), n_fft=m["n_fft"],
-                hop_length=m["hop_length"], pad=0, power=m["power"], normalized=m["normalized"], center=False,
-                pad_mode=m["pad_mode"], log_mels=fe.log_mels, top_db=fe.top_db, lengths=lengths, backend=fe.backend,
-            )
-            return out
-        if isinstance(fe, MelSpectrogram):
-            out, frame_lengths = op_level.mel_spectrogram_op(
-                signal, fe.window.to(dtype), fe.mel_fb.to(dtype), n_fft=fe.n_fft, hop_length=fe.hop_length, pad=0,
-                power=fe.power, normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, lengths=lengths,
-                backend=fe.backend,
-            )
-            if isinstance(fe, LogMelSpectrogram):
-                out, _ = fe.log_of(out, frame_lengths)
-            return out
-        out, _ = op_level.spectrogram_op(
-            signal, fe.window.to(dtype), n_fft=fe.n_fft, hop_length=fe.hop_length, pad=0, power=fe.power,
-            normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, onesided=fe.onesided, lengths=lengths,
-            backend=fe.backend,
-        )
-        return out
+            config = dataclasses.replace(fe.config, window_shift=width, snip_edges=True, min_samples=0.0, channel=-1)
+            out = op_level.kaldi_fbank_op(signal, fe.window.to(dtype), fe.mel_fb.to(dtype), config, lengths=None,
+                                          backend=fe.backend)  # (K, bins)
+        else:
+            if isinstance(fe, MFCC):
+                m = fe.mel
+                out = op_level.mfcc_op(
+                    signal, fe.window.to(dtype), fe.mel_fb.to(dtype), fe.dct_mat.to(dtype), n_fft=m["n_fft"],
+                    hop_length=width, pad=0, power=m["power"], normalized=m["normalized"], center=False,
+                    pad_mode=m["pad_mode"], log_mels=fe.log_mels, top_db=fe.top_db, lengths=None, backend=fe.backend,
+                )
+            elif isinstance(fe, MelSpectrogram):
+                out = op_level.mel_spectrogram_op(
+                    signal, fe.window.to(dtype), fe.mel_fb.to(dtype), n_fft=fe.n_fft, hop_length=width, pad=0,
+                    power=fe.power, normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, lengths=None,
+                    backend=fe.backend,
+                )
+                if isinstance(fe, LogMelSpectrogram):
+                    out = fe.log_of(out, None)
+            else:
+                out = op_level.spectrogram_op(
+                    signal, fe.window.to(dtype), n_fft=fe.n_fft, hop_length=width, pad=0, power=fe.power,
+                    normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, onesided=fe.onesided,
+                    lengths=None, backend=fe.backend,
+                )
+            out = out[0].transpose(0, 1)  # (K, features)
+        if where is None:
+            feats = out.reshape(self.batch_size, kmax, out.shape[1])
+        else:
+            feats = out.new_zeros(self.batch_size, kmax, out.shape[1])
+            feats[where] = out
+        return feats if self.frames_last else feats.transpose(1, 2).contiguous()
 
 
 def _check_front_end(fe: nn.Module) -> tuple[_Framing, int, bool]:
