@@ -370,6 +370,38 @@ def test_reset_some_streams_continuous_batching(name):
     torch.testing.assert_close(cat["a1"], want.narrow(axis - 1, 0, n), atol=1e-9 * float(want.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("name", ["kaldi-no-snip", "mel-pad-replicate", "mfcc-log-mels"])
+def test_flush_some_streams_continuous_batching(name):
+    """One caller ends (its last frames, then its slot takes a new caller) while the others
+    carry on undisturbed."""
+    layer = _make(name, "cpu")
+    a = _signals(layer, [1700, 900, 1700], seed=6)
+    new = _signals(layer, [700], seed=7)[0]
+    stream = FeatureStream(layer, 3)
+    axis = _frames_axis(layer)
+    outs = {key: [] for key in ("a0", "a1", "a2", "new")}
+
+    def take(feats, frames, keys):
+        for slot in range(3):
+            if slot not in keys:
+                assert int(frames[slot]) == 0
+                continue
+            outs[keys[slot]].append(feats[slot].narrow(axis - 1, 0, int(frames[slot])))
+
+    x = torch.zeros(3, 1700, dtype=torch.float64)
+    for b, sig in enumerate(a):
+        x[b, :sig.shape[0]] = sig
+    take(*stream(x[:, :900], torch.tensor([900, 900, 900])), {0: "a0", 1: "a1", 2: "a2"})
+    take(*stream.flush(torch.tensor([False, True, False])), {1: "a1"})
+    chunk = torch.zeros(3, 800, dtype=torch.float64)
+    chunk[0], chunk[2] = x[0, 900:], x[2, 900:]
+    chunk[1, :700] = new
+    take(*stream(chunk, torch.tensor([800, 700, 800])), {0: "a0", 1: "new", 2: "a2"})
+    take(*stream.flush(), {0: "a0", 1: "new", 2: "a2"})
+    cat = [torch.cat(outs[k], axis - 1) for k in ("a0", "a1", "a2", "new")]
+    assert_matches_offline(layer, [a[0], a[1], a[2], new], cat)
+
+
 # ---------------------------------------------------------------------------------------------
 # refusals and bad input
 
@@ -437,8 +469,12 @@ def test_bad_input_leaves_the_state_untouched(name):
         after = _state(stream)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     for which, error in ((torch.tensor([True, False]), ValueError), (torch.tensor([1, 0, 1]), TypeError)):
-        with pytest.raises(error, match="which"):
-            stream.reset(which)
+        for method in (stream.reset, stream.flush):
+            before = _state(stream)
+            with pytest.raises(error, match="which"):
+                method(which)
+            after = _state(stream)
+            assert all(torch.equal(before[k], after[k]) for k in before)
     take(*stream(good))
     take(*stream(x[:, 600:]))
     take(*stream.flush())

@@ -13,13 +13,14 @@ the start padding mirrors have too (at the end of a signal nothing can be known 
 feature-window.cc; kaldi-native-fbank's ``OnlineFbank`` follows it), applied to the torchaudio
 front ends as well.
 
-Each call gathers, for every stream at once, the samples of its newly computable frames (its
-kept tail, the new chunk, and the mirrored or zero samples of the start padding, or at
-``flush`` of the end padding) into one zero-padded ``(B, T)`` batch, and runs the front end's
-op once on it with per-item ``lengths`` and edge-free framing (``center=False, pad=0``; Kaldi
-``snip_edges=True``): the same kernels as the offline layer, one launch for the whole batch.
-The state per stream is a tail of at most ``max(width + 1, min_duration samples)`` samples and
-three counters, on the input's device.
+Each call gathers the newly computable frames of every stream at once (from its kept tail, the
+new chunk, and the mirrored or zero samples of the start padding, or at ``flush`` of the end
+padding), lays them end to end as one signal and runs the front end's op once on it, framed
+edge-free with ``hop = width`` (``center=False, pad=0``; Kaldi ``snip_edges=True``): the same
+kernels as the offline layer, one launch for the whole batch, and one item of K frames rather
+than B items of one frame each (the kernels process blocks of frames per item). The state per
+stream is its last ``max(width + 1, min_duration samples)`` samples and two counters, on the
+input's device. The stream is for inference: no gradient flows back to the chunks.
 """
 from __future__ import annotations
 
@@ -113,8 +114,9 @@ class FeatureStream(nn.Module):
       became computable, in the front end's layout (``(B, features, frames)``, Kaldi
       ``(B, frames, bins)``) with the frame axis padded with zeros to the longest, and
       ``frames`` int64 ``(B,)``, how many are valid per stream.
-    - ``feats, frames = stream.flush()``: the last frames of every stream (those that read the
-      end padding), after which every stream starts anew.
+    - ``feats, frames = stream.flush(which=None)``: the last frames of every stream (those that
+      read the end padding), after which every stream starts anew; with ``which`` (bool
+      ``(B,)``) only the chosen streams end, the others give no frames and carry on.
     - ``stream.reset(which=None)``: the chosen streams (bool ``(B,)``; all when None) start anew,
       their pending samples dropped: continuous batching.
 
@@ -160,9 +162,9 @@ class FeatureStream(nn.Module):
                                 f"got {chunk.dtype}")
             if chunk.device != buf.device:
                 raise ValueError(f"{op}: chunk must be on the stream's device {buf.device}, got {chunk.device}")
-        buffers = [b for b in self.front_end.buffers()]
-        if buffers and buffers[0].device != chunk.device:
-            raise ValueError(f"{op}: chunk must be on the front end's device {buffers[0].device} (move the layer "
+        buffer = next(self.front_end.buffers(), None)
+        if buffer is not None and buffer.device != chunk.device:
+            raise ValueError(f"{op}: chunk must be on the front end's device {buffer.device} (move the layer "
                              f"with .to()), got {chunk.device}")
         if lengths is not None:
             check_lengths(op, "lengths", lengths, batch=self.batch_size, max_len=chunk.shape[1], device=chunk.device)
@@ -175,17 +177,27 @@ class FeatureStream(nn.Module):
         self._state = new_state
         return feats, frames
 
-    def flush(self):
-        """The remaining frames of every stream, those that need its end; then every stream
-        starts anew. Returns ``(feats, frames)`` as a call does."""
+    def flush(self, which: torch.Tensor | None = None):
+        """The remaining frames of the streams that end (those that need the signal's end), after
+        which they start anew: every stream, or those where ``which`` (bool ``(batch_size,)``)
+        is True, the others giving no frames and keeping their state (a caller hanging up in
+        continuous batching). Returns ``(feats, frames)`` as a call does."""
+        if which is not None:
+            check_tensor("FeatureStream.flush", "which", which, dtypes=(torch.bool,), shape=(self.batch_size,))
         state = self._state
         if state is None:
             buffer = next(self.front_end.buffers(), None)
             dtype = buffer.dtype if buffer is not None else torch.get_default_dtype()
             state = self._fresh(dtype, buffer.device if buffer is not None else torch.device("cpu"))
-        seen = state["seen"]
-        feats, frames, _ = self._step(state, state["buf"][:, :0], None, seen, self.framing.total(seen), end=seen)
-        self._state = None
+        seen, stop = state["seen"], self.framing.total(state["seen"])
+        if which is not None:
+            which = which.to(seen.device)
+            stop = torch.where(which, stop, state["next"])
+        feats, frames, _ = self._step(state, state["buf"][:, :0], None, seen, stop, end=seen)
+        if which is None:
+            self._state = None
+        else:
+            self.reset(which)
         return feats, frames
 
     def reset(self, which: torch.Tensor | None = None) -> None:
