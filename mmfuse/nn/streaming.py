@@ -62,9 +62,9 @@ class _Framing:
 
     def ready(self, seen: torch.Tensor) -> torch.Tensor:
         """Frames computable once ``seen`` samples (int64 ``(B,)``) have arrived, the end unknown."""
-        count = torch.div(seen - self.width - self.offset, self.hop, rounding_mode="floor") + 1
-        gate = (seen >= self.left_need) & (seen >= self.min_samples)
-        return torch.where(gate, count.clamp(min=0), torch.zeros_like(count))
+        count = (torch.div(seen - self.width - self.offset, self.hop, rounding_mode="floor") + 1).clamp(min=0)
+        need = max(self.left_need, math.ceil(self.min_samples))
+        return torch.where(seen >= need, count, 0) if need > 0 else count
 
     def total(self, n: torch.Tensor) -> torch.Tensor:
         """Frames of the whole signal of ``n`` samples: the offline op's count, 0 for an empty
@@ -141,6 +141,7 @@ class FeatureStream(nn.Module):
         self.front_end, self.batch_size = front_end, batch_size
         self.capacity = max(self.framing.width + 1, math.ceil(self.framing.min_samples))
         self._state: dict[str, torch.Tensor] | None = None
+        self._kaldi_config = None  # the Kaldi options of the packed frames (one frame per window)
 
     def extra_repr(self) -> str:
         return f"batch_size={self.batch_size}"
@@ -258,18 +259,23 @@ class FeatureStream(nn.Module):
             # one row per new frame, stream by stream: (stream, k) -> frame next + k
             full = total == batch * kmax
             streams = torch.arange(batch, device=device)
-            row_start = frames.cumsum(0) - frames
-            if full:
-                stream = streams.repeat_interleave(kmax)
-                k = torch.arange(kmax, device=device).repeat(batch)
+            windows = pool.unfold(1, fr.width, 1)  # every window of every stream, a view
+            in_pool = first - prev_seen + cap  # where each stream's first new frame starts in the pool
+            if full:  # the steady state: no per-row bookkeeping
+                steps = torch.arange(0, kmax * fr.hop, fr.hop, device=device)
+                starts = (in_pool.unsqueeze(1) + steps).clamp(0, windows.shape[1] - 1)
+                packed = windows[streams.unsqueeze(1), starts].reshape(total, fr.width)
             else:
                 stream = torch.repeat_interleave(streams, frames, output_size=total)
-                k = torch.arange(total, device=device) - row_start[stream]
-            begin = first[stream] + k * fr.hop  # each frame's first sample in its stream
-            in_pool = begin - prev_seen[stream] + cap
-            windows = pool.unfold(1, fr.width, 1)  # every window of every stream, a view
-            packed = windows[stream, in_pool.clamp(0, windows.shape[1] - 1)]  # (total, width)
+                k = torch.arange(total, device=device) - (frames.cumsum(0) - frames)[stream]
+                starts = (in_pool[stream] + k * fr.hop).clamp(0, windows.shape[1] - 1)
+                packed = windows[stream, starts]  # (total, width)
             if n_edge:  # those frames sample by sample, through the padding rule
+                if full:
+                    stream = streams.repeat_interleave(kmax)
+                    k = torch.arange(kmax, device=device).repeat(batch)
+                begin = first[stream] + k * fr.hop  # each frame's first sample in its stream
+                row_start = frames.cumsum(0) - frames
                 if end is not None:
                     rows = torch.arange(total, device=device)
                 else:
@@ -309,7 +315,10 @@ class FeatureStream(nn.Module):
         width = frames.shape[1]
         signal = frames.reshape(1, -1)
         if isinstance(fe, KaldiFbank):
-            config = dataclasses.replace(fe.config, window_shift=width, snip_edges=True, min_samples=0.0, channel=-1)
+            config = self._kaldi_config
+            if config is None or config.window_shift != width:
+                config = self._kaldi_config = dataclasses.replace(fe.config, window_shift=width, snip_edges=True,
+                                                                  min_samples=0.0, channel=-1)
             out = op_level.kaldi_fbank_op(signal, fe.window.to(dtype), fe.mel_fb.to(dtype), config, lengths=None,
                                           backend=fe.backend)  # (K, bins)
         else:
@@ -334,13 +343,17 @@ class FeatureStream(nn.Module):
                     normalized=fe.normalized, center=False, pad_mode=fe.pad_mode, onesided=fe.onesided,
                     lengths=None, backend=fe.backend,
                 )
-            out = out[0].transpose(0, 1)  # (K, features)
+            out = out[0]  # (features, K)
+            if where is None:
+                return out.reshape(out.shape[0], self.batch_size, kmax).permute(1, 0, 2).contiguous()
+            feats = out.new_zeros(self.batch_size, out.shape[0], kmax)
+            feats[where[0], :, where[1]] = out.t()
+            return feats
         if where is None:
-            feats = out.reshape(self.batch_size, kmax, out.shape[1])
-        else:
-            feats = out.new_zeros(self.batch_size, kmax, out.shape[1])
-            feats[where] = out
-        return feats if self.frames_last else feats.transpose(1, 2).contiguous()
+            return out.reshape(self.batch_size, kmax, out.shape[1])
+        feats = out.new_zeros(self.batch_size, kmax, out.shape[1])
+        feats[where] = out
+        return feats
 
 
 def _check_front_end(fe: nn.Module) -> tuple[_Framing, int, bool]:
