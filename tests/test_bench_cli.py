@@ -90,3 +90,18 @@ def test_markdown_lists_every_case_and_the_losses():
     assert "| fwd sum | cpu | 2.000 | 4.000, **2.00×** | 1.000, **0.50×** |" in text
     assert "| fwd gated | cpu | 1.000 | 3.000, **3.00×** | — |" in text
     assert "1 of 3 (case, peer) pairs" in text and "- combine_modalities | fwd sum | cpu vs compiled: 0.50×" in text
+
+
+def test_streaming_rows_give_throughput_in_stream_seconds(tmp_path, capsys):
+    """The streaming suite (issue #32): FeatureStream against OnlineFbank and sliding-window
+    recomputation, the rate column in seconds of audio per second."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["--op", "streaming", "--quick", "--backend", "cpu", "--case", "10 ms", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"feature_stream"} and len({r["case"] for r in rows}) == 2
+    for r in rows:
+        assert r["unit"] == "stream-s/s"
+        # 16 streams x 10 ms per call
+        assert r["tflops_or_gbps"] == pytest.approx(16 * 0.01 / (r["median_ms"] * 1e-3), rel=1e-2)
+    assert any("sliding window" in r["peer"] for r in rows)
+    assert "throughput feature_stream" in capsys.readouterr().out

@@ -13,7 +13,8 @@ class Case:
 
     ``ours`` maps an mmfuse backend name to a zero-argument callable; ``peers`` maps a peer's
     name (e.g. "sdpa-math", "torch.stft path") to one. ``work`` is the FLOPs (``unit`` =
-    "TFLOP/s") or bytes moved (``unit`` = "GB/s") of one call, for the rate column; ``copy``
+    "TFLOP/s"), bytes moved (``unit`` = "GB/s") or seconds of audio consumed, summed over the
+    streams (``unit`` = "stream-s/s", the streaming cases) of one call, for the rate column; ``copy``
     (GB/s cases) a copy of as many bytes, for the share of copy bandwidth.
     """
 

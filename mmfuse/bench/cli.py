@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 
 import mmfuse
-from mmfuse.bench import attention, fusion, headline, masks, packing, spectrogram
+from mmfuse.bench import attention, fusion, headline, masks, packing, spectrogram, streaming
 from mmfuse.bench.timing import median_ms
 
-SUITES = {"attention": attention, "masks": masks, "spectrogram": spectrogram, "fusion": fusion, "packing": packing}
+SUITES = {"attention": attention, "masks": masks, "spectrogram": spectrogram, "fusion": fusion, "packing": packing,
+          "streaming": streaming}
+# the rate column: work per second in these units (streaming: seconds of audio, summed over streams)
+UNIT_SCALE = {"TFLOP/s": 1e12, "GB/s": 1e9, "stream-s/s": 1.0}
 # named selections of cases at their own sizes, not part of --op all
 NAMED_SUITES = {"headline": headline}
 
@@ -119,6 +122,11 @@ def _print_checks(rows: list[dict], slower: list[dict]) -> None:
     for r in losses:
         print(f"  LOSS {r['op']} | {r['case']} | {r['backend']} vs {r['peer']}: {r['speedup']:.2f}x")
     for r in rows:
+        if r.get("unit") == "stream-s/s" and r["tflops_or_gbps"]:
+            work = r["tflops_or_gbps"] * r["median_ms"] * 1e-3  # stream-seconds per call
+            peer = f"; {r['peer']}: {work / (r['peer_ms'] * 1e-3):.0f} stream-s/s" if r["peer_ms"] else ""
+            print(f"  throughput {r['op']} | {r['case']} | {r['backend']}: {r['tflops_or_gbps']:.0f} stream-s/s, "
+                  f"{r['median_ms']:.3f} ms per call{peer} ({r['speedup']}x)")
         if r.get("of_copy") is not None and r["backend"] != "reference" and r["peer"] == _first_peer(rows, r):
             print(f"  bandwidth {r['op']} | {r['case']} | {r['backend']}: {r['tflops_or_gbps']:.1f} GB/s = "
                   f"{100 * r['of_copy']:.0f}% of copy_ ({r['copy_gbps']:.1f} GB/s)")
@@ -144,6 +152,8 @@ def markdown(rows: list[dict], meta: dict, slower: list[dict]) -> str:
             first = next(iter(cells.values()))
             if first.get("of_copy") is not None:
                 extra = f" ({first['tflops_or_gbps']:.1f} GB/s, {100 * first['of_copy']:.0f}% of copy_)"
+            elif first.get("unit") == "stream-s/s" and first["tflops_or_gbps"]:
+                extra = f" ({first['tflops_or_gbps']:.0f} stream-s/s)"
             cols = [f"{cells[p]['peer_ms']:.3f}, **{cells[p]['speedup']:.2f}×**" if p in cells and cells[p]["speedup"]
                     else "—" for p in peers]
             lines.append(f"| {case} | {backend} | {ms:.3f}{extra} | " + " | ".join(cols) + " |")
@@ -184,7 +194,7 @@ def _run_case(case, device, quick, meta) -> list[dict]:
         if backend not in timings:
             continue
         ms = timings[backend]
-        rate = case.work / (ms * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9) if case.work else None
+        rate = case.work / (ms * 1e-3) / UNIT_SCALE[case.unit] if case.work else None
         base = {"op": case.op, "case": case.case, "dtype": case.dtype, "device": meta["device_name"],
                 "backend": backend, "median_ms": round(ms, 4), "tflops_or_gbps": rate and round(rate, 3),
                 "unit": case.unit, "threads": meta["threads"], "torch": meta["torch"], "mmfuse": meta["mmfuse"],

@@ -11,3 +11,4 @@ from mmfuse.nn.audio import (
 )
 from mmfuse.nn.packing import ModalityPacker
 from mmfuse.nn.fusion import FeatureFusion
+from mmfuse.nn.streaming import FeatureStream

@@ -240,6 +240,11 @@ class LogMelSpectrogram(MelSpectrogram):
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         out = super().forward(waveform, lengths)
         mel, frame_lengths = out if lengths is not None else (out, None)
+        return self.log_of(mel, frame_lengths)
+
+    def log_of(self, mel: torch.Tensor, frame_lengths: torch.Tensor | None):
+        """The log step on a mel spectrogram ``(..., n_mels, frames)`` (``FeatureStream`` applies
+        it to the frames it computes); with ``frame_lengths``, ``(log_mel, frame_lengths)``."""
         if self.log == "natural":
             log_mel = torch.clamp(mel, min=self.eps).log()
         else:
