@@ -17,6 +17,7 @@ import torch
 from mmfuse.reference.attention import cross_attention as ref_padded
 from mmfuse.reference.attention import cross_attention_varlen as ref_varlen
 from test_attention_variants_triton import NEG_INF, device, oracle, rand
+from test_key_ranges import random_ranges
 
 pytestmark = pytest.mark.triton
 
@@ -25,16 +26,6 @@ def _ops():
     from mmfuse.triton import cross_attention
 
     return cross_attention
-
-
-def random_ranges(shape, len_k, gen):
-    """int32 [start, end) pairs in [0, len_k]: mostly bounds inside tiles, with empty and full ones."""
-    a = torch.randint(0, len_k + 1, shape + (2,), generator=gen)
-    ranges = torch.stack([a.min(-1).values, a.max(-1).values], -1)
-    flat = ranges.view(-1, 2)
-    flat[::7] = torch.tensor([len_k // 3, len_k // 3])  # empty
-    flat[1::11] = torch.tensor([0, len_k])  # full
-    return ranges.to(torch.int32)
 
 
 def compare(name, ours, ref, atol):

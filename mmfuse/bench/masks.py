@@ -17,34 +17,38 @@ from mmfuse.masks import causal_with_bidirectional_blocks, document_ranges, medi
 _BLOCK_Q, _BLOCK_K = 64, 256  # the C++ kernel's backward tile (its forward's query block is 32-256)
 
 
-def skipped_fraction(ranges: torch.Tensor, len_k: int) -> float:
-    """Share of (64-query, 256-key) tiles outside every range of the tile's rows, over (B, Lq) ranges."""
+def _block_spans(ranges: torch.Tensor, len_k: int):
+    """Per (sample, 64-query block): (rows, smallest start, largest end) over its non-empty ranges
+    ((len_k, 0) when every range is empty)."""
     batch, len_q, _ = ranges.shape
-    skipped = total = 0
     for b in range(batch):
         for i0 in range(0, len_q, _BLOCK_Q):
             r = ranges[b, i0:i0 + _BLOCK_Q]
             live = r[:, 0] < r[:, 1]
-            lo = int(r[live, 0].min()) if live.any() else len_k
-            hi = int(r[live, 1].max()) if live.any() else 0
-            for k0 in range(0, len_k, _BLOCK_K):
-                total += 1
-                skipped += not (k0 < hi and k0 + _BLOCK_K > lo)
+            if live.any():
+                yield r.shape[0], int(r[live, 0].min()), int(r[live, 1].max())
+            else:
+                yield r.shape[0], len_k, 0
+
+
+def skipped_fraction(ranges: torch.Tensor, len_k: int) -> float:
+    """Share of (64-query, 256-key) tiles outside every range of the tile's rows, over (B, Lq) ranges."""
+    skipped = total = 0
+    for _, lo, hi in _block_spans(ranges, len_k):
+        for k0 in range(0, len_k, _BLOCK_K):
+            total += 1
+            skipped += not (k0 < hi and k0 + _BLOCK_K > lo)
     return skipped / max(total, 1)
 
 
 def skipped_key_columns(ranges: torch.Tensor, len_k: int) -> float:
     """Share of (query, key) columns the C++ forward skips: per 64-query block, the keys outside
     [its rows' smallest start rounded down to 4 keys (a Philox group), their largest end)."""
-    batch, len_q, _ = ranges.shape
     skipped = total = 0
-    for b in range(batch):
-        for i0 in range(0, len_q, _BLOCK_Q):
-            r = ranges[b, i0:i0 + _BLOCK_Q]
-            live = r[:, 0] < r[:, 1]
-            span = int(r[live, 1].max()) - int(r[live, 0].min()) // 4 * 4 if live.any() else 0
-            total += len_k * r.shape[0]
-            skipped += (len_k - span) * r.shape[0]
+    for rows, lo, hi in _block_spans(ranges, len_k):
+        span = max(hi - lo // 4 * 4, 0)
+        total += len_k * rows
+        skipped += (len_k - span) * rows
     return skipped / max(total, 1)
 
 
