@@ -276,12 +276,11 @@ def correctness_stage(dry_run: bool, workers: int) -> Stage:
         if dry_run:  # collect only: the selection expressions and every test file import
             return [Step("gpu tests (collect)", [PYTHON, *common, "--collect-only", "-q", "-m", "cuda or triton"],
                          limit=90)]
-        if workers > 1:
-            common.extend(["-n", str(workers)])
+        run = common + (["-n", str(workers)] if workers > 1 else [])
         pinned = {"MMFUSE_TRITON_PIN_CONFIG": "1"}
         # the cuda step's cap leaves the triton step time even if the nvcc-built harnesses are slow
-        return [Step("cuda tests", [PYTHON, *common, "-m", "cuda"], limit=100, env=pinned),
-                Step("triton tests", [PYTHON, *common, "-m", "triton and not slow"], env=pinned)]
+        return [Step("cuda tests", [PYTHON, *run, "-m", "cuda"], limit=100, env=pinned),
+                Step("triton tests", [PYTHON, *run, "-m", "triton and not slow"], env=pinned)]
 
     def summarize(ctx, steps):
         status, summary, _ = _default_status(steps)
