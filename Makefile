@@ -88,4 +88,4 @@ wheel-cuda:
 	$(MAKE) wheel PYTHON=.venv-cuda/bin/python
 
 clean:
-	rm -rf build dist *.egg-info mmfuse/_C*.so mmfuse/_build.json bench-out
+	rm -rf build dist *.egg-info mmfuse/_C*.so mmfuse/_ops*.so mmfuse/_build.json bench-out

@@ -1,4 +1,4 @@
-"""Builds mmfuse._C: the C++ CPU kernels always, the CUDA kernels when a CUDA torch and nvcc exist.
+"""Builds mmfuse's op library: the C++ CPU kernels always, the CUDA kernels when a CUDA torch and nvcc exist.
 
 Environment: MMFUSE_SKIP_CUDA_BUILD=1 builds the CPU kernels only; MMFUSE_SANITIZE=address,undefined
 builds them under ASan/UBSan (CPU only; `make cpu-sanitize`); TORCH_CUDA_ARCH_LIST picks
@@ -6,12 +6,18 @@ the GPU architectures (default when no GPU is visible: pyproject.toml's [tool.mm
 the wheel list; with a GPU visible, torch's default: that GPU's); MAX_JOBS caps parallel
 compilation.
 
-The version is mmfuse/__init__.py's with a local part naming the torch release and CUDA version
-the extension is built against (``0.1.0+torch2.13cpu``, ``0.1.0+torch2.11cu130``), as
-FlashAttention 2's release wheels do: the compiled ops link against torch's C++ symbols, so a
-build serves that torch release only. ``mmfuse/_build.json``, written beside ``_C``, records the same, and
-``mmfuse._extension`` compares it with the running torch before loading ``_C``. Install with `pip install --no-build-isolation .` so the installed torch is used. The CUDA
-kernels need torch >= 2.8 (the fusion launcher uses `at::mm` with an fp32 output dtype).
+Two extensions. ``mmfuse/_ops.abi3.so``, the op library: every kernel and the op schemas, on the
+LibTorch stable ABI (``csrc/stable.h``) with ``TORCH_TARGET_VERSION`` = torch 2.11, so it calls
+torch only through the stable C shims and loads, through ``torch.ops.load_library``, in every
+torch from 2.11 on, whichever of them compiled it. ``mmfuse._C``: pybind11 only, the build
+information for Python, no torch symbol. A source file joins the op library once it registers
+with ``STABLE_TORCH_LIBRARY_IMPL``; one that still uses torch's C++ API builds into ``_C``.
+
+The version is mmfuse/__init__.py's with a local part naming the kernels' flavour, ``+cpu`` or
+``+cu130`` (the CUDA major.minor the CUDA kernels were compiled with; the library links the CUDA
+runtime of that major version). ``mmfuse/_build.json``, written beside ``_C``, records the same,
+and ``mmfuse._extension`` checks the running torch against it before loading the op library.
+Install with `pip install --no-build-isolation .` so the installed torch is used.
 """
 import glob
 import json
@@ -21,7 +27,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 NO_TORCH = """
 mmfuse builds its C++/CUDA extension against the torch that is already installed, so torch is
@@ -40,7 +46,7 @@ try:
     import torch
 except ModuleNotFoundError:
     sys.exit("error: mmfuse: torch is not importable in this build environment." + NO_TORCH)
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME, include_paths
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +62,12 @@ def wheel_cuda_archs() -> str:
     return re.search(r'^cuda-archs\s*=\s*"([^"]+)"', _read("pyproject.toml"), re.M).group(1)
 
 
+# The oldest torch the op library serves: its stable-ABI target (csrc/stable.h), and the minimum
+# mmfuse/_extension.py checks before loading it. Raising it drops the older torch releases.
+TORCH_TARGET = (2, 11)
+TORCH_TARGET_FLAG = f"-DTORCH_TARGET_VERSION=0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+
+
 def _torch_release() -> str:
     return ".".join(torch.__version__.split("+")[0].split(".")[:2])
 
@@ -63,14 +75,16 @@ def _torch_release() -> str:
 def _version(cuda: bool) -> str:
     base = re.search(r'^__version__ = "([^"]+)"', _read("mmfuse/__init__.py"), re.M).group(1)
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if cuda else "cpu"
-    return f"{base}+torch{_torch_release()}{flavour}"
+    return f"{base}+{flavour}"
 
 
 def _build_record(cuda: bool) -> dict:
-    """What ``mmfuse._extension`` checks the running torch against before it loads ``_C``."""
+    """What ``mmfuse._extension`` checks the running torch against before it loads the op library."""
     return {"torch": torch.__version__, "torch_release": _torch_release(),
+            "torch_target": ".".join(map(str, TORCH_TARGET)),
             "cuda": torch.version.cuda if cuda else None,
-            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""}
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else "",
+            "legacy_sources": LEGACY_SOURCES}
 
 
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
@@ -94,9 +108,9 @@ def _want_cuda() -> bool:
 
 
 def _openmp_flags() -> list[str]:
-    # at::parallel_for is a header template: under torch's OpenMP backend its `#pragma omp
-    # parallel` is compiled into our kernels, and without -fopenmp they silently run on one
-    # thread. libgomp.so.1 is then the one torch already loaded.
+    # Legacy sources: at::parallel_for is a header template whose `#pragma omp parallel` is
+    # compiled into our kernels (without -fopenmp they silently run on one thread). The stable
+    # parallel_for runs in torch itself; libgomp.so.1 is then the one torch already loaded.
     if platform.system() == "Linux" and torch.backends.openmp.is_available():
         return ["-fopenmp"]
     return []
@@ -111,34 +125,64 @@ def _sanitizer_flags() -> list[str]:
     return ["-O1", "-g", f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 
 
-def _extension():
-    sources = ["csrc/mmfuse.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+def _is_stable(path: str) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return "STABLE_TORCH_LIBRARY" in f.read()
+
+
+WANT_CUDA = _want_cuda() and not _sanitizer_flags()
+KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/*.cpp"))
+if WANT_CUDA:
+    KERNEL_SOURCES += sorted(glob.glob("csrc/cuda/*.cu"))
+OPS_SOURCES = ["csrc/ops.cpp"] + [f for f in KERNEL_SOURCES if _is_stable(f)]
+LEGACY_SOURCES = [f for f in KERNEL_SOURCES if not _is_stable(f)]
+
+
+def _extensions():
     sanitize = _sanitizer_flags()
     cxx = (sanitize or ["-O3"]) + _openmp_flags()
     link = _openmp_flags() + [f for f in sanitize if f.startswith("-fsanitize")]
     if platform.machine() in ("x86_64", "AMD64"):
-        # at::vec's AVX2 vectors for the attention softmax (every x86 CPU since 2013)
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if _want_cuda() and not sanitize:
+        # 256-bit vectors (csrc/cpu/vec.h) for the attention softmax and the fusion loops: every x86 CPU since 2013
+        cxx += ["-mavx2", "-mfma", "-mf16c"]
+    include = [os.path.join(HERE, "csrc")]  # "cuda/..._kernel.cuh", as tools/cuda_check.py has it
+    archs = ""
+    if WANT_CUDA:
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", wheel_cuda_archs())
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-        return CUDAExtension(
-            "mmfuse._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=[os.path.join(HERE, "csrc")],  # "cuda/..._kernel.cuh", as tools/cuda_check.py has it
-            define_macros=[("MMFUSE_WITH_CUDA", None), ("MMFUSE_CUDA_ARCHS", f'"{archs}"')],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=link,
-        )
-    return CppExtension("mmfuse._C", sources, include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args=cxx,
-                        extra_link_args=link)
+    cuda_macros = [("MMFUSE_WITH_CUDA", None)] if WANT_CUDA else []
+
+    def kernels(name, sources, flags, **kw):
+        cuda = any(f.endswith(".cu") for f in sources)
+        if cuda:
+            return CUDAExtension(name, sources, include_dirs=include, define_macros=cuda_macros,
+                                 extra_compile_args={"cxx": cxx + flags, "nvcc": ["-O3", "-lineinfo"] + flags},
+                                 extra_link_args=link, **kw)
+        return CppExtension(name, sources, include_dirs=include, define_macros=cuda_macros,
+                            extra_compile_args=cxx + flags, extra_link_args=link, **kw)
+
+    # the op library: no Python symbol (py_limited_api drops libtorch_python from the link), torch only
+    # through the stable C shims (TORCH_TARGET_VERSION hides everything else)
+    ops = kernels("mmfuse._ops", OPS_SOURCES, [TORCH_TARGET_FLAG], py_limited_api=True)
+    info_macros = cuda_macros + [("MMFUSE_CUDA_ARCHS", f'"{archs}"'),
+                                 ("MMFUSE_TORCH_HEADERS", f'"{torch.__version__.split("+")[0]}"'),
+                                 ("MMFUSE_TORCH_TARGET", '"{}.{}"'.format(*TORCH_TARGET))]
+    info_sources = ["csrc/build_info.cpp"]
+    if LEGACY_SOURCES:  # kernels not yet on the stable ABI: linked against torch's C++ API in _C
+        info = kernels("mmfuse._C", info_sources + LEGACY_SOURCES,
+                       ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if "-mavx2" in cxx else [])
+        info.define_macros = info_macros
+    else:  # pybind11's headers (torch ships them) and nothing of torch
+        info = Extension("mmfuse._C", info_sources, include_dirs=include_paths()[:1], define_macros=info_macros,
+                         extra_compile_args=["-O2", "-std=c++17"], language="c++")
+    return [ops, info]
 
 
-EXTENSION = _extension()
-WITH_CUDA = any(name == "MMFUSE_WITH_CUDA" for name, _ in (EXTENSION.define_macros or []))
+EXTENSIONS = _extensions()
+WITH_CUDA = WANT_CUDA
 setup(
     version=_version(WITH_CUDA),
-    ext_modules=[EXTENSION],
+    ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BuildExt},
 )

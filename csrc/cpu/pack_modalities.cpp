@@ -1,9 +1,6 @@
 // CPU kernels for mmfuse::pack_modalities / unpack_modalities: one row copy per valid token,
 // parallel over samples. Bit-identical to the per-sample torch.cat it replaces.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <ATen/ATen.h>
+#include "../stable.h"
 
 #include <algorithm>
 #include <cstring>
@@ -20,23 +17,23 @@ struct Layout {
   int64_t seqlen(int64_t b) const { return int64_t(cu_seqlens[b + 1]) - cu_seqlens[b]; }  // no int32 overflow
 };
 
-Layout check_layout(const at::Tensor& lengths, const at::Tensor& cu_seqlens, int64_t num_modalities,
+Layout check_layout(const Tensor& lengths, const Tensor& cu_seqlens, int64_t num_modalities,
                     int64_t dim) {
-  TORCH_CHECK(lengths.dim() == 2 && lengths.size(0) == num_modalities,
-              "pack_modalities: lengths must have shape (M=", num_modalities, ", B), got ", lengths.sizes());
-  TORCH_CHECK(lengths.scalar_type() == at::kInt && lengths.is_contiguous(),
+  MMFUSE_CHECK(lengths.dim() == 2 && lengths.size(0) == num_modalities,
+              "pack_modalities: lengths must have shape (M=", num_modalities, ", B), got ", shape(lengths));
+  MMFUSE_CHECK(lengths.scalar_type() == dtype::kInt && lengths.is_contiguous(),
               "pack_modalities: lengths must be contiguous int32, got ", lengths.scalar_type());
   const int64_t batch = lengths.size(1);
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) == batch + 1 && cu_seqlens.scalar_type() == at::kInt &&
+  MMFUSE_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) == batch + 1 && cu_seqlens.scalar_type() == dtype::kInt &&
                   cu_seqlens.is_contiguous(),
               "pack_modalities: cu_seqlens must be contiguous int32 of shape (B+1=", batch + 1, "), got ",
-              cu_seqlens.sizes(), " ", cu_seqlens.scalar_type());
-  Layout layout{num_modalities, batch, dim, lengths.data_ptr<int32_t>(), cu_seqlens.data_ptr<int32_t>()};
-  TORCH_CHECK(layout.cu_seqlens[0] == 0, "pack_modalities: cu_seqlens must start at 0, got ", layout.cu_seqlens[0]);
+              shape(cu_seqlens), " ", cu_seqlens.scalar_type());
+  Layout layout{num_modalities, batch, dim, ptr<int32_t>(lengths), ptr<int32_t>(cu_seqlens)};
+  MMFUSE_CHECK(layout.cu_seqlens[0] == 0, "pack_modalities: cu_seqlens must start at 0, got ", layout.cu_seqlens[0]);
   for (int64_t b = 0; b < batch; ++b) {
     int64_t sum = 0;
     for (int64_t m = 0; m < num_modalities; ++m) sum += layout.length(m, b);
-    TORCH_CHECK(sum == layout.seqlen(b), "pack_modalities: cu_seqlens disagrees with lengths at sample ", b);
+    MMFUSE_CHECK(sum == layout.seqlen(b), "pack_modalities: cu_seqlens disagrees with lengths at sample ", b);
   }
   return layout;
 }
@@ -56,63 +53,63 @@ int64_t first_row(const Layout& layout, int64_t b, bool padded, int64_t padded_l
 // batches run on the calling thread and large ones on all of them.
 constexpr int64_t kMinTaskBytes = 1 << 18;
 
-int64_t sample_grain(const at::Tensor& tokens, int64_t batch) {
-  const int64_t per_sample = batch > 0 ? tokens.nbytes() / batch : 0;
+int64_t sample_grain(const Tensor& tokens, int64_t batch) {
+  const int64_t per_sample = batch > 0 ? nbytes(tokens) / batch : 0;
   return std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(per_sample, 1));
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Tensor>& features,
-                                                       const at::Tensor& lengths, const at::Tensor& cu_seqlens,
-                                                       const std::optional<at::Tensor>& type_embedding, bool padded,
+std::tuple<Tensor, Tensor> pack_modalities_cpu(const std::vector<Tensor>& features,
+                                                       const Tensor& lengths, const Tensor& cu_seqlens,
+                                                       const std::optional<Tensor>& type_embedding, bool padded,
                                                        std::optional<int64_t> out_len) {
-  TORCH_CHECK(!features.empty(), "pack_modalities: features must hold at least one tensor");
+  MMFUSE_CHECK(!features.empty(), "pack_modalities: features must hold at least one tensor");
   const int64_t num_modalities = static_cast<int64_t>(features.size());
   const auto& first = features[0];
-  TORCH_CHECK(first.dim() == 3, "pack_modalities: features[0] must be (B, L, D), got ", first.sizes());
+  MMFUSE_CHECK(first.dim() == 3, "pack_modalities: features[0] must be (B, L, D), got ", shape(first));
   const int64_t dim = first.size(2);
   for (int64_t m = 0; m < num_modalities; ++m) {
     const auto& f = features[m];
-    TORCH_CHECK(f.dim() == 3 && f.size(0) == first.size(0) && f.size(2) == dim && f.is_contiguous() &&
-                    f.scalar_type() == first.scalar_type() && f.device().is_cpu(),
+    MMFUSE_CHECK(f.dim() == 3 && f.size(0) == first.size(0) && f.size(2) == dim && f.is_contiguous() &&
+                    f.scalar_type() == first.scalar_type() && f.is_cpu(),
                 "pack_modalities: features[", m, "] must be a contiguous CPU (B, L, D) tensor like features[0], got ",
-                f.sizes(), " ", f.scalar_type());
+                shape(f), " ", f.scalar_type());
   }
   const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
-  TORCH_CHECK(layout.batch == first.size(0), "pack_modalities: lengths must have B=", first.size(0),
-              " columns (the features' batch), got ", lengths.sizes());
+  MMFUSE_CHECK(layout.batch == first.size(0), "pack_modalities: lengths must have B=", first.size(0),
+              " columns (the features' batch), got ", shape(lengths));
   for (int64_t m = 0; m < num_modalities; ++m)
     for (int64_t b = 0; b < layout.batch; ++b)
-      TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= features[m].size(1),
+      MMFUSE_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= features[m].size(1),
                   "pack_modalities: lengths[", m, "][", b, "] must lie in [0, ", features[m].size(1), "]");
   if (type_embedding) {
-    TORCH_CHECK(type_embedding->dim() == 2 && type_embedding->size(0) == num_modalities &&
+    MMFUSE_CHECK(type_embedding->dim() == 2 && type_embedding->size(0) == num_modalities &&
                     type_embedding->size(1) == dim && type_embedding->is_contiguous() &&
                     type_embedding->scalar_type() == first.scalar_type(),
                 "pack_modalities: type_embedding must be contiguous (M, D) in the features' dtype, got ",
-                type_embedding->sizes());
+                shape(*type_embedding));
   }
 
   const int64_t needed = padded ? max_seqlen(layout) : layout.cu_seqlens[layout.batch];
   const int64_t rows_per = out_len.value_or(needed);
-  TORCH_CHECK(padded ? rows_per >= needed : rows_per == needed, "pack_modalities: out_len (pack_modalities' max_seqlen when padded, its total when packed) must be ",
+  MMFUSE_CHECK(padded ? rows_per >= needed : rows_per == needed, "pack_modalities: out_len (pack_modalities' max_seqlen when padded, its total when packed) must be ",
               padded ? "at least the longest packed sequence, " : "the total token count, ", needed, ", got ",
               rows_per);
-  at::Tensor tokens, ids;
+  Tensor tokens, ids;
   if (padded) {
-    tokens = at::zeros({layout.batch, rows_per, dim}, first.options());
-    ids = at::full({layout.batch, rows_per}, -1, first.options().dtype(at::kLong));
+    tokens = zeros_like_as(first, {layout.batch, rows_per, dim});
+    ids = full_like_as(first, {layout.batch, rows_per}, -1, dtype::kLong);
   } else {
-    tokens = at::empty({rows_per, dim}, first.options());
-    ids = at::empty({rows_per}, first.options().dtype(at::kLong));
+    tokens = empty_like_as(first, {rows_per, dim});
+    ids = empty_like_as(first, {rows_per}, dtype::kLong);
   }
-  int64_t* ids_ptr = ids.data_ptr<int64_t>();
+  int64_t* ids_ptr = ptr<int64_t>(ids);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "pack_modalities_cpu", [&] {
+  MMFUSE_DISPATCH_FLOATING_AND_HALF(first.scalar_type(), "pack_modalities", [&] {
     std::vector<const scalar_t*> src(num_modalities);
-    for (int64_t m = 0; m < num_modalities; ++m) src[m] = features[m].data_ptr<scalar_t>();
-    const scalar_t* emb = type_embedding ? type_embedding->data_ptr<scalar_t>() : nullptr;
-    scalar_t* dst = tokens.data_ptr<scalar_t>();
-    at::parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
+    for (int64_t m = 0; m < num_modalities; ++m) src[m] = ptr<scalar_t>(features[m]);
+    const scalar_t* emb = type_embedding ? ptr<scalar_t>(*type_embedding) : nullptr;
+    scalar_t* dst = ptr<scalar_t>(tokens);
+    parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t row = first_row(layout, b, padded, rows_per);
         for (int64_t m = 0; m < num_modalities; ++m) {
@@ -136,35 +133,35 @@ std::tuple<at::Tensor, at::Tensor> pack_modalities_cpu(const std::vector<at::Ten
   return {tokens, ids};
 }
 
-std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at::Tensor& lengths,
-                                              const at::Tensor& cu_seqlens, at::IntArrayRef sizes) {
-  TORCH_CHECK(tokens.dim() == 2 || tokens.dim() == 3,
-              "unpack_modalities: tokens must be (total, D) or (B, L, D), got ", tokens.sizes());
-  TORCH_CHECK(tokens.is_contiguous() && tokens.device().is_cpu(), "unpack_modalities: tokens must be contiguous CPU");
+std::vector<Tensor> unpack_modalities_cpu(const Tensor& tokens, const Tensor& lengths,
+                                              const Tensor& cu_seqlens, std::vector<int64_t> sizes) {
+  MMFUSE_CHECK(tokens.dim() == 2 || tokens.dim() == 3,
+              "unpack_modalities: tokens must be (total, D) or (B, L, D), got ", shape(tokens));
+  MMFUSE_CHECK(tokens.is_contiguous() && tokens.is_cpu(), "unpack_modalities: tokens must be contiguous CPU");
   const bool padded = tokens.dim() == 3;
   const int64_t dim = tokens.size(-1);
   const int64_t num_modalities = static_cast<int64_t>(sizes.size());
   const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
   const int64_t padded_len = padded ? tokens.size(1) : 0;
   if (padded) {
-    TORCH_CHECK(tokens.size(0) == layout.batch && max_seqlen(layout) <= padded_len,
-                "unpack_modalities: padded tokens must be (B, L >= longest sequence, D), got ", tokens.sizes());
+    MMFUSE_CHECK(tokens.size(0) == layout.batch && max_seqlen(layout) <= padded_len,
+                "unpack_modalities: padded tokens must be (B, L >= longest sequence, D), got ", shape(tokens));
   } else {
-    TORCH_CHECK(tokens.size(0) == layout.cu_seqlens[layout.batch],
+    MMFUSE_CHECK(tokens.size(0) == layout.cu_seqlens[layout.batch],
                 "unpack_modalities: packed tokens must have sum(lengths) = cu_seqlens[-1] = ",
                 layout.cu_seqlens[layout.batch], " rows, got ", tokens.size(0));
   }
   for (int64_t m = 0; m < num_modalities; ++m)
     for (int64_t b = 0; b < layout.batch; ++b)
-      TORCH_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= sizes[m],
+      MMFUSE_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= sizes[m],
                   "unpack_modalities: lengths[", m, "][", b, "] must lie in [0, sizes[", m, "]=", sizes[m], "]");
 
   // each output row is written once: the valid ones copied, the rest zeroed
-  std::vector<at::Tensor> outs;
-  for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(at::empty({layout.batch, sizes[m], dim}, tokens.options()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "unpack_modalities_cpu", [&] {
-    const scalar_t* src = tokens.data_ptr<scalar_t>();
-    at::parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
+  std::vector<Tensor> outs;
+  for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(empty_like_as(tokens, {layout.batch, sizes[m], dim}));
+  MMFUSE_DISPATCH_FLOATING_AND_HALF(tokens.scalar_type(), "unpack_modalities", [&] {
+    const scalar_t* src = ptr<scalar_t>(tokens);
+    parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t row = first_row(layout, b, padded, padded_len);
         for (int64_t m = 0; m < num_modalities; ++m) {
@@ -173,7 +170,7 @@ std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at
             row += n;
             continue;
           }
-          scalar_t* out = outs[m].data_ptr<scalar_t>() + b * sizes[m] * dim;
+          scalar_t* out = ptr<scalar_t>(outs[m]) + b * sizes[m] * dim;
           if (n * dim > 0) std::memcpy(out, src + row * dim, sizeof(scalar_t) * n * dim);
           std::memset(static_cast<void*>(out + n * dim), 0, sizeof(scalar_t) * (sizes[m] - n) * dim);
           row += n;
@@ -186,9 +183,9 @@ std::vector<at::Tensor> unpack_modalities_cpu(const at::Tensor& tokens, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("pack_modalities", &pack_modalities_cpu);
-  m.impl("unpack_modalities", &unpack_modalities_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("pack_modalities", TORCH_BOX(&pack_modalities_cpu));
+  m.impl("unpack_modalities", TORCH_BOX(&unpack_modalities_cpu));
 }
 
 }  // namespace mmfuse

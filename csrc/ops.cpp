@@ -1,33 +1,11 @@
-// mmfuse._C: build information for Python, and every op schema of the mmfuse library.
-// Kernels register themselves per dispatch key in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
-#include <torch/extension.h>
+// The mmfuse op library: every op schema of the mmfuse namespace, defined through the LibTorch
+// stable ABI (the kernels register themselves per dispatch key in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu). Built as mmfuse/_ops.abi3.so with TORCH_TARGET_VERSION = torch 2.11, it
+// holds no Python symbol and no C++ symbol of torch, and loads through torch.ops.load_library in
+// every torch from 2.11 on (mmfuse/_extension.py).
+#include "stable.h"
 
-#ifndef MMFUSE_CUDA_ARCHS
-#define MMFUSE_CUDA_ARCHS ""
-#endif
-
-namespace {
-
-pybind11::dict build_info() {
-  pybind11::dict info;
-#ifdef MMFUSE_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
-  info["cuda_archs"] = MMFUSE_CUDA_ARCHS;
-  info["torch_built_against"] = TORCH_VERSION;
-  return info;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "mmfuse compiled kernels (ops are registered under torch.ops.mmfuse)";
-  m.def("build_info", &build_info, "whether CUDA kernels were built, for which archs, against which torch");
-}
-
-TORCH_LIBRARY(mmfuse, m) {
+STABLE_TORCH_LIBRARY(mmfuse, m) {
   // Per sample, the valid tokens of modality 0, 1, ... concatenated (+ type_embedding[m]);
   // lengths (M, B) int32, cu_seqlens (B+1) int32; out_len = total (packed) or padded length.
   // Returns tokens (total, D) | (B, out_len, D) and modality_ids int64 (-1 on padding).

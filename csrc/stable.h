@@ -1,0 +1,198 @@
+// What every mmfuse op source uses from torch, through the LibTorch stable ABI only: tensors as
+// torch::stable::Tensor, allocation and the few ATen ops we call through the stable ops (or the
+// dispatcher's boxed call), threads through the stable parallel_for, errors through
+// MMFUSE_CHECK (std::runtime_error). The ops library is compiled with TORCH_TARGET_VERSION (setup.py: torch 2.11),
+// under which ATen's and c10's headers refuse to be included, so nothing here can reach a C++
+// symbol of torch; tools/check_abi.py checks the built library's undefined symbols to be sure.
+//
+// The pattern follows the stable-ABI guide of PyTorch ("LibTorch Stable ABI", docs.pytorch.org,
+// cpp/stable) and the ports torchaudio and FlashAttention 3 made; the code is ours.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mmfuse {
+
+using Tensor = torch::stable::Tensor;
+using Device = torch::stable::Device;
+using ScalarType = torch::headeronly::ScalarType;
+using DeviceType = torch::headeronly::DeviceType;
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+
+namespace detail {
+template <typename... Args>
+[[noreturn]] inline void fail(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  throw std::runtime_error(out.str());
+}
+}  // namespace detail
+
+// A failed check throws std::runtime_error, which Python sees as RuntimeError carrying the streamed
+// message alone, as TORCH_CHECK's did (STD_TORCH_CHECK would prepend the C++ function, file and line).
+#define MMFUSE_CHECK(cond, ...)                                            \
+  do {                                                                     \
+    if (__builtin_expect(!(cond), 0)) ::mmfuse::detail::fail(__VA_ARGS__); \
+  } while (0)
+
+namespace dtype {
+constexpr ScalarType kFloat = ScalarType::Float;
+constexpr ScalarType kDouble = ScalarType::Double;
+constexpr ScalarType kHalf = ScalarType::Half;
+constexpr ScalarType kBFloat16 = ScalarType::BFloat16;
+constexpr ScalarType kInt = ScalarType::Int;
+constexpr ScalarType kLong = ScalarType::Long;
+constexpr ScalarType kBool = ScalarType::Bool;
+constexpr ScalarType kByte = ScalarType::Byte;
+}  // namespace dtype
+
+inline bool is_floating(ScalarType t) {
+  return t == dtype::kFloat || t == dtype::kDouble || t == dtype::kHalf || t == dtype::kBFloat16;
+}
+
+inline bool is_integral(ScalarType t, bool include_bool = false) {
+  switch (t) {
+    case ScalarType::Byte: case ScalarType::Char: case ScalarType::Short: case ScalarType::Int:
+    case ScalarType::Long: case ScalarType::UInt16: case ScalarType::UInt32: case ScalarType::UInt64:
+      return true;
+    case ScalarType::Bool:
+      return include_bool;
+    default:
+      return false;
+  }
+}
+
+// "[2, 3, 4]", as at::IntArrayRef prints, for error messages.
+inline std::string shape_str(IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "]";
+  return out.str();
+}
+inline std::string shape(const Tensor& t) { return shape_str(t.sizes()); }
+
+inline int64_t nbytes(const Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
+// The element pointer of a tensor whose dtype the caller checked (mutable_data_ptr<T> checks it again).
+template <typename T>
+inline T* ptr(const Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
+
+// ---- allocation: like at::empty/zeros/full with `like`'s device --------------------------------
+inline Tensor empty(IntArrayRef sizes, ScalarType type, const Device& device) {
+  return torch::stable::empty(sizes, type, std::nullopt, device);
+}
+inline Tensor empty_like_as(const Tensor& like, IntArrayRef sizes, std::optional<ScalarType> type = std::nullopt) {
+  return torch::stable::new_empty(like, sizes, type);
+}
+inline Tensor zeros_like_as(const Tensor& like, IntArrayRef sizes, std::optional<ScalarType> type = std::nullopt) {
+  return torch::stable::new_zeros(like, sizes, type);
+}
+inline Tensor full_like_as(const Tensor& like, IntArrayRef sizes, double value, ScalarType type) {
+  return torch::stable::full(sizes, value, type, std::nullopt, like.device());
+}
+inline Tensor to_dtype(const Tensor& t, ScalarType type) {
+  return t.scalar_type() == type ? t : torch::stable::to(t, type);
+}
+inline Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// ---- any other ATen op: the dispatcher's boxed call, by schema name ----------------------------
+// call_op("aten::gelu", "", x, std::string("none")) runs aten::gelu(x, approximate="none") through
+// torch_call_dispatcher (stable from torch 2.10) and returns its first output.
+template <typename... Args>
+inline Tensor call_op(const char* name, const char* overload, const Args&... args) {
+  constexpr size_t n = sizeof...(Args) > 0 ? sizeof...(Args) : 1;
+  std::array<StableIValue, n> stack{torch::stable::detail::from(args)...};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// ---- threads ----------------------------------------------------------------------------------
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (begin >= end) return;
+  torch::stable::parallel_for(begin, end, grain, f);
+}
+inline int64_t num_threads() { return static_cast<int64_t>(torch::stable::get_num_threads()); }
+
+// ---- dtype dispatch: body runs with scalar_t bound to the tensor's element type -----------------
+#define MMFUSE_DISPATCH_CASE(enum_value, type, ...) \
+  case enum_value: {                                \
+    using scalar_t = type;                          \
+    __VA_ARGS__();                                  \
+    break;                                          \
+  }
+#define MMFUSE_DISPATCH_DEFAULT(st, name) \
+  default:                                \
+    ::mmfuse::detail::fail(name, ": unsupported dtype ", st);
+
+// float, double
+#define MMFUSE_DISPATCH_FLOATING(TYPE, NAME, ...)                             \
+  [&] {                                                                       \
+    const ::mmfuse::ScalarType _st = (TYPE);                                  \
+    switch (_st) {                                                            \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::Float, float, __VA_ARGS__)   \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::Double, double, __VA_ARGS__) \
+      MMFUSE_DISPATCH_DEFAULT(_st, NAME)                                      \
+    }                                                                         \
+  }()
+
+// float, double, float16, bfloat16
+#define MMFUSE_DISPATCH_FLOATING_AND_HALF(TYPE, NAME, ...)                                   \
+  [&] {                                                                                      \
+    const ::mmfuse::ScalarType _st = (TYPE);                                                 \
+    switch (_st) {                                                                           \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::Float, float, __VA_ARGS__)                  \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::Double, double, __VA_ARGS__)                \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::Half, ::mmfuse::Half, __VA_ARGS__)          \
+      MMFUSE_DISPATCH_CASE(::mmfuse::ScalarType::BFloat16, ::mmfuse::BFloat16, __VA_ARGS__)  \
+      MMFUSE_DISPATCH_DEFAULT(_st, NAME)                                                     \
+    }                                                                                        \
+  }()
+
+// the accumulation type of a storage type: float for the 16-bit floats, else itself
+template <typename T>
+struct opmath {
+  using type = T;
+};
+template <>
+struct opmath<Half> {
+  using type = float;
+};
+template <>
+struct opmath<BFloat16> {
+  using type = float;
+};
+template <typename T>
+using opmath_t = typename opmath<T>::type;
+
+template <typename T>
+constexpr ScalarType scalar_type_of();
+template <>
+constexpr ScalarType scalar_type_of<float>() { return ScalarType::Float; }
+template <>
+constexpr ScalarType scalar_type_of<double>() { return ScalarType::Double; }
+template <>
+constexpr ScalarType scalar_type_of<Half>() { return ScalarType::Half; }
+template <>
+constexpr ScalarType scalar_type_of<BFloat16>() { return ScalarType::BFloat16; }
+
+}  // namespace mmfuse
