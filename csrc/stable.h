@@ -23,6 +23,9 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mmfuse {
@@ -124,6 +127,64 @@ inline Tensor call_op(const char* name, const char* overload, const Args&... arg
   STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
+
+// ---- registration: MMFUSE_BOX(&fn) is the boxed kernel STABLE_TORCH_LIBRARY_IMPL's m.impl takes --------
+// Like torch's TORCH_BOX (the arguments unboxed from the stable stack, the results boxed back), but a
+// `str` argument is read from its string handle, which is then freed: torch 2.13's own unboxing of
+// std::string (stableivalue_conversions.h) copies into a `new std::string` that it never deletes, a
+// leak on every call of an op with a `str` argument.
+namespace detail {
+template <typename T>
+struct Unbox {
+  static T call(StableIValue v) { return torch::stable::detail::to<T>(v); }
+};
+template <>
+struct Unbox<std::string> {
+  static std::string call(StableIValue v) {
+    StringHandle handle = torch::stable::detail::to<StringHandle>(v);
+    size_t length = 0;
+    const char* data = nullptr;
+    STABLE_TORCH_ERROR_CODE_CHECK(torch_string_length(handle, &length));
+    STABLE_TORCH_ERROR_CODE_CHECK(torch_string_c_str(handle, &data));
+    std::string out(data, length);
+    STABLE_TORCH_ERROR_CODE_CHECK(torch_delete_string(handle));
+    return out;
+  }
+};
+template <typename T>
+using bare_t = std::remove_cv_t<std::remove_reference_t<T>>;
+template <typename T>
+struct is_tuple : std::false_type {};
+template <typename... T>
+struct is_tuple<std::tuple<T...>> : std::true_type {};
+
+template <auto F>
+struct Boxer;
+template <typename R, typename... A, R (*F)(A...)>
+struct Boxer<F> {
+  template <size_t... I>
+  static std::tuple<bare_t<A>...> unbox(StableIValue* stack, std::index_sequence<I...>) {
+    return std::tuple<bare_t<A>...>(Unbox<bare_t<A>>::call(stack[I])...);
+  }
+  template <typename Tuple, size_t... I>
+  static void box(StableIValue* stack, const Tuple& results, std::index_sequence<I...>) {
+    ((stack[I] = torch::stable::detail::from(std::get<I>(results))), ...);
+  }
+  static void call(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+    constexpr size_t outputs = [] {
+      if constexpr (is_tuple<R>::value) return std::tuple_size_v<R>;
+      else return size_t(1);
+    }();
+    STD_TORCH_CHECK(num_args == sizeof...(A) && num_outputs == outputs, "mmfuse: the registered schema has ",
+                    num_args, " arguments and ", num_outputs, " outputs, the kernel ", sizeof...(A), " and ", outputs);
+    auto args = unbox(stack, std::index_sequence_for<A...>());
+    R results = std::apply(F, args);
+    if constexpr (is_tuple<R>::value) box(stack, results, std::make_index_sequence<outputs>());
+    else stack[0] = torch::stable::detail::from(results);
+  }
+};
+}  // namespace detail
+#define MMFUSE_BOX(fn) (&::mmfuse::detail::Boxer<fn>::call)
 
 // ---- threads ----------------------------------------------------------------------------------
 template <typename F>

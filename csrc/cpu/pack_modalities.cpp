@@ -184,8 +184,8 @@ std::vector<Tensor> unpack_modalities_cpu(const Tensor& tokens, const Tensor& le
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("pack_modalities", TORCH_BOX(&pack_modalities_cpu));
-  m.impl("unpack_modalities", TORCH_BOX(&unpack_modalities_cpu));
+  m.impl("pack_modalities", MMFUSE_BOX(&pack_modalities_cpu));
+  m.impl("unpack_modalities", MMFUSE_BOX(&unpack_modalities_cpu));
 }
 
 }  // namespace mmfuse
