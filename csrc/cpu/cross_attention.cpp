@@ -90,6 +90,37 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   blas(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
+// The lanes of v combined by f in log2(lanes) shuffle steps (halves, quarters, neighbours), as
+// at::vec's vec_reduce_all did: a row's sum or max in 3 dependent operations instead of 7.
+template <typename T, typename F>
+T reduce_lanes(vec::Vectorized<T> v, const F& f) {
+  using Vec = vec::Vectorized<T>;
+  using raw_t = typename Vec::raw_t;
+  using mask_t = typename Vec::mask_t;
+#if defined(__clang__)
+#define MMFUSE_SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define MMFUSE_SHUFFLE(x, ...) __builtin_shuffle(x, mask_t{__VA_ARGS__})
+#endif
+  raw_t r = v.v;
+  if constexpr (Vec::size() == 8) {
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 4, 5, 6, 7, 0, 1, 2, 3)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 2, 3, 0, 1, 6, 7, 4, 5)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 1, 0, 3, 2, 5, 4, 7, 6)))).v;
+  } else {
+    static_assert(Vec::size() == 4, "reduce_lanes: 8 or 4 lanes");
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 2, 3, 0, 1)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 1, 0, 3, 2)))).v;
+  }
+#undef MMFUSE_SHUFFLE
+  return r[0];
+}
+
+template <typename T>
+T sum_lanes(vec::Vectorized<T> v) {
+  return reduce_lanes(v, [](vec::Vectorized<T> a, vec::Vectorized<T> b) { return a + b; });
+}
+
 // x[i] = exp(x[i] - shift), returns the sum; exp(-inf) = 0.
 template <typename T>
 T exp_shifted_sum(T* x, int64_t n, T shift) {
@@ -104,14 +135,14 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
     return sum;
   }
   if constexpr (std::is_same_v<T, float>) {
-    // fp32: a 20-ulp polynomial exp, well inside the 1e-4 relative budget
+    // fp32: a 4-ulp polynomial exp, well inside the 1e-4 relative budget
     Vec acc(0.f);
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec e = (Vec::loadu(x + i) - Vec(shift)).exp_u20();
+      Vec e = vec::exp_fast(Vec::loadu(x + i) - Vec(shift));
       e.store(x + i);
       acc = acc + e;
     }
-    sum = vec::reduce_add(acc);
+    sum = sum_lanes(acc);
   }
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - shift);
@@ -136,14 +167,35 @@ T dot(const T* a, const T* b, int64_t n) {
   Vec acc(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
-  T sum = vec::reduce_add(acc);
+  T sum = sum_lanes(acc);
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
+// max of x[0..n), NaN if any is NaN, -inf for n = 0, with four independent accumulators: one chain
+// of NaN-propagating maxima is latency-bound, and this runs once per score row.
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  return vec::max_all(x, n);
+  using Vec = vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec a0(neg_inf), a1(neg_inf), a2(neg_inf), a3(neg_inf);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = vec::maximum(a0, Vec::loadu(x + i));
+    a1 = vec::maximum(a1, Vec::loadu(x + i + W));
+    a2 = vec::maximum(a2, Vec::loadu(x + i + 2 * W));
+    a3 = vec::maximum(a3, Vec::loadu(x + i + 3 * W));
+  }
+  for (; i + W <= n; i += W) a0 = vec::maximum(a0, Vec::loadu(x + i));
+  if (i < n && n >= W) {  // the tail: the last W elements, overlapping the ones seen (max is idempotent)
+    a1 = vec::maximum(a1, Vec::loadu(x + n - W));
+    i = n;
+  }
+  T m = reduce_lanes(vec::maximum(vec::maximum(a0, a1), vec::maximum(a2, a3)),
+                     [](Vec a, Vec b) { return vec::maximum(a, b); });
+  for (; i < n; ++i) m = (x[i] > m || std::isnan(x[i])) ? x[i] : m;  // rows shorter than W; a NaN m stays
+  return m;
 }
 
 // Runs worker(claim) on torch's threads; claim() hands out tasks 0..n-1 one at a time, then -1.
