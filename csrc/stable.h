@@ -256,4 +256,18 @@ constexpr ScalarType scalar_type_of<Half>() { return ScalarType::Half; }
 template <>
 constexpr ScalarType scalar_type_of<BFloat16>() { return ScalarType::BFloat16; }
 
+// ---- added for cross_attention.cpp
+// "cpu", "cuda:0", as c10::Device prints, for error messages.
+inline std::string device_str(const Device& device) {
+  static constexpr const char* kNames[] = {"cpu",  "cuda",   "mkldnn", "opengl", "opencl", "ideep", "hip",
+                                           "fpga", "maia",   "xla",    "vulkan", "metal",  "xpu",   "mps",
+                                           "meta", "hpu",    "ve",     "lazy",   "ipu",    "mtia",  "privateuseone"};
+  const int type = static_cast<int>(device.type());
+  std::string out = type >= 0 && type < static_cast<int>(sizeof(kNames) / sizeof(kNames[0]))
+                        ? kNames[type]
+                        : "device" + std::to_string(type);
+  if (device.index() >= 0) out += ":" + std::to_string(static_cast<int>(device.index()));
+  return out;
+}
+
 }  // namespace mmfuse

@@ -1,7 +1,7 @@
 // CPU kernels for mmfuse::cross_attention_{fwd,bwd} and their varlen forms: blocked attention
 // with an online softmax (FlashAttention-2, Dao 2023), so no (Lq, Lk) buffer exists; only a
 // (BLOCK_Q, BLOCK_K) score tile per task. Tiles are multiplied by the BLAS that torch links
-// (MKL's sgemm_/dgemm_), the softmax runs on at::vec vectors; accumulation is fp32 (fp64 for
+// (MKL's sgemm_/dgemm_), the softmax runs on mmfuse::vec vectors; accumulation is fp32 (fp64 for
 // fp64 inputs), and bfloat16/float16 inputs are computed in fp32.
 //
 // Padded inputs also take an in-kernel additive attention mask (bool -> 0/-inf, or any float bias,
@@ -11,14 +11,11 @@
 //
 // Padded and packed layouts share one kernel: both are token rows of Hq*D (q) or Hkv*D (k, v)
 // elements, and a Sample gives each batch entry's first row, length and lse addressing.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
-
-#include "../attention_mask.h"
+//
+// Built against the LibTorch stable ABI only (csrc/stable.h): tensors are torch::stable::Tensor, and
+// the small tensor chores (masks to additive biases, hidden-key rows) are plain loops of ours.
+#include "../stable.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <atomic>
@@ -27,8 +24,11 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -90,10 +90,41 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   blas(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
+// The lanes of v combined by f in log2(lanes) shuffle steps (halves, quarters, neighbours), as
+// at::vec's vec_reduce_all did: a row's sum or max in 3 dependent operations instead of 7.
+template <typename T, typename F>
+T reduce_lanes(vec::Vectorized<T> v, const F& f) {
+  using Vec = vec::Vectorized<T>;
+  using raw_t = typename Vec::raw_t;
+  using mask_t = typename Vec::mask_t;
+#if defined(__clang__)
+#define MMFUSE_SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define MMFUSE_SHUFFLE(x, ...) __builtin_shuffle(x, mask_t{__VA_ARGS__})
+#endif
+  raw_t r = v.v;
+  if constexpr (Vec::size() == 8) {
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 4, 5, 6, 7, 0, 1, 2, 3)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 2, 3, 0, 1, 6, 7, 4, 5)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 1, 0, 3, 2, 5, 4, 7, 6)))).v;
+  } else {
+    static_assert(Vec::size() == 4, "reduce_lanes: 8 or 4 lanes");
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 2, 3, 0, 1)))).v;
+    r = f(Vec(r), Vec(raw_t(MMFUSE_SHUFFLE(r, 1, 0, 3, 2)))).v;
+  }
+#undef MMFUSE_SHUFFLE
+  return r[0];
+}
+
+template <typename T>
+T sum_lanes(vec::Vectorized<T> v) {
+  return reduce_lanes(v, [](vec::Vectorized<T> a, vec::Vectorized<T> b) { return a + b; });
+}
+
 // x[i] = exp(x[i] - shift), returns the sum; exp(-inf) = 0.
 template <typename T>
 T exp_shifted_sum(T* x, int64_t n, T shift) {
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = vec::Vectorized<T>;
   T sum = 0;
   int64_t i = 0;
   if (std::isnan(shift)) {  // a NaN row (NaN q, or a NaN visible score): hidden keys still get exactly 0
@@ -104,14 +135,14 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
     return sum;
   }
   if constexpr (std::is_same_v<T, float>) {
-    // fp32: a 20-ulp polynomial exp, well inside the 1e-4 relative budget
+    // fp32: a 4-ulp polynomial exp, well inside the 1e-4 relative budget
     Vec acc(0.f);
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec e = (Vec::loadu(x + i) - Vec(shift)).exp_u20();
+      Vec e = vec::exp_fast(Vec::loadu(x + i) - Vec(shift));
       e.store(x + i);
       acc = acc + e;
     }
-    sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+    sum = sum_lanes(acc);
   }
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - shift);
@@ -129,10 +160,42 @@ T logaddexp(T a, T b) {
   return m + std::log1p(std::exp(-std::abs(a - b)));
 }
 
+// sum of a[i] * b[i]: vector products summed lane-wise, then across the lanes and the tail
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using Vec = vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
+  T sum = sum_lanes(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// max of x[0..n), NaN if any is NaN, -inf for n = 0, with four independent accumulators: one chain
+// of NaN-propagating maxima is latency-bound, and this runs once per score row.
 template <typename T>
 T row_max(const T* x, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  return at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  using Vec = vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec a0(neg_inf), a1(neg_inf), a2(neg_inf), a3(neg_inf);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = vec::maximum(a0, Vec::loadu(x + i));
+    a1 = vec::maximum(a1, Vec::loadu(x + i + W));
+    a2 = vec::maximum(a2, Vec::loadu(x + i + 2 * W));
+    a3 = vec::maximum(a3, Vec::loadu(x + i + 3 * W));
+  }
+  for (; i + W <= n; i += W) a0 = vec::maximum(a0, Vec::loadu(x + i));
+  if (i < n && n >= W) {  // the tail: the last W elements, overlapping the ones seen (max is idempotent)
+    a1 = vec::maximum(a1, Vec::loadu(x + n - W));
+    i = n;
+  }
+  T m = reduce_lanes(vec::maximum(vec::maximum(a0, a1), vec::maximum(a2, a3)),
+                     [](Vec a, Vec b) { return vec::maximum(a, b); });
+  for (; i < n; ++i) m = (x[i] > m || std::isnan(x[i])) ? x[i] : m;  // rows shorter than W; a NaN m stays
+  return m;
 }
 
 // Runs worker(claim) on torch's threads; claim() hands out tasks 0..n-1 one at a time, then -1.
@@ -145,7 +208,7 @@ void parallel_tasks(int64_t n, const F& worker) {
     const int64_t t = next.fetch_add(1);
     return t < n ? t : int64_t(-1);
   };
-  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  parallel_for(0, std::min<int64_t>(n, num_threads()), 1, [&](int64_t, int64_t) {
     const int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     worker(claim);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
@@ -199,7 +262,7 @@ struct Problem {
 template <typename T>
 void cap_scores(const Problem& p, T* x, int64_t n, T* t = nullptr) {
   if (p.softcap <= 0) return;
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = vec::Vectorized<T>;
   const T cap = static_cast<T>(p.softcap), inv = T(1) / cap;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -218,9 +281,14 @@ void cap_scores(const Problem& p, T* x, int64_t n, T* t = nullptr) {
 // (NaN or inf included), so a hidden key never reaches the softmax.
 template <typename T>
 void add_mask(T* row, const T* bias, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = vec::Vectorized<T>;
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
-  at::vec::map2<T>([&neg_inf](Vec x, Vec b) { return Vec::blendv(x + b, b, b == neg_inf); }, row, row, bias, n);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec x = Vec::loadu(row + i), b = Vec::loadu(bias + i);
+    Vec::blendv(x + b, b, b == neg_inf).store(row + i);
+  }
+  for (; i < n; ++i) row[i] = bias[i] == -std::numeric_limits<T>::infinity() ? bias[i] : row[i] + bias[i];
 }
 
 // Keys [0, n) of the score tile row for query i with keys from kb on: hide the masked and the
@@ -432,7 +500,7 @@ bool query_block(const Problem& p, int64_t t, QueryBlock& blk, int64_t block_q =
 // (sample, head, block) grid still gives every thread several tasks to balance.
 int64_t forward_block_q(const Problem& p) {
   int64_t block = p.max_q >= 768 ? 256 : (p.max_q >= 192 ? 128 : 64);
-  while (block > 32 && p.batch * p.heads_q * ((p.max_q + block - 1) / block) < 8 * at::get_num_threads()) block /= 2;
+  while (block > 32 && p.batch * p.heads_q * ((p.max_q + block - 1) / block) < 8 * num_threads()) block /= 2;
   return block;
 }
 
@@ -638,16 +706,14 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
               const T* lse, int64_t lse_numel, T* dq, T* dk, T* dv) {
   const int64_t D = p.dim, Dv = p.dim_v, qs = p.q_stride(), ks = p.k_stride(), vs = p.v_stride(), os = p.o_stride();
   std::vector<T> delta(lse_numel, T(0));  // indexed like lse
-  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Sample& s = p.samples[t / p.heads_q];
       const int64_t h = t % p.heads_q;
       for (int64_t i = 0; i < s.q_len; ++i) {
         const T* o = out + (s.q_row + i) * os + h * Dv;
         const T* g = dout + (s.q_row + i) * os + h * Dv;
-        using Vec = at::vec::Vectorized<T>;
-        const T sum = at::vec::map2_reduce_all<T>([](Vec a, Vec b) { return a * b; },
-                                                  [](Vec a, Vec b) { return a + b; }, o, g, Dv);
+        const T sum = dot(o, g, Dv);
         const int64_t idx = s.lse_base + h * p.lse_head + i;
         delta[idx] = sum - (dlse != nullptr ? dlse[idx] : T(0));
       }
@@ -656,7 +722,7 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
 
   int64_t max_k = 0;
   for (const Sample& s : p.samples) max_k = std::max(max_k, s.k_len);
-  if (p.batch * p.heads_kv >= kOnePassTasksPerThread * at::get_num_threads()) {
+  if (p.batch * p.heads_kv >= kOnePassTasksPerThread * num_threads()) {
     backward_one_pass(p, dout, q, k, v, lse, delta.data(), max_k, dq, dk, dv);
     return;
   }
@@ -728,121 +794,185 @@ void backward(const Problem& p, const T* dout, const T* dlse, const T* q, const 
 
 // ----------------------------------------------------------------------------- bindings
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == ndim && t->device().is_cpu() && t->scalar_type() == q.scalar_type(), op,
-                ": q, k, v must be CPU tensors of rank ", ndim, " and one dtype, got ", t->sizes(), " ",
-                t->scalar_type());
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    MMFUSE_CHECK(t->dim() == ndim && t->is_cpu() && t->scalar_type() == q.scalar_type(), op,
+                 ": q, k, v must be CPU tensors of rank ", ndim, " and one dtype, got ", shape(*t), " ",
+                 t->scalar_type());
   }
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q, k, v must be floating point, got ", q.scalar_type());
+  MMFUSE_CHECK(is_floating(q.scalar_type()), op, ": q, k, v must be floating point, got ", q.scalar_type());
   // the BLAS takes int sizes and leading dimensions: a token row (Hq * D or Hq * Dv elements) must fit
-  TORCH_CHECK(q.size(-2) * std::max(q.size(-1), v.size(-1)) <= std::numeric_limits<int>::max(), op,
-              ": q's heads * head dim (and v's head dim) must be at most 2**31 - 1, got q ", q.sizes(), " v ", v.sizes());
-  TORCH_CHECK(k.sizes().slice(0, ndim - 1) == v.sizes().slice(0, ndim - 1) && k.size(-1) == q.size(-1) &&
-                  k.size(-1) > 0 && v.size(-1) > 0 && k.size(-2) > 0 && q.size(-2) > 0 && q.size(-2) % k.size(-2) == 0,
-              op, ": k must have q's head dim and a head count dividing q's, v k's shape but for its head dim; got q ",
-              q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  MMFUSE_CHECK(q.size(-2) * std::max(q.size(-1), v.size(-1)) <= std::numeric_limits<int>::max(), op,
+               ": q's heads * head dim (and v's head dim) must be at most 2**31 - 1, got q ", shape(q), " v ",
+               shape(v));
+  MMFUSE_CHECK(k.sizes().slice(0, ndim - 1) == v.sizes().slice(0, ndim - 1) && k.size(-1) == q.size(-1) &&
+                   k.size(-1) > 0 && v.size(-1) > 0 && k.size(-2) > 0 && q.size(-2) > 0 &&
+                   q.size(-2) % k.size(-2) == 0,
+               op, ": k must have q's head dim and a head count dividing q's, v k's shape but for its head dim; got q ",
+               shape(q), " k ", shape(k), " v ", shape(v));
 }
 
-at::ScalarType compute_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+ScalarType compute_type(const Tensor& q) {
+  return q.scalar_type() == dtype::kDouble ? dtype::kDouble : dtype::kFloat;
 }
 
 // out's (and grad_out's) shape: q's with v's head dim
-std::vector<int64_t> out_shape(const at::Tensor& q, const at::Tensor& v) {
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
-  shape.back() = v.size(-1);
-  return shape;
+std::vector<int64_t> out_shape(const Tensor& q, const Tensor& v) {
+  const IntArrayRef sizes = q.sizes();
+  std::vector<int64_t> dims(sizes.begin(), sizes.end());
+  dims.back() = v.size(-1);
+  return dims;
 }
 
-Problem padded_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& kv_lens, const at::Tensor& bias, double scale,
-                       bool causal) {
+// t in the compute type, contiguous (t itself when it already is)
+Tensor compute_copy(const Tensor& t, ScalarType ct) { return mmfuse::contiguous(to_dtype(t, ct)); }
+
+Problem padded_problem(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const std::optional<Tensor>& kv_lens, const Tensor& bias, double scale, bool causal) {
   const int64_t batch = q.size(0), len_q = q.size(1), len_k = k.size(1);
-  TORCH_CHECK(k.size(0) == batch, op, ": k must have q's batch size ", batch, ", got ", k.sizes());
+  MMFUSE_CHECK(k.size(0) == batch, op, ": k must have q's batch size ", batch, ", got ", shape(k));
   Problem p{batch, q.size(2), k.size(2), q.size(3), len_q, len_q, scale, causal, {}};
   p.dim_v = v.size(3);
-  at::Tensor lens;
+  Tensor lens_c;
+  const int64_t* lens = nullptr;
   if (kv_lens) {
-    TORCH_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->device().is_cpu() &&
-                    at::isIntegralType(kv_lens->scalar_type(), /*includeBool=*/false),
-                op, ": kv_lens must be a CPU integer (B=", batch, ",) tensor, got ", kv_lens->sizes(), " ",
-                kv_lens->scalar_type());
-    lens = kv_lens->to(at::kLong).contiguous();
+    MMFUSE_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == batch && kv_lens->is_cpu() &&
+                     is_integral(kv_lens->scalar_type(), /*include_bool=*/false),
+                 op, ": kv_lens must be a CPU integer (B=", batch, ",) tensor, got ", shape(*kv_lens), " ",
+                 kv_lens->scalar_type());
+    lens_c = compute_copy(*kv_lens, dtype::kLong);
+    lens = lens_c.const_data_ptr<int64_t>();
   }
-  const char* bias_rows = bias.defined() ? static_cast<const char*>(bias.data_ptr()) : nullptr;
-  const int64_t bias_row_bytes = len_k * static_cast<int64_t>(bias.defined() ? bias.element_size() : 0);
+  const bool has_bias = bias.defined();
+  const char* bias_rows = has_bias ? static_cast<const char*>(bias.data_ptr()) : nullptr;
+  const int64_t bias_row_bytes = len_k * static_cast<int64_t>(has_bias ? bias.element_size() : 0);
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n = kv_lens ? lens.data_ptr<int64_t>()[b] : len_k;
-    TORCH_CHECK(n >= 0 && n <= len_k, op, ": kv_lens[", b, "] must lie in [0, ", len_k, "], got ", n);
+    const int64_t n = lens != nullptr ? lens[b] : len_k;
+    MMFUSE_CHECK(n >= 0 && n <= len_k, op, ": kv_lens[", b, "] must lie in [0, ", len_k, "], got ", n);
     p.samples.push_back({b * len_q, len_q, b * len_k, n, bias_rows ? bias_rows + b * bias_row_bytes : nullptr,
                          b * p.heads_q * len_q, nullptr, b});
   }
   return p;
 }
 
+// out[i] = -inf where mask[i], else 0: the additive form of a bool mask, in a new contiguous tensor of
+// mask's shape, dtype `type` (float or double), on like's device.
+Tensor additive_from_bool(const Tensor& mask, const Tensor& like, ScalarType type) {
+  const Tensor m = mmfuse::contiguous(mask);
+  Tensor out = empty_like_as(like, m.sizes(), type);
+  const int64_t n = m.numel();
+  if (n == 0) return out;
+  const bool* src = m.const_data_ptr<bool>();
+  MMFUSE_DISPATCH_FLOATING(type, "additive_from_bool", [&] {
+    scalar_t* dst = ptr<scalar_t>(out);
+    constexpr scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+    parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ? neg_inf : scalar_t(0);
+    });
+  });
+  return out;
+}
+
 // (B, Lk) additive mask in the compute type, -inf on ignored keys: one vector add per score row.
-at::Tensor mask_bias(const char* op, const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& k) {
-  if (!key_padding_mask) return at::Tensor();
-  TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                  key_padding_mask->size(0) == k.size(0) && key_padding_mask->size(1) == k.size(1) &&
-                  key_padding_mask->device().is_cpu(),
-              op, ": key_padding_mask must be a CPU bool (B, Lk) tensor, got ", key_padding_mask->sizes());
-  return at::zeros(key_padding_mask->sizes(), k.options().dtype(compute_type(k)))
-      .masked_fill_(*key_padding_mask, -std::numeric_limits<double>::infinity());
+Tensor mask_bias(const char* op, const std::optional<Tensor>& key_padding_mask, const Tensor& k) {
+  if (!key_padding_mask) return Tensor();
+  MMFUSE_CHECK(key_padding_mask->scalar_type() == dtype::kBool && key_padding_mask->dim() == 2 &&
+                   key_padding_mask->size(0) == k.size(0) && key_padding_mask->size(1) == k.size(1) &&
+                   key_padding_mask->is_cpu(),
+               op, ": key_padding_mask must be a CPU bool (B, Lk) tensor, got ", shape(*key_padding_mask));
+  return additive_from_bool(*key_padding_mask, k, compute_type(k));
+}
+
+// attn_mask as a contiguous additive tensor of dtype `bias_type` on q's device (bool: True -> -inf,
+// False -> 0; any float dtype converted), or undefined without one. Padded (varlen false): (Lq, Lk) or
+// (B or 1, Hq or 1, Lq, Lk), returned 4-D; varlen: (total_q, W) or (Hq or 1, total_q, W) with W >=
+// min_width (the longest key sequence), returned 3-D. Anything else is refused naming attn_mask.
+// (csrc/attention_mask.h's attention_mask_bias, which the CUDA launcher still uses, on the stable API.)
+Tensor attention_mask_bias(const char* op, const std::optional<Tensor>& attn_mask, const Tensor& q, const Tensor& k,
+                           bool varlen, int64_t min_width, ScalarType bias_type) {
+  if (!attn_mask) return Tensor();
+  const Tensor& m = *attn_mask;
+  const Device q_device = q.device(), m_device = m.device();
+  const bool type_ok = m_device == q_device && (m.scalar_type() == dtype::kBool || is_floating(m.scalar_type()));
+  Tensor full;
+  if (varlen) {
+    const int64_t H = q.size(1), total_q = q.size(0);
+    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
+                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
+                           m.size(2) >= min_width);
+    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (total_q, W) = (", total_q, ", >= ",
+                 min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
+                 ") tensor on ", device_str(q_device), " (W at least the longest key sequence), got ", shape(m), " ",
+                 m.scalar_type(), " on ", device_str(m_device));
+    full = m.dim() == 2 ? torch::stable::unsqueeze(m, 0) : m;
+  } else {
+    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
+    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
+                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
+                                            m.size(2) == Lq && m.size(3) == Lk)
+                                         : false;
+    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (Lq, Lk) = (", Lq, ", ", Lk,
+                 ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor on ",
+                 device_str(q_device), ", got ", shape(m), " ", m.scalar_type(), " on ", device_str(m_device));
+    full = m.dim() == 2 ? torch::stable::unsqueeze(torch::stable::unsqueeze(m, 0), 0) : m;
+  }
+  if (full.scalar_type() == dtype::kBool) return additive_from_bool(full, q, bias_type);
+  return compute_copy(full, bias_type);
 }
 
 // The variant arguments every entry point shares.
 struct Variants {
-  const std::optional<at::Tensor>& attn_mask;
+  const std::optional<Tensor>& attn_mask;
   double dropout_p;
-  const std::optional<at::Tensor>& philox;
+  const std::optional<Tensor>& philox;
   double softcap;
-  const std::optional<at::Tensor>& sinks;
+  const std::optional<Tensor>& sinks;
 };
 
 // Points p's samples at the attention mask `bias` (from attention_mask_bias; its last dim is the row stride)
 // and sets up dropout from philox = (seed, offset) int64, softcap and sinks (kept alive in `sinks_c`).
 // len_q, len_k: the padded sizes of the dropout counter. Varlen samples' masks start at their first row.
-void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Variants& x, int64_t len_q,
-                  int64_t len_k, bool varlen, const at::Tensor& q, at::Tensor& sinks_c) {
+void add_variants(const char* op, Problem& p, const Tensor& bias, const Variants& x, int64_t len_q, int64_t len_k,
+                  bool varlen, const Tensor& q, Tensor& sinks_c) {
   if (bias.defined()) {
     const int64_t rows = bias.size(-2), width = bias.size(-1);
     p.attn_bias_row = width;
     p.attn_bias_head = bias.size(-3) == 1 ? 0 : rows * width;
     const int64_t sample_stride = varlen ? 0 : (bias.size(0) == 1 ? 0 : bias.size(1) * rows * width);
     const char* base = static_cast<const char*>(bias.data_ptr());
+    const int64_t element = static_cast<int64_t>(bias.element_size());
     for (Sample& s : p.samples) {
       const int64_t first = varlen ? s.q_row * width : s.index * sample_stride;
-      s.attn_bias = base + first * static_cast<int64_t>(bias.element_size());
+      s.attn_bias = base + first * element;
     }
   }
-  TORCH_CHECK(std::isfinite(x.softcap) && x.softcap >= 0.0, op, ": softcap must be a finite float >= 0 (0: off), got ",
-              x.softcap);
+  MMFUSE_CHECK(std::isfinite(x.softcap) && x.softcap >= 0.0, op,
+               ": softcap must be a finite float >= 0 (0: off), got ", x.softcap);
   // in float32 compute a cap outside float's normal range would become inf (NaN scores) or 0 (no cap)
-  TORCH_CHECK(compute_type(q) == at::kDouble || x.softcap == 0.0 ||
-                  (x.softcap >= std::numeric_limits<float>::min() && x.softcap <= std::numeric_limits<float>::max()),
-              op, ": softcap must be 0 or within float32's normal range [", std::numeric_limits<float>::min(), ", ",
-              std::numeric_limits<float>::max(), "] for ", q.scalar_type(), " inputs, got ", x.softcap);
+  MMFUSE_CHECK(compute_type(q) == dtype::kDouble || x.softcap == 0.0 ||
+                   (x.softcap >= std::numeric_limits<float>::min() && x.softcap <= std::numeric_limits<float>::max()),
+               op, ": softcap must be 0 or within float32's normal range [", std::numeric_limits<float>::min(), ", ",
+               std::numeric_limits<float>::max(), "] for ", q.scalar_type(), " inputs, got ", x.softcap);
   p.softcap = x.softcap;
   if (x.sinks) {
-    const at::Tensor& t = *x.sinks;
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == p.heads_q && t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
-                op, ": sinks must be a CPU float (Hq,) = (", p.heads_q, ",) tensor, got ", t.sizes(), " ",
-                t.scalar_type());
-    sinks_c = t.to(compute_type(q)).contiguous();
+    const Tensor& t = *x.sinks;
+    MMFUSE_CHECK(t.dim() == 1 && t.size(0) == p.heads_q && t.is_cpu() && is_floating(t.scalar_type()), op,
+                 ": sinks must be a CPU float (Hq,) = (", p.heads_q, ",) tensor, got ", shape(t), " ",
+                 t.scalar_type());
+    sinks_c = compute_copy(t, compute_type(q));
     p.sinks = sinks_c.data_ptr();
   }
-  TORCH_CHECK(x.dropout_p >= 0.0 && x.dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", x.dropout_p);
+  MMFUSE_CHECK(x.dropout_p >= 0.0 && x.dropout_p < 1.0, op, ": dropout_p must lie in [0, 1), got ", x.dropout_p);
   if (x.dropout_p == 0.0) return;
   const auto& philox = x.philox;
-  TORCH_CHECK(philox && philox->dim() == 1 && philox->size(0) == 2 && philox->scalar_type() == at::kLong &&
-                  philox->device().is_cpu(),
-              op, ": dropout needs philox, a CPU int64 (2,) tensor (seed, offset), got ",
-              philox ? philox->sizes() : at::IntArrayRef{}, philox ? " " : " none");
-  const at::Tensor ph = philox->contiguous();
-  p.seed = static_cast<uint64_t>(ph.data_ptr<int64_t>()[0]);
-  p.offset = static_cast<uint64_t>(ph.data_ptr<int64_t>()[1]);
+  MMFUSE_CHECK(philox && philox->dim() == 1 && philox->size(0) == 2 && philox->scalar_type() == dtype::kLong &&
+                   philox->is_cpu(),
+               op, ": dropout needs philox, a CPU int64 (2,) tensor (seed, offset), got ",
+               philox ? shape(*philox) : std::string("[]"), philox ? " " : " none");
+  const Tensor ph = mmfuse::contiguous(*philox);
+  const int64_t* seed_offset = ph.const_data_ptr<int64_t>();
+  p.seed = static_cast<uint64_t>(seed_offset[0]);
+  p.offset = static_cast<uint64_t>(seed_offset[1]);
   p.dropout_p = x.dropout_p;
   p.dropout_scale = 1.0 / (1.0 - x.dropout_p);
   p.keep_threshold = static_cast<uint32_t>(std::floor(x.dropout_p * 4294967296.0));
@@ -853,82 +983,87 @@ void add_variants(const char* op, Problem& p, const at::Tensor& bias, const Vari
 // Points p's samples at key_ranges (kept alive in `ranges_c`): padded (B, Lq, 2) or (B, Hq, Lq, 2),
 // varlen (total_q, 2) or (Hq, total_q, 2), int32 [start, end) with 0 <= start <= end <= the sample's
 // key count (padded: Lk; varlen: its sequence's length); the first bad query is named.
-void add_ranges(const char* op, Problem& p, const std::optional<at::Tensor>& key_ranges, const at::Tensor& q,
-                const at::Tensor& k, bool varlen, at::Tensor& ranges_c) {
+void add_ranges(const char* op, Problem& p, const std::optional<Tensor>& key_ranges, const Tensor& q,
+                const Tensor& k, bool varlen, Tensor& ranges_c) {
   if (!key_ranges) return;
-  const at::Tensor& r = *key_ranges;
+  const Tensor& r = *key_ranges;
   const int64_t rows = varlen ? q.size(0) : q.size(1), batch = p.batch, heads = p.heads_q;
   const bool per_head = varlen ? r.dim() == 3 : r.dim() == 4;
   const bool shape_ok =
       r.size(-1) == 2 && r.dim() >= 2 && r.size(-2) == rows &&
       (varlen ? (r.dim() == 2 || (r.dim() == 3 && r.size(0) == heads))
               : ((r.dim() == 3 && r.size(0) == batch) || (r.dim() == 4 && r.size(0) == batch && r.size(1) == heads)));
-  TORCH_CHECK(shape_ok && r.scalar_type() == at::kInt && r.device().is_cpu(), op, ": key_ranges must be a CPU int32 ",
-              varlen ? "(total_q, 2) or (Hq, total_q, 2)" : "(B, Lq, 2) or (B, Hq, Lq, 2)", " tensor with rows = ", rows,
-              ", B = ", batch, ", Hq = ", heads, ", got ", r.sizes(), " ", r.scalar_type(), " on ", r.device());
-  ranges_c = r.contiguous();
-  const int32_t* base = ranges_c.data_ptr<int32_t>();
+  MMFUSE_CHECK(shape_ok && r.scalar_type() == dtype::kInt && r.is_cpu(), op, ": key_ranges must be a CPU int32 ",
+               varlen ? "(total_q, 2) or (Hq, total_q, 2)" : "(B, Lq, 2) or (B, Hq, Lq, 2)", " tensor with rows = ",
+               rows, ", B = ", batch, ", Hq = ", heads, ", got ", shape(r), " ", r.scalar_type(), " on ",
+               device_str(r.device()));
+  ranges_c = mmfuse::contiguous(r);
+  const int32_t* base = ranges_c.const_data_ptr<int32_t>();
   p.ranges_head = per_head ? rows * 2 : 0;  // a head's (rows, 2) block, or shared by every head
   const int64_t heads_in = per_head ? heads : 1;
+  const int64_t len_k = varlen ? 0 : k.size(1);
   for (Sample& s : p.samples) {
     s.ranges = varlen ? base + 2 * s.q_row : base + s.index * heads_in * rows * 2;
-    const int64_t bound = varlen ? s.k_len : k.size(1);  // its sequence's keys, or the padded Lk
+    const int64_t bound = varlen ? s.k_len : len_k;  // its sequence's keys, or the padded Lk
     for (int64_t h = 0; h < heads_in; ++h)
       for (int64_t i = 0; i < s.q_len; ++i) {
         const int32_t* x = s.ranges + h * p.ranges_head + 2 * i;
-        TORCH_CHECK(0 <= x[0] && x[0] <= x[1] && x[1] <= bound, op, ": key_ranges must satisfy 0 <= start <= end <= ",
-                    bound, varlen ? " (the sequence's key count)" : " (Lk)", ", got [", x[0], ", ", x[1],
-                    ") at sample ", s.index, per_head ? ", head " : "", per_head ? std::to_string(h) : std::string(),
-                    ", query ", i);
+        MMFUSE_CHECK(0 <= x[0] && x[0] <= x[1] && x[1] <= bound, op,
+                     ": key_ranges must satisfy 0 <= start <= end <= ", bound,
+                     varlen ? " (the sequence's key count)" : " (Lk)", ", got [", x[0], ", ", x[1], ") at sample ",
+                     s.index, per_head ? ", head " : "", per_head ? std::to_string(h) : std::string(), ", query ", i);
       }
   }
 }
 
 // mask_grad's output, zero-filled, with p's samples pointing at their rows: padded (B, Hq, Lq, Lk), varlen
 // (Hq, total_q, W); an empty tensor without mask_grad.
-at::Tensor add_dmask(const char* op, Problem& p, bool mask_grad, const at::Tensor& bias, const at::Tensor& q,
-                     bool varlen) {
-  const auto opts = q.options().dtype(compute_type(q));
-  if (!mask_grad) return at::empty({0}, opts);
-  TORCH_CHECK(bias.defined(), op, ": mask_grad needs attn_mask (the gradient is the mask's), got none");
+Tensor add_dmask(const char* op, Problem& p, bool mask_grad, const Tensor& bias, const Tensor& q, bool varlen) {
+  const ScalarType ct = compute_type(q);
+  if (!mask_grad) return empty_like_as(q, std::vector<int64_t>{0}, ct);
+  MMFUSE_CHECK(bias.defined(), op, ": mask_grad needs attn_mask (the gradient is the mask's), got none");
   const int64_t rows = varlen ? q.size(0) : q.size(1), width = bias.size(-1);
-  at::Tensor dmask = varlen ? at::zeros({p.heads_q, rows, width}, opts) : at::zeros({p.batch, p.heads_q, rows, width}, opts);
+  Tensor dmask;
+  if (varlen)
+    dmask = zeros_like_as(q, {p.heads_q, rows, width}, ct);
+  else
+    dmask = zeros_like_as(q, {p.batch, p.heads_q, rows, width}, ct);
   p.dmask_row = width;
   p.dmask_head = rows * width;
   char* base = static_cast<char*>(dmask.data_ptr());
+  const int64_t element = static_cast<int64_t>(dmask.element_size());
   for (Sample& s : p.samples) {
     const int64_t first = varlen ? s.q_row * width : s.index * p.heads_q * rows * width;
-    s.dmask = base + first * static_cast<int64_t>(dmask.element_size());
+    s.dmask = base + first * element;
   }
   return dmask;
 }
 
-Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
-                       bool causal) {
-  for (const at::Tensor* cu : {&cu_q, &cu_k})
-    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt && cu->device().is_cpu(), op,
-                ": cu_seqlens must be CPU int32 (B+1,) tensors, got ", cu->sizes(), " ", cu->scalar_type());
-  TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
-  const int64_t batch = cu_q.size(0) - 1, total_q = q.size(0);
+Problem varlen_problem(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                       const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal) {
+  for (const Tensor* cu : {&cu_q, &cu_k})
+    MMFUSE_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == dtype::kInt && cu->is_cpu(), op,
+                 ": cu_seqlens must be CPU int32 (B+1,) tensors, got ", shape(*cu), " ", cu->scalar_type());
+  MMFUSE_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have one length");
+  const int64_t batch = cu_q.size(0) - 1, total_q = q.size(0), total_k = k.size(0);
   Problem p{batch, q.size(1), k.size(1), q.size(2), max_q, total_q, scale, causal, {}};
   p.dim_v = v.size(2);
-  const at::Tensor cq = cu_q.contiguous(), ck = cu_k.contiguous();
-  const int32_t* a = cq.data_ptr<int32_t>();
-  const int32_t* c = ck.data_ptr<int32_t>();
-  TORCH_CHECK(a[0] == 0 && c[0] == 0 && a[batch] == total_q && c[batch] == k.size(0), op,
-              ": cu_seqlens_q and cu_seqlens_k must run from 0 to q's and k's row counts (", total_q, ", ", k.size(0),
-              "), got [", a[0], ", ", a[batch], "] and [", c[0], ", ", c[batch], "]");
+  const Tensor cq = mmfuse::contiguous(cu_q), ck = mmfuse::contiguous(cu_k);
+  const int32_t* a = cq.const_data_ptr<int32_t>();
+  const int32_t* c = ck.const_data_ptr<int32_t>();
+  MMFUSE_CHECK(a[0] == 0 && c[0] == 0 && a[batch] == total_q && c[batch] == total_k, op,
+               ": cu_seqlens_q and cu_seqlens_k must run from 0 to q's and k's row counts (", total_q, ", ", total_k,
+               "), got [", a[0], ", ", a[batch], "] and [", c[0], ", ", c[batch], "]");
   // the task grid is sized by the longest real sequence, never by the caller's upper bound
   p.max_q = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b], op, ": cu_seqlens_q and cu_seqlens_k must be non-decreasing, ",
-                "got a decrease at sample ", b);
+    MMFUSE_CHECK(a[b + 1] >= a[b] && c[b + 1] >= c[b], op,
+                 ": cu_seqlens_q and cu_seqlens_k must be non-decreasing, ", "got a decrease at sample ", b);
     const int64_t len_q = a[b + 1] - a[b], len_k = c[b + 1] - c[b];
-    TORCH_CHECK(len_q <= max_q, op, ": max_seqlen_q must be >= the longest query sequence, got ", max_q,
-                " < ", len_q, " (sample ", b, ")");
-    TORCH_CHECK(len_k <= max_k, op, ": max_seqlen_k must be >= the longest key sequence, got ", max_k,
-                " < ", len_k, " (sample ", b, ")");
+    MMFUSE_CHECK(len_q <= max_q, op, ": max_seqlen_q must be >= the longest query sequence, got ", max_q, " < ",
+                 len_q, " (sample ", b, ")");
+    MMFUSE_CHECK(len_k <= max_k, op, ": max_seqlen_k must be >= the longest key sequence, got ", max_k, " < ", len_k,
+                 " (sample ", b, ")");
     p.max_q = std::max(p.max_q, len_q);
     p.samples.push_back({a[b], len_q, c[b], len_k, nullptr, a[b], nullptr, b});
   }
@@ -941,15 +1076,20 @@ int64_t longest_keys(const Problem& p) {
   return n;
 }
 
+// Per token row of k and v ((B, Lk) padded, b-major; (total_k,) packed): 1 for a key that no query
+// can see. None when nothing can hide a key.
+using HiddenRows = std::optional<std::vector<uint8_t>>;
+
 // Whether a row of t (rows, ...) that `mask` (rows,) marks holds a non-finite value: one read of
-// the marked rows.
-bool hidden_row_not_finite(const at::Tensor& t, const at::Tensor& mask) {
-  const bool* h = mask.data_ptr<bool>();
-  const int64_t rows = mask.numel(), row_size = rows == 0 ? 0 : t.numel() / rows;
+// the marked rows. t is contiguous float or double.
+bool hidden_row_not_finite(const Tensor& t, const std::vector<uint8_t>& mask) {
+  const uint8_t* h = mask.data();
+  const int64_t rows = static_cast<int64_t>(mask.size()), row_size = rows == 0 ? 0 : t.numel() / rows;
+  if (row_size == 0) return false;
   std::atomic<bool> dirty{false};
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "hidden_row_not_finite", [&] {
-    const scalar_t* data = t.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  MMFUSE_DISPATCH_FLOATING(t.scalar_type(), "hidden_row_not_finite", [&] {
+    const scalar_t* data = t.const_data_ptr<scalar_t>();
+    parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1 && !dirty.load(std::memory_order_relaxed); ++r) {
         if (!h[r]) continue;
         const scalar_t* row = data + r * row_size;
@@ -964,21 +1104,27 @@ bool hidden_row_not_finite(const at::Tensor& t, const at::Tensor& mask) {
   return dirty;
 }
 
-// bool contiguous over t's token rows ((B, Lk) padded, (total_k,) packed) from hidden, which broadcasts to it.
-at::Tensor hidden_rows(const at::Tensor& t, const at::Tensor& hidden) {
-  return hidden.expand(t.sizes().slice(0, t.dim() - 2)).contiguous();
+// Zeroes the rows of t (contiguous float or double, (rows, ...)) that `mask` marks, in place.
+void zero_rows(Tensor& t, const std::vector<uint8_t>& mask) {
+  const int64_t rows = static_cast<int64_t>(mask.size()), row_size = rows == 0 ? 0 : t.numel() / rows;
+  if (row_size == 0) return;
+  char* data = static_cast<char*>(t.data_ptr());
+  const int64_t row_bytes = row_size * static_cast<int64_t>(t.element_size());
+  for (int64_t r = 0; r < rows; ++r)
+    if (mask[r]) std::memset(data + r * row_bytes, 0, row_bytes);
 }
 
-// k or v in the compute type, contiguous, with the rows of keys that no query can see (hidden:
-// broadcastable to t's token rows, or undefined) zeroed in a copy: a score tile or a product with
-// V multiplies every key of the tile, and 0 · NaN would let a hidden key's NaN or inf through.
-// The copy is made only when a hidden row holds a non-finite value: finding that out reads the
-// hidden rows once, where zeroing every call would read and write all of k and v.
-at::Tensor key_rows(const at::Tensor& t, at::ScalarType ct, const at::Tensor& hidden) {
-  const at::Tensor c = t.to(ct).contiguous();
-  if (!hidden.defined()) return c;
-  const at::Tensor mask = hidden_rows(t, hidden);
-  return hidden_row_not_finite(c, mask) ? c.masked_fill(mask.unsqueeze(-1).unsqueeze(-1), 0) : c;
+// k or v in the compute type, contiguous, with the rows of keys that no query can see (hidden, or
+// none) zeroed in a copy: a score tile or a product with V multiplies every key of the tile, and
+// 0 · NaN would let a hidden key's NaN or inf through. The copy is made only when a hidden row
+// holds a non-finite value: finding that out reads the hidden rows once, where zeroing every call
+// would read and write all of k and v.
+Tensor key_rows(const Tensor& t, ScalarType ct, const HiddenRows& hidden) {
+  Tensor c = compute_copy(t, ct);
+  if (!hidden || !hidden_row_not_finite(c, *hidden)) return c;
+  if (c.data_ptr() == t.data_ptr()) c = torch::stable::clone(c);  // never write the caller's tensor
+  zero_rows(c, *hidden);
+  return c;
 }
 
 // The keys [lo, hi) that query i of sample s may see by its key range (head h) and the causal rule.
@@ -993,11 +1139,13 @@ std::pair<int64_t, int64_t> row_window(const Problem& p, const Sample& s, int64_
 }
 
 // Whether each key j < seen.size() of sample s is seen by some query (any head) through its window
-// (row_window) and, when `mask` is given, its attention-mask row: row (mask head hm, query i) at
-// mask + hm * head_stride + i * width, true = visible (a mask with one head serves every head).
-// Without a mask the windows are summed in a difference array: O(Lq + Lk) per head.
-std::vector<uint8_t> seen_keys(const Problem& p, const Sample& s, int64_t n, const bool* mask, int64_t mask_heads,
+// (row_window) and, when `mask` (an additive attention mask, -inf = hidden) is given, its mask row:
+// row (mask head hm, query i) at mask + hm * head_stride + i * width (a mask with one head serves every
+// head). Without a mask the windows are summed in a difference array: O(Lq + Lk) per head.
+template <typename T>
+std::vector<uint8_t> seen_keys(const Problem& p, const Sample& s, int64_t n, const T* mask, int64_t mask_heads,
                                int64_t head_stride, int64_t width) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t range_heads = p.ranges_head != 0 ? p.heads_q : 1;
   std::vector<uint8_t> seen(n, 0);
   std::vector<int64_t> diff(n + 1, 0);
@@ -1008,123 +1156,137 @@ std::vector<uint8_t> seen_keys(const Problem& p, const Sample& s, int64_t n, con
         diff[std::min(lo, n)] += 1, diff[std::min(hi, n)] -= 1;
         continue;
       }
-      const bool* row = mask + (mask_heads == 1 ? 0 : h) * head_stride + i * width;
-      for (int64_t j = lo; j < std::min(hi, n); ++j) seen[j] |= row[j];
+      const T* row = mask + (mask_heads == 1 ? 0 : h) * head_stride + i * width;
+      for (int64_t j = lo; j < std::min(hi, n); ++j) seen[j] |= row[j] != neg_inf;
     }
   for (int64_t j = 0, run = 0; j < n; ++j) seen[j] |= (run += diff[j]) > 0;
   return seen;
 }
 
-// (B or 1, Lk) bool: keys hidden from every query by key_padding_mask, attn_mask (its additive form,
-// -inf where hidden) or key_ranges (with the causal rule: query i of sample b sees key j causally iff
-// j <= i + kv_len[b] - Lq); undefined when none of them can hide a key.
-at::Tensor hidden_keys(const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& attn_bias,
-                       const Problem& p, int64_t len_k) {
-  at::Tensor hidden;
-  if (key_padding_mask) hidden = *key_padding_mask;
-  const bool ranges = !p.samples.empty() && p.samples[0].ranges != nullptr;
-  if (!attn_bias.defined() && !ranges) return hidden;
-  at::Tensor visible;  // (B or 1, Hq or 1, Lq, Lk), true = visible
-  if (attn_bias.defined()) visible = (attn_bias != -std::numeric_limits<double>::infinity()).contiguous();
-  const int64_t mask_batch = visible.defined() ? visible.size(0) : 1, mask_heads = visible.defined() ? visible.size(1) : 1;
-  const int64_t len_q = visible.defined() ? visible.size(2) : 0;
-  at::Tensor all = at::empty({p.batch, len_k}, at::TensorOptions().dtype(at::kBool));
-  for (const Sample& s : p.samples) {
-    const bool* mask = visible.defined()
-                           ? visible.data_ptr<bool>() + (mask_batch == 1 ? 0 : s.index) * mask_heads * len_q * len_k
-                           : nullptr;
-    const std::vector<uint8_t> seen = seen_keys(p, s, len_k, mask, mask_heads, len_q * len_k, len_k);
-    bool* out = all.data_ptr<bool>() + s.index * len_k;
-    for (int64_t j = 0; j < len_k; ++j) out[j] = !seen[j];
-  }
-  return hidden.defined() ? hidden.logical_or(all) : all;
+// Calls f with attn_bias's element pointer (float or double; a null float pointer when undefined).
+template <typename F>
+void with_bias_ptr(const Tensor& attn_bias, const F& f) {
+  if (attn_bias.defined() && attn_bias.scalar_type() == dtype::kDouble)
+    f(attn_bias.const_data_ptr<double>());
+  else
+    f(attn_bias.defined() ? attn_bias.const_data_ptr<float>() : static_cast<const float*>(nullptr));
 }
 
-// (total_k,) bool: the packed keys that the varlen attention mask (Hq or 1, total_q, W), key_ranges and
-// the causal rule hide from every query of their sequence; undefined without a mask or ranges.
-at::Tensor hidden_keys_varlen(const at::Tensor& attn_bias, const Problem& p, int64_t total_k) {
+// (B, Lk) rows: keys hidden from every query by key_padding_mask, attn_mask (its additive form,
+// -inf where hidden) or key_ranges (with the causal rule: query i of sample b sees key j causally iff
+// j <= i + kv_len[b] - Lq); none when none of them can hide a key.
+HiddenRows hidden_keys(const std::optional<Tensor>& key_padding_mask, const Tensor& attn_bias, const Problem& p,
+                       int64_t len_k) {
   const bool ranges = !p.samples.empty() && p.samples[0].ranges != nullptr;
-  if (!attn_bias.defined() && !ranges) return at::Tensor();
-  at::Tensor visible;  // (Hq or 1, total_q, W)
-  if (attn_bias.defined()) visible = (attn_bias != -std::numeric_limits<double>::infinity()).contiguous();
-  const int64_t mask_heads = visible.defined() ? visible.size(0) : 1, width = visible.defined() ? visible.size(2) : 0;
-  const int64_t total_q = visible.defined() ? visible.size(1) : 0;
-  std::vector<uint8_t> hidden(total_k, 1);
-  for (const Sample& s : p.samples) {
-    const bool* mask = visible.defined() ? visible.data_ptr<bool>() + s.q_row * width : nullptr;
-    const std::vector<uint8_t> seen = seen_keys(p, s, s.k_len, mask, mask_heads, total_q * width, width);
-    for (int64_t j = 0; j < s.k_len; ++j) hidden[s.k_row + j] = !seen[j];
+  const bool has_bias = attn_bias.defined();
+  if (!key_padding_mask && !has_bias && !ranges) return std::nullopt;
+  std::vector<uint8_t> hidden(p.batch * len_k, 0);
+  if (key_padding_mask) {  // (B, Lk) bool, checked by mask_bias
+    const Tensor m = mmfuse::contiguous(*key_padding_mask);
+    const bool* src = m.const_data_ptr<bool>();
+    for (int64_t e = 0; e < p.batch * len_k; ++e) hidden[e] = src[e];
   }
-  return at::tensor(at::ArrayRef<uint8_t>(hidden)).to(at::kBool);
+  if (!has_bias && !ranges) return hidden;
+  // attn_bias: (B or 1, Hq or 1, Lq, Lk)
+  const int64_t mask_batch = has_bias ? attn_bias.size(0) : 1, mask_heads = has_bias ? attn_bias.size(1) : 1;
+  const int64_t len_q = has_bias ? attn_bias.size(2) : 0;
+  with_bias_ptr(attn_bias, [&](const auto* bias) {
+    for (const Sample& s : p.samples) {
+      const auto* mask = bias != nullptr ? bias + (mask_batch == 1 ? 0 : s.index) * mask_heads * len_q * len_k : nullptr;
+      const std::vector<uint8_t> seen = seen_keys(p, s, len_k, mask, mask_heads, len_q * len_k, len_k);
+      uint8_t* out = hidden.data() + s.index * len_k;
+      for (int64_t j = 0; j < len_k; ++j) out[j] |= !seen[j];
+    }
+  });
+  return hidden;
+}
+
+// (total_k,) rows: the packed keys that the varlen attention mask (Hq or 1, total_q, W), key_ranges and
+// the causal rule hide from every query of their sequence; none without a mask or ranges.
+HiddenRows hidden_keys_varlen(const Tensor& attn_bias, const Problem& p, int64_t total_k) {
+  const bool ranges = !p.samples.empty() && p.samples[0].ranges != nullptr;
+  const bool has_bias = attn_bias.defined();
+  if (!has_bias && !ranges) return std::nullopt;
+  const int64_t mask_heads = has_bias ? attn_bias.size(0) : 1, width = has_bias ? attn_bias.size(2) : 0;
+  const int64_t total_q = has_bias ? attn_bias.size(1) : 0;
+  std::vector<uint8_t> hidden(total_k, 1);
+  with_bias_ptr(attn_bias, [&](const auto* bias) {
+    for (const Sample& s : p.samples) {
+      const auto* mask = bias != nullptr ? bias + s.q_row * width : nullptr;
+      const std::vector<uint8_t> seen = seen_keys(p, s, s.k_len, mask, mask_heads, total_q * width, width);
+      for (int64_t j = 0; j < s.k_len; ++j) hidden[s.k_row + j] = !seen[j];
+    }
+  });
+  return hidden;
 }
 
 // lse or grad_lse: a CPU float tensor of the forward's lse shape.
-void check_lse(const char* op, const char* name, const at::Tensor& lse, at::IntArrayRef lse_shape) {
-  TORCH_CHECK(lse.sizes() == lse_shape && at::isFloatingType(lse.scalar_type()) && lse.device().is_cpu(), op, ": ",
-              name, " must be a CPU float tensor of shape ", lse_shape, " (the forward's lse), got ", lse.sizes(),
-              " ", lse.scalar_type());
+void check_lse(const char* op, const char* name, const Tensor& lse, IntArrayRef lse_shape) {
+  MMFUSE_CHECK(lse.sizes() == lse_shape && is_floating(lse.scalar_type()) && lse.is_cpu(), op, ": ", name,
+               " must be a CPU float tensor of shape ", shape_str(lse_shape), " (the forward's lse), got ", shape(lse),
+               " ", lse.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& v, at::IntArrayRef lse_shape,
-                                               const at::Tensor& hidden) {
-  const auto ct = compute_type(q);
-  const at::Tensor qc = q.to(ct).contiguous(), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden);
-  at::Tensor out = at::empty(out_shape(q, v), qc.options());
-  at::Tensor lse = at::empty(lse_shape, qc.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_fwd_cpu", [&] {
-    forward<scalar_t>(p, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                      out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
-  });
-  return {out.to(q.scalar_type()), lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
-    const Problem& p, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const char* op,
-    at::IntArrayRef lse_shape, const at::Tensor& hidden, const at::Tensor& dmask) {
+std::tuple<Tensor, Tensor> run_forward(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       IntArrayRef lse_shape, const HiddenRows& hidden) {
+  const ScalarType ct = compute_type(q);
+  const Tensor qc = compute_copy(q, ct), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden);
   const std::vector<int64_t> o_shape = out_shape(q, v);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}})
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(o_shape) && t->device().is_cpu() && at::isFloatingType(t->scalar_type()),
-                op, ": ", name, " must be a CPU float tensor of shape ", at::IntArrayRef(o_shape),
-                " (q's with v's head dim), got ", t->sizes(), " ", t->scalar_type());
+  Tensor out = empty_like_as(qc, o_shape, ct);
+  Tensor lse = empty_like_as(qc, lse_shape, ct);
+  MMFUSE_DISPATCH_FLOATING(ct, "cross_attention_fwd_cpu", [&] {
+    forward<scalar_t>(p, qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                      ptr<scalar_t>(out), ptr<scalar_t>(lse));
+  });
+  return {to_dtype(out, q.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Problem& p, const Tensor& grad_out,
+                                                        const std::optional<Tensor>& grad_lse, const Tensor& q,
+                                                        const Tensor& k, const Tensor& v, const Tensor& out,
+                                                        const Tensor& lse, const char* op, IntArrayRef lse_shape,
+                                                        const HiddenRows& hidden, const Tensor& dmask) {
+  const std::vector<int64_t> o_shape = out_shape(q, v);
+  const IntArrayRef o_sizes(o_shape);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}})
+    MMFUSE_CHECK(t->sizes() == o_sizes && t->is_cpu() && is_floating(t->scalar_type()), op, ": ", name,
+                 " must be a CPU float tensor of shape ", shape_str(o_sizes), " (q's with v's head dim), got ",
+                 shape(*t), " ", t->scalar_type());
   check_lse(op, "lse", lse, lse_shape);
   if (grad_lse) check_lse(op, "grad_lse", *grad_lse, lse_shape);
-  const auto ct = compute_type(q);
-  auto prep = [ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
-  const at::Tensor g = prep(grad_out), qc = prep(q), kc = key_rows(k, ct, hidden), vc = key_rows(v, ct, hidden),
-                   oc = prep(out), lc = prep(lse);
-  at::Tensor dl = grad_lse ? prep(*grad_lse) : at::Tensor();
-  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  const ScalarType ct = compute_type(q);
+  const Tensor g = compute_copy(grad_out, ct), qc = compute_copy(q, ct), kc = key_rows(k, ct, hidden),
+               vc = key_rows(v, ct, hidden), oc = compute_copy(out, ct), lc = compute_copy(lse, ct);
+  const Tensor dl = grad_lse ? compute_copy(*grad_lse, ct) : Tensor();
+  const bool has_dl = grad_lse.has_value();
+  Tensor dq = empty_like_as(qc, qc.sizes(), ct);
   // keys past a sample's length get no gradient and are not visited by the kernel
-  dk.zero_();
-  dv.zero_();
-  AT_DISPATCH_FLOATING_TYPES(ct, "cross_attention_bwd_cpu", [&] {
-    backward<scalar_t>(p, g.data_ptr<scalar_t>(), dl.defined() ? dl.data_ptr<scalar_t>() : nullptr,
-                       qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                       oc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), lc.numel(), dq.data_ptr<scalar_t>(),
-                       dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  Tensor dk = zeros_like_as(kc, kc.sizes(), ct), dv = zeros_like_as(vc, vc.sizes(), ct);
+  MMFUSE_DISPATCH_FLOATING(ct, "cross_attention_bwd_cpu", [&] {
+    backward<scalar_t>(p, g.const_data_ptr<scalar_t>(), has_dl ? dl.const_data_ptr<scalar_t>() : nullptr,
+                       qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                       oc.const_data_ptr<scalar_t>(), lc.const_data_ptr<scalar_t>(), lc.numel(), ptr<scalar_t>(dq),
+                       ptr<scalar_t>(dk), ptr<scalar_t>(dv));
   });
   // exactly 0 for keys no query sees: their dS is 0, so a hidden row of dk/dv is 0 unless a NaN
   // query row multiplied it; only then is it written (no pass over dk/dv on every masked call)
-  if (hidden.defined()) {
-    const at::Tensor mask = hidden_rows(k, hidden);
-    const at::Tensor rows = mask.unsqueeze(-1).unsqueeze(-1);
-    for (at::Tensor* d : {&dk, &dv})
-      if (hidden_row_not_finite(*d, mask)) d->masked_fill_(rows, 0);
+  if (hidden) {
+    for (Tensor* d : {&dk, &dv})
+      if (hidden_row_not_finite(*d, *hidden)) zero_rows(*d, *hidden);
   }
-  const auto st = q.scalar_type();
-  return {dq.to(st), dk.to(st), dv.to(st), dmask};
+  const ScalarType st = q.scalar_type();
+  return {to_dtype(dq, st), to_dtype(dk, st), to_dtype(dv, st), dmask};
 }
 
 // A padded call's checked inputs, shared by the forward and the backward: the Problem and the tensors
 // its samples point into (kept alive here), and the keys no query sees.
 struct Padded {
-  at::Tensor bias, attn_bias, sinks_c, ranges_c, hidden;
+  Tensor bias, attn_bias, sinks_c, ranges_c;
+  HiddenRows hidden;
   Problem p;
-  Padded(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-         const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& key_padding_mask, double scale,
-         bool causal, const Variants& x, const std::optional<at::Tensor>& key_ranges) {
+  Padded(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& kv_lens,
+         const std::optional<Tensor>& key_padding_mask, double scale, bool causal, const Variants& x,
+         const std::optional<Tensor>& key_ranges) {
     check_qkv(op, q, k, v, 4);
     bias = mask_bias(op, key_padding_mask, k);
     attn_bias = attention_mask_bias(op, x.attn_mask, q, k, false, 0, compute_type(q));
@@ -1137,11 +1299,12 @@ struct Padded {
 
 // The same for a packed (varlen) call.
 struct Varlen {
-  at::Tensor attn_bias, sinks_c, ranges_c, hidden;
+  Tensor attn_bias, sinks_c, ranges_c;
+  HiddenRows hidden;
   Problem p;
-  Varlen(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-         const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal, const Variants& x,
-         const std::optional<at::Tensor>& key_ranges) {
+  Varlen(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+         int64_t max_q, int64_t max_k, double scale, bool causal, const Variants& x,
+         const std::optional<Tensor>& key_ranges) {
     check_qkv(op, q, k, v, 3);
     p = varlen_problem(op, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal);
     const int64_t longest_k = longest_keys(p);
@@ -1152,64 +1315,64 @@ struct Varlen {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
+std::tuple<Tensor, Tensor> cross_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const std::optional<Tensor>& kv_lens,
+                                                   const std::optional<Tensor>& key_padding_mask, double scale,
+                                                   bool causal, const std::optional<Tensor>& attn_mask,
+                                                   double dropout_p, const std::optional<Tensor>& philox,
+                                                   double softcap, const std::optional<Tensor>& sinks,
+                                                   const std::optional<Tensor>& key_ranges) {
   const char* op = "cross_attention_fwd";
   const Padded s(op, q, k, v, kv_lens, key_padding_mask, scale, causal, {attn_mask, dropout_p, philox, softcap, sinks},
                  key_ranges);
   return run_forward(s.p, q, k, v, {q.size(0), q.size(2), q.size(1)}, s.hidden);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_bwd_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& kv_lens,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
-    bool mask_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_bwd_cpu(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& out, const Tensor& lse, const std::optional<Tensor>& kv_lens,
+    const std::optional<Tensor>& key_padding_mask, double scale, bool causal, const std::optional<Tensor>& attn_mask,
+    double dropout_p, const std::optional<Tensor>& philox, double softcap, const std::optional<Tensor>& sinks,
+    const std::optional<Tensor>& key_ranges, bool mask_grad) {
   const char* op = "cross_attention_bwd";
   Padded s(op, q, k, v, kv_lens, key_padding_mask, scale, causal, {attn_mask, dropout_p, philox, softcap, sinks},
            key_ranges);
-  const at::Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, false);
+  const Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, false);
   return run_backward(s.p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(0), q.size(2), q.size(1)}, s.hidden,
                       dmask);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_attention_varlen_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges) {
+std::tuple<Tensor, Tensor> cross_attention_varlen_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, const std::optional<Tensor>& attn_mask,
+    double dropout_p, const std::optional<Tensor>& philox, double softcap, const std::optional<Tensor>& sinks,
+    const std::optional<Tensor>& key_ranges) {
   const char* op = "cross_attention_varlen_fwd";
   const Varlen s(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                  {attn_mask, dropout_p, philox, softcap, sinks}, key_ranges);
   return run_forward(s.p, q, k, v, {q.size(1), q.size(0)}, s.hidden);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_bwd_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, const std::optional<at::Tensor>& philox,
-    double softcap, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& key_ranges,
-    bool mask_grad) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_varlen_bwd_cpu(
+    const Tensor& grad_out, const std::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, const std::optional<Tensor>& attn_mask,
+    double dropout_p, const std::optional<Tensor>& philox, double softcap, const std::optional<Tensor>& sinks,
+    const std::optional<Tensor>& key_ranges, bool mask_grad) {
   const char* op = "cross_attention_varlen_bwd";
   Varlen s(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
            {attn_mask, dropout_p, philox, softcap, sinks}, key_ranges);
-  const at::Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, true);
+  const Tensor dmask = add_dmask(op, s.p, mask_grad, s.attn_bias, q, true);
   return run_backward(s.p, grad_out, grad_lse, q, k, v, out, lse, op, {q.size(1), q.size(0)}, s.hidden, dmask);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("cross_attention_fwd", &cross_attention_fwd_cpu);
-  m.impl("cross_attention_bwd", &cross_attention_bwd_cpu);
-  m.impl("cross_attention_varlen_fwd", &cross_attention_varlen_fwd_cpu);
-  m.impl("cross_attention_varlen_bwd", &cross_attention_varlen_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("cross_attention_fwd", TORCH_BOX(&cross_attention_fwd_cpu));
+  m.impl("cross_attention_bwd", TORCH_BOX(&cross_attention_bwd_cpu));
+  m.impl("cross_attention_varlen_fwd", TORCH_BOX(&cross_attention_varlen_fwd_cpu));
+  m.impl("cross_attention_varlen_bwd", TORCH_BOX(&cross_attention_varlen_bwd_cpu));
 }
 
 }  // namespace mmfuse
