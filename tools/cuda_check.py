@@ -7,9 +7,11 @@ which of those it skips and why.
 The launchers are on the LibTorch stable ABI and build into the op library (``mmfuse/_ops.abi3.so``),
 so they are compiled as ``setup.py`` compiles the op library's CUDA sources: torch's own
 ``COMMON_NVCC_FLAGS`` plus ours, ``-DTORCH_TARGET_VERSION`` (setup.py's ``TORCH_TARGET``, under
-which ATen's and c10's headers refuse to be included), ``-DUSE_CUDA`` (torch's CUDA build defines
-it; the stable shim declares ``aoti_torch_get_current_cuda_stream`` under it) and
-``-DMMFUSE_WITH_CUDA``; no Python headers and no ``TORCH_EXTENSION_NAME``, which only ``_C`` needs.
+which ATen's and c10's headers refuse to be included), ``-DUSE_CUDA`` (setup.py adds it to the op
+library's CUDA build, as torch's own CUDA build defines it: the stable shim declares
+``aoti_torch_get_current_cuda_stream`` under it) and ``-DMMFUSE_WITH_CUDA``; no Python headers and
+no ``TORCH_EXTENSION_NAME`` (torch's BuildExtension adds them to every extension; the op library
+uses neither).
 They include nothing CUDA-specific of torch (the stable and headeronly headers are the same in the
 CPU and the CUDA wheel), so the installed torch's ``torch/include`` serves, CPU build or not: no
 CUDA torch wheel is downloaded (the legacy launchers needed one, ~1 GB, for
