@@ -163,8 +163,10 @@ def _extensions():
                             extra_compile_args=cxx + flags, extra_link_args=link, **kw)
 
     # the op library: no Python symbol (py_limited_api drops libtorch_python from the link), torch only
-    # through the stable C shims (TORCH_TARGET_VERSION hides everything else)
-    ops = kernels("mmfuse._ops", OPS_SOURCES, [TORCH_TARGET_FLAG], py_limited_api=True)
+    # through the stable C shims (TORCH_TARGET_VERSION hides everything else); USE_CUDA, as torch's own
+    # CUDA build defines it, for the CUDA shims the launchers call (aoti_torch_get_current_cuda_stream)
+    ops = kernels("mmfuse._ops", OPS_SOURCES, [TORCH_TARGET_FLAG] + (["-DUSE_CUDA"] if WANT_CUDA else []),
+                  py_limited_api=True)
     info_macros = cuda_macros + [("MMFUSE_CUDA_ARCHS", f'"{archs}"'),
                                  ("MMFUSE_TORCH_HEADERS", f'"{torch.__version__.split("+")[0]}"'),
                                  ("MMFUSE_TORCH_TARGET", '"{}.{}"'.format(*TORCH_TARGET))]

@@ -213,3 +213,6 @@ def test_cuda_check_reads_the_wheel_architectures():
     assert set(cuda_check.ARCHS) <= set(cuda_check.wheel_archs())
     command = cuda_check.nvcc_command("nvcc", ROOT / "csrc" / "cuda" / "fusion.cu", ROOT, cuda_check.wheel_archs())
     assert "-gencode=arch=compute_120,code=sm_120" in command and "-gencode=arch=compute_100a,code=sm_100a" in command
+    # the launchers build into the stable-ABI op library: setup.py's target version, torch's USE_CUDA, nothing of _C
+    assert cuda_check.torch_target_flag() in command and "-DUSE_CUDA" in command
+    assert not any(flag.startswith("-DTORCH_EXTENSION_NAME") for flag in command)

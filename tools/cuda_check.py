@@ -4,12 +4,18 @@ with nvcc but no GPU and no CUDA torch, and report registers, shared memory and 
 architecture of the wheel list (pyproject.toml's ``[tool.mmfuse] cuda-archs``); the default says
 which of those it skips and why.
 
-The launchers include torch headers, and the CPU torch wheel lacks the CUDA ones
-(``c10/cuda/impl/cuda_cmake_macros.h``), so the headers come from the CUDA build of the same
-torch version: ``pip download --isolated --no-deps torch==<version>`` (a plain PyPI wheel, kept
-in pip's cache; ``--isolated`` skips a local CPU wheel that pip's configuration may prefer),
-of which only ``torch/include`` is unpacked under ``build/``. The nvcc flags are the ones
-``setup.py``'s CUDAExtension build uses: torch's own ``COMMON_NVCC_FLAGS`` plus ours.
+The launchers are on the LibTorch stable ABI and build into the op library (``mmfuse/_ops.abi3.so``),
+so they are compiled as ``setup.py`` compiles the op library's CUDA sources: torch's own
+``COMMON_NVCC_FLAGS`` plus ours, ``-DTORCH_TARGET_VERSION`` (setup.py's ``TORCH_TARGET``, under
+which ATen's and c10's headers refuse to be included), ``-DUSE_CUDA`` (setup.py adds it to the op
+library's CUDA build, as torch's own CUDA build defines it: the stable shim declares
+``aoti_torch_get_current_cuda_stream`` under it) and ``-DMMFUSE_WITH_CUDA``; no Python headers and
+no ``TORCH_EXTENSION_NAME`` (torch's BuildExtension adds them to every extension; the op library
+uses neither).
+They include nothing CUDA-specific of torch (the stable and headeronly headers are the same in the
+CPU and the CUDA wheel), so the installed torch's ``torch/include`` serves, CPU build or not: no
+CUDA torch wheel is downloaded (the legacy launchers needed one, ~1 GB, for
+``c10/cuda/impl/cuda_cmake_macros.h``).
 
 Fails (exit 1) on a compile error, a warning from our sources, or any spill.
 """
@@ -22,9 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,33 +53,19 @@ def wheel_archs() -> tuple[str, ...]:
 OUR_NVCC_FLAGS = ["-O3", "-lineinfo"]  # setup.py's extra_compile_args["nvcc"]
 
 
-def torch_cuda_headers(version: str) -> Path:
-    """``torch/include`` of the CUDA torch ``version``, downloaded once and unpacked under build/."""
-    include = BUILD / f"torch-{version}-include"
-    if (include / "torch" / "extension.h").exists():
-        return include
-    wheels = BUILD / "wheel"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = list(wheels.glob(f"torch-{version}-*.whl"))
-    if not found:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps", "--only-binary=:all:", "-q",
-             f"torch=={version}", "-d", str(wheels)],
-            check=True,
-        )
-        found = list(wheels.glob(f"torch-{version}-*.whl"))
-    tmp = include.with_suffix(".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(found[0]) as wheel:
-        members = [n for n in wheel.namelist() if n.startswith("torch/include/")]
-        wheel.extractall(tmp, members)
-    if not (tmp / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
-        raise SystemExit(f"cuda-check: {found[0].name} has no CUDA headers; is it a CUDA build of torch?")
-    (tmp / "torch" / "include").rename(include)
-    shutil.rmtree(tmp)
-    wheels_keep = os.environ.get("MMFUSE_KEEP_TORCH_WHEEL") == "1"
-    if not wheels_keep:
-        shutil.rmtree(wheels)  # 0.5 GB; pip's cache keeps a copy
+def torch_target_flag() -> str:
+    """setup.py's TORCH_TARGET_FLAG: ``-DTORCH_TARGET_VERSION=0x020b000000000000`` for torch 2.11."""
+    major, minor = re.search(r"^TORCH_TARGET = \((\d+), (\d+)\)", (ROOT / "setup.py").read_text(), re.M).groups()
+    return f"-DTORCH_TARGET_VERSION=0x{int(major):02x}{int(minor):02x}000000000000"
+
+
+def torch_headers() -> Path:
+    """``torch/include`` of the installed torch (a CPU build serves: the launchers use the stable headers only)."""
+    from torch.utils.cpp_extension import include_paths
+
+    include = Path(include_paths()[0])
+    if not (include / "torch" / "csrc" / "stable" / "library.h").exists():
+        raise SystemExit(f"cuda-check: {include} has no stable-ABI headers (torch/csrc/stable/library.h)")
     return include
 
 
@@ -85,10 +75,8 @@ def nvcc_command(nvcc: str, source: Path, include: Path, archs: tuple[str, ...] 
     gencode = [f"-gencode=arch={a.replace('sm_', 'compute_')},code={a}" for a in archs]
     return [
         nvcc, "-std=c++20", "-c", str(source), "-o", str(BUILD / (source.stem + ".o")),
-        "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"),
-        "-I", sysconfig.get_paths()["include"], "-I", str(ROOT / "csrc"),
-        "-DMMFUSE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-        "-D_GLIBCXX_USE_CXX11_ABI=1", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode,
+        "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"), "-I", str(ROOT / "csrc"),
+        "-DMMFUSE_WITH_CUDA", "-DUSE_CUDA", torch_target_flag(), "-D_GLIBCXX_USE_CXX11_ABI=1", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode,
         *COMMON_NVCC_FLAGS, *OUR_NVCC_FLAGS,
     ]
 
@@ -141,7 +129,6 @@ def check_one(nvcc: str, source: Path, include: Path, archs: tuple[str, ...]) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="*", type=Path, help="launchers to compile (default: csrc/cuda/*.cu)")
-    parser.add_argument("--torch-version", default=None, help="torch whose CUDA headers to use (default: the installed one)")
     parser.add_argument("--archs", default="ci",
                         help="ci: sm_90a (default); pair: sm_80 and sm_90a; wheel: every architecture of the wheel "
                              "list; or a comma-separated list (sm_86,sm_120)")
@@ -158,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         print("cuda-check: no csrc/cuda/*.cu launchers to compile", file=sys.stderr)
         return 1
-    version = args.torch_version or torch.__version__.split("+")[0]
-    include = torch_cuda_headers(version)
+    version = torch.__version__
+    include = torch_headers()
     BUILD.mkdir(parents=True, exist_ok=True)
     named = {"ci": ARCHS, "pair": ("sm_80", "sm_90a")}
     archs = named.get(args.archs) or (wheel_archs() if args.archs == "wheel" else tuple(args.archs.split(",")))
-    print(f"cuda-check: {len(sources)} launcher(s), {', '.join(archs)}, torch {version} CUDA headers, "
+    print(f"cuda-check: {len(sources)} launcher(s), {', '.join(archs)}, torch {version} headers (stable ABI, {torch_target_flag()[2:]}), "
           f"{subprocess.run([nvcc, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]}")
     skipped = [a for a in wheel_archs() if a not in archs]
     if skipped:
