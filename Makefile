@@ -12,7 +12,7 @@ STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 
-.PHONY: install test triton-check cuda-check cuda-check-all cpu-sanitize cuda-sanitize fuzz bench wheel wheel-cuda clean
+.PHONY: install test abi-check triton-check cuda-check cuda-check-all cpu-sanitize cuda-sanitize fuzz bench wheel wheel-cuda clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ else
 	$(PYTHON) -m pytest -q -m "not triton and not sanitize"
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
 endif
+
+# the op library on the LibTorch stable ABI: no C++ symbol of torch among its undefined symbols;
+# then the wheel built once and its op tests run under a second torch release (tools/other_torch.sh)
+abi-check: install
+	$(PYTHON) tools/check_abi.py
+	PYTHON=$(PYTHON) tools/other_torch.sh
 
 triton-check: install
 	env -u TRITON_INTERPRET $(PYTHON) -m mmfuse.triton.aot_check
@@ -64,7 +70,7 @@ cuda-sanitize: install
 		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
 	done
 
-# a wheel for the torch installed in $(PYTHON), named for it (0.1.0+torch2.13cpu, +torch2.11cu130);
+# a wheel built with the torch installed in $(PYTHON), for every torch from 2.11 on (0.1.0+cpu, +cu130);
 # a CUDA torch and nvcc make it a CUDA wheel for pyproject.toml's cuda-archs (A100 to RTX 50, PTX
 # for later GPUs) unless TORCH_CUDA_ARCH_LIST says otherwise
 WHEEL_CUDA_ARCHS := $(shell sed -n 's/^cuda-archs *= *"\(.*\)"/\1/p' pyproject.toml)

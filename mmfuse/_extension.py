@@ -69,55 +69,75 @@ def ops_library_path() -> Path | None:
     return found[0] if found else None
 
 
+_RECORD: dict | None = None
+_C_ERROR: str | None = None
+
+
 def _load() -> None:
-    global _C, _OPS_LIBRARY, _LOAD_ERROR
+    global _C, _OPS_LIBRARY, _LOAD_ERROR, _RECORD, _C_ERROR
     try:
-        record = json.loads(BUILD_RECORD.read_text()) if BUILD_RECORD.exists() else None
-        _LOAD_ERROR = record and build_mismatch(record, torch.__version__, torch.version.cuda)
+        _RECORD = json.loads(BUILD_RECORD.read_text()) if BUILD_RECORD.exists() else None
+        _LOAD_ERROR = _RECORD and build_mismatch(_RECORD, torch.__version__, torch.version.cuda)
         if _LOAD_ERROR is None:
             library = ops_library_path()
             if library is None:
                 raise ImportError("the op library mmfuse/_ops*.so was not built")
             torch.ops.load_library(str(library))
             _OPS_LIBRARY = library
-            _C = importlib.import_module("mmfuse._C")
     except Exception as exc:  # ImportError, OSError from dlopen
-        _C = None
+        _OPS_LIBRARY = None
         _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
     if _LOAD_ERROR is not None:
         warnings.warn(
-            f"mmfuse: the compiled kernels (mmfuse._C and the op library) were not loaded ({_LOAD_ERROR}); "
+            f"mmfuse: the compiled kernels (the op library mmfuse/_ops*.so) were not loaded ({_LOAD_ERROR}); "
             "only the 'reference' (and 'triton', where usable) backends are available. "
             "Rebuild with `pip install --no-build-isolation -e .`.",
             RuntimeWarning,
             stacklevel=3,
         )
+        return
+    # _C, the build information, is Python-version specific; the ops do not need it (a carried op
+    # library runs under another Python), so without it build_info() reads the build record
+    try:
+        _C = importlib.import_module("mmfuse._C")
+    except ImportError as exc:
+        _C_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 _load()
 
 
 def has_cpu_kernels() -> bool:
-    return _C is not None
+    return _OPS_LIBRARY is not None
 
 
 def has_cuda_kernels() -> bool:
     return _HAS_CUDA_KERNELS
 
 
-_HAS_CUDA_KERNELS = _C is not None and bool(_C.build_info()["cuda"])
+def _compiled_info() -> dict:
+    if _C is not None:
+        return dict(_C.build_info())
+    record = _RECORD or {}
+    return {"cuda": bool(record.get("cuda")), "cuda_archs": record.get("cuda_archs", ""),
+            "torch_built_against": (record.get("torch") or "").split("+")[0] or None,
+            "torch_target": record.get("torch_target"), "info_module": f"not loaded ({_C_ERROR})"}
+
+
+_HAS_CUDA_KERNELS = _OPS_LIBRARY is not None and bool(_compiled_info()["cuda"])
 
 
 def build_info() -> dict:
-    """How this mmfuse was built: whether ``_C`` loaded, CUDA kernels, archs, torch versions."""
+    """How this mmfuse was built: whether the op library loaded, CUDA kernels, archs, torch versions
+    (the torch whose headers compiled it, the oldest torch it serves)."""
     info = {
-        "extension_loaded": _C is not None,
+        "extension_loaded": _OPS_LIBRARY is not None,
         "load_error": _LOAD_ERROR,
         "torch_runtime": torch.__version__,
         "ops_library": str(_OPS_LIBRARY) if _OPS_LIBRARY else None,
     }
-    if _C is not None:
-        info.update(_C.build_info())
+    if _OPS_LIBRARY is not None:
+        info.update(_compiled_info())
     else:
         info.update({"cuda": False, "cuda_archs": "", "torch_built_against": None, "torch_target": None})
     return info

@@ -51,7 +51,7 @@ def _unavailable(backend: str, device: torch.device) -> str | None:
         if device.type != "cpu":
             return f"the 'cpu' backend takes CPU tensors, got {device.type} tensors"
         if not _extension.has_cpu_kernels():
-            return f"mmfuse._C is not loaded ({_extension.build_info()['load_error']})"
+            return f"mmfuse's op library is not loaded ({_extension.build_info()['load_error']})"
         return None
     if backend == "cuda":
         if device.type != "cuda":

@@ -55,7 +55,10 @@ def test_nvcc_compiles_emulator_primitives(tmp_path):
 def test_build_info_describes_this_build():
     info = mmfuse.build_info()
     assert info["extension_loaded"], info["load_error"]
-    assert info["torch_built_against"].split("+")[0] == torch.__version__.split("+")[0]
+    # one build serves every torch from its stable-ABI target on, whichever compiled it
+    assert info["torch_target"] == "2.11"
+    built = tuple(int(p) for p in info["torch_built_against"].split("+")[0].split(".")[:2])
+    assert (2, 11) <= built, info
     assert info["cuda"] == (torch.version.cuda is not None and "MMFUSE_SKIP_CUDA_BUILD" not in os.environ
                             and info["cuda"])  # a CPU torch can never report CUDA kernels
     if torch.version.cuda is None:
@@ -66,16 +69,14 @@ def test_build_info_describes_this_build():
 def test_package_imports_and_falls_back_without_the_extension():
     script = textwrap.dedent(
         """
-        import sys, warnings
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "mmfuse._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+        import sys, warnings, torch
+        def blocked(path):
+            raise OSError("blocked for the test")
+        torch.ops.load_library = blocked
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import mmfuse
-        messages = [str(w.message) for w in caught if "mmfuse._C" in str(w.message)]
+        messages = [str(w.message) for w in caught if "op library" in str(w.message)]
         assert len(messages) == 1 and "blocked for the test" in messages[0], messages
         import torch
         assert "cpu" not in mmfuse.available_backends("cpu")
@@ -84,7 +85,7 @@ def test_package_imports_and_falls_back_without_the_extension():
         try:
             mmfuse.pack_modalities([torch.ones(2, 3, 4)], backend="cpu")
         except ValueError as e:
-            assert "mmfuse._C is not loaded" in str(e)
+            assert "op library is not loaded" in str(e)
         else:
             raise AssertionError("backend='cpu' ran without _C")
         print("fallback-ok")
@@ -103,10 +104,10 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     wheels = list(dist.glob("mmfuse-*.whl"))
     assert len(wheels) == 1, wheels
-    # the local version names the torch release it serves (and CUDA, for a CUDA build)
-    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    # the local version names the kernels' flavour (CPU, or the CUDA version): not the torch release,
+    # which the stable-ABI op library does not depend on
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if mmfuse.build_info()["cuda"] else "cpu"
-    assert f"+torch{release}{flavour}-" in wheels[0].name, wheels[0].name
+    assert f"+{flavour}-" in wheels[0].name, wheels[0].name
     python = _venv_seeing_this_torch(tmp_path / "venv")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], check=True)
     smoke = textwrap.dedent(
@@ -125,12 +126,13 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     result = subprocess.run([python, "-c", "import sys\n" + smoke], capture_output=True, text=True, cwd=tmp_path)
     assert "wheel-ok" in result.stdout, result.stderr
-    # the same wheel under another torch release: one clear warning naming the torch it was built
-    # for, the reference backend still there, no undefined-symbol traceback
+    # a torch older than the build's target (simulated: the record's target raised above this
+    # torch): one clear warning naming the minimum, the reference backend still there, no
+    # undefined-symbol traceback
     record = Path(subprocess.run([python, "-c", "import mmfuse._extension as e; print(e.BUILD_RECORD)"],
                                  capture_output=True, text=True, cwd=tmp_path, check=True).stdout.strip())
     data = json.loads(record.read_text())
-    data.update(torch="2.11.0", torch_release="2.11")
+    data.update(torch_target="2.99")
     record.write_text(json.dumps(data))
     other = textwrap.dedent(
         """
@@ -146,20 +148,28 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     )
     result = subprocess.run([python, "-c", other], capture_output=True, text=True, cwd=tmp_path)
     assert "other-torch-ok 4" in result.stdout, result.stderr
-    assert "built against torch 2.11.0" in result.stdout and "it was built for torch 2.11" in result.stdout
+    assert "need torch >= 2.99" in result.stdout and f"this is torch {torch.__version__}" in result.stdout
     assert "undefined symbol" not in result.stdout + result.stderr
 
 
+CPU_213 = {"torch": "2.13.0+cpu", "torch_release": "2.13", "torch_target": "2.11", "cuda": None}
+CU_213 = {"torch": "2.13.0+cu130", "torch_release": "2.13", "torch_target": "2.11", "cuda": "13.0"}
+
+
 @pytest.mark.parametrize("record, torch_version, torch_cuda, expected", [
-    ({"torch": "2.13.0+cpu", "torch_release": "2.13", "cuda": None}, "2.13.1", None, None),
-    ({"torch": "2.13.0+cpu", "torch_release": "2.13", "cuda": None}, "2.13.0+cu130", "13.0", None),
-    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cu130", "13.0", None),
-    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.12.0+cu130", "13.0",
-     "it was built for torch 2.11"),
-    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cpu", None,
-     "it is a CUDA build and this torch has no CUDA"),
-    ({"torch": "2.11.0+cu130", "torch_release": "2.11", "cuda": "13.0"}, "2.11.0+cu128", "12.8",
-     "it was built for CUDA 13.0"),
+    # the stable-ABI op library: any torch from the target on, older or newer than the one that built it
+    (CPU_213, "2.13.1", None, None),
+    (CPU_213, "2.11.0", None, None),
+    (CPU_213, "2.14.1+cu130", "13.0", None),
+    (CPU_213, "3.0.0", None, None),
+    (CPU_213, "2.10.0", None, "need torch >= 2.11"),
+    (CPU_213, "2.9.1+cu128", "12.8", "need torch >= 2.11"),
+    (CU_213, "2.11.0+cu130", "13.0", None),
+    (CU_213, "2.15.0+cu132", "13.2", None),
+    (CU_213, "2.13.0+cpu", None, "it is a CUDA build and this torch has no CUDA"),
+    (CU_213, "2.12.0+cu128", "12.8", "it was built for CUDA 13.0"),
+    # a record without a target (an older mmfuse build): its own torch release only
+    ({"torch": "2.11.0+cpu", "torch_release": "2.11", "cuda": None}, "2.12.0", None, "it was built for torch 2.11"),
 ])
 def test_build_record_mismatch(record, torch_version, torch_cuda, expected):
     from mmfuse._extension import build_mismatch

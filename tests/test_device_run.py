@@ -173,14 +173,15 @@ def test_a_prebuilt_that_does_not_load_falls_back_to_a_build(tmp_path, monkeypat
         "def build_info():\n    return {'extension_loaded': False, 'cuda': False, 'load_error': 'undefined symbol'}\n")
     carried = tmp_path / "prebuilt"
     carried.mkdir()
-    (carried / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")
+    (carried / "_ops.abi3.so").write_bytes(b"not an ELF file")
+    (carried / "_build.json").write_text("{}")
     monkeypatch.setattr(device_run, "ROOT", root)
     ctx = {"log": tmp_path / "build.log"}
     steps = device_run.build_stage(False, carried, "9.0a").plan(ctx)
     assert [s.name for s in steps] == ["build_ext", "load"]
     assert steps[0].env["TORCH_CUDA_ARCH_LIST"] == "9.0a"
     assert ctx["build"] == "prebuilt did not load; built here for 9.0a"
-    assert not list((root / "mmfuse").glob("_C*.so"))
+    assert not list((root / "mmfuse").glob("_ops*.so")) and not (root / "mmfuse" / "_build.json").exists()
     assert "load rc 1" in ctx["log"].read_text()
 
 

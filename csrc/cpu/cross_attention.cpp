@@ -1369,10 +1369,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_varlen_bwd_cpu(
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("cross_attention_fwd", TORCH_BOX(&cross_attention_fwd_cpu));
-  m.impl("cross_attention_bwd", TORCH_BOX(&cross_attention_bwd_cpu));
-  m.impl("cross_attention_varlen_fwd", TORCH_BOX(&cross_attention_varlen_fwd_cpu));
-  m.impl("cross_attention_varlen_bwd", TORCH_BOX(&cross_attention_varlen_bwd_cpu));
+  m.impl("cross_attention_fwd", MMFUSE_BOX(&cross_attention_fwd_cpu));
+  m.impl("cross_attention_bwd", MMFUSE_BOX(&cross_attention_bwd_cpu));
+  m.impl("cross_attention_varlen_fwd", MMFUSE_BOX(&cross_attention_varlen_fwd_cpu));
+  m.impl("cross_attention_varlen_bwd", MMFUSE_BOX(&cross_attention_varlen_bwd_cpu));
 }
 
 }  // namespace mmfuse

@@ -365,10 +365,10 @@ std::tuple<std::vector<Tensor>, Tensor, Tensor> fused_concat_linear_bwd_cuda(
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(mmfuse, CUDA, m) {
-  m.impl("fused_concat_linear", TORCH_BOX(&fused_concat_linear_cuda));
-  m.impl("fused_concat_linear_bwd", TORCH_BOX(&fused_concat_linear_bwd_cuda));
-  m.impl("combine_modalities", TORCH_BOX(&combine_modalities_cuda));
-  m.impl("combine_modalities_bwd", TORCH_BOX(&combine_modalities_bwd_cuda));
+  m.impl("fused_concat_linear", MMFUSE_BOX(&fused_concat_linear_cuda));
+  m.impl("fused_concat_linear_bwd", MMFUSE_BOX(&fused_concat_linear_bwd_cuda));
+  m.impl("combine_modalities", MMFUSE_BOX(&combine_modalities_cuda));
+  m.impl("combine_modalities_bwd", MMFUSE_BOX(&combine_modalities_bwd_cuda));
 }
 
 }  // namespace mmfuse

@@ -231,8 +231,8 @@ Tensor mel_spectrogram_backward_cuda(const Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(mmfuse, CUDA, m) {
-  m.impl("mel_spectrogram", TORCH_BOX(&mel_spectrogram_cuda));
-  m.impl("mel_spectrogram_backward", TORCH_BOX(&mel_spectrogram_backward_cuda));
+  m.impl("mel_spectrogram", MMFUSE_BOX(&mel_spectrogram_cuda));
+  m.impl("mel_spectrogram_backward", MMFUSE_BOX(&mel_spectrogram_backward_cuda));
 }
 
 }  // namespace mmfuse

@@ -195,8 +195,8 @@ std::vector<Tensor> unpack_modalities_cuda(const Tensor& tokens, const Tensor& l
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(mmfuse, CUDA, m) {
-  m.impl("pack_modalities", TORCH_BOX(&pack_modalities_cuda));
-  m.impl("unpack_modalities", TORCH_BOX(&unpack_modalities_cuda));
+  m.impl("pack_modalities", MMFUSE_BOX(&pack_modalities_cuda));
+  m.impl("unpack_modalities", MMFUSE_BOX(&unpack_modalities_cuda));
 }
 
 }  // namespace mmfuse

@@ -7,8 +7,10 @@ writes ``$OUT/NN-name.json`` (status, seconds, its commands' exit codes, a summa
 the moment it ends, and prints one line, so a run cut short still returns every stage before it:
 
 0. ``env``          nvidia-smi, versions, clocks;
-1. ``build``        a carried prebuilt extension when it loads, else ``setup.py build_ext`` for
-                    the device's architecture only, ``MAX_JOBS=16``;
+1. ``build``        a carried prebuilt op library when it loads (``mmfuse/_ops.abi3.so`` and its
+                    ``_build.json``, built on another machine against another torch: the stable
+                    ABI makes it load in the device's torch, which this proves), else
+                    ``setup.py build_ext`` for the device's architecture only, ``MAX_JOBS=16``;
 2. ``correctness``  the CUDA tests and the emulator-versus-hardware harnesses, then the Triton
                     tests, one pinned tile configuration per kernel (``MMFUSE_TRITON_PIN_CONFIG``);
 3. ``sanitizer``    compute-sanitizer memcheck, racecheck, synccheck and initcheck on one tiny
@@ -222,22 +224,25 @@ def env_stage(dry_run: bool) -> Stage:
 
 
 def build_stage(dry_run: bool, prebuilt: Path | None, arch: str) -> Stage:
-    """A carried prebuilt ``_C`` when one is given and loads with CUDA kernels; otherwise a build
-    for ``arch`` only. The dry run checks the extension already built here loads."""
+    """A carried prebuilt op library when one is given and loads with CUDA kernels; otherwise a
+    build for ``arch`` only. The dry run checks the extension already built here loads. The carried
+    folder holds ``_ops*.so`` and ``_build.json`` (``_C``, the build-information module, is
+    Python-version specific and optional: without it build_info() reads ``_build.json``)."""
     loads = [PYTHON, "-c", "import mmfuse, json; info = mmfuse.build_info(); print(json.dumps(info)); "
                            f"assert info['extension_loaded'] and ({dry_run} or info['cuda']), info['load_error']"]
     # the carried file itself must be what loaded, not an older build beside it
     loads_prebuilt = [PYTHON, "-c", loads[2] + "; import mmfuse._extension as e, os, sys; "
-                      "assert os.path.basename(e._C.__file__) in sys.argv[1:], e._C.__file__"]
+                      "assert e._OPS_LIBRARY.name in sys.argv[1:], e._OPS_LIBRARY"]
 
     def plan(ctx):
         if dry_run:
             ctx["build"] = "dry run: the extension built on this machine"
             return [Step("load", loads, limit=60)]
-        if prebuilt is not None and any(prebuilt.glob("_C*.so")):
-            copied = [Path(shutil.copy2(so, ROOT / "mmfuse" / so.name)) for so in prebuilt.glob("_C*.so")]
-            probe = subprocess.run(loads_prebuilt + [c.name for c in copied], capture_output=True, text=True,
-                                   timeout=60, cwd=ROOT)
+        if prebuilt is not None and any(prebuilt.glob("_ops*.so")):
+            carried = list(prebuilt.glob("_ops*.so")) + list(prebuilt.glob("_build.json"))
+            copied = [Path(shutil.copy2(f, ROOT / "mmfuse" / f.name)) for f in carried]
+            probe = subprocess.run(loads_prebuilt + [c.name for c in copied if c.suffix == ".so"], capture_output=True,
+                                   text=True, timeout=60, cwd=ROOT)
             with open(ctx["log"], "a") as log:
                 log.write(f"prebuilt {[c.name for c in copied]}: load rc {probe.returncode}\n"
                           f"{(probe.stdout + probe.stderr)[-3000:]}\n")
@@ -389,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole run (default 480: one call of 8 minutes)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-out")))
     parser.add_argument("--prebuilt", type=Path, default=None,
-                        help="a folder holding a carried mmfuse/_C*.so built for this device's stack")
+                        help="a folder holding a carried op library (mmfuse/_ops*.so and mmfuse/_build.json), built elsewhere "
+                             "against any CUDA torch >= 2.11 of the device's CUDA major version")
     parser.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST for a build on the device")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the GPU tests (1: none)")
     parser.add_argument("--only", action="append", default=None, help="run only these stages (repeatable)")

@@ -4,7 +4,7 @@ A varlen API needs ``max_seqlen`` and ``total`` as Python ints, and computing th
 ``.item()`` breaks a ``fullgraph=True`` graph (FlashAttention's varlen API is the known
 trap). These two tiny ops return a SymInt instead: a plain int in eager mode (a host sync on
 CUDA), an unbacked SymInt while tracing. Callers that know the value should pass it and skip
-the op. Defined from Python so that they exist even when ``mmfuse._C`` is absent.
+the op. Defined from Python so that they exist even when the op library is absent.
 """
 from __future__ import annotations
 

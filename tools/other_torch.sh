@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make abi-check`, second half: the proof that one build serves several torch releases. The wheel
+# is built once with $PYTHON's torch (2.13 in CI), installed into a second virtual environment
+# with another torch release ($OTHER_TORCH, default torch==2.14.1: the newest release pip takes on
+# this project's machines, from their disk; a CUDA build, which imports and runs on a CPU-only
+# machine), and the op tests run there against the installed wheel, from a copy of tests/ so that
+# the source tree's mmfuse is not the one imported.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+OTHER_TORCH=${OTHER_TORCH:-torch==2.14.1}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK="$ROOT/build/other-torch"
+rm -rf "$WORK/dist" "$WORK/run"
+mkdir -p "$WORK/run"
+"$PYTHON" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/dist" "$ROOT"
+BASE=$("$PYTHON" -c "import sys; print(sys._base_executable)")
+test -x "$WORK/venv/bin/python" || "$BASE" -m venv "$WORK/venv"
+OTHER="$WORK/venv/bin/python"
+"$OTHER" -m pip install -q "$OTHER_TORCH" pytest hypothesis librosa kaldi-native-fbank
+"$OTHER" -m pip install -q --no-deps --force-reinstall "$WORK"/dist/mmfuse-*.whl
+cp -r "$ROOT/tests" "$ROOT/tools" "$WORK/run/"
+cd "$WORK/run"
+"$OTHER" - "$PYTHON" <<'PY'
+import subprocess, sys
+import torch, mmfuse
+info = mmfuse.build_info()
+built = subprocess.run([sys.argv[1], "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
+                       check=True).stdout.strip()
+print(f"other-torch: the wheel built with torch {built} ({info['torch_built_against']} headers, target "
+      f"{info['torch_target']}) runs under torch {torch.__version__}; op library {info['ops_library']}")
+assert info["extension_loaded"], info["load_error"]
+assert info["ops_library"].startswith(sys.prefix), "the installed wheel, not the source tree"
+assert torch.__version__.split("+")[0] != built.split("+")[0], "the second torch must be another release"
+PY
+"$OTHER" -m pytest -q -p no:cacheprovider -m "not triton and not sanitize and not slow" \
+	tests/test_abi.py tests/test_pack_modalities.py tests/test_attention.py tests/test_key_ranges.py \
+	tests/test_attention_variants.py tests/test_fusion.py tests/test_spectrogram.py tests/test_spectrogram_kernels.py
