@@ -195,4 +195,20 @@ constexpr ScalarType scalar_type_of<Half>() { return ScalarType::Half; }
 template <>
 constexpr ScalarType scalar_type_of<BFloat16>() { return ScalarType::BFloat16; }
 
+// ---- added for fusion.cpp / mel_spectrogram.cpp
+// "cpu", "cuda:0", ... as at::Device prints, for error messages.
+inline std::string device_str(const Device& d) {
+  std::ostringstream out;
+  switch (d.type()) {
+    case DeviceType::CPU: out << "cpu"; break;
+    case DeviceType::CUDA: out << "cuda"; break;
+    case DeviceType::Meta: out << "meta"; break;
+    case DeviceType::MPS: out << "mps"; break;
+    case DeviceType::XPU: out << "xpu"; break;
+    default: out << "device type " << static_cast<int>(d.type());
+  }
+  if (d.has_index()) out << ":" << static_cast<int>(d.index());
+  return out.str();
+}
+
 }  // namespace mmfuse
