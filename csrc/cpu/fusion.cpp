@@ -521,7 +521,7 @@ inline VecF fast_sigmoid(const VecF& x) {
 
 // The pre-activation of one vector at element i; pv[m] receives p_m, sv[m] sigmoid(z_m) ("gated").
 template <Mode kMode>
-inline VecF combine_vec(int64_t num, const float* const* p, const float* const* z, const float* w, int64_t i,
+inline VecF combine_vec(int64_t num, const float* const* p, const float* const* z, const VecF* w, int64_t i,
                         VecF* pv, VecF* sv) {
   const VecF one(1.f);
   VecF y(kMode == Mode::kProduct ? 1.f : 0.f);
@@ -529,7 +529,7 @@ inline VecF combine_vec(int64_t num, const float* const* p, const float* const* 
     const VecF x = VecF::loadu(p[m] + i);
     pv[m] = x;
     if constexpr (kMode == Mode::kSum) {
-      y = vec::fmadd(VecF(w[m]), x, y);
+      y = vec::fmadd(w[m], x, y);
     } else if constexpr (kMode == Mode::kProduct) {
       y = y * x;
     } else {
@@ -557,9 +557,10 @@ template <Mode kMode, Activation kAct, bool kStream, int kNum>
 MMFUSE_FLATTEN void combine_forward_f32(int64_t num_runtime, const float* const* p, const float* const* z, const float* w, float* out,
                          int64_t e0, int64_t e1) {
   const int64_t num = kNum > 0 ? kNum : num_runtime;
-  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities], wv[kMaxVecModalities];
+  for (int64_t m = 0; m < num; ++m) wv[m] = VecF(w[m]);  // broadcast once, not per vector
   for (int64_t i = e0; i < e1; i += VecF::size())
-    store_vec<kStream>(act_value<kAct>(combine_vec<kMode>(num, p, z, w, i, pv, sv)), out + i);
+    store_vec<kStream>(act_value<kAct>(combine_vec<kMode>(num, p, z, wv, i, pv, sv)), out + i);
 }
 
 // Gradients on [e0, e1) (a multiple of the vector width); "sum" adds g * p_m into dot[m].
@@ -569,14 +570,15 @@ MMFUSE_FLATTEN void combine_backward_f32(int64_t num_runtime, const float* const
                           VecF* dot) {
   const int64_t num = kNum > 0 ? kNum : num_runtime;
   const VecF one(1.f);
-  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities], wv[kMaxVecModalities];
+  for (int64_t m = 0; m < num; ++m) wv[m] = VecF(w[m]);  // broadcast once, not per vector
   for (int64_t i = e0; i < e1; i += VecF::size()) {
     VecF g = VecF::loadu(grad_out + i);
-    const VecF y = combine_vec<kMode>(num, p, z, w, i, pv, sv);
+    const VecF y = combine_vec<kMode>(num, p, z, wv, i, pv, sv);
     if constexpr (kAct != Activation::kNone) g = g * act_grad<kAct>(y);
     for (int64_t m = 0; m < num; ++m) {
       if constexpr (kMode == Mode::kSum) {
-        store_vec<kStream>(g * VecF(w[m]), gp[m] + i);
+        store_vec<kStream>(g * wv[m], gp[m] + i);
         dot[m] = vec::fmadd(g, pv[m], dot[m]);
       } else if constexpr (kMode == Mode::kProduct) {
         // the product of the other modalities, not out / p_m: exact when some p_j == 0
