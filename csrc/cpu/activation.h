@@ -1,8 +1,9 @@
 // Activation names of the fused CPU kernels; codes match the Python names: "none", "relu", "gelu" (exact erf form), "silu", "tanh", "sigmoid".
+// Header-only and torch-free: the stable-ABI CPU kernels and the CUDA launchers both include it.
 #pragma once
 
-#include <c10/util/Exception.h>
-
+#include <stdexcept>
+#include <string>
 #include <string_view>
 
 namespace mmfuse {
@@ -16,7 +17,8 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "silu") return Activation::kSilu;
   if (name == "tanh") return Activation::kTanh;
   if (name == "sigmoid") return Activation::kSigmoid;
-  TORCH_CHECK(false, "activation must be one of none, relu, gelu, silu, tanh, sigmoid; got ", name);
+  // std::runtime_error: Python's RuntimeError with exactly this message, as TORCH_CHECK gave
+  throw std::runtime_error("activation must be one of none, relu, gelu, silu, tanh, sigmoid; got " + std::string(name));
 }
 
 }  // namespace mmfuse

@@ -4,69 +4,110 @@
 //   combine_modalities: the elementwise modes sum / product / gated in one pass over the
 //     projected tensors, forward and backward, the activation fused; the backward recomputes
 //     the pre-activation instead of reading a stored one.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+//
+// LibTorch stable ABI (csrc/stable.h): the GEMMs and activations go to torch's kernels through
+// the dispatcher's boxed call, except addmm (its beta/alpha are Scalars, which a StableIValue
+// cannot carry), which goes through the generated C shim aoti_torch_cpu_addmm_out.
+#include "../stable.h"
 
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
+#include "vec.h"
 
 namespace mmfuse {
 namespace {
 
 constexpr int64_t kChunk = 4096;      // elements per task of the elementwise kernels
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+ScalarType acc_type(ScalarType t) { return t == dtype::kDouble ? dtype::kDouble : dtype::kFloat; }
 
-void check_inputs(const std::vector<at::Tensor>& xs, const char* what) {
-  TORCH_CHECK(!xs.empty(), what, ": needs at least one input");
+void check_inputs(const std::vector<Tensor>& xs, const char* what) {
+  MMFUSE_CHECK(!xs.empty(), what, ": needs at least one input");
   for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && x.size(0) == xs[0].size(0) &&
-                    x.scalar_type() == xs[0].scalar_type() && at::isFloatingType(x.scalar_type()),
-                what, ": inputs must be contiguous CPU (N, D_i) tensors of one dtype, got ", x.sizes());
+    MMFUSE_CHECK(x.is_cpu() && x.is_contiguous() && x.dim() == 2 && x.size(0) == xs[0].size(0) &&
+                    x.scalar_type() == xs[0].scalar_type() && is_floating(x.scalar_type()),
+                what, ": inputs must be contiguous CPU (N, D_i) tensors of one dtype, got ", shape(x));
   }
 }
 
 // ---- fused_concat_linear -------------------------------------------------------------------
 
-void check_weight(const char* op, const std::vector<at::Tensor>& xs, const at::Tensor& weight) {
+void check_weight(const char* op, const std::vector<Tensor>& xs, const Tensor& weight) {
   int64_t width = 0;
   for (const auto& x : xs) width += x.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == width && weight.device().is_cpu() &&
+  MMFUSE_CHECK(weight.dim() == 2 && weight.size(1) == width && weight.is_cpu() &&
                   weight.scalar_type() == xs[0].scalar_type(),
               op, ": weight must be a CPU (out, ", width, ") tensor of the inputs' dtype ", xs[0].scalar_type(),
-              ", got ", weight.sizes(), " ", weight.scalar_type());
+              ", got ", shape(weight), " ", weight.scalar_type());
 }
 
+// aten::addmm.out through its generated C shim: addmm's beta and alpha are Scalars, which the
+// dispatcher's boxed call cannot take from a StableIValue. out may be self (addmm_).
+void addmm_out(Tensor& out, const Tensor& self, const Tensor& mat1, const Tensor& mat2) {
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), self.get(), mat1.get(), mat2.get(), 1.0, 1.0));
+}
+
+Tensor mm(const Tensor& a, const Tensor& b) { return call_op("aten::mm", "", a, b); }
+
 // The activation through ATen's vectorised CPU kernels (Sleef transcendental functions).
-at::Tensor apply_activation(const at::Tensor& z, Activation act) {
+Tensor apply_activation(const Tensor& z, Activation act) {
   switch (act) {
     case Activation::kNone: return z;
-    case Activation::kRelu: return at::relu(z);
-    case Activation::kGelu: return at::gelu(z);
-    case Activation::kSilu: return at::silu(z);
-    case Activation::kTanh: return at::tanh(z);
-    case Activation::kSigmoid: return at::sigmoid(z);
+    case Activation::kRelu: return call_op("aten::relu", "", z);
+    case Activation::kGelu: return call_op("aten::gelu", "", z, std::string("none"));
+    case Activation::kSilu: return call_op("aten::silu", "", z);
+    case Activation::kTanh: return call_op("aten::tanh", "", z);
+    case Activation::kSigmoid: return call_op("aten::sigmoid", "", z);
   }
   return z;
 }
 
-// grad_out * act'(z) for the pre-activation z, through ATen's vectorised backward kernels.
-at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& z, Activation act) {
+// grad_out where z > 0, else 0 (NaN z passes grad_out), in the accumulation type `acc`: what
+// aten::threshold_backward(grad_out, z, 0).to(acc) gives (its Scalar threshold cannot go through
+// the boxed call; selecting and rounding commute).
+Tensor relu_backward(const Tensor& grad_out, const Tensor& z, ScalarType acc) {
+  const Tensor g = mmfuse::contiguous(to_dtype(grad_out, acc));
+  const Tensor zc = mmfuse::contiguous(z);
+  Tensor out = empty_like_as(g, g.sizes(), acc);
+  const int64_t numel = g.numel();
+  MMFUSE_DISPATCH_FLOATING(acc, "relu_backward", [&] {
+    using A = scalar_t;
+    const A* gp = g.const_data_ptr<A>();
+    A* op = ptr<A>(out);
+    MMFUSE_DISPATCH_FLOATING_AND_HALF(zc.scalar_type(), "relu_backward", [&] {
+      const scalar_t* zp = zc.const_data_ptr<scalar_t>();
+      parallel_for(0, numel, 1 << 15, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) op[i] = static_cast<A>(zp[i]) <= A(0) ? A(0) : gp[i];
+      });
+    });
+  });
+  return out;
+}
+
+// grad_out * act'(z) for the pre-activation z, through ATen's vectorised backward kernels,
+// in the accumulation type `acc`.
+Tensor activation_backward(const Tensor& grad_out, const Tensor& z, Activation act, ScalarType acc) {
   switch (act) {
-    case Activation::kNone: return grad_out;
-    case Activation::kRelu: return at::threshold_backward(grad_out, z, 0);
-    case Activation::kGelu: return at::gelu_backward(grad_out, z);
-    case Activation::kSilu: return at::silu_backward(grad_out, z);
-    case Activation::kTanh: return at::tanh_backward(grad_out, at::tanh(z));
-    case Activation::kSigmoid: return at::sigmoid_backward(grad_out, at::sigmoid(z));
+    case Activation::kNone: return to_dtype(grad_out, acc);
+    case Activation::kRelu: return relu_backward(grad_out, z, acc);
+    case Activation::kGelu: return to_dtype(call_op("aten::gelu_backward", "", grad_out, z, std::string("none")), acc);
+    case Activation::kSilu: return to_dtype(call_op("aten::silu_backward", "", grad_out, z), acc);
+    case Activation::kTanh:
+      return to_dtype(call_op("aten::tanh_backward", "", grad_out, call_op("aten::tanh", "", z)), acc);
+    case Activation::kSigmoid:
+      return to_dtype(call_op("aten::sigmoid_backward", "", grad_out, call_op("aten::sigmoid", "", z)), acc);
   }
-  return grad_out;
+  return to_dtype(grad_out, acc);
 }
 
 // Forward: one GEMM per input into the same accumulator (ATen's blocked, multithreaded GEMM
@@ -74,75 +115,81 @@ at::Tensor activation_backward(const at::Tensor& grad_out, const at::Tensor& z, 
 // Measured here (2 threads, N=4096, D=(768,512,256), out=1024, fp32): as fast as cat + linear,
 // which pays the same GEMM plus the concatenated copy. Half inputs accumulate in fp32 and
 // round once, as a single GEMM on the concatenation would.
-std::tuple<at::Tensor, at::Tensor> fused_concat_linear_cpu(const std::vector<at::Tensor>& xs,
-                                                           const at::Tensor& weight,
-                                                           const std::optional<at::Tensor>& bias,
-                                                           c10::string_view activation) {
+std::tuple<Tensor, Tensor> fused_concat_linear_cpu(const std::vector<Tensor>& xs, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, const std::string& activation) {
   check_inputs(xs, "fused_concat_linear");
   const Activation act = parse_activation(activation);
   check_weight("fused_concat_linear", xs, weight);
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu() &&
+    MMFUSE_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_cpu() &&
                     bias->scalar_type() == xs[0].scalar_type(),
                 "fused_concat_linear: bias must be a CPU (out=", weight.size(0), ",) tensor of the inputs' dtype, got ",
-                bias->sizes(), " ", bias->scalar_type());
+                shape(*bias), " ", bias->scalar_type());
   }
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const at::Tensor w = weight.to(acc);  // no copy for fp32/fp64
+  Tensor w = to_dtype(weight, acc);  // no copy for fp32/fp64
   // the first GEMM starts from the bias (or writes over the uninitialised accumulator with
   // beta = 0), the others accumulate: no separate pass to broadcast the bias or zero the sum
-  at::Tensor sum;
+  Tensor sum;
   int64_t col = 0;
   for (const auto& x : xs) {
-    const at::Tensor w_block = w.narrow(1, col, x.size(1)).t();
+    const int64_t d = x.size(1);
+    const Tensor w_block = torch::stable::transpose(torch::stable::narrow(w, 1, col, d), 0, 1);
+    const Tensor xa = to_dtype(x, acc);
     if (!sum.defined()) {
-      sum = bias ? at::addmm(bias->to(acc), x.to(acc), w_block) : at::mm(x.to(acc), w_block);
+      if (bias) {
+        sum = empty_like_as(xa, {xa.size(0), weight.size(0)}, acc);
+        addmm_out(sum, to_dtype(*bias, acc), xa, w_block);
+      } else {
+        sum = mm(xa, w_block);
+      }
     } else {
-      sum.addmm_(x.to(acc), w_block);
+      addmm_out(sum, sum, xa, w_block);
     }
-    col += x.size(1);
+    col += d;
   }
-  const at::Tensor preact = sum.to(dtype);
-  return {apply_activation(preact, act), act == Activation::kNone ? at::empty({0}, xs[0].options()) : preact};
+  const Tensor preact = to_dtype(sum, dtype);
+  return {apply_activation(preact, act), act == Activation::kNone ? empty_like_as(xs[0], {0}) : preact};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_bwd_cpu(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& xs, const at::Tensor& weight, const at::Tensor& preact,
-    c10::string_view activation, bool has_bias) {
+std::tuple<std::vector<Tensor>, Tensor, Tensor> fused_concat_linear_bwd_cpu(
+    const Tensor& grad_out, const std::vector<Tensor>& xs, const Tensor& weight, const Tensor& preact,
+    const std::string& activation, bool has_bias) {
   const char* op = "fused_concat_linear_bwd";
   check_inputs(xs, op);
   const Activation act = parse_activation(activation);
   check_weight(op, xs, weight);
   const int64_t n = xs[0].size(0), out_features = weight.size(0);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == n && grad_out.size(1) == out_features &&
-                  grad_out.device().is_cpu() && at::isFloatingType(grad_out.scalar_type()),
-              op, ": grad_out must be a CPU float (N=", n, ", out=", out_features, ") tensor, got ", grad_out.sizes(),
+  MMFUSE_CHECK(grad_out.dim() == 2 && grad_out.size(0) == n && grad_out.size(1) == out_features &&
+                  grad_out.is_cpu() && is_floating(grad_out.scalar_type()),
+              op, ": grad_out must be a CPU float (N=", n, ", out=", out_features, ") tensor, got ", shape(grad_out),
               " ", grad_out.scalar_type());
   if (act != Activation::kNone) {
-    TORCH_CHECK(preact.sizes() == grad_out.sizes() && preact.device().is_cpu() &&
-                    at::isFloatingType(preact.scalar_type()),
+    MMFUSE_CHECK(preact.sizes() == grad_out.sizes() && preact.is_cpu() &&
+                    is_floating(preact.scalar_type()),
                 op, ": preact must be a CPU float (N=", n, ", out=", out_features, ") tensor for activation ",
-                std::string(activation), ", got ", preact.sizes(), " ", preact.scalar_type());
+                activation, ", got ", shape(preact), " ", preact.scalar_type());
   }
   const auto dtype = xs[0].scalar_type();
   const auto acc = acc_type(dtype);
-  const at::Tensor g = activation_backward(grad_out, preact, act).to(acc);  // (N, out)
-  const at::Tensor w = weight.to(acc);
-  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options().dtype(acc));
-  std::vector<at::Tensor> grad_xs;
+  const Tensor g = activation_backward(grad_out, preact, act, acc);  // (N, out)
+  const Tensor g_t = torch::stable::transpose(g, 0, 1);
+  Tensor w = to_dtype(weight, acc);
+  Tensor grad_weight = empty_like_as(weight, weight.sizes(), acc);
+  std::vector<Tensor> grad_xs;
   int64_t col = 0;
   for (const auto& x : xs) {
     const int64_t d = x.size(1);
-    grad_xs.push_back(at::mm(g, w.narrow(1, col, d)).to(dtype));
+    grad_xs.push_back(to_dtype(mm(g, torch::stable::narrow(w, 1, col, d)), dtype));
     // straight into the weight gradient's column block: a row-major view with leading
     // dimension `width`, which BLAS writes in place (no temporary, no copy)
-    at::Tensor block = grad_weight.narrow(1, col, d);
-    at::mm_out(block, g.t(), x.to(acc));
+    Tensor block = torch::stable::narrow(grad_weight, 1, col, d);
+    call_op("aten::mm", "out", g_t, to_dtype(x, acc), block);
     col += d;
   }
-  at::Tensor grad_bias = has_bias ? g.sum(0).to(dtype) : at::empty({0}, weight.options());
-  return {grad_xs, grad_weight.to(weight.scalar_type()), grad_bias};
+  Tensor grad_bias = has_bias ? to_dtype(torch::stable::sum(g, IntArrayRef{0}), dtype) : empty_like_as(weight, {0});
+  return {grad_xs, to_dtype(grad_weight, weight.scalar_type()), grad_bias};
 }
 
 // ---- combine_modalities ----------------------------------------------------------------------
@@ -156,42 +203,42 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> fused_concat_linear_
 
 enum class Mode { kSum, kProduct, kGated };
 
-Mode parse_mode(c10::string_view mode) {
+Mode parse_mode(const std::string& mode) {
   if (mode == "sum") return Mode::kSum;
   if (mode == "product") return Mode::kProduct;
   if (mode == "gated") return Mode::kGated;
-  TORCH_CHECK(false, "combine_modalities: mode must be sum, product or gated, got ", std::string(mode));
+  MMFUSE_CHECK(false, "combine_modalities: mode must be sum, product or gated, got ", std::string(mode));
 }
 
-void check_combine(const std::vector<at::Tensor>& projected, Mode mode, const std::optional<at::Tensor>& weights,
-                   const std::vector<at::Tensor>& gate_logits) {
-  TORCH_CHECK(!projected.empty(), "combine_modalities: needs at least one projected tensor");
+void check_combine(const std::vector<Tensor>& projected, Mode mode, const std::optional<Tensor>& weights,
+                   const std::vector<Tensor>& gate_logits) {
+  MMFUSE_CHECK(!projected.empty(), "combine_modalities: needs at least one projected tensor");
   for (const auto& p : projected)
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.sizes() == projected[0].sizes() &&
+    MMFUSE_CHECK(p.is_cpu() && p.is_contiguous() && p.sizes() == projected[0].sizes() &&
                     p.scalar_type() == projected[0].scalar_type(),
                 "combine_modalities: projected tensors must be contiguous CPU tensors of one shape and dtype");
-  TORCH_CHECK(at::isFloatingType(projected[0].scalar_type()), "combine_modalities: projected must be float, got ",
+  MMFUSE_CHECK(is_floating(projected[0].scalar_type()), "combine_modalities: projected must be float, got ",
               projected[0].scalar_type());
   if (mode == Mode::kSum)
-    TORCH_CHECK(weights && weights->dim() == 1 && weights->numel() == static_cast<int64_t>(projected.size()) &&
-                    weights->device().is_cpu() && at::isFloatingType(weights->scalar_type()),
+    MMFUSE_CHECK(weights && weights->dim() == 1 && weights->numel() == static_cast<int64_t>(projected.size()) &&
+                    weights->is_cpu() && is_floating(weights->scalar_type()),
                 "combine_modalities: mode sum needs weights, a CPU float tensor of shape (M=", projected.size(),
-                ",), got ", weights ? weights->sizes() : at::IntArrayRef{}, weights ? "" : "none");
+                ",), got ", weights ? shape(*weights) : std::string("[]"), weights ? "" : "none");
   if (mode == Mode::kGated) {
-    TORCH_CHECK(gate_logits.size() == projected.size(), "combine_modalities: mode gated needs M=", projected.size(),
+    MMFUSE_CHECK(gate_logits.size() == projected.size(), "combine_modalities: mode gated needs M=", projected.size(),
                 " gate_logits, got ", gate_logits.size());
     for (const auto& g : gate_logits)
-      TORCH_CHECK(g.is_contiguous() && g.device().is_cpu() && g.sizes() == projected[0].sizes() &&
+      MMFUSE_CHECK(g.is_contiguous() && g.is_cpu() && g.sizes() == projected[0].sizes() &&
                       g.scalar_type() == projected[0].scalar_type(),
                   "combine_modalities: gate_logits must be contiguous CPU tensors shaped like projected ",
-                  projected[0].sizes(), " in its dtype, got ", g.sizes(), " ", g.scalar_type());
+                  shape(projected[0]), " in its dtype, got ", shape(g), " ", g.scalar_type());
   }
 }
 
 template <typename T>
-std::vector<const T*> pointers(const std::vector<at::Tensor>& ts) {
+std::vector<const T*> pointers(const std::vector<Tensor>& ts) {
   std::vector<const T*> ptrs;
-  for (const auto& t : ts) ptrs.push_back(t.data_ptr<T>());
+  for (const auto& t : ts) ptrs.push_back(t.template const_data_ptr<T>());
   return ptrs;
 }
 
@@ -207,34 +254,34 @@ inline void store_tile(const A* in, S* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(in[i]);
 }
 
-// exp on vectors: the 20-ulp polynomial (as the attention kernel's softmax) for float, which
-// is ~2x faster than Sleef's 1-ulp exp and far inside fp32's tolerance here.
+// exp on vectors: for float the short polynomial vec::exp_u20 (within 4 ulp), which is ~2x
+// faster than the accurate vec exp and far inside fp32's tolerance here.
 template <typename V>
 inline V vexp(V x) {
-  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) return x.exp_u20();
+  if constexpr (std::is_same_v<V, vec::Vectorized<float>>) return vec::exp_u20(x);
   else return x.exp();
 }
 
-// x[i] = sigmoid(x[i]) in place, on at::vec vectors for float.
+// x[i] = sigmoid(x[i]) in place, on mmfuse::vec vectors for float.
 template <typename A>
 void sigmoid_tile(A* x, int64_t n) {
   int64_t i = 0;
   if constexpr (std::is_same_v<A, float>) {
-    using Vec = at::vec::Vectorized<float>;
+    using Vec = vec::Vectorized<float>;
     const Vec one(1.f);
     for (; i + Vec::size() <= n; i += Vec::size()) (one / (one + vexp(Vec::loadu(x + i).neg()))).store(x + i);
   }
   for (; i < n; ++i) x[i] = A(1) / (A(1) + std::exp(-x[i]));
 }
 
-// The activations and their derivatives at the pre-activation z, for one at::vec vector
+// The activations and their derivatives at the pre-activation z, for one mmfuse::vec vector
 // (float) or one scalar (the tail, and double). GELU is the exact erf form:
 // 0.5 z (1 + erf(z / sqrt 2)), derivative Phi(z) + z phi(z). The activation is a template
 // argument so that each tile loop is compiled for one activation.
 template <Activation kAct, typename V>
 inline V act_value(V z) {
   const V one(1), half(0.5), zero(0), inv_sqrt2(0.70710678118654752440);
-  if constexpr (kAct == Activation::kRelu) return at::vec::maximum(z, zero);
+  if constexpr (kAct == Activation::kRelu) return vec::maximum(z, zero);
   if constexpr (kAct == Activation::kGelu) return half * z * (one + (z * inv_sqrt2).erf());
   if constexpr (kAct == Activation::kSilu) return z / (one + vexp(z.neg()));
   if constexpr (kAct == Activation::kTanh) return z.tanh();
@@ -299,7 +346,7 @@ void activate_tile(A* y, int64_t n) {
   if constexpr (kAct == Activation::kNone) return;
   int64_t i = 0;
   if constexpr (std::is_same_v<A, float>) {
-    using Vec = at::vec::Vectorized<float>;
+    using Vec = vec::Vectorized<float>;
     for (; i + Vec::size() <= n; i += Vec::size()) act_value<kAct>(Vec::loadu(y + i)).store(y + i);
   }
   for (; i < n; ++i) y[i] = act_value_scalar<kAct>(y[i]);
@@ -311,7 +358,7 @@ void activation_grad_tile(A* g, const A* z, int64_t n) {
   if constexpr (kAct == Activation::kNone) return;
   int64_t i = 0;
   if constexpr (std::is_same_v<A, float>) {
-    using Vec = at::vec::Vectorized<float>;
+    using Vec = vec::Vectorized<float>;
     for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(g + i) * act_grad<kAct>(Vec::loadu(z + i))).store(g + i);
   }
   for (; i < n; ++i) g[i] *= act_grad_scalar<kAct>(z[i]);
@@ -337,23 +384,23 @@ A scale_and_dot(const A* a, const A* b, A w, A* out, int64_t n) {
   int64_t i = 0;
   A dot = A(0);
   if constexpr (std::is_same_v<A, float>) {
-    using Vec = at::vec::Vectorized<float>;
+    using Vec = vec::Vectorized<float>;
     constexpr int64_t kStep = 4 * Vec::size();
     Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
     const Vec wv(w);
     for (; i + kStep <= n; i += kStep) {
       const Vec a0 = Vec::loadu(a + i), a1 = Vec::loadu(a + i + Vec::size());
       const Vec a2 = Vec::loadu(a + i + 2 * Vec::size()), a3 = Vec::loadu(a + i + 3 * Vec::size());
-      acc0 = at::vec::fmadd(a0, Vec::loadu(b + i), acc0);
-      acc1 = at::vec::fmadd(a1, Vec::loadu(b + i + Vec::size()), acc1);
-      acc2 = at::vec::fmadd(a2, Vec::loadu(b + i + 2 * Vec::size()), acc2);
-      acc3 = at::vec::fmadd(a3, Vec::loadu(b + i + 3 * Vec::size()), acc3);
+      acc0 = vec::fmadd(a0, Vec::loadu(b + i), acc0);
+      acc1 = vec::fmadd(a1, Vec::loadu(b + i + Vec::size()), acc1);
+      acc2 = vec::fmadd(a2, Vec::loadu(b + i + 2 * Vec::size()), acc2);
+      acc3 = vec::fmadd(a3, Vec::loadu(b + i + 3 * Vec::size()), acc3);
       (a0 * wv).store(out + i);
       (a1 * wv).store(out + i + Vec::size());
       (a2 * wv).store(out + i + 2 * Vec::size());
       (a3 * wv).store(out + i + 3 * Vec::size());
     }
-    dot = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, (acc0 + acc1) + (acc2 + acc3));
+    dot = vec::reduce_add((acc0 + acc1) + (acc2 + acc3));
   }
   for (; i < n; ++i) {
     dot += a[i] * b[i];
@@ -402,18 +449,19 @@ struct TileBuffers {
 };
 
 template <typename T, typename A>
-std::vector<A> normalized_weights(Mode mode, const std::optional<at::Tensor>& weights, int64_t num) {
+std::vector<A> normalized_weights(Mode mode, const std::optional<Tensor>& weights, int64_t num) {
   std::vector<A> w(num, A(0));
   if (mode == Mode::kSum) {
-    const at::Tensor wc = weights->to(c10::CppTypeToScalarType<A>::value).contiguous();
-    for (int64_t m = 0; m < num; ++m) w[m] = wc.data_ptr<A>()[m];
+    const Tensor wc = mmfuse::contiguous(to_dtype(*weights, scalar_type_of<A>()));
+    const A* wp = wc.const_data_ptr<A>();
+    for (int64_t m = 0; m < num; ++m) w[m] = wp[m];
   }
   return w;
 }
 
-// ---- the float path: one at::vec vector of every tensor at a time, no tile buffers --------------
+// ---- the float path: one mmfuse::vec vector of every tensor at a time, no tile buffers --------------
 
-using VecF = at::vec::Vectorized<float>;
+using VecF = vec::Vectorized<float>;
 constexpr int64_t kMaxVecModalities = 8;  // register arrays of the float path; more takes the tile path
 
 // Stores of the outputs. Large outputs are written with non-temporal (streaming) stores: they
@@ -425,9 +473,9 @@ constexpr int64_t kStreamingBytes = 1 << 21;
 
 template <bool kStream>
 inline void store_vec(const VecF& v, float* ptr) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__)
   if constexpr (kStream) {
-    _mm256_stream_ps(ptr, v);
+    _mm256_stream_ps(ptr, v.v);
     return;
   }
 #endif
@@ -435,16 +483,16 @@ inline void store_vec(const VecF& v, float* ptr) {
 }
 
 inline void streaming_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX2__)
   _mm_sfence();
 #endif
 }
 
-inline bool can_stream(std::initializer_list<const std::vector<at::Tensor>*> outputs) {
-#if defined(CPU_CAPABILITY_AVX2)
+inline bool can_stream(std::initializer_list<const std::vector<Tensor>*> outputs) {
+#if defined(__AVX2__)
   for (const auto* ts : outputs)
     for (const auto& t : *ts)
-      if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 32 != 0 || t.nbytes() < kStreamingBytes) return false;
+      if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 32 != 0 || nbytes(t) < kStreamingBytes) return false;
   return true;
 #else
   return false;
@@ -462,8 +510,8 @@ void dispatch_bool(bool b, const F& f) {
 // cheaper than a divide; gated mode takes M sigmoids per element and is compute-bound on them.
 // exp(-x) is capped at 2^100 so that the estimate never sees infinity (sigmoid < 1e-30 there).
 inline VecF fast_sigmoid(const VecF& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_min_ps(vexp(x.neg()), _mm256_set1_ps(1.2676506e30f)));
+#if defined(__AVX2__)
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_min_ps(vexp(x.neg()).v, _mm256_set1_ps(1.2676506e30f)));
   const __m256 r = _mm256_rcp_ps(d);
   return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
 #else
@@ -473,7 +521,7 @@ inline VecF fast_sigmoid(const VecF& x) {
 
 // The pre-activation of one vector at element i; pv[m] receives p_m, sv[m] sigmoid(z_m) ("gated").
 template <Mode kMode>
-inline VecF combine_vec(int64_t num, const float* const* p, const float* const* z, const float* w, int64_t i,
+inline VecF combine_vec(int64_t num, const float* const* p, const float* const* z, const VecF* w, int64_t i,
                         VecF* pv, VecF* sv) {
   const VecF one(1.f);
   VecF y(kMode == Mode::kProduct ? 1.f : 0.f);
@@ -481,13 +529,13 @@ inline VecF combine_vec(int64_t num, const float* const* p, const float* const* 
     const VecF x = VecF::loadu(p[m] + i);
     pv[m] = x;
     if constexpr (kMode == Mode::kSum) {
-      y = at::vec::fmadd(VecF(w[m]), x, y);
+      y = vec::fmadd(w[m], x, y);
     } else if constexpr (kMode == Mode::kProduct) {
       y = y * x;
     } else {
       const VecF sig = fast_sigmoid(VecF::loadu(z[m] + i));
       sv[m] = sig;
-      y = at::vec::fmadd(sig, x, y);
+      y = vec::fmadd(sig, x, y);
     }
   }
   return y;
@@ -496,7 +544,7 @@ inline VecF combine_vec(int64_t num, const float* const* p, const float* const* 
 // out[e0, e1) with e1 - e0 a multiple of the vector width.
 // kNum > 0: the number of modalities as a constant (loops over m unroll, the M inputs' loads
 // and sigmoids interleave); 0: num at run time.
-// flatten: everything these loops call is inlined into them (at::vec's exp_u20 and the helpers
+// flatten: everything these loops call is inlined into them (vec.h's exp_u20 and the helpers
 // above are otherwise out-of-line calls per vector that spill the pv/sv arrays to memory and
 // reload the polynomial constants every time: measured at ~60% of the gated kernel's time).
 #if defined(__GNUC__)
@@ -509,9 +557,10 @@ template <Mode kMode, Activation kAct, bool kStream, int kNum>
 MMFUSE_FLATTEN void combine_forward_f32(int64_t num_runtime, const float* const* p, const float* const* z, const float* w, float* out,
                          int64_t e0, int64_t e1) {
   const int64_t num = kNum > 0 ? kNum : num_runtime;
-  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities], wv[kMaxVecModalities];
+  for (int64_t m = 0; m < num; ++m) wv[m] = VecF(w[m]);  // broadcast once, not per vector
   for (int64_t i = e0; i < e1; i += VecF::size())
-    store_vec<kStream>(act_value<kAct>(combine_vec<kMode>(num, p, z, w, i, pv, sv)), out + i);
+    store_vec<kStream>(act_value<kAct>(combine_vec<kMode>(num, p, z, wv, i, pv, sv)), out + i);
 }
 
 // Gradients on [e0, e1) (a multiple of the vector width); "sum" adds g * p_m into dot[m].
@@ -521,15 +570,16 @@ MMFUSE_FLATTEN void combine_backward_f32(int64_t num_runtime, const float* const
                           VecF* dot) {
   const int64_t num = kNum > 0 ? kNum : num_runtime;
   const VecF one(1.f);
-  VecF pv[kMaxVecModalities], sv[kMaxVecModalities];
+  VecF pv[kMaxVecModalities], sv[kMaxVecModalities], wv[kMaxVecModalities];
+  for (int64_t m = 0; m < num; ++m) wv[m] = VecF(w[m]);  // broadcast once, not per vector
   for (int64_t i = e0; i < e1; i += VecF::size()) {
     VecF g = VecF::loadu(grad_out + i);
-    const VecF y = combine_vec<kMode>(num, p, z, w, i, pv, sv);
+    const VecF y = combine_vec<kMode>(num, p, z, wv, i, pv, sv);
     if constexpr (kAct != Activation::kNone) g = g * act_grad<kAct>(y);
     for (int64_t m = 0; m < num; ++m) {
       if constexpr (kMode == Mode::kSum) {
-        store_vec<kStream>(g * VecF(w[m]), gp[m] + i);
-        dot[m] = at::vec::fmadd(g, pv[m], dot[m]);
+        store_vec<kStream>(g * wv[m], gp[m] + i);
+        dot[m] = vec::fmadd(g, pv[m], dot[m]);
       } else if constexpr (kMode == Mode::kProduct) {
         // the product of the other modalities, not out / p_m: exact when some p_j == 0
         VecF a = g;
@@ -565,28 +615,28 @@ void dispatch_mode(Mode mode, const F& f) {
   }
 }
 
-at::Tensor combine_modalities_cpu(const std::vector<at::Tensor>& projected, c10::string_view mode_name,
-                                  const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits,
-                                  c10::string_view activation) {
+Tensor combine_modalities_cpu(const std::vector<Tensor>& projected, const std::string& mode_name,
+                                  const std::optional<Tensor>& weights, const std::vector<Tensor>& gate_logits,
+                                  const std::string& activation) {
   const Mode mode = parse_mode(mode_name);
   check_combine(projected, mode, weights, gate_logits);
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
-  at::Tensor out = at::empty_like(first);
+  Tensor out = torch::stable::empty_like(first);
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  MMFUSE_DISPATCH_FLOATING_AND_HALF(first.scalar_type(), "combine_modalities_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
     const std::vector<A> w = normalized_weights<scalar_t, A>(mode, weights, num);
-    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* o = ptr<scalar_t>(out);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     const bool vec_path = std::is_same_v<scalar_t, float> && num <= kMaxVecModalities;
-    const std::vector<at::Tensor> outs{out};
+    const std::vector<Tensor> outs{out};
     const bool stream = vec_path && can_stream({&outs});
     dispatch_activation(act, [&](auto act_tag) {
       constexpr Activation kAct = decltype(act_tag)::value;
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         TileBuffers<A> buf(num, mode == Mode::kGated);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t end = std::min(numel, (c + 1) * kChunk);
@@ -623,40 +673,40 @@ at::Tensor combine_modalities_cpu(const std::vector<at::Tensor>& projected, c10:
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine_modalities_bwd_cpu(
-    const at::Tensor& grad_out, const std::vector<at::Tensor>& projected, c10::string_view mode_name,
-    const std::optional<at::Tensor>& weights, const std::vector<at::Tensor>& gate_logits, c10::string_view activation) {
+std::tuple<std::vector<Tensor>, Tensor, std::vector<Tensor>> combine_modalities_bwd_cpu(
+    const Tensor& grad_out, const std::vector<Tensor>& projected, const std::string& mode_name,
+    const std::optional<Tensor>& weights, const std::vector<Tensor>& gate_logits, const std::string& activation) {
   const Mode mode = parse_mode(mode_name);
   check_combine(projected, mode, weights, gate_logits);
   const Activation act = parse_activation(activation);
   const auto& first = projected[0];
-  TORCH_CHECK(grad_out.sizes() == first.sizes() && grad_out.scalar_type() == first.scalar_type(),
-              "combine_modalities_bwd: grad_out must be shaped like projected, got ", grad_out.sizes());
-  const at::Tensor go = grad_out.contiguous();
+  MMFUSE_CHECK(grad_out.sizes() == first.sizes() && grad_out.scalar_type() == first.scalar_type(),
+              "combine_modalities_bwd: grad_out must be shaped like projected, got ", shape(grad_out));
+  const Tensor go = mmfuse::contiguous(grad_out);
   const int64_t numel = first.numel(), num = static_cast<int64_t>(projected.size());
-  std::vector<at::Tensor> grad_p, grad_z;
-  for (int64_t m = 0; m < num; ++m) grad_p.push_back(at::empty_like(first));
+  std::vector<Tensor> grad_p, grad_z;
+  for (int64_t m = 0; m < num; ++m) grad_p.push_back(torch::stable::empty_like(first));
   if (mode == Mode::kGated)
-    for (int64_t m = 0; m < num; ++m) grad_z.push_back(at::empty_like(first));
+    for (int64_t m = 0; m < num; ++m) grad_z.push_back(torch::stable::empty_like(first));
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   // per-chunk partial sums of g * p_m in double, reduced in chunk order: accurate, and
   // deterministic for any thread count
-  at::Tensor partial = at::zeros({mode == Mode::kSum ? chunks : 0, num}, first.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "combine_modalities_bwd_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  Tensor partial = zeros_like_as(first, {mode == Mode::kSum ? chunks : 0, num}, dtype::kDouble);
+  MMFUSE_DISPATCH_FLOATING_AND_HALF(first.scalar_type(), "combine_modalities_bwd_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = pointers<scalar_t>(projected);
     const auto z = pointers<scalar_t>(gate_logits);
     std::vector<scalar_t*> gp, gz;
-    for (auto& t : grad_p) gp.push_back(t.data_ptr<scalar_t>());
-    for (auto& t : grad_z) gz.push_back(t.data_ptr<scalar_t>());
+    for (auto& t : grad_p) gp.push_back(ptr<scalar_t>(t));
+    for (auto& t : grad_z) gz.push_back(ptr<scalar_t>(t));
     const std::vector<A> w = normalized_weights<scalar_t, A>(mode, weights, num);
-    const scalar_t* gptr = go.data_ptr<scalar_t>();
-    double* part = mode == Mode::kSum ? partial.data_ptr<double>() : nullptr;
+    const scalar_t* gptr = go.const_data_ptr<scalar_t>();
+    double* part = mode == Mode::kSum ? ptr<double>(partial) : nullptr;
     const bool vec_path = std::is_same_v<scalar_t, float> && num <= kMaxVecModalities;
     const bool stream = vec_path && can_stream({&grad_p, &grad_z});
     dispatch_activation(act, [&](auto act_tag) {
     constexpr Activation kAct = decltype(act_tag)::value;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       TileBuffers<A> buf(num, mode == Mode::kGated);
       A* const g = buf.g;
       A* const a = buf.a;
@@ -679,7 +729,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
             });
             if (mode == Mode::kSum)
               for (int64_t m = 0; m < num; ++m)
-                part[c * num + m] += at::vec::vec_reduce_all<float>([](VecF x, VecF y) { return x + y; }, dot[m]);
+                part[c * num + m] += vec::reduce_add(dot[m]);
             e = vec_end;
           }
         }
@@ -724,17 +774,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, std::vector<at::Tensor>> combine
     });
     });
   });
-  at::Tensor grad_w = mode == Mode::kSum ? partial.sum(0).to(weights->scalar_type()) : at::empty({0}, first.options());
+  Tensor grad_w = mode == Mode::kSum ? to_dtype(torch::stable::sum(partial, IntArrayRef{0}), weights->scalar_type())
+                                     : empty_like_as(first, {0});
   return {grad_p, grad_w, grad_z};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("fused_concat_linear", &fused_concat_linear_cpu);
-  m.impl("fused_concat_linear_bwd", &fused_concat_linear_bwd_cpu);
-  m.impl("combine_modalities", &combine_modalities_cpu);
-  m.impl("combine_modalities_bwd", &combine_modalities_bwd_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("fused_concat_linear", TORCH_BOX(&fused_concat_linear_cpu));
+  m.impl("fused_concat_linear_bwd", TORCH_BOX(&fused_concat_linear_bwd_cpu));
+  m.impl("combine_modalities", TORCH_BOX(&combine_modalities_cpu));
+  m.impl("combine_modalities_bwd", TORCH_BOX(&combine_modalities_bwd_cpu));
 }
 
 }  // namespace mmfuse

@@ -27,10 +27,7 @@
 //
 // Semantics match mmfuse/reference/spectrogram.py: torch.stft + torchaudio MelSpectrogram,
 // openai/whisper log_mel_spectrogram (per item), Kaldi compute-fbank-feats.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "../stable.h"
 
 #include <algorithm>
 #include <cmath>
@@ -634,7 +631,7 @@ template <typename T, typename Fn>
 void for_each_block(const Plan<T>& plan, const Fn& fn) {
   const Options& o = plan.opt;
   const int64_t blocks_per_item = (o.num_frames + FB - 1) / FB;
-  at::parallel_for(0, o.batch * blocks_per_item, 1, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, o.batch * blocks_per_item, 1, [&](int64_t i0, int64_t i1) {
     Block<T> blk(o, plan.fft.size());
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / blocks_per_item, f0 = (i % blocks_per_item) * FB;
@@ -724,7 +721,7 @@ inline double clamp_depth(const Options& o) { return o.log_mode == kWhisperLog ?
 template <typename T>
 void apply_clamp(const Options& lo, const std::vector<T>& ref, T* out) {
   const bool whisper = lo.log_mode == kWhisperLog;
-  at::parallel_for(0, lo.batch, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, lo.batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T floor = ref[b] - static_cast<T>(clamp_depth(lo));
       if (whisper)
@@ -740,7 +737,7 @@ void apply_clamp(const Options& lo, const std::vector<T>& ref, T* out) {
 template <typename T>
 void apply_dct(const Plan<T>& plan, const T* logs, T* out) {
   const Options& o = plan.opt;
-  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> acc;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t frames = o.item_frames(b);
@@ -815,7 +812,7 @@ std::vector<T> clamp_grad(const Plan<T>& plan, const Options& lo, const T* grad)
   const T scale = lo.log_mode == kWhisperLog ? T(0.25) : T(1);
   const T depth = static_cast<T>(clamp_depth(lo));
   const int64_t group = lo.log_mode == kDbLog ? lo.top_db_group : 1;
-  at::parallel_for(0, lo.batch / group, 1, [&](int64_t g0, int64_t g1) {
+  parallel_for(0, lo.batch / group, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       T to_max = 0;
       int64_t ties = 0;
@@ -842,7 +839,7 @@ template <typename T>
 std::vector<T> dct_grad(const Plan<T>& plan, const T* grad) {
   const Options& o = plan.opt;
   std::vector<T> dlog(o.batch * o.n_mels * o.num_frames, T(0));
-  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < o.n_mfcc; ++c)
         for (int64_t m = 0; m < o.n_mels; ++m) {
@@ -956,7 +953,7 @@ void backward(const Plan<T>& plan, const T* grad_out, T* grad_wave) {
       for (int64_t k = 0; k < o.win; ++k) frame_src[row + k] = source_index(start + k, o.item_samples(b), o.pad, o.pad_mode);
     }
   });
-  at::parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, o.batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* gx = grad_wave + b * o.num_samples;
       for (int64_t i = (b * o.num_frames) * o.win; i < (b * o.num_frames + o.item_frames(b)) * o.win; ++i)
@@ -977,74 +974,74 @@ void check_edge_padding(const Options& o, int64_t length, int64_t item) {
   const int64_t need = o.pad_mode == kReflect ? -o.frame_offset + 1 : 1;
   if (padded >= need) return;
   if (item < 0)
-    TORCH_CHECK(false, "mel_spectrogram: waveform: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
+    MMFUSE_CHECK(false, "mel_spectrogram: waveform: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
                 " with center padding of ", -o.frame_offset, " needs at least ", need - 2 * o.pad,
                 " samples per item, got ", length);
-  TORCH_CHECK(false, "mel_spectrogram: lengths[", item, "]: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
+  MMFUSE_CHECK(false, "mel_spectrogram: lengths[", item, "]: pad_mode ", o.pad_mode == kReflect ? "reflect" : "replicate",
               " with center padding of ", -o.frame_offset, " needs at least ", need - 2 * o.pad,
               " samples per item, got ", length);
 }
 
-Options check_options(const at::Tensor& waveform, const at::Tensor& window, const at::Tensor& mel_fb,
-                      const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& frame_lengths,
+Options check_options(const Tensor& waveform, const Tensor& window, const Tensor& mel_fb,
+                      const std::optional<Tensor>& lengths, const std::optional<Tensor>& frame_lengths,
                       int64_t num_frames, int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad,
                       int64_t pad_mode, bool remove_dc, double preemphasis, double power, int64_t log_mode,
                       double log_floor, int64_t energy_mode, double energy_floor, bool energy_last,
-                      bool frames_major, const std::optional<at::Tensor>& dct, double top_db, int64_t top_db_group,
+                      bool frames_major, const std::optional<Tensor>& dct, double top_db, int64_t top_db_group,
                       bool complex_out) {
-  TORCH_CHECK(waveform.dim() == 2 && waveform.is_contiguous() && waveform.device().is_cpu(),
-              "mel_spectrogram: waveform must be a contiguous CPU (B, T) tensor, got ", waveform.sizes());
-  TORCH_CHECK(waveform.scalar_type() == at::kFloat || waveform.scalar_type() == at::kDouble,
+  MMFUSE_CHECK(waveform.dim() == 2 && waveform.is_contiguous() && waveform.is_cpu(),
+              "mel_spectrogram: waveform must be a contiguous CPU (B, T) tensor, got ", shape(waveform));
+  MMFUSE_CHECK(waveform.scalar_type() == dtype::kFloat || waveform.scalar_type() == dtype::kDouble,
               "mel_spectrogram: waveform must be float32 or float64, got ", waveform.scalar_type());
-  TORCH_CHECK(window.dim() == 1 && window.is_contiguous() && window.scalar_type() == waveform.scalar_type(),
-              "mel_spectrogram: window must be contiguous 1-D in the waveform's dtype, got ", window.sizes());
-  TORCH_CHECK(n_fft >= 1 && window.size(0) >= 1 && window.size(0) <= n_fft,
+  MMFUSE_CHECK(window.dim() == 1 && window.is_contiguous() && window.scalar_type() == waveform.scalar_type(),
+              "mel_spectrogram: window must be contiguous 1-D in the waveform's dtype, got ", shape(window));
+  MMFUSE_CHECK(n_fft >= 1 && window.size(0) >= 1 && window.size(0) <= n_fft,
               "mel_spectrogram: window length must lie in [1, n_fft=", n_fft, "], got ", window.size(0));
-  TORCH_CHECK(mel_fb.dim() == 2 && mel_fb.size(0) == n_fft / 2 + 1 && mel_fb.is_contiguous() &&
+  MMFUSE_CHECK(mel_fb.dim() == 2 && mel_fb.size(0) == n_fft / 2 + 1 && mel_fb.is_contiguous() &&
                   mel_fb.scalar_type() == waveform.scalar_type(),
               "mel_spectrogram: mel_fb must be contiguous (n_fft // 2 + 1 = ", n_fft / 2 + 1,
-              ", n_mels) in the waveform's dtype, got ", mel_fb.sizes());
-  TORCH_CHECK(hop >= 1 && pad >= 0 && num_frames >= 0, "mel_spectrogram: hop must be >= 1, pad and num_frames >= 0");
-  TORCH_CHECK(pad_mode >= kConstant && pad_mode <= kKaldiReflect, "mel_spectrogram: pad_mode code must be 0..3, got ",
+              ", n_mels) in the waveform's dtype, got ", shape(mel_fb));
+  MMFUSE_CHECK(hop >= 1 && pad >= 0 && num_frames >= 0, "mel_spectrogram: hop must be >= 1, pad and num_frames >= 0");
+  MMFUSE_CHECK(pad_mode >= kConstant && pad_mode <= kKaldiReflect, "mel_spectrogram: pad_mode code must be 0..3, got ",
               pad_mode);
-  TORCH_CHECK(log_mode >= kNoLog && log_mode <= kOffsetLog, "mel_spectrogram: log_mode code must be 0..4, got ", log_mode);
-  TORCH_CHECK(top_db < 0.0 || log_mode == kDbLog, "mel_spectrogram: top_db >= 0 needs log_mode 3 (dB), got log_mode ",
+  MMFUSE_CHECK(log_mode >= kNoLog && log_mode <= kOffsetLog, "mel_spectrogram: log_mode code must be 0..4, got ", log_mode);
+  MMFUSE_CHECK(top_db < 0.0 || log_mode == kDbLog, "mel_spectrogram: top_db >= 0 needs log_mode 3 (dB), got log_mode ",
               log_mode);
-  TORCH_CHECK(top_db_group >= 1 && waveform.size(0) % top_db_group == 0,
+  MMFUSE_CHECK(top_db_group >= 1 && waveform.size(0) % top_db_group == 0,
               "mel_spectrogram: top_db_group must be >= 1 and divide the batch (", waveform.size(0), "), got ",
               top_db_group);
-  TORCH_CHECK(energy_mode == kNoEnergy || (log_mode <= kWhisperLog && !dct && !complex_out),
+  MMFUSE_CHECK(energy_mode == kNoEnergy || (log_mode <= kWhisperLog && !dct && !complex_out),
               "mel_spectrogram: Kaldi's energy column is not combined with the dB/offset logs, dct or complex_out");
-  TORCH_CHECK(!complex_out || (!dct && log_mode == kNoLog && !frames_major),
+  MMFUSE_CHECK(!complex_out || (!dct && log_mode == kNoLog && !frames_major),
               "mel_spectrogram: complex_out takes no log, no dct and frames_major=False");
-  TORCH_CHECK(complex_out || mel_fb.size(1) >= 1, "mel_spectrogram: mel_fb must have at least one filter, got ",
-              mel_fb.sizes());
+  MMFUSE_CHECK(complex_out || mel_fb.size(1) >= 1, "mel_spectrogram: mel_fb must have at least one filter, got ",
+              shape(mel_fb));
   if (dct) {
-    TORCH_CHECK(log_mode == kDbLog || log_mode == kOffsetLog, "mel_spectrogram: dct takes log_mode 3 (dB) or 4 ",
+    MMFUSE_CHECK(log_mode == kDbLog || log_mode == kOffsetLog, "mel_spectrogram: dct takes log_mode 3 (dB) or 4 ",
                 "(offset), got ", log_mode);
-    TORCH_CHECK(dct->dim() == 2 && dct->size(1) >= 1 && dct->size(0) == mel_fb.size(1) && dct->is_contiguous() &&
-                    dct->scalar_type() == waveform.scalar_type() && dct->device().is_cpu(),
+    MMFUSE_CHECK(dct->dim() == 2 && dct->size(1) >= 1 && dct->size(0) == mel_fb.size(1) && dct->is_contiguous() &&
+                    dct->scalar_type() == waveform.scalar_type() && dct->is_cpu(),
                 "mel_spectrogram: dct must be a contiguous CPU (n_mels=", mel_fb.size(1),
-                ", n_mfcc) tensor in the waveform's dtype, got ", dct->sizes(), " ", dct->scalar_type());
+                ", n_mfcc) tensor in the waveform's dtype, got ", shape(*dct), " ", dct->scalar_type());
   }
-  TORCH_CHECK(energy_mode >= kNoEnergy && energy_mode <= kWindowedEnergy,
+  MMFUSE_CHECK(energy_mode >= kNoEnergy && energy_mode <= kWindowedEnergy,
               "mel_spectrogram: energy_mode code must be 0..2, got ", energy_mode);
-  TORCH_CHECK(power > 0.0 && std::isfinite(power), "mel_spectrogram: power must be a finite number > 0, got ", power);
-  TORCH_CHECK(window.device().is_cpu() && mel_fb.device().is_cpu(),
-              "mel_spectrogram: window and mel_fb must be CPU tensors like the waveform, got ", window.device(), " and ",
-              mel_fb.device());
+  MMFUSE_CHECK(power > 0.0 && std::isfinite(power), "mel_spectrogram: power must be a finite number > 0, got ", power);
+  MMFUSE_CHECK(window.is_cpu() && mel_fb.is_cpu(),
+              "mel_spectrogram: window and mel_fb must be CPU tensors like the waveform, got ",
+              device_str(window.device()), " and ", device_str(mel_fb.device()));
   // every sample index below is frame * hop + frame_offset + [0, n_fft) or length + 2 pad: keep them in int64
   constexpr int64_t kIndexLimit = int64_t(1) << 60;
-  TORCH_CHECK(hop < kIndexLimit / std::max<int64_t>(num_frames, 1) && pad < kIndexLimit && n_fft < kIndexLimit &&
+  MMFUSE_CHECK(hop < kIndexLimit / std::max<int64_t>(num_frames, 1) && pad < kIndexLimit && n_fft < kIndexLimit &&
                   frame_offset > -kIndexLimit && frame_offset < kIndexLimit,
               "mel_spectrogram: hop * num_frames, pad, n_fft and frame_offset must stay below 2**60, got hop ", hop,
               ", num_frames ", num_frames, ", pad ", pad, ", n_fft ", n_fft, ", frame_offset ", frame_offset);
   // work is sized by the signal: a frame that starts past the padded signal's end holds no sample
   const int64_t frame_bound = (waveform.size(1) + 2 * pad - std::min<int64_t>(frame_offset, 0)) / hop + 2;
-  TORCH_CHECK(num_frames <= frame_bound, "mel_spectrogram: num_frames must be at most ", frame_bound,
+  MMFUSE_CHECK(num_frames <= frame_bound, "mel_spectrogram: num_frames must be at most ", frame_bound,
               " for ", waveform.size(1), " samples (hop ", hop, ", pad ", pad, ", frame_offset ", frame_offset,
               "), got ", num_frames);
-  TORCH_CHECK(lengths.has_value() == frame_lengths.has_value(),
+  MMFUSE_CHECK(lengths.has_value() == frame_lengths.has_value(),
               "mel_spectrogram: lengths and frame_lengths must be given together");
   const int64_t batch = waveform.size(0);
   Options o{};
@@ -1075,17 +1072,17 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
   o.frames_major = frames_major;
   if (lengths) {
     for (const auto* t : {&*lengths, &*frame_lengths})
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == at::kLong && t->is_contiguous() &&
-                      t->device().is_cpu(),
+      MMFUSE_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == dtype::kLong && t->is_contiguous() &&
+                      t->is_cpu(),
                   "mel_spectrogram: lengths and frame_lengths must be contiguous int64 CPU (B=", batch, "), got ",
-                  t->sizes(), " ", t->scalar_type());
-    o.lengths = lengths->data_ptr<int64_t>();
-    o.frame_lengths = frame_lengths->data_ptr<int64_t>();
+                  shape(*t), " ", t->scalar_type());
+    o.lengths = lengths->const_data_ptr<int64_t>();
+    o.frame_lengths = frame_lengths->const_data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK(o.lengths[b] >= 0 && o.lengths[b] <= o.num_samples, "mel_spectrogram: lengths[", b,
+      MMFUSE_CHECK(o.lengths[b] >= 0 && o.lengths[b] <= o.num_samples, "mel_spectrogram: lengths[", b,
                   "] must lie in [0, ", o.num_samples, "], got ", o.lengths[b]);
       check_edge_padding(o, o.lengths[b], b);
-      TORCH_CHECK(o.frame_lengths[b] >= 0 && o.frame_lengths[b] <= num_frames, "mel_spectrogram: frame_lengths[", b,
+      MMFUSE_CHECK(o.frame_lengths[b] >= 0 && o.frame_lengths[b] <= num_frames, "mel_spectrogram: frame_lengths[", b,
                   "] must lie in [0, num_frames=", num_frames, "], got ", o.frame_lengths[b]);
     }
   }
@@ -1094,11 +1091,11 @@ Options check_options(const at::Tensor& waveform, const at::Tensor& window, cons
 }
 
 #define MMFUSE_MEL_ARGS_DECL                                                                                   \
-  const at::Tensor &waveform, const at::Tensor &window, const at::Tensor &mel_fb,                              \
-      const std::optional<at::Tensor>&lengths, const std::optional<at::Tensor>&frame_lengths, int64_t num_frames, \
+  const Tensor &waveform, const Tensor &window, const Tensor &mel_fb,                              \
+      const std::optional<Tensor>&lengths, const std::optional<Tensor>&frame_lengths, int64_t num_frames, \
       int64_t n_fft, int64_t hop, int64_t frame_offset, int64_t pad, int64_t pad_mode, bool remove_dc,          \
       double preemphasis, double power, int64_t log_mode, double log_floor, int64_t energy_mode,               \
-      double energy_floor, bool energy_last, bool frames_major, const std::optional<at::Tensor>&dct, double top_db, \
+      double energy_floor, bool energy_last, bool frames_major, const std::optional<Tensor>&dct, double top_db, \
       int64_t top_db_group, bool complex_out
 #define MMFUSE_MEL_ARGS                                                                                       \
   waveform, window, mel_fb, lengths, frame_lengths, num_frames, n_fft, hop, frame_offset, pad, pad_mode,      \
@@ -1112,42 +1109,42 @@ std::vector<int64_t> output_shape(const Options& o) {
   return {o.batch, o.n_feats, o.num_frames};
 }
 
-at::Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
+Tensor mel_spectrogram_cpu(MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
-  at::Tensor out = at::empty(output_shape(o), waveform.options());
+  Tensor out = empty_like_as(waveform, output_shape(o));
   if (out.numel() == 0) return out;  // no plan (its FFT tables are sized by n_fft) for no output
-  AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_cpu", [&] {
-    const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
-                              mel_fb.data_ptr<scalar_t>(),
-                              dct ? dct->data_ptr<scalar_t>() : nullptr);
-    forward(plan, out.data_ptr<scalar_t>());
+  MMFUSE_DISPATCH_FLOATING(waveform.scalar_type(), "mel_spectrogram_cpu", [&] {
+    const Plan<scalar_t> plan(o, waveform.const_data_ptr<scalar_t>(), window.const_data_ptr<scalar_t>(),
+                              mel_fb.const_data_ptr<scalar_t>(),
+                              dct ? dct->const_data_ptr<scalar_t>() : nullptr);
+    forward(plan, ptr<scalar_t>(out));
   });
   return out;
 }
 
-at::Tensor mel_spectrogram_backward_cpu(const at::Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
+Tensor mel_spectrogram_backward_cpu(const Tensor& grad, MMFUSE_MEL_ARGS_DECL) {
   const Options o = check_options(MMFUSE_MEL_ARGS);
   const std::vector<int64_t> out_shape = output_shape(o);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape) && grad.scalar_type() == waveform.scalar_type(),
-              "mel_spectrogram_backward: grad must match the forward output ", at::IntArrayRef(out_shape), ", got ",
-              grad.sizes());
-  const at::Tensor g = grad.contiguous();
-  at::Tensor grad_wave = at::zeros_like(waveform);
+  MMFUSE_CHECK(grad.sizes() == IntArrayRef(out_shape) && grad.scalar_type() == waveform.scalar_type(),
+              "mel_spectrogram_backward: grad must match the forward output ", shape_str(out_shape), ", got ",
+              shape(grad));
+  const Tensor g = mmfuse::contiguous(grad);
+  Tensor grad_wave = zeros_like_as(waveform, waveform.sizes());
   if (g.numel() == 0) return grad_wave;
-  AT_DISPATCH_FLOATING_TYPES(waveform.scalar_type(), "mel_spectrogram_backward_cpu", [&] {
-    const Plan<scalar_t> plan(o, waveform.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
-                              mel_fb.data_ptr<scalar_t>(),
-                              dct ? dct->data_ptr<scalar_t>() : nullptr);
-    backward(plan, g.data_ptr<scalar_t>(), grad_wave.data_ptr<scalar_t>());
+  MMFUSE_DISPATCH_FLOATING(waveform.scalar_type(), "mel_spectrogram_backward_cpu", [&] {
+    const Plan<scalar_t> plan(o, waveform.const_data_ptr<scalar_t>(), window.const_data_ptr<scalar_t>(),
+                              mel_fb.const_data_ptr<scalar_t>(),
+                              dct ? dct->const_data_ptr<scalar_t>() : nullptr);
+    backward(plan, g.const_data_ptr<scalar_t>(), ptr<scalar_t>(grad_wave));
   });
   return grad_wave;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
-  m.impl("mel_spectrogram", &mel_spectrogram_cpu);
-  m.impl("mel_spectrogram_backward", &mel_spectrogram_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfuse, CPU, m) {
+  m.impl("mel_spectrogram", TORCH_BOX(&mel_spectrogram_cpu));
+  m.impl("mel_spectrogram_backward", TORCH_BOX(&mel_spectrogram_backward_cpu));
 }
 
 }  // namespace mmfuse
