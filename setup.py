@@ -10,8 +10,8 @@ Two extensions. ``mmfuse/_ops.abi3.so``, the op library: every kernel and the op
 LibTorch stable ABI (``csrc/stable.h``) with ``TORCH_TARGET_VERSION`` = torch 2.11, so it calls
 torch only through the stable C shims and loads, through ``torch.ops.load_library``, in every
 torch from 2.11 on, whichever of them compiled it. ``mmfuse._C``: pybind11 only, the build
-information for Python, no torch symbol. A source file joins the op library once it registers
-with ``STABLE_TORCH_LIBRARY_IMPL``; one that still uses torch's C++ API builds into ``_C``.
+information for Python, no torch symbol. Every kernel source (csrc/cpu/*.cpp, csrc/cuda/*.cu)
+registers with ``STABLE_TORCH_LIBRARY_IMPL``; ``tools/check_abi.py`` checks the built library.
 
 The version is mmfuse/__init__.py's with a local part naming the kernels' flavour, ``+cpu`` or
 ``+cu130`` (the CUDA major.minor the CUDA kernels were compiled with; the library links the CUDA
@@ -84,7 +84,7 @@ def _build_record(cuda: bool) -> dict:
             "torch_target": ".".join(map(str, TORCH_TARGET)),
             "cuda": torch.version.cuda if cuda else None,
             "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else "",
-            "legacy_sources": LEGACY_SOURCES}
+}
 
 
 class BuildExt(BuildExtension.with_options(use_ninja=True)):
@@ -107,15 +107,6 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and bool(nvcc)
 
 
-def _openmp_flags() -> list[str]:
-    # Legacy sources: at::parallel_for is a header template whose `#pragma omp parallel` is
-    # compiled into our kernels (without -fopenmp they silently run on one thread). The stable
-    # parallel_for runs in torch itself; libgomp.so.1 is then the one torch already loaded.
-    if platform.system() == "Linux" and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []
-
-
 def _sanitizer_flags() -> list[str]:
     # MMFUSE_SANITIZE=address,undefined: the ASan/UBSan build of `make cpu-sanitize` (CPU kernels
     # only; load it with libasan preloaded into the interpreter, as tools/cpu_sanitize.sh does)
@@ -125,23 +116,17 @@ def _sanitizer_flags() -> list[str]:
     return ["-O1", "-g", f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 
 
-def _is_stable(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
-        return "STABLE_TORCH_LIBRARY" in f.read()
-
-
 WANT_CUDA = _want_cuda() and not _sanitizer_flags()
 KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/*.cpp"))
 if WANT_CUDA:
     KERNEL_SOURCES += sorted(glob.glob("csrc/cuda/*.cu"))
-OPS_SOURCES = ["csrc/ops.cpp"] + [f for f in KERNEL_SOURCES if _is_stable(f)]
-LEGACY_SOURCES = [f for f in KERNEL_SOURCES if not _is_stable(f)]
+OPS_SOURCES = ["csrc/ops.cpp"] + KERNEL_SOURCES
 
 
 def _extensions():
     sanitize = _sanitizer_flags()
-    cxx = (sanitize or ["-O3"]) + _openmp_flags()
-    link = _openmp_flags() + [f for f in sanitize if f.startswith("-fsanitize")]
+    cxx = sanitize or ["-O3"]  # no -fopenmp: the stable parallel_for runs on torch's own thread pool
+    link = [f for f in sanitize if f.startswith("-fsanitize")]
     if platform.machine() in ("x86_64", "AMD64"):
         # 256-bit vectors (csrc/cpu/vec.h) for the attention softmax and the fusion loops: every x86 CPU since 2013
         cxx += ["-mavx2", "-mfma", "-mf16c"]
@@ -170,14 +155,9 @@ def _extensions():
     info_macros = cuda_macros + [("MMFUSE_CUDA_ARCHS", f'"{archs}"'),
                                  ("MMFUSE_TORCH_HEADERS", f'"{torch.__version__.split("+")[0]}"'),
                                  ("MMFUSE_TORCH_TARGET", '"{}.{}"'.format(*TORCH_TARGET))]
-    info_sources = ["csrc/build_info.cpp"]
-    if LEGACY_SOURCES:  # kernels not yet on the stable ABI: linked against torch's C++ API in _C
-        info = kernels("mmfuse._C", info_sources + LEGACY_SOURCES,
-                       ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"] if "-mavx2" in cxx else [])
-        info.define_macros = info_macros
-    else:  # pybind11's headers (torch ships them) and nothing of torch
-        info = Extension("mmfuse._C", info_sources, include_dirs=include_paths()[:1], define_macros=info_macros,
-                         extra_compile_args=["-O2", "-std=c++17"], language="c++")
+    # _C: pybind11's headers (torch ships them) and nothing of torch
+    info = Extension("mmfuse._C", ["csrc/build_info.cpp"], include_dirs=include_paths()[:1],
+                     define_macros=info_macros, extra_compile_args=["-O2", "-std=c++17"], language="c++")
     return [ops, info]
 
 

@@ -69,6 +69,17 @@ inline bool is_floating(ScalarType t) {
   return t == dtype::kFloat || t == dtype::kDouble || t == dtype::kHalf || t == dtype::kBFloat16;
 }
 
+// at::isFloatingType: the float8 types too
+inline bool is_floating_type(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float8_e5m2: case ScalarType::Float8_e4m3fn: case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fnuz: case ScalarType::Float8_e8m0fnu:
+      return true;
+    default:
+      return is_floating(t);
+  }
+}
+
 inline bool is_integral(ScalarType t, bool include_bool = false) {
   switch (t) {
     case ScalarType::Byte: case ScalarType::Char: case ScalarType::Short: case ScalarType::Int:

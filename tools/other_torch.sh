@@ -7,6 +7,8 @@
 # the source tree's mmfuse is not the one imported.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
+# absolute (a venv's interpreter by its own path): the tests run from another folder
+case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; *) PYTHON=$(command -v "$PYTHON") ;; esac
 OTHER_TORCH=${OTHER_TORCH:-torch==2.14.1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK="$ROOT/build/other-torch"

@@ -14,6 +14,7 @@
 //
 // Built against the LibTorch stable ABI only (csrc/stable.h): tensors are torch::stable::Tensor, and
 // the small tensor chores (masks to additive biases, hidden-key rows) are plain loops of ours.
+#include "../attention_mask.h"
 #include "../stable.h"
 #include "vec.h"
 
@@ -138,7 +139,7 @@ T exp_shifted_sum(T* x, int64_t n, T shift) {
     // fp32: a 4-ulp polynomial exp, well inside the 1e-4 relative budget
     Vec acc(0.f);
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec e = vec::exp_fast(Vec::loadu(x + i) - Vec(shift));
+      Vec e = vec::exp_u20(Vec::loadu(x + i) - Vec(shift));
       e.store(x + i);
       acc = acc + e;
     }
@@ -883,39 +884,12 @@ Tensor mask_bias(const char* op, const std::optional<Tensor>& key_padding_mask, 
   return additive_from_bool(*key_padding_mask, k, compute_type(k));
 }
 
-// attn_mask as a contiguous additive tensor of dtype `bias_type` on q's device (bool: True -> -inf,
-// False -> 0; any float dtype converted), or undefined without one. Padded (varlen false): (Lq, Lk) or
-// (B or 1, Hq or 1, Lq, Lk), returned 4-D; varlen: (total_q, W) or (Hq or 1, total_q, W) with W >=
-// min_width (the longest key sequence), returned 3-D. Anything else is refused naming attn_mask.
-// (csrc/attention_mask.h's attention_mask_bias, which the CUDA launcher still uses, on the stable API.)
+// attn_mask as a contiguous additive tensor of dtype `bias_type` (bool: True -> -inf, False -> 0; any
+// float dtype converted), or undefined without one; shapes as attention_mask_view returns them.
 Tensor attention_mask_bias(const char* op, const std::optional<Tensor>& attn_mask, const Tensor& q, const Tensor& k,
                            bool varlen, int64_t min_width, ScalarType bias_type) {
-  if (!attn_mask) return Tensor();
-  const Tensor& m = *attn_mask;
-  const Device q_device = q.device(), m_device = m.device();
-  const bool type_ok = m_device == q_device && (m.scalar_type() == dtype::kBool || is_floating(m.scalar_type()));
-  Tensor full;
-  if (varlen) {
-    const int64_t H = q.size(1), total_q = q.size(0);
-    const bool shape_ok = (m.dim() == 2 && m.size(0) == total_q && m.size(1) >= min_width) ||
-                          (m.dim() == 3 && (m.size(0) == H || m.size(0) == 1) && m.size(1) == total_q &&
-                           m.size(2) >= min_width);
-    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (total_q, W) = (", total_q, ", >= ",
-                 min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
-                 ") tensor on ", device_str(q_device), " (W at least the longest key sequence), got ", shape(m), " ",
-                 m.scalar_type(), " on ", device_str(m_device));
-    full = m.dim() == 2 ? torch::stable::unsqueeze(m, 0) : m;
-  } else {
-    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
-    const bool shape_ok = m.dim() == 2 ? (m.size(0) == Lq && m.size(1) == Lk)
-                          : m.dim() == 4 ? ((m.size(0) == B || m.size(0) == 1) && (m.size(1) == H || m.size(1) == 1) &&
-                                            m.size(2) == Lq && m.size(3) == Lk)
-                                         : false;
-    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (Lq, Lk) = (", Lq, ", ", Lk,
-                 ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor on ",
-                 device_str(q_device), ", got ", shape(m), " ", m.scalar_type(), " on ", device_str(m_device));
-    full = m.dim() == 2 ? torch::stable::unsqueeze(torch::stable::unsqueeze(m, 0), 0) : m;
-  }
+  const Tensor full = attention_mask_view(op, attn_mask, q, k, varlen, min_width);
+  if (!full.defined()) return full;
   if (full.scalar_type() == dtype::kBool) return additive_from_bool(full, q, bias_type);
   return compute_copy(full, bias_type);
 }

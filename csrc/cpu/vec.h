@@ -17,6 +17,9 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace mmfuse {
 namespace vec {
@@ -92,7 +95,6 @@ struct Vectorized {
   static Vectorized blendv(Vectorized a, Vectorized b, mask_t mask) { return mask ? b.v : a.v; }
 
   Vectorized exp() const;
-  Vectorized exp_u20() const { return exp(); }
   Vectorized erf() const;
   Vectorized tanh() const;
 };
@@ -229,60 +231,15 @@ inline Vectorized<double> Vectorized<double>::tanh() const {
   return r;
 }
 
-// ---- added for cross_attention.cpp
-// exp_fast(x): exp for the attention softmax, where it is the largest cost outside the GEMMs. Within 4 ulp
-// on [-86.99, 88.72]: n = rint(x / ln 2) by the 1.5 * 2^23 rounding trick, r = x - n ln 2 in two parts,
-// exp(r) = 1 + r q(r) with q of degree 4 fitted for relative error on [-ln 2 / 2, ln 2 / 2] (so exp(0) = 1
-// exactly), times 2^(n-1) * 2. Exactly 0 below (exp(-inf) = 0; results under 1.7e-38 flush to 0), +inf
-// above, NaN for NaN. Unlike exp() it clamps nothing before the polynomial (out-of-range lanes are
-// replaced after it), and it runs as fast on -inf lanes, which masked score rows are full of, as on
-// finite ones (exp() took 3x as long on a tile with a third of it -inf). Doubles take exp().
-inline Vectorized<float> exp_fast(Vectorized<float> a) {
-  typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  using raw_t = f32x8;
-  constexpr float kHi = 88.7228391f, kLo = -86.99f;  // kLo: n >= -125, so 2^(n-1) stays a normal float
-  const raw_t x = a.v;
-  const raw_t magic = raw_t{} + 12582912.0f;  // 1.5 * 2^23: x / ln 2 + magic holds rint(x / ln 2) in its low bits
-  const raw_t t = x * 1.44269504088896341f + magic;
-  const raw_t nf = t - magic;
-  raw_t r = x - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  raw_t p = r * 8.290315047e-03f + 4.189793020e-02f;
-  p = p * r + 1.666763574e-01f;
-  p = p * r + 4.999915063e-01f;
-  p = p * r + 9.999997020e-01f;
-  p = p * r + 1.0f;
-  u32x8 bits;  // unsigned: lanes outside [kLo, kHi] wrap harmlessly, they are replaced below
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits = (bits - 0x4B400000u + 126u) << 23;  // 2^(n-1): the exponent field of n - 1
-  raw_t s;
-  std::memcpy(&s, &bits, sizeof(s));
-  raw_t y = p * s * 2.0f;
-  y = x < kLo ? raw_t{} : y;
-  y = x > kHi ? raw_t{} + std::numeric_limits<float>::infinity() : y;
-  return Vectorized<float>(y);
-}
-inline Vectorized<double> exp_fast(Vectorized<double> a) { return a.exp(); }
-
-}  // namespace vec
-}  // namespace mmfuse
-
-// ---- added for fusion.cpp / mel_spectrogram.cpp
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
-namespace mmfuse {
-namespace vec {
-
-// A faster float exp for the fused activations (silu, sigmoid, GELU's derivative), where exp is the
-// cost of the loop: one rounding step (the 1.5 * 2^23 shift), a two-part ln 2, a degree-5 polynomial
+// A faster float exp for the attention softmax and the fused activations (silu, sigmoid, GELU's
+// derivative), where exp is the cost of the loop: one rounding step (the 1.5 * 2^23 shift), a two-part ln 2, a degree-5 polynomial
 // (1 + r + c2 r^2 + ... + c5 r^5, its c2..c5 fitted here for the least relative error on
 // |r| <= ln 2 / 2, all doubled so that the scale 2^(n-1) stays a normal float for n = 128) and one
 // exponent-bits scale, with no selects on x86: the clamps are min/max ordered so that NaN passes.
 // Within 3 ulp of exp on [-86.9, 88.7]; results below about 2^-125 (x < -87) flush to 0, exp(-inf)
 // = 0; +inf above 88.72 and for +inf; NaN for NaN. Half the instructions of Vectorized<float>::exp
-// (the name mirrors at::vec's exp_u20, whose role it takes; the member exp_u20 stays the accurate exp).
+// (the name mirrors at::vec's exp_u20, whose role it takes). Its clamps cost the same on -inf lanes,
+// which masked attention score rows are full of, as on finite ones. Doubles take exp().
 inline Vectorized<float> exp_u20(Vectorized<float> xv) {
   using raw_t = Vectorized<float>::raw_t;
   using mask_t = Vectorized<float>::mask_t;
@@ -316,6 +273,7 @@ inline Vectorized<float> exp_u20(Vectorized<float> xv) {
   std::memcpy(&scale, &e, sizeof(raw_t));
   return Vectorized<float>(p * scale);
 }
+inline Vectorized<double> exp_u20(Vectorized<double> x) { return x.exp(); }
 
 }  // namespace vec
 }  // namespace mmfuse

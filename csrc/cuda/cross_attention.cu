@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cross_attention_kernel.cuh"
+#include "../attention_mask.h"
 #include "stable_cuda.h"
 
 namespace mmfuse {
@@ -27,43 +28,14 @@ namespace att = cuda::attention;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// csrc/attention_mask.h's attention_mask_bias on the stable ABI (that header is still torch's C++
-// API, for the legacy CPU kernel): attn_mask as a contiguous additive tensor of dtype `bias_type`
-// on q's device (bool: True -> -inf, False -> 0; any float dtype converted), or undefined without
-// one. Padded (varlen false): (Lq, Lk) or (B or 1, Hq or 1, Lq, Lk), returned 4-D; varlen:
-// (total_q, W) or (Hq or 1, total_q, W) with W >= min_width (the longest key sequence), returned
-// 3-D. Anything else is refused naming attn_mask.
+// attn_mask as a contiguous additive tensor of dtype `bias_type` on q's device (bool: True -> -inf,
+// False -> 0; any float dtype converted), or undefined without one; shapes as attention_mask_view
+// (csrc/attention_mask.h) returns them.
 Tensor attention_mask_bias(const char* op, const std::optional<Tensor>& attn_mask, const Tensor& q, const Tensor& k,
                            bool varlen, int64_t min_width, ScalarType bias_type) {
-  if (!attn_mask) return Tensor();
-  const Tensor& m = *attn_mask;
-  const Device m_device = m.device(), q_device = q.device();
-  const ScalarType m_type = m.scalar_type();
-  const bool type_ok = m_device == q_device && (m_type == dtype::kBool || is_floating_type(m_type));
-  const std::vector<int64_t> ms = sizes_of(m);
-  const size_t mdim = ms.size();
-  Tensor full;
-  if (varlen) {
-    const int64_t H = q.size(1), total_q = q.size(0);
-    const bool shape_ok = (mdim == 2 && ms[0] == total_q && ms[1] >= min_width) ||
-                          (mdim == 3 && (ms[0] == H || ms[0] == 1) && ms[1] == total_q && ms[2] >= min_width);
-    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (total_q, W) = (", total_q, ", >= ",
-                 min_width, ") or (Hq or 1, total_q, W) = (", H, " or 1, ", total_q, ", >= ", min_width,
-                 ") tensor on ", device_str(q_device), " (W at least the longest key sequence), got ", shape_str(ms),
-                 " ", m_type, " on ", device_str(m_device));
-    full = mdim == 2 ? torch::stable::unsqueeze(m, 0) : m;
-  } else {
-    const int64_t B = q.size(0), H = q.size(2), Lq = q.size(1), Lk = k.size(1);
-    const bool shape_ok = mdim == 2 ? (ms[0] == Lq && ms[1] == Lk)
-                          : mdim == 4 ? ((ms[0] == B || ms[0] == 1) && (ms[1] == H || ms[1] == 1) && ms[2] == Lq &&
-                                         ms[3] == Lk)
-                                      : false;
-    MMFUSE_CHECK(shape_ok && type_ok, op, ": attn_mask must be a bool or float (Lq, Lk) = (", Lq, ", ", Lk,
-                 ") or (B or 1, Hq or 1, Lq, Lk) = (", B, " or 1, ", H, " or 1, ", Lq, ", ", Lk, ") tensor on ",
-                 device_str(q_device), ", got ", shape_str(ms), " ", m_type, " on ", device_str(m_device));
-    full = mdim == 2 ? torch::stable::view(m, {1, 1, Lq, Lk}) : m;
-  }
-  if (m_type == dtype::kBool) {
+  const Tensor full = attention_mask_view(op, attn_mask, q, k, varlen, min_width);
+  if (!full.defined()) return full;
+  if (full.scalar_type() == dtype::kBool) {
     Tensor bias = zeros_like_as(q, full.sizes(), bias_type);
     op::masked_fill_(bias, full, kNegInf);
     return bias;

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu/activation.h"
 #include "fusion_kernel.cuh"
 #include "stable_cuda.h"
 
@@ -29,17 +30,15 @@ using cuda::kMaxModalities;
 
 constexpr int64_t kBlocksPerSm = 8;  // grid-stride kernels: enough resident blocks to hide latency
 
-// The activation names of csrc/cpu/activation.h (mmfuse::Activation, whose order cuda::Act
-// follows), with its message; that header is still torch's C++ API for the legacy CPU kernels.
-cuda::Act act_code(std::string_view name) {
-  if (name == "none") return cuda::Act::kNone;
-  if (name == "relu") return cuda::Act::kRelu;
-  if (name == "gelu") return cuda::Act::kGelu;
-  if (name == "silu") return cuda::Act::kSilu;
-  if (name == "tanh") return cuda::Act::kTanh;
-  if (name == "sigmoid") return cuda::Act::kSigmoid;
-  detail::fail("activation must be one of none, relu, gelu, silu, tanh, sigmoid; got ", name);
-}
+// cuda::Act follows mmfuse::Activation's order (csrc/cpu/activation.h parses the names, with its message)
+static_assert(static_cast<int>(cuda::Act::kNone) == static_cast<int>(Activation::kNone) &&
+                  static_cast<int>(cuda::Act::kRelu) == static_cast<int>(Activation::kRelu) &&
+                  static_cast<int>(cuda::Act::kGelu) == static_cast<int>(Activation::kGelu) &&
+                  static_cast<int>(cuda::Act::kSilu) == static_cast<int>(Activation::kSilu) &&
+                  static_cast<int>(cuda::Act::kTanh) == static_cast<int>(Activation::kTanh) &&
+                  static_cast<int>(cuda::Act::kSigmoid) == static_cast<int>(Activation::kSigmoid),
+              "cuda::Act and mmfuse::Activation must list the activations in one order");
+cuda::Act act_code(std::string_view name) { return static_cast<cuda::Act>(parse_activation(name)); }
 
 cuda::CombineMode parse_mode(std::string_view mode) {
   if (mode == "sum") return cuda::CombineMode::kSum;

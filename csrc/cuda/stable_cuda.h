@@ -60,37 +60,7 @@ inline cudaStream_t current_stream(int32_t device_index) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// "cuda:0", "cpu", as c10::Device prints, for error messages.
-inline std::string device_str(const Device& d) {
-  std::string name;
-  switch (d.type()) {
-    case DeviceType::CPU: name = "cpu"; break;
-    case DeviceType::CUDA: name = "cuda"; break;
-    case DeviceType::HIP: name = "hip"; break;
-    case DeviceType::XPU: name = "xpu"; break;
-    case DeviceType::MPS: name = "mps"; break;
-    case DeviceType::Meta: name = "meta"; break;
-    case DeviceType::XLA: name = "xla"; break;
-    case DeviceType::PrivateUse1: name = "privateuseone"; break;
-    default: name = "device" + std::to_string(static_cast<int>(d.type())); break;
-  }
-  if (d.index() >= 0) name += ":" + std::to_string(static_cast<int>(d.index()));
-  return name;
-}
-
 inline std::vector<int64_t> sizes_of(const Tensor& t) { return t.sizes().vec(); }
-
-// at::isFloatingType: the float8 types too.
-inline bool is_floating_type(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: case ScalarType::Double: case ScalarType::Half: case ScalarType::BFloat16:
-    case ScalarType::Float8_e5m2: case ScalarType::Float8_e4m3fn: case ScalarType::Float8_e5m2fnuz:
-    case ScalarType::Float8_e4m3fnuz: case ScalarType::Float8_e8m0fnu:
-      return true;
-    default:
-      return false;
-  }
-}
 
 // ---- ATen ops without a Scalar argument, through the dispatcher (full argument lists) ----------
 namespace op {
