@@ -11,8 +11,12 @@ BENCH_ARGS ?=
 STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+# the CPU test runs spread over the cores with pytest-xdist (a test extra), a file per worker at a
+# time; PYTEST_WORKERS=0 runs them in one process
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: install test abi-check triton-check cuda-check cuda-check-all cpu-sanitize cuda-sanitize fuzz bench wheel wheel-cuda clean
+.PHONY: install test abi-check triton-check cuda-check cuda-check-all cpu-sanitize cuda-sanitize fuzz bench wheel cuda-venv wheel-cuda device-prebuilt clean
 
 install: $(STAMP)
 
@@ -25,15 +29,15 @@ test: install
 ifeq ($(HAS_GPU),1)
 	$(PYTHON) -m pytest -q -m "not sanitize"
 else
-	$(PYTHON) -m pytest -q -m "not triton and not sanitize"
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton
+	$(PYTHON) -m pytest -q $(XDIST) -m "not triton and not sanitize"
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(XDIST) -m triton
 endif
 
 # the op library on the LibTorch stable ABI: no C++ symbol of torch among its undefined symbols;
 # then the wheel built once and its op tests run under a second torch release (tools/other_torch.sh)
 abi-check: install
 	$(PYTHON) tools/check_abi.py
-	PYTHON=$(PYTHON) tools/other_torch.sh
+	PYTHON=$(PYTHON) XDIST="$(XDIST)" tools/other_torch.sh
 
 triton-check: install
 	env -u TRITON_INTERPRET $(PYTHON) -m mmfuse.triton.aot_check
@@ -65,9 +69,9 @@ cuda-check-all: install
 # mutations prove the checks, which a second order does not change)
 SANITIZE_QUICK := test_emulator or attention_forward_lengths or attention_backward_masks or whisper
 cuda-sanitize: install
-	MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=1 $(PYTHON) -m pytest -q -m emulator
+	MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=1 $(PYTHON) -m pytest -q $(XDIST) -m emulator
 	for seed in 2; do \
-		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
+		MMFUSE_EMU_SANITIZE=1 MMFUSE_EMU_SEED=$$seed $(PYTHON) -m pytest -q $(XDIST) -m emulator -k "($(SANITIZE_QUICK)) and not counters" || exit 1; \
 	done
 
 # a wheel built with the torch installed in $(PYTHON), for every torch from 2.11 on (0.1.0+cpu, +cu130);
@@ -85,13 +89,31 @@ wheel:
 CUDA_TORCH_SPEC ?= $(TORCH_SPEC)
 # the CUDA toolkit (torch guesses it from nvcc's folder: wrong when nvcc on PATH is a wrapper in
 # /usr/local/bin, and the link then cannot find libcudart)
-wheel-cuda: export CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(shell dirname $$(dirname $$(command -v nvcc))))
-wheel-cuda:
-	@command -v nvcc >/dev/null || { echo "make wheel-cuda: nvcc is not on PATH (install the CUDA toolkit)"; exit 1; }
+CUDA_HOME_GUESS := $(or $(wildcard /usr/local/cuda),$(shell dirname $$(dirname $$(command -v nvcc 2>/dev/null) 2>/dev/null) 2>/dev/null))
+cuda-venv:
+	@command -v nvcc >/dev/null || { echo "make $(MAKECMDGOALS): nvcc is not on PATH (install the CUDA toolkit)"; exit 1; }
 	test -x .venv-cuda/bin/python || python3 -m venv .venv-cuda
 	.venv-cuda/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
 		.venv-cuda/bin/python -m pip install --isolated "$(CUDA_TORCH_SPEC)" numpy setuptools wheel ninja pybind11
+wheel-cuda: export CUDA_HOME ?= $(CUDA_HOME_GUESS)
+wheel-cuda: cuda-venv
 	$(MAKE) wheel PYTHON=.venv-cuda/bin/python
+
+# the op library the staged device run carries to a lent GPU (bash benchmarks/run_device.sh
+# --prebuilt build/device-prebuilt): the CUDA kernels for DEVICE_ARCH (the lent H100/H200),
+# compiled here against .venv-cuda's CUDA torch; the GPU's own torch (2.11 there) loading it is the
+# stable ABI's cross-release proof on real hardware. Then: its undefined symbols checked, and the
+# library loaded by the second torch release of `make abi-check` (a CUDA build) to run the op tests
+DEVICE_ARCH ?= 9.0a
+PREBUILT := build/device-prebuilt
+device-prebuilt: export CUDA_HOME ?= $(CUDA_HOME_GUESS)
+device-prebuilt: cuda-venv
+	rm -rf $(PREBUILT) && mkdir -p $(PREBUILT)
+	TORCH_CUDA_ARCH_LIST="$(DEVICE_ARCH)" .venv-cuda/bin/python setup.py -q build_ext \
+		--build-lib $(PREBUILT)/lib --build-temp $(PREBUILT)/temp
+	cp $(PREBUILT)/lib/mmfuse/_ops*.so $(PREBUILT)/lib/mmfuse/_build.json $(PREBUILT)/
+	.venv-cuda/bin/python tools/check_abi.py $(PREBUILT)/_ops.abi3.so
+	PYTHON=$(PYTHON) PREBUILT=$(PREBUILT) tools/other_torch.sh
 
 clean:
 	rm -rf build dist *.egg-info mmfuse/_C*.so mmfuse/_ops*.so mmfuse/_build.json bench-out

@@ -17,7 +17,9 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -114,14 +116,48 @@ inline T* ptr(const Tensor& t) {
 inline Tensor empty(IntArrayRef sizes, ScalarType type, const Device& device) {
   return torch::stable::empty(sizes, type, std::nullopt, device);
 }
+// The outputs are allocated through the C shim aoti_torch_empty_strided, which calls
+// at::empty_strided directly. torch::stable::new_empty/new_zeros/full (for a torch 2.10+ target)
+// go through torch_call_dispatcher, which looks the op up by its name and boxes every argument,
+// each call: about 1 us a tensor, most of what the stable ABI added to the smallest ops
+// (benchmarks/call_overhead.py). Contiguous, on `like`'s device.
+namespace detail {
+constexpr size_t kMaxDims = 8;  // no mmfuse output has more
+inline Tensor empty_on(const Tensor& like, IntArrayRef sizes, ScalarType type) {
+  const size_t n = sizes.size();
+  MMFUSE_CHECK(n <= kMaxDims, "mmfuse: an output of at most ", kMaxDims, " dimensions, got ", n);
+  std::array<int64_t, kMaxDims> strides{};
+  int64_t stride = 1;
+  for (size_t i = n; i-- > 0;) {  // torch's contiguous strides: a size-0 or 1 dimension counts as 1
+    strides[i] = stride;
+    stride *= sizes[i] > 1 ? sizes[i] : 1;
+  }
+  int32_t device_type = 0, device_index = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  const int32_t shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(type));
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(n), sizes.data(), strides.data(),
+                                                         shim_dtype, device_type, device_index, &out));
+  return Tensor(out);
+}
+}  // namespace detail
+
 inline Tensor empty_like_as(const Tensor& like, IntArrayRef sizes, std::optional<ScalarType> type = std::nullopt) {
-  return torch::stable::new_empty(like, sizes, type);
+  return detail::empty_on(like, sizes, type.value_or(like.scalar_type()));
 }
 inline Tensor zeros_like_as(const Tensor& like, IntArrayRef sizes, std::optional<ScalarType> type = std::nullopt) {
-  return torch::stable::new_zeros(like, sizes, type);
+  if (!like.is_cpu()) return torch::stable::new_zeros(like, sizes, type);
+  Tensor out = empty_like_as(like, sizes, type);
+  if (out.numel() > 0) std::memset(out.data_ptr(), 0, static_cast<size_t>(out.numel()) * out.element_size());
+  return out;
 }
 inline Tensor full_like_as(const Tensor& like, IntArrayRef sizes, double value, ScalarType type) {
-  return torch::stable::full(sizes, value, type, std::nullopt, like.device());
+  if (!like.is_cpu() || type != ScalarType::Long) return torch::stable::full(sizes, value, type, std::nullopt, like.device());
+  Tensor out = empty_like_as(like, sizes, type);
+  int64_t* data = out.numel() > 0 ? out.mutable_data_ptr<int64_t>() : nullptr;
+  std::fill(data, data + out.numel(), static_cast<int64_t>(value));
+  return out;
 }
 inline Tensor to_dtype(const Tensor& t, ScalarType type) {
   return t.scalar_type() == type ? t : torch::stable::to(t, type);

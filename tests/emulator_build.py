@@ -113,7 +113,9 @@ def _load(name: str, text: str, command: tuple[str, ...], extra_texts: tuple[str
     if not library.exists():
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         unit = library.with_suffix(".cu")
-        unit.write_text(text)
+        staged = library.with_suffix(f".{os.getpid()}.cu")
+        staged.write_text(text)
+        os.replace(staged, unit)  # pytest-xdist workers may build the same harness at once
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         for step in _build_steps(command, unit, partial):
             result = subprocess.run(step, capture_output=True, text=True)

@@ -66,7 +66,12 @@ CASES = [
 
 
 def _id(case):
-    return ",".join(f"{k}={v}" for k, v in case.items()) or "defaults"
+    # a function by its name, not its repr (an address, which differs between pytest-xdist workers)
+    def show(v):
+        if isinstance(v, dict):
+            return "{" + ",".join(f"{k}={show(x)}" for k, x in v.items()) + "}"
+        return getattr(v, "__name__", None) or str(v)
+    return ",".join(f"{k}={show(v)}" for k, v in case.items()) or "defaults"
 
 
 def _dtypes(backend):

@@ -18,22 +18,38 @@ mkdir -p "$WORK/run"
 BASE=$("$PYTHON" -c "import sys; print(sys._base_executable)")
 test -x "$WORK/venv/bin/python" || "$BASE" -m venv "$WORK/venv"
 OTHER="$WORK/venv/bin/python"
-"$OTHER" -m pip install -q "$OTHER_TORCH" pytest hypothesis librosa kaldi-native-fbank
+"$OTHER" -m pip install -q "$OTHER_TORCH" pytest pytest-xdist hypothesis librosa kaldi-native-fbank
 "$OTHER" -m pip install -q --no-deps --force-reinstall "$WORK"/dist/mmfuse-*.whl
+if [ -n "${PREBUILT:-}" ]; then
+	# `make device-prebuilt`: the CUDA op library built against another (CUDA) torch replaces the
+	# wheel's; on this machine without a GPU its CPU kernels run the tests, its CUDA ones register
+	SITE=$("$OTHER" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+	# as on the lent GPU, which gets the op library and its record only: no _C (Python-specific), so
+	# mmfuse's build information comes from that record
+	rm -f "$SITE"/mmfuse/_ops*.so "$SITE"/mmfuse/_C*.so
+	cp "$ROOT/$PREBUILT"/_ops*.so "$ROOT/$PREBUILT"/_build.json "$SITE/mmfuse/"
+fi
 cp -r "$ROOT/tests" "$ROOT/tools" "$WORK/run/"
 cd "$WORK/run"
-"$OTHER" - "$PYTHON" <<'PY'
-import subprocess, sys
+"$OTHER" - "$PYTHON" "${PREBUILT:-}" <<'PY'
+import json, pathlib, subprocess, sys
 import torch, mmfuse
 info = mmfuse.build_info()
-built = subprocess.run([sys.argv[1], "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True,
-                       check=True).stdout.strip()
-print(f"other-torch: the wheel built with torch {built} ({info['torch_built_against']} headers, target "
+if sys.argv[2]:  # the prebuilt CUDA op library: the torch that built it is in its build record
+    built = json.loads((pathlib.Path(mmfuse.__file__).parent / "_build.json").read_text())["torch"]
+    what = f"the CUDA op library (CUDA {info['cuda']}, {info['cuda_archs']})"
+    assert info["cuda"], "the prebuilt library is a CUDA build"
+else:
+    built = subprocess.run([sys.argv[1], "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    what = "the wheel"
+print(f"other-torch: {what} built with torch {built} ({info['torch_built_against']} headers, target "
       f"{info['torch_target']}) runs under torch {torch.__version__}; op library {info['ops_library']}")
 assert info["extension_loaded"], info["load_error"]
 assert info["ops_library"].startswith(sys.prefix), "the installed wheel, not the source tree"
 assert torch.__version__.split("+")[0] != built.split("+")[0], "the second torch must be another release"
 PY
-"$OTHER" -m pytest -q -p no:cacheprovider -m "not triton and not sanitize and not slow" \
+# shellcheck disable=SC2086  # XDIST: pytest-xdist's options from the Makefile, word-split on purpose
+"$OTHER" -m pytest -q -p no:cacheprovider ${XDIST:-} -m "not triton and not sanitize and not slow" \
 	tests/test_abi.py tests/test_pack_modalities.py tests/test_attention.py tests/test_key_ranges.py \
 	tests/test_attention_variants.py tests/test_fusion.py tests/test_spectrogram.py tests/test_spectrogram_kernels.py
