@@ -22,21 +22,18 @@ def test_there_are_kernel_bodies_to_check():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-# sm_80 here, every instantiation with spills failing; make cuda-check compiles the launchers (the
-# same bodies) for sm_90a: each arch is compiled once in CI (the bodies have no code path of their
-# own above sm_80)
-@pytest.mark.parametrize("arch", ["sm_80"])
+# each kernel body on its own, without torch, in C++17: the bodies are torch-free (the emulator and
+# the launchers include the same file), and every instantiation compiles to PTX. The machine code,
+# registers and spills of every architecture of the wheel list are make cuda-check's.
 @pytest.mark.parametrize("body", KERNEL_BODIES, ids=lambda p: Path(p).name)
-def test_nvcc_compiles_kernel_body(body, arch, tmp_path):
+def test_nvcc_compiles_kernel_body(body, tmp_path):
     unit = tmp_path / "check.cu"
     unit.write_text(f'#include "{body}"\n')
-    compute = arch.replace("sm_", "compute_")
-    cmd = ["nvcc", "-std=c++17", "-DMMFUSE_KERNEL_COMPILE_CHECK", f"-gencode=arch={compute},code={arch}",
-           "-Xptxas", "-warn-spills", "-c", str(unit), "-o", str(tmp_path / "check.o")]
+    cmd = ["nvcc", "-std=c++17", "-DMMFUSE_KERNEL_COMPILE_CHECK", "-arch=compute_80", "-ptx", str(unit),
+           "-o", str(tmp_path / "check.ptx")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "spill" not in result.stderr, result.stderr
-    assert (tmp_path / "check.o").stat().st_size > 0
+    assert ".entry" in (tmp_path / "check.ptx").read_text()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -220,9 +217,14 @@ def test_cuda_check_reads_the_wheel_architectures():
     finally:
         sys.path.pop(0)
     assert cuda_check.wheel_archs() == ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120")
-    assert set(cuda_check.ARCHS) <= set(cuda_check.wheel_archs())
-    command = cuda_check.nvcc_command("nvcc", ROOT / "csrc" / "cuda" / "fusion.cu", ROOT, cuda_check.wheel_archs())
-    assert "-gencode=arch=compute_120,code=sm_120" in command and "-gencode=arch=compute_100a,code=sm_100a" in command
+    assert cuda_check.HOST_ARCH in cuda_check.wheel_archs()
+    # known spills only where ptxas was seen to make them, never on the architectures we tune for
+    assert {arch for _, arch in cuda_check.KNOWN_SPILLS} <= {"sm_100a", "sm_120"}
+    assert all(0 < limit <= 64 for limit in cuda_check.KNOWN_SPILLS.values())
+    command = cuda_check.nvcc_command("nvcc", ROOT / "csrc" / "cuda" / "fusion.cu", ROOT, ("sm_90a",))
+    assert "-gencode=arch=compute_90a,code=sm_90a" in command and "-c" in command
+    kernels = cuda_check.nvcc_command("nvcc", ROOT / "csrc" / "cuda" / "fusion.cu", ROOT, ("sm_120",), device_only=True)
+    assert "-gencode=arch=compute_120,code=sm_120" in kernels and "-cubin" in kernels and "-c" not in kernels
     # the launchers build into the stable-ABI op library: setup.py's target version, torch's USE_CUDA, nothing of _C
     assert cuda_check.torch_target_flag() in command and "-DUSE_CUDA" in command
     assert not any(flag.startswith("-DTORCH_EXTENSION_NAME") for flag in command)

@@ -1,8 +1,9 @@
-"""``make cuda-check``: compile every CUDA launcher (``csrc/cuda/*.cu``) for sm_90a on a machine
-with nvcc but no GPU and no CUDA torch, and report registers, shared memory and spills.
-``--archs pair`` adds sm_80; ``--archs wheel`` (``make cuda-check-all``) compiles for every
-architecture of the wheel list (pyproject.toml's ``[tool.mmfuse] cuda-archs``); the default says
-which of those it skips and why.
+"""``make cuda-check``: compile every CUDA launcher (``csrc/cuda/*.cu``) for every architecture of
+the wheel list (pyproject.toml's ``[tool.mmfuse] cuda-archs``) on a machine with nvcc but no GPU and
+no CUDA torch, and report registers, shared memory and spills per kernel and architecture.
+``--archs sm_90a,sm_120`` compiles for a few. One nvcc per (launcher, architecture): sm_90a's
+compiles the launcher whole (host code and kernels), the others the kernels alone (``-cubin``), so
+the architecture-independent host pass runs once per launcher and two cores share the work.
 
 The launchers are on the LibTorch stable ABI and build into the op library (``mmfuse/_ops.abi3.so``),
 so they are compiled as ``setup.py`` compiles the op library's CUDA sources: torch's own
@@ -33,16 +34,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda-check"
-ARCHS = ("sm_90a",)
-# why the default skips the rest of the wheel list: nvcc runs its front end over torch's headers
-# once per architecture (4 launchers x 2 archs took ~6 min of CI's 2 cores; the 6 of the wheel list
-# measured 3.7x one arch on one launcher). sm_80 is compiled by `make test` already:
-# tests/test_build.py builds every kernel body standalone for it, every instantiation, failing on a
-# spill; and the kernels have no code path that differs above sm_80 (mma.cuh requires sm_80;
-# nothing is Hopper- or Blackwell-only), so sm_86/sm_89/sm_100a/sm_120 compile the same code
-SKIPPED_WHY = ("sm_80's kernels are compiled by make test (tests/test_build.py: every kernel body, every "
-               "instantiation, spills fail); the others have no code path of their own above sm_80, and each "
-               "architecture costs a full nvcc front-end pass per launcher: `make cuda-check-all` compiles them all")
+# the architecture whose job also compiles the launchers' host code (nvcc -c); every other
+# architecture's job compiles the kernels alone (nvcc -cubin), as the host code is the same for all
+HOST_ARCH = "sm_90a"
+# The default is every architecture of the wheel list: ptxas allocates registers per architecture,
+# and kernels that fit sm_80 and sm_90a spilled on sm_100a and sm_120 (found by this check's first
+# run over the whole list), so no architecture stands in for another.
+
+# Spills that CUDA 13.0's ptxas makes on sm_100a and sm_120 and that we keep, (kernel, arch) ->
+# the most bytes (stores + loads) allowed; a new spill, a bigger one, or any on sm_80..sm_90a fails.
+# Found when this check first compiled the whole wheel list (2026-12-04). The elementwise ones spill
+# at 40-57 registers of the 255 the launch bounds allow: not register pressure but values saved
+# around the out-of-line slow paths of IEEE division and the fp64 libdevice functions, and moving
+# the divisions (one per activation, the Whisper share hoisted out of the loop) only moved them to
+# other instantiations; those paths run on special operands only. attention_forward_kernel
+# <16-bit, 64, 64> on sm_120 (consumer Blackwell) keeps 168 registers, as on sm_90a, and spills 20
+# bytes: the first kernel to retune when a sm_120 GPU measures it. None has run on such a GPU.
+KNOWN_SPILLS = {
+    ("attention::attention_forward_kernel<__nv_bfloat16, 64, 64>", "sm_120"): 20,
+    ("attention::attention_forward_kernel<__half, 64, 64>", "sm_120"): 20,
+    ("combine_backward_kernel<__nv_bfloat16, (CombineMode)2, true>", "sm_100a"): 16,
+    ("combine_backward_kernel<__half, (CombineMode)2, true>", "sm_100a"): 16,
+    ("combine_backward_kernel<__half, (CombineMode)1, true>", "sm_100a"): 28,
+    ("combine_forward_kernel<double, (CombineMode)1, true>", "sm_100a"): 40,
+    ("combine_backward_kernel<__nv_bfloat16, (CombineMode)2, true>", "sm_120"): 40,
+    ("combine_backward_kernel<__half, (CombineMode)2, true>", "sm_120"): 40,
+    ("whisper_grad_partial_kernel<double>", "sm_100a"): 28,
+}
 
 
 def wheel_archs() -> tuple[str, ...]:
@@ -69,12 +87,16 @@ def torch_headers() -> Path:
     return include
 
 
-def nvcc_command(nvcc: str, source: Path, include: Path, archs: tuple[str, ...] = ARCHS) -> list[str]:
+def nvcc_command(nvcc: str, source: Path, include: Path, archs: tuple[str, ...] = (HOST_ARCH,),
+                 device_only: bool = False) -> list[str]:
+    """The op library's nvcc line for ``source``. ``device_only``: one architecture's kernels alone
+    (``-cubin``: cicc and ptxas, no host pass; the host code does not depend on the architecture)."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the CPU torch has the same list
 
     gencode = [f"-gencode=arch={a.replace('sm_', 'compute_')},code={a}" for a in archs]
+    output = BUILD / (f"{source.stem}.{archs[0]}.cubin" if device_only else f"{source.stem}.o")
     return [
-        nvcc, "-std=c++20", "-c", str(source), "-o", str(BUILD / (source.stem + ".o")),
+        nvcc, "-std=c++20", "-cubin" if device_only else "-c", str(source), "-o", str(output),
         "-I", str(include), "-I", str(include / "torch" / "csrc" / "api" / "include"), "-I", str(ROOT / "csrc"),
         "-DMMFUSE_WITH_CUDA", "-DUSE_CUDA", torch_target_flag(), "-D_GLIBCXX_USE_CXX11_ABI=1", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode,
         *COMMON_NVCC_FLAGS, *OUR_NVCC_FLAGS,
@@ -120,18 +142,18 @@ def short(kernel: str) -> str:
     return kernel.removeprefix("void ").replace("mmfuse::cuda::", "").replace("(anonymous namespace)::", "")
 
 
-def check_one(nvcc: str, source: Path, include: Path, archs: tuple[str, ...]) -> tuple[Path, int, str, float]:
+def check_one(nvcc: str, source: Path, include: Path, arch: str, device_only: bool) -> tuple[int, str, float]:
     start = time.monotonic()
-    result = subprocess.run(nvcc_command(nvcc, source, include, archs), capture_output=True, text=True, cwd=ROOT)
-    return source, result.returncode, result.stdout + result.stderr, time.monotonic() - start
+    result = subprocess.run(nvcc_command(nvcc, source, include, (arch,), device_only), capture_output=True, text=True, cwd=ROOT)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="*", type=Path, help="launchers to compile (default: csrc/cuda/*.cu)")
-    parser.add_argument("--archs", default="ci",
-                        help="ci: sm_90a (default); pair: sm_80 and sm_90a; wheel: every architecture of the wheel "
-                             "list; or a comma-separated list (sm_86,sm_120)")
+    parser.add_argument("--archs", default="wheel",
+                        help="wheel: every architecture of the wheel list (default); or a comma-separated list "
+                             "(sm_90a,sm_120)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     args = parser.parse_args(argv)
 
@@ -148,22 +170,27 @@ def main(argv: list[str] | None = None) -> int:
     version = torch.__version__
     include = torch_headers()
     BUILD.mkdir(parents=True, exist_ok=True)
-    named = {"ci": ARCHS, "pair": ("sm_80", "sm_90a")}
-    archs = named.get(args.archs) or (wheel_archs() if args.archs == "wheel" else tuple(args.archs.split(",")))
-    print(f"cuda-check: {len(sources)} launcher(s), {', '.join(archs)}, torch {version} headers (stable ABI, {torch_target_flag()[2:]}), "
+    archs = wheel_archs() if args.archs == "wheel" else tuple(args.archs.split(","))
+    host_arch = HOST_ARCH if HOST_ARCH in archs else archs[0]
+    print(f"cuda-check: {len(sources)} launcher(s) x {len(archs)} architecture(s) ({', '.join(archs)}; host code "
+          f"with {host_arch}), torch {version} headers (stable ABI, {torch_target_flag()[2:]}), "
           f"{subprocess.run([nvcc, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]}")
-    skipped = [a for a in wheel_archs() if a not in archs]
-    if skipped:
-        print(f"cuda-check: skipping {', '.join(skipped)} of the wheel list: {SKIPPED_WHY}")
+    left_out = [a for a in wheel_archs() if a not in archs]
+    if left_out:
+        print(f"cuda-check: not compiled for {', '.join(left_out)} of the wheel list (--archs)")
 
+    # one nvcc per (launcher, architecture), the biggest launchers first so that two cores finish together
+    jobs = sorted(((s, a, a != host_arch) for s in sources for a in archs), key=lambda j: -j[0].stat().st_size)
     failed = False
     rows = []
+    start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for source, code, log, seconds in pool.map(lambda s: check_one(nvcc, s, include, archs), sources):
+        runs = pool.map(lambda j: check_one(nvcc, *j[:1], include, *j[1:]), jobs)
+        for (source, arch, device_only), (code, log, seconds) in zip(jobs, runs):
             name = source.relative_to(ROOT) if source.is_absolute() else source
             ours = [l for l in log.splitlines() if "warning" in l and str(ROOT / "csrc") in l]
             status = "ok" if code == 0 and not ours else "FAILED"
-            print(f"  {name}: {status} ({seconds:.0f} s)")
+            print(f"  {name} {arch}{' (kernels only)' if device_only else ''}: {status} ({seconds:.0f} s)")
             if code != 0 or ours:
                 failed = True
                 print("\n".join(l for l in log.splitlines() if "ptxas info" not in l and "bytes stack frame" not in l)[-6000:])
@@ -177,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n  {'kernel':<{width}}  arch     regs  smem B  spill B")
         for r in sorted(rows, key=lambda r: (r["file"], r["kernel"], r["arch"])):
             print(f"  {r['kernel']:<{width}}  {r['arch']:<7} {r['regs']:>5} {r['smem']:>7} {r['spill']:>8}")
-    spilling = [r for r in rows if r["spill"] > 0]
+    known = [r for r in rows if 0 < r["spill"] <= KNOWN_SPILLS.get((r["kernel"], r["arch"]), 0)]
+    spilling = [r for r in rows if r["spill"] > KNOWN_SPILLS.get((r["kernel"], r["arch"]), 0)]
+    for r in known:
+        print(f"cuda-check: known spill (KNOWN_SPILLS): {r['kernel']} spills {r['spill']} bytes on {r['arch']}")
     for r in spilling:
-        print(f"cuda-check: {r['kernel']} spills {r['spill']} bytes on {r['arch']}", file=sys.stderr)
+        allowed = KNOWN_SPILLS.get((r["kernel"], r["arch"]))
+        print(f"cuda-check: {r['kernel']} spills {r['spill']} bytes on {r['arch']}"
+              + (f" (KNOWN_SPILLS allows {allowed})" if allowed else ""), file=sys.stderr)
     if failed or spilling:
         return 1
-    print(f"cuda-check: {len(sources)} launcher(s), {len(rows)} kernel compilations, no errors, no spills")
+    print(f"cuda-check: {len(sources)} launcher(s) x {len(archs)} architecture(s), {len(rows)} kernel compilations, "
+          f"no errors, no spill but the {len(known)} known, {time.monotonic() - start:.0f} s")
     return 0
 
 

@@ -56,9 +56,12 @@ __device__ __forceinline__ A activate(A x, Act act) {
     case Act::kNone: return x;
     case Act::kRelu: return x < A(0) ? A(0) : x;  // NaN passes through, as in at::relu
     case Act::kGelu: return x * A(0.5) * (A(1) + erf_of(x * A(0.70710678118654752440)));
-    case Act::kSilu: return x / (A(1) + exp_of(-x));
     case Act::kTanh: return tanh_of(x);
-    case Act::kSigmoid: return sigmoid_of(x);
+    case Act::kSilu:
+    case Act::kSigmoid:
+      // one division for both (each inlined IEEE division brings a slow-path call, around which
+      // ptxas spilled on sm_100a and sm_120)
+      return (act == Act::kSilu ? x : A(1)) / (A(1) + exp_of(-x));
   }
   return x;
 }
@@ -80,19 +83,20 @@ __device__ __forceinline__ typename Acc<T>::type activation_grad(typename Acc<T>
       g = grad * (cdf + z * pdf);
       break;
     }
-    case Act::kSilu: {
-      const A s = sigmoid_of(z);
-      g = grad * s * (A(1) + z * (A(1) - s));
-      break;
-    }
     case Act::kTanh: {
       const A t = round_to<T>(tanh_of(z));
       g = grad * (A(1) - t * t);
       break;
     }
-    case Act::kSigmoid: {
-      const A s = round_to<T>(sigmoid_of(z));
-      g = grad * (A(1) - s) * s;
+    case Act::kSilu:
+    case Act::kSigmoid: {  // one division for both, as in activate
+      const A sig = sigmoid_of(z);
+      if (act == Act::kSilu) {
+        g = grad * sig * (A(1) + z * (A(1) - sig));
+      } else {
+        const A s = round_to<T>(sig);  // the forward's output in T
+        g = grad * (A(1) - s) * s;
+      }
       break;
     }
   }

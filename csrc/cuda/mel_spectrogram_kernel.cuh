@@ -494,8 +494,9 @@ __device__ T item_max(const MelParams<T>& p, int64_t b, T* scratch) {
 // Element i of an item's n_feats * num_frames, as (feature, frame) in channel-major order.
 template <typename T>
 __device__ __forceinline__ void item_element(const MelParams<T>& p, int64_t i, int* feat, int64_t* frame) {
-  *feat = static_cast<int>(i / p.num_frames);
-  *frame = i % p.num_frames;
+  const int64_t q = i / p.num_frames;  // one 64-bit division (a subroutine call), not two
+  *feat = static_cast<int>(q);
+  *frame = i - q * p.num_frames;
 }
 
 // Whisper's clamp at the item's max - 8, then (x + 4) / 4, on the valid mel elements.
@@ -572,6 +573,9 @@ whisper_grad_apply_kernel(MelParams<T> p, const T* partial_sum, const int32_t* p
   const int64_t chunk = (total + gridDim.x - 1) / gridDim.x;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
   const int mel_begin = mel_column(p, 0);
+  // each element equal to the max takes an equal share (one division here: in the loop, the
+  // division subroutine's call made ptxas spill on sm_120)
+  const T share = ties > 0 ? to_max / static_cast<T>(ties) : T(0);
   for (int64_t i = begin + threadIdx.x; i < begin + chunk && i < total; i += blockDim.x) {
     int feat;
     int64_t f;
@@ -579,9 +583,9 @@ whisper_grad_apply_kernel(MelParams<T> p, const T* partial_sum, const int32_t* p
     const int64_t at = out_index(p, b, feat, f);
     T d = 0;
     if (f < frames && feat >= mel_begin && feat < mel_begin + p.n_mels) {
-      const T g = p.grad[at] / T(4), l = p.out[at];
-      d = l > floor ? g : (l == floor ? g / T(2) : T(0));
-      if (l == best) d += to_max / static_cast<T>(ties);
+      const T g = p.grad[at] * T(0.25), l = p.out[at];
+      d = l > floor ? g : (l == floor ? g * T(0.5) : T(0));
+      if (l == best) d += share;
     }
     dlog[at] = d;
   }
