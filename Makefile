@@ -11,10 +11,13 @@ BENCH_ARGS ?=
 STAMP := build/.mmfuse-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 HAS_GPU := $(shell $(PYTHON) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
-# the CPU test runs spread over the cores with pytest-xdist (a test extra), a file per worker at a
-# time; PYTEST_WORKERS=0 runs them in one process
+# the CPU test runs spread over the cores with pytest-xdist (a test extra): tests split between the
+# workers, an idle worker takes from a busy one (worksteal: a file of long tests no longer runs
+# alone at the end); the Triton interpreter's run a file per worker at a time (its per-process
+# caches serve a file's tests). PYTEST_WORKERS=0 runs them in one process
 PYTEST_WORKERS ?= auto
-XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
+XDIST_FILES := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install test abi-check triton-check cuda-check cpu-sanitize cuda-sanitize fuzz bench wheel cuda-venv wheel-cuda device-prebuilt clean
 
@@ -30,7 +33,7 @@ ifeq ($(HAS_GPU),1)
 	$(PYTHON) -m pytest -q -m "not sanitize"
 else
 	$(PYTHON) -m pytest -q $(XDIST) -m "not triton and not sanitize"
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(XDIST) -m triton
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q $(XDIST_FILES) -m triton
 endif
 
 # the op library on the LibTorch stable ABI: no C++ symbol of torch among its undefined symbols;
