@@ -75,12 +75,15 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", default=None, help="the cases whose name contains this")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     info = mmfuse.build_info()
     rows = []
     with torch.inference_mode():
         for name, fn in cases():
+            if args.only and args.only not in name:
+                continue
             us = _per_call_us(fn, args.calls, args.rounds)
             rows.append({"case": name, "us_per_call": round(us, 3)})
             print(f"{name:42s} {us:9.2f} us")

@@ -234,9 +234,16 @@ struct Boxer<F> {
 #define MMFUSE_BOX(fn) (&::mmfuse::detail::Boxer<fn>::call)
 
 // ---- threads ----------------------------------------------------------------------------------
+// A range of one grain or less runs here, on the calling thread, as at::parallel_for runs it:
+// the stable parallel_for is a call into torch's C shim through a type-erased callback (~0.1-0.2
+// us), which the smallest ops would pay on every call.
 template <typename F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
+  if (end - begin <= grain) {
+    f(begin, end);
+    return;
+  }
   torch::stable::parallel_for(begin, end, grain, f);
 }
 inline int64_t num_threads() { return static_cast<int64_t>(torch::stable::get_num_threads()); }

@@ -66,25 +66,31 @@ std::tuple<Tensor, Tensor> pack_modalities_cpu(const std::vector<Tensor>& featur
   const int64_t num_modalities = static_cast<int64_t>(features.size());
   const auto& first = features[0];
   MMFUSE_CHECK(first.dim() == 3, "pack_modalities: features[0] must be (B, L, D), got ", shape(first));
-  const int64_t dim = first.size(2);
+  // every size and dtype read once: each read is a call into torch's C shim
+  const IntArrayRef first_sizes = first.sizes();
+  const int64_t batch = first_sizes[0], dim = first_sizes[2];
+  const auto type = first.scalar_type();
+  std::vector<int64_t> seq(num_modalities);  // L of each modality
   for (int64_t m = 0; m < num_modalities; ++m) {
     const auto& f = features[m];
-    MMFUSE_CHECK(f.dim() == 3 && f.size(0) == first.size(0) && f.size(2) == dim && f.is_contiguous() &&
-                    f.scalar_type() == first.scalar_type() && f.is_cpu(),
+    const IntArrayRef sizes = f.sizes();
+    MMFUSE_CHECK(sizes.size() == 3 && sizes[0] == batch && sizes[2] == dim && f.is_contiguous() &&
+                    f.scalar_type() == type && f.is_cpu(),
                 "pack_modalities: features[", m, "] must be a contiguous CPU (B, L, D) tensor like features[0], got ",
                 shape(f), " ", f.scalar_type());
+    seq[m] = sizes[1];
   }
   const Layout layout = check_layout(lengths, cu_seqlens, num_modalities, dim);
-  MMFUSE_CHECK(layout.batch == first.size(0), "pack_modalities: lengths must have B=", first.size(0),
+  MMFUSE_CHECK(layout.batch == batch, "pack_modalities: lengths must have B=", batch,
               " columns (the features' batch), got ", shape(lengths));
   for (int64_t m = 0; m < num_modalities; ++m)
     for (int64_t b = 0; b < layout.batch; ++b)
-      MMFUSE_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= features[m].size(1),
-                  "pack_modalities: lengths[", m, "][", b, "] must lie in [0, ", features[m].size(1), "]");
+      MMFUSE_CHECK(layout.length(m, b) >= 0 && layout.length(m, b) <= seq[m],
+                  "pack_modalities: lengths[", m, "][", b, "] must lie in [0, ", seq[m], "]");
   if (type_embedding) {
     MMFUSE_CHECK(type_embedding->dim() == 2 && type_embedding->size(0) == num_modalities &&
                     type_embedding->size(1) == dim && type_embedding->is_contiguous() &&
-                    type_embedding->scalar_type() == first.scalar_type(),
+                    type_embedding->scalar_type() == type,
                 "pack_modalities: type_embedding must be contiguous (M, D) in the features' dtype, got ",
                 shape(*type_embedding));
   }
@@ -104,7 +110,7 @@ std::tuple<Tensor, Tensor> pack_modalities_cpu(const std::vector<Tensor>& featur
   }
   int64_t* ids_ptr = ptr<int64_t>(ids);
 
-  MMFUSE_DISPATCH_FLOATING_AND_HALF(first.scalar_type(), "pack_modalities", [&] {
+  MMFUSE_DISPATCH_FLOATING_AND_HALF(type, "pack_modalities", [&] {
     std::vector<const scalar_t*> src(num_modalities);
     for (int64_t m = 0; m < num_modalities; ++m) src[m] = ptr<scalar_t>(features[m]);
     const scalar_t* emb = type_embedding ? ptr<scalar_t>(*type_embedding) : nullptr;
@@ -114,7 +120,7 @@ std::tuple<Tensor, Tensor> pack_modalities_cpu(const std::vector<Tensor>& featur
         int64_t row = first_row(layout, b, padded, rows_per);
         for (int64_t m = 0; m < num_modalities; ++m) {
           const int64_t n = layout.length(m, b);
-          const scalar_t* in = src[m] + b * features[m].size(1) * dim;
+          const scalar_t* in = src[m] + b * seq[m] * dim;
           scalar_t* out = dst + row * dim;
           if (emb == nullptr) {
             // an empty tensor's data pointer may be null, and memcpy from null is undefined even for 0 bytes
@@ -161,6 +167,8 @@ std::vector<Tensor> unpack_modalities_cpu(const Tensor& tokens, const Tensor& le
   for (int64_t m = 0; m < num_modalities; ++m) outs.push_back(empty_like_as(tokens, {layout.batch, sizes[m], dim}));
   MMFUSE_DISPATCH_FLOATING_AND_HALF(tokens.scalar_type(), "unpack_modalities", [&] {
     const scalar_t* src = ptr<scalar_t>(tokens);
+    std::vector<scalar_t*> dst(num_modalities);  // one data-pointer call per output, not per sample
+    for (int64_t m = 0; m < num_modalities; ++m) dst[m] = sizes[m] * dim == 0 ? nullptr : ptr<scalar_t>(outs[m]);
     parallel_for(0, layout.batch, sample_grain(tokens, layout.batch), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t row = first_row(layout, b, padded, padded_len);
@@ -170,7 +178,7 @@ std::vector<Tensor> unpack_modalities_cpu(const Tensor& tokens, const Tensor& le
             row += n;
             continue;
           }
-          scalar_t* out = ptr<scalar_t>(outs[m]) + b * sizes[m] * dim;
+          scalar_t* out = dst[m] + b * sizes[m] * dim;
           if (n * dim > 0) std::memcpy(out, src + row * dim, sizeof(scalar_t) * n * dim);
           std::memset(static_cast<void*>(out + n * dim), 0, sizeof(scalar_t) * (sizes[m] - n) * dim);
           row += n;
